@@ -1,0 +1,1 @@
+//! Expressions and templates (Jinja via minijinja). PLACEHOLDER: being implemented.

@@ -1,0 +1,13 @@
+//! Smithers core: the types every other crate shares.
+
+pub mod bounds;
+pub mod duration;
+pub mod error;
+pub mod expr;
+pub mod render;
+pub mod tree;
+pub mod yaml;
+
+pub use error::{Code, Problem, Result, SmithersError};
+pub use render::{OutputsView, RenderCtx, Workflow};
+pub use tree::{Node, NodeRef, Task, TaskKind};

@@ -1,0 +1,1 @@
+//! YAML workflow loader. PLACEHOLDER: being implemented.
