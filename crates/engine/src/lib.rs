@@ -1,1 +1,457 @@
-//! engine
+//! The Smithers engine: runs workflows durably against a [`Store`].
+//!
+//! Data flows one way: callers (CLI, gateway) call [`Engine`] methods; the engine writes the
+//! store; committed events go out on a broadcast bus ([`Engine::subscribe`]).
+
+mod clock;
+mod driver;
+pub mod events;
+pub mod frames;
+pub mod ops;
+pub mod outputs;
+pub mod owner;
+pub mod plan;
+pub mod process;
+
+pub use clock::now_ms;
+pub use events::EngineEvent;
+
+use serde_json::{Value, json};
+use smithers_core::{Code, Result, SmithersError, Workflow, bounds};
+use smithers_store::{Batch, RunPatch, RunRow, Store, Write, status};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Semaphore, broadcast, watch};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tasks (shell commands, subflows) running at once across all runs of this engine.
+    pub max_concurrency: usize,
+    /// A run whose owner has not heart-beaten for this long may be taken over.
+    pub lease_timeout_ms: i64,
+    pub heartbeat_interval_ms: u64,
+    /// Timers and retries due within this are waited for in-process; later ones park the run.
+    pub max_inline_wait_ms: i64,
+    /// Working directory for tasks of workflows that have no file.
+    pub default_cwd: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrency: 8,
+            lease_timeout_ms: 30_000,
+            heartbeat_interval_ms: 1_000,
+            max_inline_wait_ms: 60_000,
+            default_cwd: None,
+        }
+    }
+}
+
+/// How a run ended (or stopped for now).
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_id: String,
+    /// A run status: finished, failed, cancelled, waiting-approval, waiting-event,
+    /// waiting-timer; or `lease-lost` when another engine took the run over.
+    pub status: String,
+    /// `{nodeId: latest output}` when finished.
+    pub output: Option<Value>,
+    pub error: Option<SmithersError>,
+}
+
+impl RunOutcome {
+    fn lease_lost(run_id: &str, e: SmithersError) -> Self {
+        RunOutcome { run_id: run_id.to_string(), status: "lease-lost".into(), output: None, error: Some(e) }
+    }
+}
+
+/// Options for a new run.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub run_id: Option<String>,
+    pub parent_run_id: Option<String>,
+    /// Extra keys merged into the run's `config_json` (e.g. gateway auth context).
+    pub config: Option<Value>,
+}
+
+/// A run being driven by this engine.
+pub struct RunHandle {
+    pub run_id: String,
+    join: tokio::task::JoinHandle<RunOutcome>,
+}
+
+impl RunHandle {
+    /// Waits until the run finishes, fails, is cancelled or parks.
+    pub async fn wait(self) -> RunOutcome {
+        let id = self.run_id.clone();
+        self.join.await.unwrap_or_else(|e| RunOutcome {
+            run_id: id,
+            status: status::FAILED.into(),
+            output: None,
+            error: Some(SmithersError::new(Code::Internal, format!("the run's driver stopped unexpectedly: {e}"))),
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) owner: String,
+    pub(crate) config: EngineConfig,
+    bus: broadcast::Sender<EngineEvent>,
+    active: Mutex<HashMap<String, watch::Sender<bool>>>,
+    pub(crate) semaphore: Arc<Semaphore>,
+    pub(crate) schemas: outputs::SchemaCache,
+}
+
+impl Shared {
+    pub(crate) fn publish(&self, run_id: &Arc<str>, seq: i64, ev: events::PendingEvent) {
+        let _ = self.bus.send(EngineEvent {
+            run_id: run_id.clone(),
+            seq,
+            event_type: ev.event_type,
+            timestamp_ms: ev.timestamp_ms,
+            payload: Arc::new(ev.payload),
+        });
+    }
+
+    pub(crate) fn cancel_sender(&self, run_id: &str) -> Option<watch::Sender<bool>> {
+        self.active.lock().ok()?.get(run_id).cloned()
+    }
+
+    /// Signals a locally driven run to stop; false when it is not driven here.
+    pub(crate) fn cancel_local(&self, run_id: &str) -> bool {
+        match self.cancel_sender(run_id) {
+            Some(tx) => tx.send(true).is_ok(),
+            None => false,
+        }
+    }
+
+    fn is_active(&self, run_id: &str) -> bool {
+        self.active.lock().map(|a| a.contains_key(run_id)).unwrap_or(false)
+    }
+}
+
+/// The engine. Cheap to clone; all clones share one owner id, bus and concurrency limit.
+#[derive(Clone)]
+pub struct Engine {
+    sh: Arc<Shared>,
+}
+
+impl Engine {
+    /// Creates an engine and starts its heartbeat. Must be called inside a tokio runtime.
+    pub fn new(store: Arc<dyn Store>, config: EngineConfig) -> Engine {
+        let (bus, _) = broadcast::channel(4096);
+        let sh = Arc::new(Shared {
+            store,
+            owner: owner::new_owner_id(),
+            semaphore: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            config,
+            bus,
+            active: Mutex::new(HashMap::new()),
+            schemas: outputs::SchemaCache::default(),
+        });
+        let weak = Arc::downgrade(&sh);
+        tokio::spawn(async move {
+            let interval = weak.upgrade().map(|s| s.config.heartbeat_interval_ms).unwrap_or(1000);
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(interval.max(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(sh) = weak.upgrade() else { return };
+                heartbeat(&sh).await;
+            }
+        });
+        Engine { sh }
+    }
+
+    pub(crate) fn from_shared(sh: Arc<Shared>) -> Engine {
+        Engine { sh }
+    }
+
+    /// This engine's owner id (`pid:<pid>:<uuid>:<host>`).
+    pub fn owner_id(&self) -> &str {
+        &self.sh.owner
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.sh.store
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.sh.config
+    }
+
+    /// Committed events of every run this engine drives.
+    pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
+        self.sh.bus.subscribe()
+    }
+
+    /// Whether this engine is driving the run right now.
+    pub fn is_active(&self, run_id: &str) -> bool {
+        self.sh.is_active(run_id)
+    }
+
+    /// Starts a new run. The run row and input are committed before this returns.
+    pub async fn start(&self, workflow: Arc<dyn Workflow>, input: Value, opts: StartOptions) -> Result<RunHandle> {
+        self.start_inner(workflow, input, opts, 0).await
+    }
+
+    pub(crate) async fn start_inner(&self, workflow: Arc<dyn Workflow>, input: Value, opts: StartOptions, depth: u32) -> Result<RunHandle> {
+        bounds::check_run_input(&input)?;
+        if let Some(schema) = workflow.input_schema() {
+            check_input_schema(schema, &input)?;
+        }
+        let run_id = opts.run_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        bounds::check_run_id(&run_id)?;
+        let now = now_ms();
+        let mut config = json!({});
+        if let (Some(Value::Object(extra)), Value::Object(c)) = (opts.config.clone(), &mut config) {
+            c.extend(extra);
+        }
+        let row = RunRow {
+            run_id: run_id.clone(),
+            parent_run_id: opts.parent_run_id.clone(),
+            workflow_name: workflow.name().to_string(),
+            workflow_path: workflow.path().map(|p| p.display().to_string()),
+            workflow_hash: workflow.source_hash().map(str::to_string),
+            status: status::RUNNING.into(),
+            created_at_ms: now,
+            started_at_ms: Some(now),
+            finished_at_ms: None,
+            heartbeat_at_ms: Some(now),
+            runtime_owner_id: Some(self.sh.owner.clone()),
+            cancel_requested_at_ms: None,
+            hijack_requested_at_ms: None,
+            hijack_target: None,
+            vcs_type: None,
+            vcs_root: None,
+            vcs_revision: None,
+            error_json: None,
+            config_json: Some(config.to_string()),
+        };
+        let ev = events::make(&run_id, events::kind::RUN_STARTED, now, json!({"workflowName": workflow.name()}));
+        let mut batch = Batch::new();
+        batch
+            .push(Write::InsertRun(row))
+            .push(Write::InsertInput { run_id: run_id.clone(), payload_json: input.to_string() })
+            .push(Write::AppendEvent {
+                run_id: run_id.clone(),
+                timestamp_ms: now,
+                event_type: ev.event_type.to_string(),
+                payload_json: ev.payload.to_string(),
+            });
+        let applied = self.sh.store.apply(batch).await?;
+        if let Some(seq) = applied.event_seqs.first() {
+            self.sh.publish(&Arc::from(run_id.as_str()), *seq, ev);
+        }
+        Ok(self.spawn_driver(workflow, run_id, input, false, depth))
+    }
+
+    fn spawn_driver(&self, workflow: Arc<dyn Workflow>, run_id: String, input: Value, resume: bool, depth: u32) -> RunHandle {
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut a) = self.sh.active.lock() {
+            a.insert(run_id.clone(), tx);
+        }
+        let init = driver::DriverInit {
+            shared: self.sh.clone(),
+            workflow_name: workflow.name().to_string(),
+            workflow_hash: workflow.source_hash().map(str::to_string),
+            workflow,
+            run_id: run_id.clone(),
+            input,
+            cancel: rx,
+            depth,
+        };
+        let sh = self.sh.clone();
+        let id = run_id.clone();
+        let join = tokio::spawn(async move {
+            let outcome = driver::Driver::new(init).run(resume).await;
+            if let Ok(mut a) = sh.active.lock() {
+                a.remove(&id);
+            }
+            outcome
+        });
+        RunHandle { run_id, join }
+    }
+
+    /// Resumes a run that is not being driven: parked, cancelled, failed (failed tasks get a
+    /// fresh retry budget) or orphaned by a dead engine. `force` accepts a changed workflow
+    /// definition.
+    pub async fn resume(&self, workflow: Arc<dyn Workflow>, run_id: &str, force: bool) -> Result<RunHandle> {
+        self.resume_inner(workflow, run_id, force, 0).await
+    }
+
+    pub(crate) async fn resume_inner(&self, workflow: Arc<dyn Workflow>, run_id: &str, force: bool, depth: u32) -> Result<RunHandle> {
+        let store = &self.sh.store;
+        let row = store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found; `smithers ps` lists runs")))?;
+        if self.sh.is_active(run_id) {
+            return Err(SmithersError::new(Code::RunStillRunning, format!("run `{run_id}` is already running in this process")));
+        }
+        if row.status == status::FINISHED || row.status == status::CONTINUED {
+            return Err(SmithersError::new(Code::RunNotResumable, format!("run `{run_id}` is `{}`; there is nothing to resume", row.status)));
+        }
+        if !force {
+            if let (Some(stored), Some(now_hash)) = (&row.workflow_hash, workflow.source_hash()) {
+                if stored != now_hash {
+                    return Err(SmithersError::new(
+                        Code::ResumeMetadataMismatch,
+                        format!(
+                            "workflow `{}` changed since run `{run_id}` started; resuming could re-run or skip steps. Restore the file, or resume with --force",
+                            row.workflow_path.clone().unwrap_or_else(|| row.workflow_name.clone())
+                        ),
+                    ));
+                }
+            }
+        }
+        let now = now_ms();
+        let mut dead_owner = None;
+        if let Some(owner) = &row.runtime_owner_id {
+            if owner != &self.sh.owner {
+                let fresh = row.heartbeat_at_ms.is_some_and(|h| now - h < self.sh.config.lease_timeout_ms);
+                match owner::liveness(owner) {
+                    owner::OwnerLiveness::Dead => dead_owner = Some(owner.clone()),
+                    owner::OwnerLiveness::Alive if fresh => {
+                        return Err(SmithersError::new(
+                            Code::RunStillRunning,
+                            format!("run `{run_id}` is being driven by a live engine ({owner}); cancel it first or wait for it to park"),
+                        ));
+                    }
+                    _ if fresh => {
+                        return Err(SmithersError::new(
+                            Code::RunStillRunning,
+                            format!(
+                                "run `{run_id}` is owned by {owner}, which heart-beat {} ms ago; it can be taken over once the lease ({} ms) expires",
+                                now - row.heartbeat_at_ms.unwrap_or(now),
+                                self.sh.config.lease_timeout_ms
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let claimed = store
+            .claim_run(run_id, &self.sh.owner, now, now - self.sh.config.lease_timeout_ms, dead_owner.as_deref())
+            .await?;
+        if !claimed {
+            return Err(SmithersError::new(
+                Code::RunResumeClaimFailed,
+                format!("another engine claimed run `{run_id}` at the same time; check `smithers ps`"),
+            ));
+        }
+        let input: Value = match store.get_input(run_id).await? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| {
+                SmithersError::new(Code::DbCorrupt, format!("stored input of run `{run_id}` is not valid JSON ({e}); restore from backup"))
+            })?,
+            None => json!({}),
+        };
+        let mut batch = Batch::guarded(run_id, &self.sh.owner);
+        let ev = events::make(run_id, events::kind::RUN_RESUMED, now, json!({"previousStatus": row.status}));
+        batch
+            .push(Write::UpdateRun {
+                run_id: run_id.to_string(),
+                patch: RunPatch {
+                    status: Some(status::RUNNING.into()),
+                    finished_at_ms: Some(None),
+                    cancel_requested_at_ms: Some(None),
+                    error_json: Some(None),
+                    ..Default::default()
+                },
+            })
+            .push(Write::AppendEvent {
+                run_id: run_id.to_string(),
+                timestamp_ms: now,
+                event_type: ev.event_type.to_string(),
+                payload_json: ev.payload.to_string(),
+            });
+        let applied = store.apply(batch).await?;
+        if let Some(seq) = applied.event_seqs.first() {
+            self.sh.publish(&Arc::from(run_id), *seq, ev);
+        }
+        Ok(self.spawn_driver(workflow, run_id.to_string(), input, true, depth))
+    }
+
+    /// Cancels a run. A run driven here stops at once (its processes are killed); a parked or
+    /// orphaned run is marked cancelled directly; a run driven by another live engine gets a
+    /// durable cancel request that engine acts on within a heartbeat.
+    pub async fn cancel(&self, run_id: &str) -> Result<ops::CancelOutcome> {
+        if self.sh.cancel_local(run_id) {
+            let _ = self.sh.store.request_cancel(run_id, now_ms()).await;
+            return Ok(ops::CancelOutcome::Cancelling);
+        }
+        ops::cancel_run(self.sh.store.as_ref(), run_id, self.sh.config.lease_timeout_ms).await
+    }
+
+    /// Resumes every run left `running` by an engine that died (same host, process gone) or
+    /// stopped heart-beating. `resolve` maps a run to its workflow; runs it cannot resolve are
+    /// left alone. Returns the handles of the runs taken over.
+    pub async fn take_over_orphans(&self, resolve: &dyn Fn(&RunRow) -> Option<Arc<dyn Workflow>>) -> Result<Vec<RunHandle>> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for row in self.sh.store.list_runs(Some(status::RUNNING), 10_000).await? {
+            if row.status != status::RUNNING || self.sh.is_active(&row.run_id) {
+                continue;
+            }
+            let orphaned = match &row.runtime_owner_id {
+                None => true,
+                Some(o) if o == &self.sh.owner => false,
+                Some(o) => {
+                    owner::liveness(o) == owner::OwnerLiveness::Dead
+                        || row.heartbeat_at_ms.is_none_or(|h| now - h >= self.sh.config.lease_timeout_ms)
+                }
+            };
+            if !orphaned {
+                continue;
+            }
+            let Some(wf) = resolve(&row) else { continue };
+            if let Ok(h) = self.resume(wf, &row.run_id, false).await {
+                out.push(h);
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn heartbeat(sh: &Arc<Shared>) {
+    let active: Vec<String> = match sh.active.lock() {
+        Ok(a) => a.keys().cloned().collect(),
+        Err(_) => return,
+    };
+    if active.is_empty() {
+        return;
+    }
+    let Ok(hb) = sh.store.heartbeat(&sh.owner, now_ms()).await else { return };
+    for id in hb.cancel_requested {
+        sh.cancel_local(&id);
+    }
+    // runs we drive but no longer own were taken over: stop them (their writes would fail)
+    for id in active {
+        if !hb.owned.contains(&id) {
+            sh.cancel_local(&id);
+        }
+    }
+}
+
+fn check_input_schema(schema: &Value, input: &Value) -> Result<()> {
+    let v = jsonschema::validator_for(schema)
+        .map_err(|e| SmithersError::new(Code::InvalidWorkflow, format!("the workflow's input schema is invalid: {e}")))?;
+    let problems: Vec<String> = v
+        .iter_errors(input)
+        .take(5)
+        .map(|e| {
+            let p = e.instance_path().to_string();
+            format!("at `{}`: {e}", if p.is_empty() { "/".to_string() } else { p })
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SmithersError::new(Code::InvalidInput, format!("input does not match the workflow's input schema: {}", problems.join("; "))))
+    }
+}

@@ -1,0 +1,248 @@
+//! Snapshots: the run's durable state (nodes, outputs, loops, input) at each frame.
+//!
+//! The state is kept in memory and updated as the run changes; each frame stores only what
+//! changed since the previous frame (a full keyframe every `KEYFRAME_INTERVAL` frames). The
+//! content hash is a sum of per-entry digests, so it is updated in O(changes) and still depends
+//! only on the content, not on the history that produced it.
+
+use super::KEYFRAME_INTERVAL;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use smithers_store::SnapshotRow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+#[derive(Default)]
+struct Section {
+    entries: HashMap<String, (Value, [u64; 4])>,
+    changed: BTreeSet<String>,
+}
+
+/// Incrementally maintained snapshot state of one run.
+#[derive(Default)]
+pub struct SnapshotState {
+    nodes: Section,
+    outputs: Section,
+    ralph: Section,
+    input: Value,
+    input_digest: [u64; 4],
+    sum: [u64; 4],
+}
+
+fn digest(section: &str, key: &str, v: &Value) -> [u64; 4] {
+    let mut h = Sha256::new();
+    h.update(section.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(v.to_string().as_bytes());
+    let d = h.finalize();
+    let mut out = [0u64; 4];
+    for (i, chunk) in d.chunks(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        out[i] = u64::from_le_bytes(b);
+    }
+    out
+}
+
+fn add(a: &mut [u64; 4], b: &[u64; 4]) {
+    for i in 0..4 {
+        a[i] = a[i].wrapping_add(b[i]);
+    }
+}
+
+fn sub(a: &mut [u64; 4], b: &[u64; 4]) {
+    for i in 0..4 {
+        a[i] = a[i].wrapping_sub(b[i]);
+    }
+}
+
+impl SnapshotState {
+    pub fn new(input: Value) -> Self {
+        let mut s = SnapshotState::default();
+        s.set_input(input);
+        s
+    }
+
+    fn set_input(&mut self, input: Value) {
+        sub(&mut self.sum, &self.input_digest);
+        self.input_digest = digest("input", "", &input);
+        add(&mut self.sum, &self.input_digest);
+        self.input = input;
+    }
+
+    fn put(sum: &mut [u64; 4], sec: &mut Section, name: &str, key: String, value: Value) {
+        if let Some((old, d)) = sec.entries.get(&key) {
+            if *old == value {
+                return;
+            }
+            sub(sum, d);
+        }
+        let d = digest(name, &key, &value);
+        add(sum, &d);
+        sec.changed.insert(key.clone());
+        sec.entries.insert(key, (value, d));
+    }
+
+    fn remove(sum: &mut [u64; 4], sec: &mut Section, key: &str) {
+        if let Some((_, d)) = sec.entries.remove(key) {
+            sub(sum, &d);
+            sec.changed.insert(key.to_string());
+        }
+    }
+
+    /// Records a node row (`{nodeId, iteration, state, lastAttempt, outputTable, label}`).
+    pub fn set_node(&mut self, key: String, row: Value) {
+        Self::put(&mut self.sum, &mut self.nodes, "nodes", key, row);
+    }
+
+    pub fn remove_node(&mut self, key: &str) {
+        Self::remove(&mut self.sum, &mut self.nodes, key);
+    }
+
+    /// Records an output payload for `nodeId::iteration`.
+    pub fn set_output(&mut self, key: String, payload: Value) {
+        Self::put(&mut self.sum, &mut self.outputs, "outputs", key, payload);
+    }
+
+    pub fn remove_output(&mut self, key: &str) {
+        Self::remove(&mut self.sum, &mut self.outputs, key);
+    }
+
+    /// Records a loop's state.
+    pub fn set_loop(&mut self, id: String, iteration: i64, done: bool) {
+        let v = json!({"ralphId": id, "iteration": iteration, "done": done});
+        Self::put(&mut self.sum, &mut self.ralph, "ralph", id, v);
+    }
+
+    /// The content hash of the current state.
+    pub fn content_hash(&self) -> String {
+        let mut b = Vec::with_capacity(32);
+        for x in self.sum {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        hex::encode(b)
+    }
+
+    fn section_json(sec: &Section, only_changed: bool) -> Value {
+        let mut m = Map::new();
+        if only_changed {
+            for k in &sec.changed {
+                m.insert(k.clone(), sec.entries.get(k).map(|(v, _)| v.clone()).unwrap_or(Value::Null));
+            }
+        } else {
+            let sorted: BTreeMap<&String, &Value> = sec.entries.iter().map(|(k, (v, _))| (k, v)).collect();
+            for (k, v) in sorted {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// Builds the snapshot row for `frame_no` and clears the change sets.
+    pub fn encode(&mut self, run_id: &str, frame_no: i64, workflow_hash: Option<String>, now_ms: i64) -> SnapshotRow {
+        let key = frame_no % KEYFRAME_INTERVAL == 0 || frame_no <= 1;
+        let row = SnapshotRow {
+            run_id: run_id.to_string(),
+            frame_no,
+            encoding: if key { "keyframe" } else { "delta" }.to_string(),
+            nodes_json: Self::section_json(&self.nodes, !key).to_string(),
+            outputs_json: Self::section_json(&self.outputs, !key).to_string(),
+            ralph_json: Self::section_json(&self.ralph, !key).to_string(),
+            input_json: if key { self.input.to_string() } else { "null".to_string() },
+            vcs_pointer: None,
+            workflow_hash,
+            content_hash: self.content_hash(),
+            created_at_ms: now_ms,
+        };
+        self.nodes.changed.clear();
+        self.outputs.changed.clear();
+        self.ralph.changed.clear();
+        row
+    }
+}
+
+/// A snapshot rebuilt from a keyframe and the deltas after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullSnapshot {
+    pub frame_no: i64,
+    pub nodes: Map<String, Value>,
+    pub outputs: Map<String, Value>,
+    pub ralph: Map<String, Value>,
+    pub input: Value,
+    pub content_hash: String,
+}
+
+/// Rebuilds the full snapshot at the last row of `rows` (ascending frame order, starting at or
+/// before a keyframe). Errors say what is wrong with the stored rows.
+pub fn inflate(rows: &[SnapshotRow]) -> Result<FullSnapshot, String> {
+    let start = rows.iter().rposition(|r| r.encoding != "delta").ok_or("no keyframe snapshot")?;
+    let parse = |s: &str| serde_json::from_str::<Value>(s).map_err(|e| e.to_string());
+    let obj = |v: Value| match v {
+        Value::Object(m) => Ok(m),
+        _ => Err("snapshot section is not an object".to_string()),
+    };
+    let first = &rows[start];
+    let mut snap = FullSnapshot {
+        frame_no: first.frame_no,
+        nodes: obj(parse(&first.nodes_json)?)?,
+        outputs: obj(parse(&first.outputs_json)?)?,
+        ralph: obj(parse(&first.ralph_json)?)?,
+        input: parse(&first.input_json)?,
+        content_hash: first.content_hash.clone(),
+    };
+    for r in &rows[start + 1..] {
+        for (target, text) in [(&mut snap.nodes, &r.nodes_json), (&mut snap.outputs, &r.outputs_json), (&mut snap.ralph, &r.ralph_json)] {
+            for (k, v) in obj(parse(text)?)? {
+                if v.is_null() {
+                    target.remove(&k);
+                } else {
+                    target.insert(k, v);
+                }
+            }
+        }
+        snap.frame_no = r.frame_no;
+        snap.content_hash = r.content_hash.clone();
+    }
+    Ok(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_content_not_history() {
+        let mut a = SnapshotState::new(json!({"x": 1}));
+        a.set_node("n::0".into(), json!({"state": "pending"}));
+        a.set_node("n::0".into(), json!({"state": "finished"}));
+        a.set_output("n::0".into(), json!(1));
+        let mut b = SnapshotState::new(json!({"x": 1}));
+        b.set_output("n::0".into(), json!(1));
+        b.set_node("n::0".into(), json!({"state": "finished"}));
+        assert_eq!(a.content_hash(), b.content_hash());
+        b.set_output("n::0".into(), json!(2));
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+
+    #[test]
+    fn deltas_inflate_to_full_state() {
+        let mut s = SnapshotState::new(json!({}));
+        let mut rows = Vec::new();
+        for f in 1..=5 {
+            s.set_node(format!("t{f}::0"), json!({"state": "finished"}));
+            s.set_output(format!("t{f}::0"), json!(f));
+            if f == 3 {
+                s.remove_output("t1::0");
+            }
+            rows.push(s.encode("r", f, None, 0));
+        }
+        assert_eq!(rows[0].encoding, "keyframe");
+        assert_eq!(rows[2].encoding, "delta");
+        let full = inflate(&rows).unwrap();
+        assert_eq!(full.nodes.len(), 5);
+        assert_eq!(full.outputs.len(), 4);
+        assert!(!full.outputs.contains_key("t1::0"));
+        assert_eq!(full.content_hash, s.content_hash());
+    }
+}
