@@ -1,1 +1,195 @@
-fn main() {}
+//! `smithers`: run durable workflows from the command line.
+
+mod act;
+mod progress;
+mod runs;
+mod up;
+
+use clap::{Parser, Subcommand};
+use smithers_core::{Code, SmithersError};
+use std::process::ExitCode;
+
+/// Default database: `sqlite://.smithers/smithers.db` in the current directory.
+pub const DEFAULT_DB: &str = "sqlite://.smithers/smithers.db";
+
+#[derive(Parser)]
+#[command(name = "smithers", version, about = "Durable workflows for AI agents and automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a workflow in the foreground with live progress.
+    Up {
+        workflow: String,
+        /// Run input: a JSON object, or @file to read it from a file.
+        #[arg(long)]
+        input: Option<String>,
+        #[arg(long)]
+        run_id: Option<String>,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Continue a run that is parked, cancelled, failed or orphaned by a dead engine.
+    Resume {
+        run_id: String,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        /// Resume even though the workflow file changed since the run started.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List runs, newest first.
+    Ps {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Show a run: status, nodes, attempts, approvals and outputs.
+    Inspect {
+        run_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// List a run's frames, or print one frame's tree with --frame.
+    Frames {
+        run_id: String,
+        #[arg(long)]
+        frame: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Approve a pending approval.
+    Approve {
+        run_id: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value_t = 0)]
+        iteration: i64,
+        #[arg(long)]
+        note: Option<String>,
+        /// For select approvals: the chosen option key.
+        #[arg(long, conflicts_with = "rank")]
+        select: Option<String>,
+        /// For rank approvals: option keys in order, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        rank: Option<Vec<String>>,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Deny a pending approval.
+    Deny {
+        run_id: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value_t = 0)]
+        iteration: i64,
+        #[arg(long)]
+        note: Option<String>,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Send a signal (event) to a run.
+    Signal {
+        run_id: String,
+        name: String,
+        /// Payload: JSON, or @file.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        correlation_id: Option<String>,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Cancel a run.
+    Cancel {
+        run_id: String,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Check a workflow file and report every problem.
+    Validate { workflow: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error[INTERNAL_ERROR]: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.cmd)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error[{}]: {}", e.code, e.message);
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
+    match cmd {
+        Cmd::Up { workflow, input, run_id, db } => up::up(&workflow, input.as_deref(), run_id, &db).await,
+        Cmd::Resume { run_id, db, force } => up::resume(&run_id, &db, force).await,
+        Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit).await,
+        Cmd::Inspect { run_id, json, db } => runs::inspect(&db, &run_id, json).await,
+        Cmd::Frames { run_id, frame, limit, db } => runs::frames(&db, &run_id, frame, limit).await,
+        Cmd::Approve { run_id, node, iteration, note, select, rank, db } => {
+            act::approve(&db, &run_id, &node, iteration, note, select, rank).await
+        }
+        Cmd::Deny { run_id, node, iteration, note, db } => act::deny(&db, &run_id, &node, iteration, note).await,
+        Cmd::Signal { run_id, name, data, correlation_id, db } => {
+            act::signal(&db, &run_id, &name, data.as_deref(), correlation_id.as_deref()).await
+        }
+        Cmd::Cancel { run_id, db } => act::cancel(&db, &run_id).await,
+        Cmd::Validate { workflow } => validate(&workflow),
+    }
+}
+
+fn validate(path: &str) -> Result<u8, SmithersError> {
+    let problems = smithers_core::yaml::validate_file(path);
+    if problems.is_empty() {
+        println!("{path}: ok");
+        return Ok(0);
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    eprintln!("{} problem{} found", problems.len(), if problems.len() == 1 { "" } else { "s" });
+    Ok(1)
+}
+
+/// Reads a JSON argument given inline or as `@file`.
+pub fn json_arg(flag: &str, text: &str) -> Result<serde_json::Value, SmithersError> {
+    let (src, what) = match text.strip_prefix('@') {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| SmithersError::new(Code::InvalidInput, format!("{flag}: cannot read `{path}`: {e}")))?,
+            format!("file `{path}`"),
+        ),
+        None => (text.to_string(), "value".to_string()),
+    };
+    serde_json::from_str(&src).map_err(|e| {
+        SmithersError::new(
+            Code::InvalidInput,
+            format!("{flag}: {what} is not valid JSON ({e}); pass a JSON object like '{{\"key\": \"value\"}}' or @file.json"),
+        )
+    })
+}
+
+/// Opens the store named by `--db`.
+pub async fn open_store(db: &str) -> Result<std::sync::Arc<dyn smithers_store::Store>, SmithersError> {
+    smithers_store::open(db).await
+}

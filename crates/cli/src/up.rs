@@ -1,0 +1,100 @@
+//! `smithers up` and `smithers resume`: drive a run in the foreground.
+
+use crate::progress::Progress;
+use crate::{json_arg, open_store};
+use smithers_core::{Code, SmithersError, Workflow};
+use smithers_engine::{Engine, EngineConfig, RunHandle, RunOutcome, StartOptions};
+use std::sync::Arc;
+
+fn load(path: &str) -> Result<Arc<dyn Workflow>, SmithersError> {
+    match smithers_core::yaml::load_file(path) {
+        Ok(wf) => Ok(wf),
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            Err(smithers_core::yaml::invalid(&problems))
+        }
+    }
+}
+
+pub async fn up(workflow: &str, input: Option<&str>, run_id: Option<String>, db: &str) -> Result<u8, SmithersError> {
+    let wf = load(workflow)?;
+    let input = match input {
+        Some(t) => json_arg("--input", t)?,
+        None => serde_json::json!({}),
+    };
+    let store = open_store(db).await?;
+    let engine = Engine::new(store, EngineConfig::default());
+    let progress = Progress::start(&engine);
+    let handle = engine.start(wf, input, StartOptions { run_id, ..Default::default() }).await?;
+    drive(&engine, handle, progress).await
+}
+
+pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersError> {
+    let store = open_store(db).await?;
+    let row = store
+        .get_run(run_id)
+        .await?
+        .ok_or_else(|| SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found; `smithers ps` lists runs")))?;
+    let path = row.workflow_path.ok_or_else(|| {
+        SmithersError::new(
+            Code::WorkflowNotFound,
+            format!("run `{run_id}` was started from code, not a workflow file; resume it from the program that defines it"),
+        )
+    })?;
+    let wf = load(&path)?;
+    let engine = Engine::new(store, EngineConfig::default());
+    let progress = Progress::start(&engine);
+    let handle = engine.resume(wf, run_id, force).await?;
+    drive(&engine, handle, progress).await
+}
+
+/// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result.
+async fn drive(engine: &Engine, handle: RunHandle, progress: Progress) -> Result<u8, SmithersError> {
+    let run_id = handle.run_id.clone();
+    eprintln!("run {run_id}");
+    let wait = handle.wait();
+    tokio::pin!(wait);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| SmithersError::new(Code::Internal, format!("cannot watch SIGTERM: {e}")))?;
+    let outcome: RunOutcome = loop {
+        tokio::select! {
+            o = &mut wait => break o,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopping: cancelling run {run_id} (resume it later with `smithers resume {run_id}`)");
+                let _ = engine.cancel(&run_id).await;
+            }
+            _ = term.recv() => {
+                let _ = engine.cancel(&run_id).await;
+            }
+        }
+    };
+    progress.finish().await;
+    Ok(report(&outcome))
+}
+
+/// Prints the outcome and returns the documented exit code.
+fn report(o: &RunOutcome) -> u8 {
+    match o.status.as_str() {
+        "finished" => {
+            eprintln!("run {} finished", o.run_id);
+            let out = o.output.clone().unwrap_or(serde_json::Value::Null);
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string()));
+            0
+        }
+        s if s.starts_with("waiting-") => {
+            eprintln!("run {} is {s}; it continues with `smithers resume {}` once that is resolved", o.run_id, o.run_id);
+            3
+        }
+        "cancelled" => {
+            eprintln!("run {} cancelled", o.run_id);
+            2
+        }
+        _ => {
+            let e = o.error.as_ref().map(|e| format!("[{}] {}", e.code, e.message)).unwrap_or_default();
+            eprintln!("run {} {}: {e}", o.run_id, o.status);
+            1
+        }
+    }
+}
