@@ -1,6 +1,7 @@
 //! Smithers core: the types every other crate shares.
 
 pub mod bounds;
+pub mod build;
 pub mod duration;
 pub mod error;
 pub mod expr;
