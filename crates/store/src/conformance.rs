@@ -1,1 +1,1643 @@
-//! Conformance suite. PLACEHOLDER: being implemented.
+//! Backend-independent conformance suite. Every case is written against `&dyn Store` only, so
+//! each backend proves the same contract with [`store_conformance_tests!`](crate::store_conformance_tests).
+//!
+//! Each case expects a fresh, empty store (list queries span all runs) and panics on failure.
+
+use crate::{Applied, Batch, NewSignal, Store, Write, rows::*};
+use smithers_core::{Code, SmithersError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+/// What a conformance factory yields: the store, optionally with something that must live as
+/// long as the test (for example the temporary directory holding the database file).
+pub trait Fixture {
+    fn store(&self) -> Arc<dyn Store>;
+}
+
+impl Fixture for Arc<dyn Store> {
+    fn store(&self) -> Arc<dyn Store> {
+        self.clone()
+    }
+}
+
+impl<G> Fixture for (Arc<dyn Store>, G) {
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.clone()
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case.
+///
+/// `$factory` is an expression evaluated once per test that yields a future (e.g. an `async`
+/// block) resolving to a [`Fixture`]: either `Arc<dyn Store>` or `(Arc<dyn Store>, guard)`
+/// where `guard` is kept alive until the test ends. Each evaluation must give an empty store.
+/// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+///
+/// ```ignore
+/// smithers_store::store_conformance_tests!(async {
+///     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_memory().unwrap());
+///     store
+/// });
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            run_insert_and_get,
+            run_exists,
+            invalid_run_status_rejected,
+            batch_is_atomic,
+            failing_batch_does_not_affect_concurrent_batches,
+            update_run_patch,
+            update_missing_run_not_found,
+            guard_allows_owner,
+            guard_lease_lost,
+            input_stored_once,
+            nodes_upsert_get_list,
+            attempts_upsert_get_list,
+            outputs_upsert_get_list_delete,
+            frames_insert_get_list_ranges,
+            duplicate_frame_rejected,
+            snapshots_insert_get_ranges,
+            events_seq_from_zero_per_run,
+            events_concurrent_appends_unique,
+            events_list_after_and_limit,
+            loops_upsert_list,
+            approvals_get_list_pending,
+            approval_history_other_runs_newest_first,
+            signals_seq_and_idempotency,
+            signals_filter,
+            claim_unowned_run,
+            claim_stale_run,
+            claim_dead_owner,
+            claim_fresh_owner_refused,
+            claim_missing_run,
+            heartbeat_owned_and_cancel_requested,
+            request_cancel_existing_and_missing,
+            list_runs_order_limit_status,
+            list_stale_runs_order_limit,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $factory.await;
+                let store = $crate::conformance::Fixture::store(&fixture);
+                $crate::conformance::$case(&*store).await;
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A minimal run row.
+pub fn run_row(run_id: &str, workflow: &str, created_at_ms: i64) -> RunRow {
+    RunRow {
+        run_id: run_id.into(),
+        parent_run_id: None,
+        workflow_name: workflow.into(),
+        workflow_path: None,
+        workflow_hash: None,
+        status: status::RUNNING.into(),
+        created_at_ms,
+        started_at_ms: None,
+        finished_at_ms: None,
+        heartbeat_at_ms: None,
+        runtime_owner_id: None,
+        cancel_requested_at_ms: None,
+        hijack_requested_at_ms: None,
+        hijack_target: None,
+        vcs_type: None,
+        vcs_root: None,
+        vcs_revision: None,
+        error_json: None,
+        config_json: None,
+    }
+}
+
+fn node(run: &str, node_id: &str, iteration: i64, state: &str) -> NodeRow {
+    NodeRow {
+        run_id: run.into(),
+        node_id: node_id.into(),
+        iteration,
+        state: state.into(),
+        last_attempt: None,
+        updated_at_ms: 10,
+        output_table: "out".into(),
+        label: None,
+    }
+}
+
+fn attempt(
+    run: &str,
+    node_id: &str,
+    iteration: i64,
+    attempt: i64,
+    started_at_ms: i64,
+) -> AttemptRow {
+    AttemptRow {
+        run_id: run.into(),
+        node_id: node_id.into(),
+        iteration,
+        attempt,
+        state: node_state::IN_PROGRESS.into(),
+        started_at_ms,
+        finished_at_ms: None,
+        heartbeat_at_ms: None,
+        heartbeat_data_json: None,
+        error_json: None,
+        jj_pointer: None,
+        response_text: None,
+        jj_cwd: None,
+        cached: false,
+        meta_json: None,
+    }
+}
+
+fn frame(run: &str, frame_no: i64) -> FrameRow {
+    FrameRow {
+        run_id: run.into(),
+        frame_no,
+        created_at_ms: 100 + frame_no,
+        xml_json: format!("{{\"frame\":{frame_no}}}"),
+        xml_hash: format!("hash{frame_no}"),
+        encoding: if frame_no == 1 {
+            "keyframe".into()
+        } else {
+            "delta".into()
+        },
+        mounted_task_ids_json: Some("[\"a::0\"]".into()),
+        task_index_json: None,
+        note: Some("react-driver".into()),
+    }
+}
+
+fn snapshot(run: &str, frame_no: i64) -> SnapshotRow {
+    SnapshotRow {
+        run_id: run.into(),
+        frame_no,
+        encoding: "keyframe".into(),
+        nodes_json: "[]".into(),
+        outputs_json: "{}".into(),
+        ralph_json: "{}".into(),
+        input_json: format!("{{\"n\":{frame_no}}}"),
+        vcs_pointer: None,
+        workflow_hash: Some("wh".into()),
+        content_hash: format!("c{frame_no}"),
+        created_at_ms: 200 + frame_no,
+    }
+}
+
+fn approval(
+    run: &str,
+    node_id: &str,
+    iteration: i64,
+    status: &str,
+    requested_at_ms: i64,
+) -> ApprovalRow {
+    let decided = status != "requested";
+    ApprovalRow {
+        run_id: run.into(),
+        node_id: node_id.into(),
+        iteration,
+        status: status.into(),
+        requested_at_ms: Some(requested_at_ms),
+        decided_at_ms: decided.then_some(requested_at_ms + 1),
+        note: None,
+        decided_by: decided.then(|| "alice".to_string()),
+        request_json: None,
+        decision_json: None,
+        auto_approved: false,
+    }
+}
+
+fn event(run: &str, ty: &str) -> Write {
+    Write::AppendEvent {
+        run_id: run.into(),
+        timestamp_ms: 1,
+        event_type: ty.into(),
+        payload_json: format!("{{\"type\":\"{ty}\"}}"),
+    }
+}
+
+fn signal(run: &str, name: &str, corr: Option<&str>, payload: &str, at: i64) -> NewSignal {
+    NewSignal {
+        run_id: run.into(),
+        signal_name: name.into(),
+        correlation_id: corr.map(str::to_string),
+        payload_json: payload.into(),
+        received_at_ms: at,
+        received_by: None,
+    }
+}
+
+async fn apply(store: &dyn Store, writes: Vec<Write>) -> Applied {
+    match store
+        .apply(Batch {
+            guard: None,
+            writes,
+        })
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => panic!("apply failed: {e}"),
+    }
+}
+
+async fn insert_runs(store: &dyn Store, runs: Vec<RunRow>) {
+    apply(store, runs.into_iter().map(Write::InsertRun).collect()).await;
+}
+
+fn ok<T>(r: smithers_core::Result<T>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what} failed: {e}"),
+    }
+}
+
+fn expect_err<T: std::fmt::Debug>(
+    r: smithers_core::Result<T>,
+    code: Code,
+    what: &str,
+) -> SmithersError {
+    match r {
+        Ok(v) => panic!("{what}: expected {code}, got Ok({v:?})"),
+        Err(e) => {
+            assert_eq!(e.code, code, "{what}: wrong code in {e}");
+            e
+        }
+    }
+}
+
+/// Polls all futures concurrently on the current task (no spawning, so they may borrow).
+async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *out = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outs.into_iter().flatten().collect()
+}
+
+fn ids(runs: &[RunRow]) -> Vec<&str> {
+    runs.iter().map(|r| r.run_id.as_str()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs
+
+/// Every run column round-trips; a missing run reads as `None`.
+pub async fn run_insert_and_get(store: &dyn Store) {
+    let full = RunRow {
+        run_id: "r1".into(),
+        parent_run_id: Some("p".into()),
+        workflow_name: "wf".into(),
+        workflow_path: Some("/w.yaml".into()),
+        workflow_hash: Some("h".into()),
+        status: status::WAITING_APPROVAL.into(),
+        created_at_ms: 1,
+        started_at_ms: Some(2),
+        finished_at_ms: Some(3),
+        heartbeat_at_ms: Some(4),
+        runtime_owner_id: Some("pid:1:x".into()),
+        cancel_requested_at_ms: Some(5),
+        hijack_requested_at_ms: Some(6),
+        hijack_target: Some("claude".into()),
+        vcs_type: Some("git".into()),
+        vcs_root: Some("/repo".into()),
+        vcs_revision: Some("abc".into()),
+        error_json: Some("{\"code\":\"X\"}".into()),
+        config_json: Some("{\"maxConcurrency\":4}".into()),
+    };
+    insert_runs(store, vec![full.clone(), run_row("r2", "wf", 2)]).await;
+    assert_eq!(ok(store.get_run("r1").await, "get_run"), Some(full));
+    assert_eq!(
+        ok(store.get_run("r2").await, "get_run"),
+        Some(run_row("r2", "wf", 2))
+    );
+    assert_eq!(ok(store.get_run("missing").await, "get_run"), None);
+}
+
+/// Inserting a taken run id fails with `RUN_EXISTS` and leaves the row alone.
+pub async fn run_exists(store: &dyn Store) {
+    insert_runs(store, vec![run_row("r1", "wf", 1)]).await;
+    let mut again = run_row("r1", "other", 9);
+    again.status = status::FAILED.into();
+    let e = expect_err(
+        store
+            .apply(Batch {
+                guard: None,
+                writes: vec![Write::InsertRun(again)],
+            })
+            .await,
+        Code::RunExists,
+        "insert twice",
+    );
+    assert!(e.message.contains("`r1`"), "message names the run: {e}");
+    assert_eq!(
+        ok(store.get_run("r1").await, "get_run"),
+        Some(run_row("r1", "wf", 1)),
+        "original untouched"
+    );
+}
+
+/// Run statuses outside `status::ALL` are refused on insert and update.
+pub async fn invalid_run_status_rejected(store: &dyn Store) {
+    let mut bad = run_row("r1", "wf", 1);
+    bad.status = "bogus".into();
+    let r = store
+        .apply(Batch {
+            guard: None,
+            writes: vec![Write::InsertRun(bad)],
+        })
+        .await;
+    assert!(r.is_err(), "unknown status must be rejected");
+    assert_eq!(ok(store.get_run("r1").await, "get_run"), None);
+    insert_runs(store, vec![run_row("r2", "wf", 1)]).await;
+    let patch = RunPatch {
+        status: Some("nope".into()),
+        ..Default::default()
+    };
+    let r = store
+        .apply(Batch {
+            guard: None,
+            writes: vec![Write::UpdateRun {
+                run_id: "r2".into(),
+                patch,
+            }],
+        })
+        .await;
+    assert!(r.is_err(), "unknown status in a patch must be rejected");
+    assert_eq!(
+        ok(store.get_run("r2").await, "get_run").map(|r| r.status),
+        Some(status::RUNNING.to_string())
+    );
+}
+
+/// A failing write rolls back the whole batch, including event seqs.
+pub async fn batch_is_atomic(store: &dyn Store) {
+    insert_runs(store, vec![run_row("existing", "wf", 1)]).await;
+    let writes = vec![
+        Write::InsertRun(run_row("new", "wf", 2)),
+        Write::InsertInput {
+            run_id: "new".into(),
+            payload_json: "{}".into(),
+        },
+        Write::UpsertNode(node("new", "a", 0, node_state::PENDING)),
+        event("new", "RunStarted"),
+        Write::InsertRun(run_row("existing", "wf", 3)),
+    ];
+    expect_err(
+        store
+            .apply(Batch {
+                guard: None,
+                writes,
+            })
+            .await,
+        Code::RunExists,
+        "batch with duplicate run",
+    );
+    assert_eq!(
+        ok(store.get_run("new").await, "get_run"),
+        None,
+        "run insert rolled back"
+    );
+    assert_eq!(
+        ok(store.get_input("new").await, "get_input"),
+        None,
+        "input rolled back"
+    );
+    assert!(
+        ok(store.list_nodes("new").await, "list_nodes").is_empty(),
+        "node rolled back"
+    );
+    assert_eq!(
+        ok(store.last_event_seq("new").await, "last_event_seq"),
+        -1,
+        "event rolled back"
+    );
+    // The rolled-back event did not consume a seq.
+    let a = apply(store, vec![event("new", "E")]).await;
+    assert_eq!(a.event_seqs, vec![0]);
+}
+
+/// Concurrent batches commit or fail independently of each other.
+pub async fn failing_batch_does_not_affect_concurrent_batches(store: &dyn Store) {
+    insert_runs(store, vec![run_row("dup", "wf", 1)]).await;
+    let batches: Vec<Batch> = (0..12)
+        .map(|i| {
+            let writes = if i % 3 == 1 {
+                vec![
+                    Write::InsertRun(run_row(&format!("bad{i}"), "wf", 2)),
+                    Write::InsertRun(run_row("dup", "wf", 2)),
+                ]
+            } else {
+                vec![
+                    Write::InsertRun(run_row(&format!("good{i}"), "wf", 2)),
+                    event(&format!("good{i}"), "E"),
+                ]
+            };
+            Batch {
+                guard: None,
+                writes,
+            }
+        })
+        .collect();
+    let results = join_all(batches.into_iter().map(|b| store.apply(b)).collect()).await;
+    for (i, r) in results.into_iter().enumerate() {
+        if i % 3 == 1 {
+            expect_err(r, Code::RunExists, "bad batch");
+            assert_eq!(ok(store.get_run(&format!("bad{i}")).await, "get_run"), None);
+        } else {
+            assert_eq!(ok(r, "good batch").event_seqs, vec![0]);
+            assert!(ok(store.get_run(&format!("good{i}")).await, "get_run").is_some());
+        }
+    }
+}
+
+/// `RunPatch`: `None` keeps a column, `Some(None)` clears it, `Some(Some(v))` sets it.
+pub async fn update_run_patch(store: &dyn Store) {
+    let mut r = run_row("r1", "workflow", 1);
+    r.started_at_ms = Some(5);
+    r.error_json = Some("{}".into());
+    r.config_json = Some("{\"a\":1}".into());
+    r.runtime_owner_id = Some("o".into());
+    insert_runs(store, vec![r.clone()]).await;
+
+    let patch = RunPatch {
+        status: Some(status::FINISHED.into()),
+        workflow_name: Some("renamed".into()),
+        finished_at_ms: Some(Some(9)),
+        error_json: Some(None),
+        runtime_owner_id: Some(None),
+        ..Default::default()
+    };
+    apply(
+        store,
+        vec![Write::UpdateRun {
+            run_id: "r1".into(),
+            patch,
+        }],
+    )
+    .await;
+    let got = ok(store.get_run("r1").await, "get_run");
+    let mut want = r.clone();
+    want.status = status::FINISHED.into();
+    want.workflow_name = "renamed".into();
+    want.finished_at_ms = Some(9);
+    want.error_json = None;
+    want.runtime_owner_id = None;
+    assert_eq!(
+        got,
+        Some(want.clone()),
+        "only Some fields change; Some(None) sets NULL"
+    );
+
+    // An empty patch on an existing run is a no-op.
+    apply(
+        store,
+        vec![Write::UpdateRun {
+            run_id: "r1".into(),
+            patch: RunPatch::default(),
+        }],
+    )
+    .await;
+    assert_eq!(ok(store.get_run("r1").await, "get_run"), Some(want.clone()));
+
+    let patch = RunPatch {
+        started_at_ms: Some(None),
+        heartbeat_at_ms: Some(Some(77)),
+        cancel_requested_at_ms: Some(Some(78)),
+        config_json: Some(Some("{\"b\":2}".into())),
+        ..Default::default()
+    };
+    apply(
+        store,
+        vec![Write::UpdateRun {
+            run_id: "r1".into(),
+            patch,
+        }],
+    )
+    .await;
+    want.started_at_ms = None;
+    want.heartbeat_at_ms = Some(77);
+    want.cancel_requested_at_ms = Some(78);
+    want.config_json = Some("{\"b\":2}".into());
+    assert_eq!(ok(store.get_run("r1").await, "get_run"), Some(want));
+}
+
+/// Updating a missing run fails with `RUN_NOT_FOUND` (and rolls back its batch).
+pub async fn update_missing_run_not_found(store: &dyn Store) {
+    let patch = RunPatch {
+        status: Some(status::FAILED.into()),
+        ..Default::default()
+    };
+    let writes = vec![
+        Write::InsertRun(run_row("r1", "wf", 1)),
+        Write::UpdateRun {
+            run_id: "ghost".into(),
+            patch,
+        },
+    ];
+    let e = expect_err(
+        store
+            .apply(Batch {
+                guard: None,
+                writes,
+            })
+            .await,
+        Code::RunNotFound,
+        "update missing",
+    );
+    assert!(e.message.contains("ghost"), "{e}");
+    assert_eq!(
+        ok(store.get_run("r1").await, "get_run"),
+        None,
+        "batch rolled back"
+    );
+    let writes = vec![Write::UpdateRun {
+        run_id: "ghost".into(),
+        patch: RunPatch::default(),
+    }];
+    expect_err(
+        store
+            .apply(Batch {
+                guard: None,
+                writes,
+            })
+            .await,
+        Code::RunNotFound,
+        "empty patch on missing run",
+    );
+}
+
+/// A guarded batch from the current owner commits.
+pub async fn guard_allows_owner(store: &dyn Store) {
+    insert_runs(store, vec![run_row("r1", "wf", 1)]).await;
+    assert!(ok(
+        store.claim_run("r1", "owner-a", 100, 50, None).await,
+        "claim"
+    ));
+    let mut b = Batch::guarded("r1", "owner-a");
+    b.push(Write::UpsertNode(node(
+        "r1",
+        "a",
+        0,
+        node_state::IN_PROGRESS,
+    )))
+    .push(event("r1", "NodeStarted"));
+    let a = ok(store.apply(b).await, "guarded apply");
+    assert_eq!(a.event_seqs, vec![0]);
+    assert_eq!(ok(store.list_nodes("r1").await, "list_nodes").len(), 1);
+    // A guarded batch with no writes is a lease check.
+    ok(
+        store.apply(Batch::guarded("r1", "owner-a")).await,
+        "empty guarded batch",
+    );
+}
+
+/// A guarded batch from a former owner fails with `RUN_LEASE_LOST` and writes nothing.
+pub async fn guard_lease_lost(store: &dyn Store) {
+    insert_runs(
+        store,
+        vec![run_row("r1", "wf", 1), run_row("free", "wf", 1)],
+    )
+    .await;
+    assert!(ok(
+        store.claim_run("r1", "owner-a", 100, 50, None).await,
+        "claim a"
+    ));
+    assert!(ok(
+        store
+            .claim_run("r1", "owner-b", 101, 50, Some("owner-a"))
+            .await,
+        "takeover by b"
+    ));
+
+    let mut b = Batch::guarded("r1", "owner-a");
+    b.push(Write::UpsertNode(node("r1", "a", 0, node_state::FINISHED)))
+        .push(event("r1", "NodeFinished"))
+        .push(Write::UpdateRun {
+            run_id: "r1".into(),
+            patch: RunPatch {
+                status: Some(status::FINISHED.into()),
+                ..Default::default()
+            },
+        });
+    let e = expect_err(store.apply(b).await, Code::RunLeaseLost, "stale owner");
+    assert!(e.message.contains("r1"), "{e}");
+    assert!(
+        ok(store.list_nodes("r1").await, "list_nodes").is_empty(),
+        "nothing written"
+    );
+    assert_eq!(ok(store.last_event_seq("r1").await, "last_event_seq"), -1);
+    let run = ok(store.get_run("r1").await, "get_run");
+    assert_eq!(
+        run.as_ref().map(|r| r.status.as_str()),
+        Some(status::RUNNING)
+    );
+    assert_eq!(
+        run.and_then(|r| r.runtime_owner_id).as_deref(),
+        Some("owner-b")
+    );
+
+    // Unowned run and missing run also fail the guard.
+    expect_err(
+        store.apply(Batch::guarded("free", "owner-a")).await,
+        Code::RunLeaseLost,
+        "unowned run",
+    );
+    expect_err(
+        store.apply(Batch::guarded("ghost", "owner-a")).await,
+        Code::RunLeaseLost,
+        "missing run",
+    );
+
+    // The new owner writes fine.
+    let mut b = Batch::guarded("r1", "owner-b");
+    b.push(event("r1", "X"));
+    assert_eq!(ok(store.apply(b).await, "new owner").event_seqs, vec![0]);
+}
+
+/// The run input is stored once; a second insert is ignored.
+pub async fn input_stored_once(store: &dyn Store) {
+    assert_eq!(ok(store.get_input("r1").await, "get_input"), None);
+    apply(
+        store,
+        vec![Write::InsertInput {
+            run_id: "r1".into(),
+            payload_json: "{\"a\":1}".into(),
+        }],
+    )
+    .await;
+    apply(
+        store,
+        vec![Write::InsertInput {
+            run_id: "r1".into(),
+            payload_json: "{\"a\":2}".into(),
+        }],
+    )
+    .await;
+    assert_eq!(
+        ok(store.get_input("r1").await, "get_input").as_deref(),
+        Some("{\"a\":1}")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes, attempts, outputs
+
+/// Nodes upsert by key and list by `node_id, iteration`.
+pub async fn nodes_upsert_get_list(store: &dyn Store) {
+    let mut b1 = node("r1", "b", 1, node_state::PENDING);
+    b1.label = Some("B".into());
+    apply(
+        store,
+        vec![
+            Write::UpsertNode(b1.clone()),
+            Write::UpsertNode(node("r1", "b", 0, node_state::FINISHED)),
+            Write::UpsertNode(node("r1", "a", 0, node_state::PENDING)),
+            Write::UpsertNode(node("r2", "a", 0, node_state::PENDING)),
+        ],
+    )
+    .await;
+    let mut updated = b1.clone();
+    updated.state = node_state::IN_PROGRESS.into();
+    updated.last_attempt = Some(1);
+    updated.updated_at_ms = 20;
+    updated.label = None;
+    apply(store, vec![Write::UpsertNode(updated.clone())]).await;
+
+    let list = ok(store.list_nodes("r1").await, "list_nodes");
+    let keys: Vec<(&str, i64)> = list
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.iteration))
+        .collect();
+    assert_eq!(keys, vec![("a", 0), ("b", 0), ("b", 1)]);
+    assert_eq!(
+        ok(store.get_node("r1", "b", 1).await, "get_node"),
+        Some(updated)
+    );
+    assert_eq!(ok(store.get_node("r1", "b", 2).await, "get_node"), None);
+    assert!(ok(store.list_nodes("nope").await, "list_nodes").is_empty());
+}
+
+/// Attempt orderings, upserts and the `cached` flag.
+pub async fn attempts_upsert_get_list(store: &dyn Store) {
+    let mut full = attempt("r1", "a", 0, 1, 10);
+    full.finished_at_ms = Some(11);
+    full.heartbeat_at_ms = Some(12);
+    full.heartbeat_data_json = Some("{\"p\":1}".into());
+    full.error_json = Some("{}".into());
+    full.jj_pointer = Some("jj".into());
+    full.response_text = Some("done".into());
+    full.jj_cwd = Some("/tmp".into());
+    full.cached = true;
+    full.meta_json = Some("{\"m\":1}".into());
+    apply(
+        store,
+        vec![
+            Write::UpsertAttempt(full.clone()),
+            Write::UpsertAttempt(attempt("r1", "a", 0, 2, 30)),
+            Write::UpsertAttempt(attempt("r1", "b", 0, 1, 10)),
+            Write::UpsertAttempt(attempt("r1", "a", 1, 1, 20)),
+            Write::UpsertAttempt(attempt("r2", "a", 0, 1, 1)),
+        ],
+    )
+    .await;
+    let mut a2 = attempt("r1", "a", 0, 2, 30);
+    a2.state = node_state::FAILED.into();
+    a2.finished_at_ms = Some(40);
+    apply(store, vec![Write::UpsertAttempt(a2.clone())]).await;
+
+    let all = ok(store.list_attempts("r1").await, "list_attempts");
+    let keys: Vec<(i64, &str, i64, i64)> = all
+        .iter()
+        .map(|a| (a.started_at_ms, a.node_id.as_str(), a.iteration, a.attempt))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (10, "a", 0, 1),
+            (10, "b", 0, 1),
+            (20, "a", 1, 1),
+            (30, "a", 0, 2)
+        ]
+    );
+    assert_eq!(all[0], full, "all columns round-trip, cached = true");
+
+    let node_attempts = ok(
+        store.list_node_attempts("r1", "a", 0).await,
+        "list_node_attempts",
+    );
+    assert_eq!(
+        node_attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        vec![2, 1],
+        "newest first"
+    );
+    assert_eq!(
+        ok(store.get_attempt("r1", "a", 0, 2).await, "get_attempt"),
+        Some(a2)
+    );
+    assert_eq!(
+        ok(store.get_attempt("r1", "a", 0, 3).await, "get_attempt"),
+        None
+    );
+    assert_eq!(
+        ok(store.get_attempt("r1", "b", 0, 1).await, "get_attempt").map(|a| a.cached),
+        Some(false)
+    );
+}
+
+/// Outputs upsert, list by key, and delete (missing is fine).
+pub async fn outputs_upsert_get_list_delete(store: &dyn Store) {
+    let out = |node_id: &str, it: i64, payload: &str| OutputRow {
+        run_id: "r1".into(),
+        node_id: node_id.into(),
+        iteration: it,
+        output_table: "t".into(),
+        payload_json: payload.into(),
+        created_at_ms: 5,
+    };
+    apply(
+        store,
+        vec![
+            Write::UpsertOutput(out("b", 0, "{}")),
+            Write::UpsertOutput(out("a", 1, "{}")),
+            Write::UpsertOutput(out("a", 0, "{\"v\":1}")),
+        ],
+    )
+    .await;
+    apply(store, vec![Write::UpsertOutput(out("a", 0, "{\"v\":2}"))]).await;
+    let list = ok(store.list_outputs("r1").await, "list_outputs");
+    let keys: Vec<(&str, i64)> = list
+        .iter()
+        .map(|o| (o.node_id.as_str(), o.iteration))
+        .collect();
+    assert_eq!(keys, vec![("a", 0), ("a", 1), ("b", 0)]);
+    assert_eq!(
+        ok(store.get_output("r1", "a", 0).await, "get_output"),
+        Some(out("a", 0, "{\"v\":2}"))
+    );
+    apply(
+        store,
+        vec![Write::DeleteOutput {
+            run_id: "r1".into(),
+            node_id: "a".into(),
+            iteration: 0,
+        }],
+    )
+    .await;
+    assert_eq!(ok(store.get_output("r1", "a", 0).await, "get_output"), None);
+    assert_eq!(ok(store.list_outputs("r1").await, "list_outputs").len(), 2);
+    // Deleting a missing output is not an error.
+    apply(
+        store,
+        vec![Write::DeleteOutput {
+            run_id: "r1".into(),
+            node_id: "zz".into(),
+            iteration: 0,
+        }],
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames, snapshots
+
+/// Frame lookups, newest-first listing with limit, inclusive ranges.
+pub async fn frames_insert_get_list_ranges(store: &dyn Store) {
+    assert_eq!(ok(store.last_frame_no("r1").await, "last_frame_no"), 0);
+    apply(
+        store,
+        (1..=5)
+            .map(|n| Write::InsertFrame(frame("r1", n)))
+            .collect(),
+    )
+    .await;
+    apply(store, vec![Write::InsertFrame(frame("r2", 1))]).await;
+    assert_eq!(ok(store.last_frame_no("r1").await, "last_frame_no"), 5);
+    assert_eq!(ok(store.last_frame_no("r2").await, "last_frame_no"), 1);
+    assert_eq!(
+        ok(store.get_frame("r1", 3).await, "get_frame"),
+        Some(frame("r1", 3))
+    );
+    assert_eq!(ok(store.get_frame("r1", 9).await, "get_frame"), None);
+
+    let nos = |v: Vec<FrameRow>| v.into_iter().map(|f| f.frame_no).collect::<Vec<_>>();
+    assert_eq!(
+        nos(ok(store.list_frames("r1", 2, 2).await, "list_frames")),
+        vec![5, 4],
+        "newest first, limited"
+    );
+    assert_eq!(
+        nos(ok(store.list_frames("r1", 0, 100).await, "list_frames")),
+        vec![5, 4, 3, 2, 1]
+    );
+    assert_eq!(
+        nos(ok(store.list_frames("r1", 5, 100).await, "list_frames")),
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        nos(ok(store.frames_between("r1", 2, 4).await, "frames_between")),
+        vec![2, 3, 4],
+        "inclusive, ascending"
+    );
+    assert_eq!(
+        nos(ok(store.frames_between("r1", 4, 2).await, "frames_between")),
+        Vec::<i64>::new()
+    );
+}
+
+/// Re-inserting a frame number fails the batch.
+pub async fn duplicate_frame_rejected(store: &dyn Store) {
+    apply(store, vec![Write::InsertFrame(frame("r1", 1))]).await;
+    let r = store
+        .apply(Batch {
+            guard: None,
+            writes: vec![
+                Write::InsertFrame(frame("r1", 2)),
+                Write::InsertFrame(frame("r1", 1)),
+            ],
+        })
+        .await;
+    assert!(r.is_err(), "inserting an existing frame fails");
+    assert_eq!(
+        ok(store.last_frame_no("r1").await, "last_frame_no"),
+        1,
+        "batch rolled back"
+    );
+}
+
+/// Snapshot lookups and inclusive ascending ranges.
+pub async fn snapshots_insert_get_ranges(store: &dyn Store) {
+    apply(
+        store,
+        (1..=4)
+            .map(|n| Write::InsertSnapshot(snapshot("r1", n)))
+            .collect(),
+    )
+    .await;
+    apply(store, vec![Write::InsertSnapshot(snapshot("r2", 2))]).await;
+    assert_eq!(
+        ok(store.get_snapshot("r1", 2).await, "get_snapshot"),
+        Some(snapshot("r1", 2))
+    );
+    assert_eq!(ok(store.get_snapshot("r1", 7).await, "get_snapshot"), None);
+    let got = ok(
+        store.snapshots_between("r1", 2, 3).await,
+        "snapshots_between",
+    );
+    assert_eq!(got, vec![snapshot("r1", 2), snapshot("r1", 3)]);
+    let got = ok(
+        store.snapshots_between("r1", 0, 100).await,
+        "snapshots_between",
+    );
+    assert_eq!(
+        got.iter().map(|s| s.frame_no).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+
+/// Event seqs start at 0 per run and come back in batch order.
+pub async fn events_seq_from_zero_per_run(store: &dyn Store) {
+    assert_eq!(ok(store.last_event_seq("r1").await, "last_event_seq"), -1);
+    let a = apply(
+        store,
+        vec![
+            event("r1", "A"),
+            Write::UpsertNode(node("r1", "n", 0, node_state::PENDING)),
+            event("r1", "B"),
+            event("r1", "C"),
+        ],
+    )
+    .await;
+    assert_eq!(a.event_seqs, vec![0, 1, 2], "batch order");
+    let a = apply(store, vec![event("r2", "A"), event("r1", "D")]).await;
+    assert_eq!(a.event_seqs, vec![0, 3], "per-run seqs");
+    assert_eq!(ok(store.last_event_seq("r1").await, "last_event_seq"), 3);
+    assert_eq!(ok(store.last_event_seq("r2").await, "last_event_seq"), 0);
+    let a = apply(
+        store,
+        vec![Write::UpsertNode(node("r1", "n", 0, node_state::FINISHED))],
+    )
+    .await;
+    assert!(a.event_seqs.is_empty());
+}
+
+/// Concurrent appends to one run get unique, gap-free seqs.
+pub async fn events_concurrent_appends_unique(store: &dyn Store) {
+    let futs: Vec<_> = (0..50)
+        .map(|i| {
+            store.apply(Batch {
+                guard: None,
+                writes: vec![event("r1", &format!("E{i}"))],
+            })
+        })
+        .collect();
+    let mut seqs: Vec<i64> = join_all(futs)
+        .await
+        .into_iter()
+        .flat_map(|r| ok(r, "apply").event_seqs)
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+    let events = ok(store.list_events("r1", None, 1000).await, "list_events");
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (0..50).collect::<Vec<_>>()
+    );
+}
+
+/// `list_events`: exclusive `after_seq`, ascending, limited.
+pub async fn events_list_after_and_limit(store: &dyn Store) {
+    apply(
+        store,
+        (0..6).map(|i| event("r1", &format!("E{i}"))).collect(),
+    )
+    .await;
+    apply(store, vec![event("r2", "Other")]).await;
+    let all = ok(store.list_events("r1", None, 100).await, "list_events");
+    assert_eq!(all.len(), 6);
+    assert_eq!(
+        all[2],
+        EventRow {
+            run_id: "r1".into(),
+            seq: 2,
+            timestamp_ms: 1,
+            event_type: "E2".into(),
+            payload_json: "{\"type\":\"E2\"}".into()
+        }
+    );
+    let seqs = |v: Vec<EventRow>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(ok(store.list_events("r1", Some(2), 2).await, "list_events")),
+        vec![3, 4],
+        "after is exclusive, limited"
+    );
+    assert_eq!(
+        seqs(ok(store.list_events("r1", None, 2).await, "list_events")),
+        vec![0, 1]
+    );
+    assert_eq!(
+        seqs(ok(
+            store.list_events("r1", Some(-1), 100).await,
+            "list_events"
+        )),
+        vec![0, 1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        seqs(ok(
+            store.list_events("r1", Some(5), 100).await,
+            "list_events"
+        )),
+        Vec::<i64>::new()
+    );
+    assert!(ok(store.list_events("none", None, 10).await, "list_events").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loops, approvals
+
+/// Loop state upserts and lists by `ralph_id`.
+pub async fn loops_upsert_list(store: &dyn Store) {
+    let l = |id: &str, it: i64, done: bool| LoopRow {
+        run_id: "r1".into(),
+        ralph_id: id.into(),
+        iteration: it,
+        done,
+        updated_at_ms: 3,
+    };
+    apply(
+        store,
+        vec![
+            Write::UpsertLoop(l("z", 0, false)),
+            Write::UpsertLoop(l("a", 1, false)),
+        ],
+    )
+    .await;
+    apply(store, vec![Write::UpsertLoop(l("z", 4, true))]).await;
+    assert_eq!(
+        ok(store.list_loops("r1").await, "list_loops"),
+        vec![l("a", 1, false), l("z", 4, true)]
+    );
+    assert!(ok(store.list_loops("r2").await, "list_loops").is_empty());
+}
+
+/// Approval lookups and the cross-run pending list (oldest request first).
+pub async fn approvals_get_list_pending(store: &dyn Store) {
+    let mut full = approval("r1", "gate", 0, "requested", 30);
+    full.note = Some("please".into());
+    full.request_json = Some("{\"q\":1}".into());
+    apply(
+        store,
+        vec![
+            Write::UpsertApproval(full.clone()),
+            Write::UpsertApproval(approval("r1", "other", 0, "approved", 5)),
+            Write::UpsertApproval(approval("r2", "gate", 0, "requested", 10)),
+            Write::UpsertApproval(approval("r3", "gate", 1, "requested", 20)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ok(store.get_approval("r1", "gate", 0).await, "get_approval"),
+        Some(full.clone())
+    );
+    assert_eq!(
+        ok(store.get_approval("r1", "gate", 1).await, "get_approval"),
+        None
+    );
+    let list = ok(store.list_approvals("r1").await, "list_approvals");
+    assert_eq!(
+        list.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(),
+        vec!["gate", "other"]
+    );
+
+    let pending = ok(
+        store.list_pending_approvals(10).await,
+        "list_pending_approvals",
+    );
+    assert_eq!(
+        pending
+            .iter()
+            .map(|a| a.run_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["r2", "r3", "r1"],
+        "oldest request first"
+    );
+    let pending = ok(
+        store.list_pending_approvals(2).await,
+        "list_pending_approvals",
+    );
+    assert_eq!(pending.len(), 2);
+
+    // Deciding removes it from the pending list.
+    let mut decided = approval("r2", "gate", 0, "denied", 10);
+    decided.auto_approved = true;
+    decided.decision_json = Some("{\"ok\":false}".into());
+    apply(store, vec![Write::UpsertApproval(decided.clone())]).await;
+    assert_eq!(
+        ok(store.get_approval("r2", "gate", 0).await, "get_approval"),
+        Some(decided)
+    );
+    let pending = ok(
+        store.list_pending_approvals(10).await,
+        "list_pending_approvals",
+    );
+    assert_eq!(
+        pending
+            .iter()
+            .map(|a| a.run_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["r3", "r1"]
+    );
+}
+
+/// History: decided rows of the same workflow and node in other runs, newest run first.
+pub async fn approval_history_other_runs_newest_first(store: &dyn Store) {
+    insert_runs(
+        store,
+        vec![
+            run_row("old", "deploy", 10),
+            run_row("mid", "deploy", 20),
+            run_row("new", "deploy", 30),
+            run_row("current", "deploy", 40),
+            run_row("foreign", "other-wf", 50),
+        ],
+    )
+    .await;
+    apply(
+        store,
+        vec![
+            Write::UpsertApproval(approval("old", "gate", 0, "approved", 1)),
+            Write::UpsertApproval(approval("mid", "gate", 0, "denied", 2)),
+            Write::UpsertApproval(approval("mid", "elsewhere", 0, "approved", 2)),
+            Write::UpsertApproval(approval("new", "gate", 0, "requested", 3)),
+            Write::UpsertApproval(approval("current", "gate", 0, "approved", 4)),
+            Write::UpsertApproval(approval("foreign", "gate", 0, "approved", 5)),
+        ],
+    )
+    .await;
+    let hist = ok(
+        store
+            .approval_history("deploy", "gate", "current", 10)
+            .await,
+        "approval_history",
+    );
+    let got: Vec<(&str, &str)> = hist
+        .iter()
+        .map(|a| (a.run_id.as_str(), a.status.as_str()))
+        .collect();
+    assert_eq!(got, vec![("mid", "denied"), ("old", "approved")]);
+    let hist = ok(
+        store.approval_history("deploy", "gate", "current", 1).await,
+        "approval_history",
+    );
+    assert_eq!(
+        hist.iter().map(|a| a.run_id.as_str()).collect::<Vec<_>>(),
+        vec!["mid"]
+    );
+    let hist = ok(
+        store.approval_history("deploy", "gate", "mid", 10).await,
+        "approval_history",
+    );
+    assert_eq!(
+        hist.iter().map(|a| a.run_id.as_str()).collect::<Vec<_>>(),
+        vec!["current", "old"]
+    );
+    assert!(
+        ok(
+            store.approval_history("nope", "gate", "x", 10).await,
+            "approval_history"
+        )
+        .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+
+/// Signal seqs per run from 0; identical rows return the existing seq.
+pub async fn signals_seq_and_idempotency(store: &dyn Store) {
+    let s0 = signal("r1", "go", None, "{}", 10);
+    assert_eq!(
+        ok(store.insert_signal(s0.clone()).await, "insert_signal"),
+        0
+    );
+    assert_eq!(
+        ok(
+            store
+                .insert_signal(signal("r1", "go", None, "{\"x\":1}", 10))
+                .await,
+            "insert_signal"
+        ),
+        1
+    );
+    assert_eq!(
+        ok(store.insert_signal(s0.clone()).await, "insert_signal"),
+        0,
+        "identical row returns its seq"
+    );
+    let mut by = s0.clone();
+    by.received_by = Some("alice".into());
+    assert_eq!(
+        ok(store.insert_signal(by.clone()).await, "insert_signal"),
+        2,
+        "different received_by is a new signal"
+    );
+    assert_eq!(ok(store.insert_signal(by).await, "insert_signal"), 2);
+    assert_eq!(
+        ok(
+            store
+                .insert_signal(signal("r1", "go", Some("c"), "{}", 10))
+                .await,
+            "insert_signal"
+        ),
+        3
+    );
+    assert_eq!(
+        ok(
+            store
+                .insert_signal(signal("r1", "go", None, "{}", 11))
+                .await,
+            "insert_signal"
+        ),
+        4
+    );
+    assert_eq!(
+        ok(
+            store
+                .insert_signal(signal("r2", "go", None, "{}", 10))
+                .await,
+            "insert_signal"
+        ),
+        0,
+        "per run"
+    );
+    let all = ok(
+        store.list_signals("r1", "go", None, 0).await,
+        "list_signals",
+    );
+    assert_eq!(
+        all.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 4]
+    );
+    assert_eq!(
+        all[2],
+        SignalRow {
+            run_id: "r1".into(),
+            seq: 2,
+            signal_name: "go".into(),
+            correlation_id: None,
+            payload_json: "{}".into(),
+            received_at_ms: 10,
+            received_by: Some("alice".into()),
+        }
+    );
+}
+
+/// Signal filters: name, correlation (`None` = NULL only), inclusive `received_after_ms`.
+pub async fn signals_filter(store: &dyn Store) {
+    let inserts = vec![
+        signal("r1", "go", None, "0", 10),
+        signal("r1", "go", Some("c1"), "1", 20),
+        signal("r1", "go", Some("c2"), "2", 30),
+        signal("r1", "stop", None, "3", 40),
+        signal("r1", "go", None, "4", 50),
+        signal("r1", "go", Some("c1"), "5", 60),
+        signal("r2", "go", None, "6", 70),
+    ];
+    for s in inserts {
+        ok(store.insert_signal(s).await, "insert_signal");
+    }
+    let payloads = |v: Vec<SignalRow>| v.into_iter().map(|s| s.payload_json).collect::<Vec<_>>();
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "go", None, 0).await,
+            "list_signals"
+        )),
+        vec!["0", "4"],
+        "None matches only NULL"
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "go", Some("c1"), 0).await,
+            "list_signals"
+        )),
+        vec!["1", "5"]
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "go", Some("c1"), 60).await,
+            "list_signals"
+        )),
+        vec!["5"],
+        "inclusive"
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "go", Some("c1"), 61).await,
+            "list_signals"
+        )),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "go", None, 50).await,
+            "list_signals"
+        )),
+        vec!["4"]
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r1", "stop", None, 0).await,
+            "list_signals"
+        )),
+        vec!["3"]
+    );
+    assert_eq!(
+        payloads(ok(
+            store.list_signals("r2", "go", None, 0).await,
+            "list_signals"
+        )),
+        vec!["6"]
+    );
+    assert!(
+        ok(
+            store.list_signals("r1", "nope", None, 0).await,
+            "list_signals"
+        )
+        .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership
+
+async fn owner_of(store: &dyn Store, run: &str) -> (Option<String>, Option<i64>) {
+    let r = ok(store.get_run(run).await, "get_run");
+    match r {
+        Some(r) => (r.runtime_owner_id, r.heartbeat_at_ms),
+        None => panic!("run {run} missing"),
+    }
+}
+
+/// An unowned run is claimed even with a fresh heartbeat.
+pub async fn claim_unowned_run(store: &dyn Store) {
+    let mut r = run_row("r1", "wf", 1);
+    r.heartbeat_at_ms = Some(1_000); // fresh heartbeat but nobody owns it
+    insert_runs(store, vec![r, run_row("r2", "wf", 1)]).await;
+    assert!(ok(
+        store.claim_run("r1", "me", 1_001, 500, None).await,
+        "claim"
+    ));
+    assert_eq!(
+        owner_of(store, "r1").await,
+        (Some("me".into()), Some(1_001))
+    );
+    assert!(ok(
+        store.claim_run("r2", "me", 5, 0, None).await,
+        "claim without heartbeat"
+    ));
+    assert_eq!(owner_of(store, "r2").await, (Some("me".into()), Some(5)));
+}
+
+/// A heartbeat strictly older than `stale_before_ms` (or missing) can be taken over.
+pub async fn claim_stale_run(store: &dyn Store) {
+    let mut r = run_row("r1", "wf", 1);
+    r.runtime_owner_id = Some("old".into());
+    r.heartbeat_at_ms = Some(100);
+    let mut r2 = run_row("r2", "wf", 1);
+    r2.runtime_owner_id = Some("old".into());
+    insert_runs(store, vec![r, r2]).await;
+    assert!(!ok(
+        store.claim_run("r1", "me", 1_000, 100, None).await,
+        "heartbeat == stale_before is not stale"
+    ));
+    assert!(ok(
+        store.claim_run("r1", "me", 1_000, 101, None).await,
+        "stale claim"
+    ));
+    assert_eq!(
+        owner_of(store, "r1").await,
+        (Some("me".into()), Some(1_000))
+    );
+    assert!(ok(
+        store.claim_run("r2", "me", 1_000, 0, None).await,
+        "owner without heartbeat is stale"
+    ));
+}
+
+/// A run whose owner is the proven-dead owner can be taken over.
+pub async fn claim_dead_owner(store: &dyn Store) {
+    let mut r = run_row("r1", "wf", 1);
+    r.runtime_owner_id = Some("dead".into());
+    r.heartbeat_at_ms = Some(10_000);
+    insert_runs(store, vec![r]).await;
+    assert!(!ok(
+        store
+            .claim_run("r1", "me", 10_001, 5_000, Some("someone-else"))
+            .await,
+        "wrong dead owner"
+    ));
+    assert!(ok(
+        store
+            .claim_run("r1", "me", 10_001, 5_000, Some("dead"))
+            .await,
+        "dead owner"
+    ));
+    assert_eq!(
+        owner_of(store, "r1").await,
+        (Some("me".into()), Some(10_001))
+    );
+}
+
+/// A live owner with a fresh heartbeat keeps its run.
+pub async fn claim_fresh_owner_refused(store: &dyn Store) {
+    let mut r = run_row("r1", "wf", 1);
+    r.runtime_owner_id = Some("alive".into());
+    r.heartbeat_at_ms = Some(10_000);
+    insert_runs(store, vec![r]).await;
+    assert!(!ok(
+        store.claim_run("r1", "me", 10_001, 5_000, None).await,
+        "fresh owner"
+    ));
+    assert_eq!(
+        owner_of(store, "r1").await,
+        (Some("alive".into()), Some(10_000)),
+        "unchanged"
+    );
+}
+
+/// Claiming a missing run returns false.
+pub async fn claim_missing_run(store: &dyn Store) {
+    assert!(!ok(
+        store.claim_run("ghost", "me", 1, 1, None).await,
+        "missing run"
+    ));
+    assert_eq!(ok(store.get_run("ghost").await, "get_run"), None);
+}
+
+/// Heartbeat refreshes only the owner's runs and reports cancel requests.
+pub async fn heartbeat_owned_and_cancel_requested(store: &dyn Store) {
+    insert_runs(
+        store,
+        vec![
+            run_row("b", "wf", 1),
+            run_row("a", "wf", 1),
+            run_row("c", "wf", 1),
+            run_row("d", "wf", 1),
+        ],
+    )
+    .await;
+    for id in ["a", "b", "d"] {
+        assert!(ok(store.claim_run(id, "me", 100, 0, None).await, "claim"));
+    }
+    assert!(ok(
+        store.claim_run("c", "other", 100, 0, None).await,
+        "claim"
+    ));
+    assert!(ok(store.request_cancel("b", 150).await, "cancel"));
+    assert!(ok(store.request_cancel("c", 150).await, "cancel"));
+    // "d" was released by its owner.
+    apply(
+        store,
+        vec![Write::UpdateRun {
+            run_id: "d".into(),
+            patch: RunPatch {
+                runtime_owner_id: Some(None),
+                ..Default::default()
+            },
+        }],
+    )
+    .await;
+
+    let hb = ok(store.heartbeat("me", 200).await, "heartbeat");
+    assert_eq!(hb.owned, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(hb.cancel_requested, vec!["b".to_string()]);
+    assert_eq!(owner_of(store, "a").await.1, Some(200));
+    assert_eq!(owner_of(store, "b").await.1, Some(200));
+    assert_eq!(
+        owner_of(store, "c").await.1,
+        Some(100),
+        "other owner untouched"
+    );
+    assert_eq!(
+        owner_of(store, "d").await.1,
+        Some(100),
+        "released run untouched"
+    );
+    let hb = ok(store.heartbeat("nobody", 200).await, "heartbeat");
+    assert!(hb.owned.is_empty() && hb.cancel_requested.is_empty());
+}
+
+/// Cancel requests are durable; a missing run returns false.
+pub async fn request_cancel_existing_and_missing(store: &dyn Store) {
+    insert_runs(store, vec![run_row("r1", "wf", 1)]).await;
+    assert!(ok(store.request_cancel("r1", 42).await, "cancel"));
+    let r = ok(store.get_run("r1").await, "get_run");
+    assert_eq!(r.and_then(|r| r.cancel_requested_at_ms), Some(42));
+    assert!(ok(store.request_cancel("r1", 50).await, "cancel again"));
+    let r = ok(store.get_run("r1").await, "get_run");
+    assert!(r.and_then(|r| r.cancel_requested_at_ms).is_some());
+    assert!(!ok(
+        store.request_cancel("ghost", 42).await,
+        "cancel missing"
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing runs
+
+/// `list_runs`: newest first, limited, `running` also matches `continued`.
+pub async fn list_runs_order_limit_status(store: &dyn Store) {
+    let with = |id: &str, created: i64, st: &str| {
+        let mut r = run_row(id, "wf", created);
+        r.status = st.into();
+        r
+    };
+    insert_runs(
+        store,
+        vec![
+            with("r1", 10, status::RUNNING),
+            with("r2", 30, status::FINISHED),
+            with("r3", 20, status::CONTINUED),
+            with("r4", 40, status::RUNNING),
+            with("r5", 50, status::FAILED),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ids(&ok(store.list_runs(None, 100).await, "list_runs")),
+        vec!["r5", "r4", "r2", "r3", "r1"]
+    );
+    assert_eq!(
+        ids(&ok(store.list_runs(None, 2).await, "list_runs")),
+        vec!["r5", "r4"]
+    );
+    assert_eq!(
+        ids(&ok(
+            store.list_runs(Some(status::RUNNING), 100).await,
+            "list_runs"
+        )),
+        vec!["r4", "r3", "r1"],
+        "running includes continued"
+    );
+    assert_eq!(
+        ids(&ok(
+            store.list_runs(Some(status::CONTINUED), 100).await,
+            "list_runs"
+        )),
+        vec!["r3"]
+    );
+    assert_eq!(
+        ids(&ok(
+            store.list_runs(Some(status::FINISHED), 100).await,
+            "list_runs"
+        )),
+        vec!["r2"]
+    );
+    assert!(
+        ok(
+            store.list_runs(Some(status::CANCELLED), 100).await,
+            "list_runs"
+        )
+        .is_empty()
+    );
+    assert!(ok(store.list_runs(None, 0).await, "list_runs").is_empty());
+}
+
+/// `list_stale_runs`: running runs without a live owner, oldest heartbeat first.
+pub async fn list_stale_runs_order_limit(store: &dyn Store) {
+    let with = |id: &str, st: &str, owner: Option<&str>, hb: Option<i64>| {
+        let mut r = run_row(id, "wf", 1);
+        r.status = st.into();
+        r.runtime_owner_id = owner.map(str::to_string);
+        r.heartbeat_at_ms = hb;
+        r
+    };
+    insert_runs(
+        store,
+        vec![
+            with("fresh", status::RUNNING, Some("o"), Some(1_000)),
+            with("stale-new", status::RUNNING, Some("o"), Some(400)),
+            with("stale-old", status::RUNNING, Some("o"), Some(100)),
+            with("unowned", status::RUNNING, None, Some(900)),
+            with("finished", status::FINISHED, Some("o"), Some(10)),
+            with("waiting", status::WAITING_APPROVAL, None, None),
+        ],
+    )
+    .await;
+    let stale = ok(store.list_stale_runs(500, 100).await, "list_stale_runs");
+    assert_eq!(
+        ids(&stale),
+        vec!["stale-old", "stale-new", "unowned"],
+        "oldest heartbeat first"
+    );
+    let stale = ok(store.list_stale_runs(500, 1).await, "list_stale_runs");
+    assert_eq!(ids(&stale), vec!["stale-old"]);
+    let stale = ok(store.list_stale_runs(0, 100).await, "list_stale_runs");
+    assert_eq!(ids(&stale), vec!["unowned"]);
+}

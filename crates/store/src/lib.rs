@@ -20,17 +20,32 @@ use std::sync::Arc;
 pub enum Write {
     /// Fails the batch with `RUN_EXISTS` if the run id is taken.
     InsertRun(RunRow),
-    UpdateRun { run_id: String, patch: RunPatch },
+    UpdateRun {
+        run_id: String,
+        patch: RunPatch,
+    },
     /// Stored once per run (`input` table, `payload` column); a second insert is ignored.
-    InsertInput { run_id: String, payload_json: String },
+    InsertInput {
+        run_id: String,
+        payload_json: String,
+    },
     UpsertNode(NodeRow),
     UpsertAttempt(AttemptRow),
     UpsertOutput(OutputRow),
-    DeleteOutput { run_id: String, node_id: String, iteration: i64 },
+    DeleteOutput {
+        run_id: String,
+        node_id: String,
+        iteration: i64,
+    },
     InsertFrame(FrameRow),
     InsertSnapshot(SnapshotRow),
     /// Appends to the run's event log; the store assigns the next per-run `seq` (from 0).
-    AppendEvent { run_id: String, timestamp_ms: i64, event_type: String, payload_json: String },
+    AppendEvent {
+        run_id: String,
+        timestamp_ms: i64,
+        event_type: String,
+        payload_json: String,
+    },
     UpsertLoop(LoopRow),
     UpsertApproval(ApprovalRow),
 }
@@ -55,7 +70,13 @@ impl Batch {
         Batch::default()
     }
     pub fn guarded(run_id: &str, owner: &str) -> Self {
-        Batch { guard: Some(OwnerGuard { run_id: run_id.into(), owner: owner.into() }), writes: Vec::new() }
+        Batch {
+            guard: Some(OwnerGuard {
+                run_id: run_id.into(),
+                owner: owner.into(),
+            }),
+            writes: Vec::new(),
+        }
     }
     pub fn push(&mut self, w: Write) -> &mut Self {
         self.writes.push(w);
@@ -102,7 +123,14 @@ pub trait Store: Send + Sync + 'static {
     /// Takes ownership of a run: succeeds when the run has no owner, its heartbeat is older
     /// than `stale_before_ms` (or missing), or its owner is `dead_owner` (an owner the caller
     /// has proven dead). Sets owner and heartbeat to `now_ms`. Returns false when not claimed.
-    async fn claim_run(&self, run_id: &str, owner: &str, now_ms: i64, stale_before_ms: i64, dead_owner: Option<&str>) -> Result<bool>;
+    async fn claim_run(
+        &self,
+        run_id: &str,
+        owner: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+        dead_owner: Option<&str>,
+    ) -> Result<bool>;
     /// Refreshes the heartbeat of every run held by `owner`.
     async fn heartbeat(&self, owner: &str, now_ms: i64) -> Result<Heartbeat>;
     /// Records a durable cancel request; false when the run does not exist.
@@ -119,47 +147,96 @@ pub trait Store: Send + Sync + 'static {
     async fn get_input(&self, run_id: &str) -> Result<Option<String>>;
 
     async fn list_nodes(&self, run_id: &str) -> Result<Vec<NodeRow>>;
-    async fn get_node(&self, run_id: &str, node_id: &str, iteration: i64) -> Result<Option<NodeRow>>;
+    async fn get_node(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+    ) -> Result<Option<NodeRow>>;
 
     /// All attempts of a run ordered by `started_at_ms, node_id, iteration, attempt`.
     async fn list_attempts(&self, run_id: &str) -> Result<Vec<AttemptRow>>;
     /// Attempts of one (node, iteration), newest attempt first.
-    async fn list_node_attempts(&self, run_id: &str, node_id: &str, iteration: i64) -> Result<Vec<AttemptRow>>;
-    async fn get_attempt(&self, run_id: &str, node_id: &str, iteration: i64, attempt: i64) -> Result<Option<AttemptRow>>;
+    async fn list_node_attempts(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+    ) -> Result<Vec<AttemptRow>>;
+    async fn get_attempt(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+        attempt: i64,
+    ) -> Result<Option<AttemptRow>>;
 
     /// Ordered by node_id, iteration.
     async fn list_outputs(&self, run_id: &str) -> Result<Vec<OutputRow>>;
-    async fn get_output(&self, run_id: &str, node_id: &str, iteration: i64) -> Result<Option<OutputRow>>;
+    async fn get_output(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+    ) -> Result<Option<OutputRow>>;
 
     /// 0 when the run has no frame.
     async fn last_frame_no(&self, run_id: &str) -> Result<i64>;
     /// Stored (possibly delta-encoded) frame row.
     async fn get_frame(&self, run_id: &str, frame_no: i64) -> Result<Option<FrameRow>>;
     /// Stored frame rows with `frame_no > after`, newest first, at most `limit`.
-    async fn list_frames(&self, run_id: &str, after_frame_no: i64, limit: usize) -> Result<Vec<FrameRow>>;
+    async fn list_frames(
+        &self,
+        run_id: &str,
+        after_frame_no: i64,
+        limit: usize,
+    ) -> Result<Vec<FrameRow>>;
     /// Stored frame rows with `from <= frame_no <= to`, ascending.
     async fn frames_between(&self, run_id: &str, from: i64, to: i64) -> Result<Vec<FrameRow>>;
     async fn get_snapshot(&self, run_id: &str, frame_no: i64) -> Result<Option<SnapshotRow>>;
     /// Stored snapshot rows with `from <= frame_no <= to`, ascending.
-    async fn snapshots_between(&self, run_id: &str, from: i64, to: i64) -> Result<Vec<SnapshotRow>>;
+    async fn snapshots_between(&self, run_id: &str, from: i64, to: i64)
+    -> Result<Vec<SnapshotRow>>;
 
     /// Events with `seq > after_seq` (None = from the start), ascending, at most `limit`.
-    async fn list_events(&self, run_id: &str, after_seq: Option<i64>, limit: usize) -> Result<Vec<EventRow>>;
+    async fn list_events(
+        &self,
+        run_id: &str,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>>;
     /// -1 when the run has no events.
     async fn last_event_seq(&self, run_id: &str) -> Result<i64>;
 
     async fn list_loops(&self, run_id: &str) -> Result<Vec<LoopRow>>;
 
-    async fn get_approval(&self, run_id: &str, node_id: &str, iteration: i64) -> Result<Option<ApprovalRow>>;
+    async fn get_approval(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+    ) -> Result<Option<ApprovalRow>>;
     async fn list_approvals(&self, run_id: &str) -> Result<Vec<ApprovalRow>>;
     /// Approvals in status `requested` across runs, oldest request first.
     async fn list_pending_approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>>;
     /// Decided approvals of `node_id` in other runs of `workflow_name`, newest run first.
-    async fn approval_history(&self, workflow_name: &str, node_id: &str, exclude_run_id: &str, limit: usize) -> Result<Vec<ApprovalRow>>;
+    async fn approval_history(
+        &self,
+        workflow_name: &str,
+        node_id: &str,
+        exclude_run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ApprovalRow>>;
 
     /// Signals of a run with this name and correlation id (None matches only NULL) received at
     /// or after `received_after_ms`, ascending by seq.
-    async fn list_signals(&self, run_id: &str, signal_name: &str, correlation_id: Option<&str>, received_after_ms: i64) -> Result<Vec<SignalRow>>;
+    async fn list_signals(
+        &self,
+        run_id: &str,
+        signal_name: &str,
+        correlation_id: Option<&str>,
+        received_after_ms: i64,
+    ) -> Result<Vec<SignalRow>>;
 }
 
 /// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`); the error says which
@@ -175,8 +252,15 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Err(SmithersError::new(
             Code::InvalidUrl,
-            format!("storage url `{url}`: the PostgreSQL backend is not available in this build; use sqlite://PATH"),
+            format!(
+                "storage url `{url}`: the PostgreSQL backend is not available in this build; use sqlite://PATH"
+            ),
         ));
     }
-    Err(SmithersError::new(Code::InvalidUrl, format!("storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db)")))
+    Err(SmithersError::new(
+        Code::InvalidUrl,
+        format!(
+            "storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db)"
+        ),
+    ))
 }

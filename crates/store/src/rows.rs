@@ -14,8 +14,17 @@ pub mod status {
     pub const CANCELLED: &str = "cancelled";
     pub const CONTINUED: &str = "continued";
     pub const NEEDS_ATTENTION: &str = "needs-attention";
-    pub const ALL: &[&str] =
-        &[RUNNING, WAITING_APPROVAL, WAITING_EVENT, WAITING_TIMER, FINISHED, FAILED, CANCELLED, CONTINUED, NEEDS_ATTENTION];
+    pub const ALL: &[&str] = &[
+        RUNNING,
+        WAITING_APPROVAL,
+        WAITING_EVENT,
+        WAITING_TIMER,
+        FINISHED,
+        FAILED,
+        CANCELLED,
+        CONTINUED,
+        NEEDS_ATTENTION,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,521 @@
+//! SQLite backend: the shared conformance suite (file and in-memory) plus SQLite-specific
+//! behaviour (group commit, multi-process races, reopen, corruption, migrations).
+
+use smithers_core::Code;
+use smithers_store::conformance::run_row;
+use smithers_store::sqlite::{SCHEMA_VERSION, SqliteStore};
+use smithers_store::{Batch, Store, Write, status};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let path = dir.path().join("smithers.db");
+    (dir, path)
+}
+
+fn open(path: &Path) -> SqliteStore {
+    match SqliteStore::open(path) {
+        Ok(s) => s,
+        Err(e) => panic!("open {}: {e}", path.display()),
+    }
+}
+
+async fn file_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let (dir, path) = temp_db();
+    let store: Arc<dyn Store> = Arc::new(open(&path));
+    (store, dir)
+}
+
+async fn memory_store() -> Arc<dyn Store> {
+    match SqliteStore::open_memory() {
+        Ok(s) => Arc::new(s),
+        Err(e) => panic!("open_memory: {e}"),
+    }
+}
+
+mod file_conformance {
+    use super::*;
+    smithers_store::store_conformance_tests!(file_store());
+}
+
+mod memory_conformance {
+    use super::*;
+    smithers_store::store_conformance_tests!(memory_store());
+}
+
+fn event(run: &str, i: usize) -> Write {
+    Write::AppendEvent {
+        run_id: run.into(),
+        timestamp_ms: i as i64,
+        event_type: "E".into(),
+        payload_json: format!("{{\"i\":{i}}}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_under_200_concurrent_applies() {
+    let (_dir, path) = temp_db();
+    let store = Arc::new(open(&path));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{}", i % 10);
+            let mut b = Batch::new();
+            b.push(event(&run, i)).push(event(&run, i));
+            store.apply(b).await.map(|a| (run, a.event_seqs))
+        }));
+    }
+    let mut per_run: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for t in tasks {
+        let (run, seqs) = match t.await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => panic!("apply failed: {e}"),
+            Err(e) => panic!("task panicked: {e}"),
+        };
+        assert_eq!(seqs.len(), 2);
+        assert_eq!(seqs[1], seqs[0] + 1, "a batch's events are contiguous");
+        per_run.entry(run).or_default().extend(seqs);
+    }
+    for (run, mut seqs) in per_run {
+        seqs.sort();
+        assert_eq!(
+            seqs,
+            (0..40).collect::<Vec<_>>(),
+            "unique, gap-free seqs for {run}"
+        );
+        assert_eq!(store.last_event_seq(&run).await.ok(), Some(39));
+    }
+    assert_eq!(store.write_requests(), 200);
+    assert!(
+        store.transactions_committed() <= 200,
+        "group commit: {} transactions for 200 requests",
+        store.transactions_committed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_request_in_group_gets_its_own_error() {
+    let (_dir, path) = temp_db();
+    let store = Arc::new(open(&path));
+    let seed = store.apply({
+        let mut b = Batch::new();
+        b.push(Write::InsertRun(run_row("dup", "wf", 1)));
+        b
+    });
+    assert!(seed.await.is_ok());
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut b = Batch::new();
+            b.push(Write::InsertRun(run_row(&format!("r{i}"), "wf", 1)));
+            if i % 10 == 0 {
+                b.push(Write::InsertRun(run_row("dup", "wf", 1)));
+            }
+            (i, store.apply(b).await)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = match t.await {
+            Ok(v) => v,
+            Err(e) => panic!("task: {e}"),
+        };
+        let exists = store
+            .get_run(&format!("r{i}"))
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if i % 10 == 0 {
+            assert_eq!(r.err().map(|e| e.code), Some(Code::RunExists));
+            assert!(!exists, "failed request r{i} rolled back");
+        } else {
+            assert!(r.is_ok(), "r{i}: {r:?}");
+            assert!(exists, "r{i} committed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_race_claim_run_exactly_one_wins() {
+    let (_dir, path) = temp_db();
+    let a = Arc::new(open(&path));
+    let b = Arc::new(open(&path));
+    for round in 0..20 {
+        let run = format!("race{round}");
+        let mut batch = Batch::new();
+        batch.push(Write::InsertRun(run_row(&run, "wf", 1)));
+        assert!(a.apply(batch).await.is_ok());
+        let (ra, rb) = {
+            let (a, b, run1, run2) = (a.clone(), b.clone(), run.clone(), run.clone());
+            let ta =
+                tokio::spawn(async move { a.claim_run(&run1, "owner-a", 1_000, 500, None).await });
+            let tb =
+                tokio::spawn(async move { b.claim_run(&run2, "owner-b", 1_000, 500, None).await });
+            (ta.await, tb.await)
+        };
+        let (ra, rb) = match (ra, rb) {
+            (Ok(Ok(x)), Ok(Ok(y))) => (x, y),
+            other => panic!("claim failed: {other:?}"),
+        };
+        assert!(
+            ra ^ rb,
+            "round {round}: exactly one claim wins (a={ra}, b={rb})"
+        );
+        let winner = if ra { "owner-a" } else { "owner-b" };
+        let row = b.get_run(&run).await.ok().flatten();
+        assert_eq!(
+            row.and_then(|r| r.runtime_owner_id).as_deref(),
+            Some(winner)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_after_drop_keeps_data() {
+    let (_dir, path) = temp_db();
+    {
+        let store = open(&path);
+        let mut b = Batch::new();
+        b.push(Write::InsertRun(run_row("r1", "wf", 7)))
+            .push(Write::InsertInput {
+                run_id: "r1".into(),
+                payload_json: "{\"x\":1}".into(),
+            })
+            .push(event("r1", 0));
+        assert!(store.apply(b).await.is_ok());
+    }
+    let store = open(&path);
+    assert_eq!(
+        store.get_run("r1").await.ok().flatten(),
+        Some(run_row("r1", "wf", 7))
+    );
+    assert_eq!(
+        store.get_input("r1").await.ok().flatten().as_deref(),
+        Some("{\"x\":1}")
+    );
+    assert_eq!(store.last_event_seq("r1").await.ok(), Some(0));
+    let mut b = Batch::new();
+    b.push(event("r1", 1));
+    assert_eq!(
+        store.apply(b).await.ok().map(|a| a.event_seqs),
+        Some(vec![1]),
+        "seqs continue after reopen"
+    );
+}
+
+fn raw(path: &Path) -> rusqlite::Connection {
+    match rusqlite::Connection::open(path) {
+        Ok(c) => c,
+        Err(e) => panic!("raw open: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_rows_give_db_corrupt() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    let mut b = Batch::new();
+    for id in ["bad-status", "bad-type", "ok"] {
+        b.push(Write::InsertRun(run_row(id, "wf", 1)));
+    }
+    b.push(Write::UpsertLoop(smithers_store::LoopRow {
+        run_id: "ok".into(),
+        ralph_id: "l".into(),
+        iteration: 0,
+        done: false,
+        updated_at_ms: 1,
+    }));
+    assert!(store.apply(b).await.is_ok());
+    {
+        let c = raw(&path);
+        let sqls = [
+            "UPDATE _smithers_runs SET status = 'exploded' WHERE run_id = 'bad-status'",
+            "UPDATE _smithers_runs SET created_at_ms = 'yesterday' WHERE run_id = 'bad-type'",
+            "UPDATE _smithers_ralph SET done = 7 WHERE run_id = 'ok'",
+        ];
+        for sql in sqls {
+            if let Err(e) = c.execute(sql, []) {
+                panic!("{sql}: {e}");
+            }
+        }
+    }
+    let e = store.get_run("bad-status").await.err();
+    let e = e.unwrap_or_else(|| panic!("expected DB_CORRUPT for bad status"));
+    assert_eq!(e.code, Code::DbCorrupt, "{e}");
+    assert!(
+        e.message.contains("_smithers_runs")
+            && e.message.contains("bad-status")
+            && e.message.contains("exploded"),
+        "{e}"
+    );
+    assert!(e.message.contains("backup"), "{e}");
+
+    let e = store
+        .get_run("bad-type")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("expected DB_CORRUPT for bad type"));
+    assert_eq!(e.code, Code::DbCorrupt, "{e}");
+    assert!(
+        e.message.contains("created_at_ms") && e.message.contains("bad-type"),
+        "{e}"
+    );
+
+    let e = store
+        .list_runs(None, 10)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("list_runs must report corruption"));
+    assert_eq!(e.code, Code::DbCorrupt);
+
+    let e = store
+        .list_loops("ok")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("expected DB_CORRUPT for done = 7"));
+    assert_eq!(e.code, Code::DbCorrupt, "{e}");
+    assert!(
+        e.message.contains("_smithers_ralph") && e.message.contains("done"),
+        "{e}"
+    );
+
+    // Healthy rows still read fine.
+    assert!(store.get_run("ok").await.is_ok());
+}
+
+#[test]
+fn non_database_file_gives_storage_error() {
+    for content in [
+        "hello".to_string(),
+        "this is not a sqlite database, just some text\n".repeat(100),
+    ] {
+        let (_dir, path) = temp_db();
+        if let Err(e) = std::fs::write(&path, &content) {
+            panic!("write: {e}");
+        }
+        match SqliteStore::open(&path) {
+            Ok(_) => panic!("opening a text file must fail"),
+            Err(e) => {
+                assert_eq!(e.code, Code::StorageError, "{e}");
+                assert!(
+                    e.message.contains(&path.display().to_string()),
+                    "names the file: {e}"
+                );
+                assert!(e.message.contains("not a SQLite database"), "{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn open_creates_parent_directories() {
+    let (dir, _) = temp_db();
+    let path = dir
+        .path()
+        .join(".smithers")
+        .join("nested")
+        .join("smithers.db");
+    drop(open(&path));
+    assert!(path.exists());
+}
+
+fn schema_versions(path: &Path) -> Vec<i64> {
+    let c = raw(path);
+    let mut stmt = match c.prepare("SELECT version FROM _smithers_schema_version ORDER BY version")
+    {
+        Ok(s) => s,
+        Err(e) => panic!("prepare: {e}"),
+    };
+    let rows = match stmt.query_map([], |r| r.get::<_, i64>(0)) {
+        Ok(r) => r,
+        Err(e) => panic!("query: {e}"),
+    };
+    rows.map(|r| r.unwrap_or(-1)).collect()
+}
+
+#[test]
+fn migrations_idempotent_on_reopen() {
+    let (_dir, path) = temp_db();
+    drop(open(&path));
+    drop(open(&path));
+    let _a = open(&path);
+    let _b = open(&path);
+    assert_eq!(
+        schema_versions(&path),
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn concurrent_first_opens_migrate_once() {
+    let (_dir, path) = temp_db();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || SqliteStore::open(&p).map(drop))
+        })
+        .collect();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("concurrent open failed: {e}"),
+            Err(_) => panic!("open thread panicked"),
+        }
+    }
+    assert_eq!(
+        schema_versions(&path),
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let (_dir, path) = temp_db();
+    drop(open(&path));
+    {
+        let c = raw(&path);
+        if let Err(e) = c.execute(
+            "INSERT INTO _smithers_schema_version (version, applied_at_ms) VALUES (9999, 0)",
+            [],
+        ) {
+            panic!("{e}");
+        }
+    }
+    match SqliteStore::open(&path) {
+        Ok(_) => panic!("a newer schema must be refused"),
+        Err(e) => assert_eq!(e.code, Code::StorageError, "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_by_url() {
+    let (_dir, path) = temp_db();
+    let url = format!("sqlite://{}", path.display());
+    let store = match smithers_store::open(&url).await {
+        Ok(s) => s,
+        Err(e) => panic!("open {url}: {e}"),
+    };
+    let mut b = Batch::new();
+    b.push(Write::InsertRun(run_row("r1", "wf", 1)));
+    assert!(store.apply(b).await.is_ok());
+    assert_eq!(
+        store
+            .list_runs(Some(status::RUNNING), 10)
+            .await
+            .map(|v| v.len())
+            .ok(),
+        Some(1)
+    );
+
+    let mem = smithers_store::open("sqlite::memory:").await;
+    assert!(mem.is_ok());
+    let e = smithers_store::open("mysql://x")
+        .await
+        .err()
+        .map(|e| e.code);
+    assert_eq!(e, Some(Code::InvalidUrl));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stores_are_isolated() {
+    let a = memory_store().await;
+    let b = memory_store().await;
+    let mut batch = Batch::new();
+    batch.push(Write::InsertRun(run_row("r1", "wf", 1)));
+    assert!(a.apply(batch).await.is_ok());
+    assert!(b.get_run("r1").await.ok().flatten().is_none());
+    assert!(a.get_run("r1").await.ok().flatten().is_some());
+}
+
+/// Throughput check, run by hand: `cargo test -p smithers-store --release -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_small_batches() {
+    let (_dir, path) = temp_db();
+    let store = Arc::new(open(&path));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..100 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{w}");
+            for i in 0..100 {
+                let mut b = Batch::new();
+                b.push(event(&run, i))
+                    .push(Write::UpsertNode(smithers_store::NodeRow {
+                        run_id: run.clone(),
+                        node_id: "n".into(),
+                        iteration: 0,
+                        state: "in-progress".into(),
+                        last_attempt: Some(1),
+                        updated_at_ms: i as i64,
+                        output_table: "t".into(),
+                        label: None,
+                    }));
+                if let Err(e) = store.apply(b).await {
+                    panic!("{e}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.is_ok());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "10000 batches in {secs:.2}s = {:.0} batches/s, {} transactions",
+        10_000.0 / secs,
+        store.transactions_committed()
+    );
+}
+
+async fn mixed_reads_and_writes(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for w in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{}", w % 4);
+            for i in 0..20 {
+                let mut b = Batch::new();
+                b.push(event(&run, i));
+                if let Err(e) = store.apply(b).await {
+                    panic!("apply: {e}");
+                }
+                if let Err(e) = store.list_events(&run, None, 1000).await {
+                    panic!("list_events: {e}");
+                }
+                if let Err(e) = store.last_event_seq(&run).await {
+                    panic!("last_event_seq: {e}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.is_ok());
+    }
+    for r in 0..4 {
+        let events = store
+            .list_events(&format!("run{r}"), None, 1000)
+            .await
+            .map(|v| v.len())
+            .ok();
+        assert_eq!(events, Some(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_mixed_concurrent_reads_and_writes() {
+    mixed_reads_and_writes(memory_store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_store_mixed_concurrent_reads_and_writes() {
+    let (store, _dir) = file_store().await;
+    mixed_reads_and_writes(store).await;
+}
