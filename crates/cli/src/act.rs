@@ -6,7 +6,10 @@ use smithers_core::SmithersError;
 use smithers_engine::ops::{self, CancelOutcome, Decision};
 
 fn user() -> Option<String> {
-    std::env::var("USER").ok().filter(|u| !u.is_empty()).or_else(|| Some("cli".into()))
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| Some("cli".into()))
 }
 
 pub async fn approve(
@@ -24,25 +27,69 @@ pub async fn approve(
         (None, Some(r)) => Some(json!({"ranked": r})),
         _ => None,
     };
-    ops::decide(store.as_ref(), run_id, node, iteration, Decision { approved: true, note, decided_by: user(), decision }).await?;
+    ops::decide(
+        store.as_ref(),
+        run_id,
+        node,
+        iteration,
+        Decision {
+            approved: true,
+            note,
+            decided_by: user(),
+            decision,
+        },
+    )
+    .await?;
     eprintln!("approved `{node}`; continue the run with `smithers resume {run_id}`");
     Ok(0)
 }
 
-pub async fn deny(db: &str, run_id: &str, node: &str, iteration: i64, note: Option<String>) -> Result<u8, SmithersError> {
+pub async fn deny(
+    db: &str,
+    run_id: &str,
+    node: &str,
+    iteration: i64,
+    note: Option<String>,
+) -> Result<u8, SmithersError> {
     let store = open_store(db).await?;
-    ops::decide(store.as_ref(), run_id, node, iteration, Decision { approved: false, note, decided_by: user(), decision: None }).await?;
+    ops::decide(
+        store.as_ref(),
+        run_id,
+        node,
+        iteration,
+        Decision {
+            approved: false,
+            note,
+            decided_by: user(),
+            decision: None,
+        },
+    )
+    .await?;
     eprintln!("denied `{node}`; continue the run with `smithers resume {run_id}`");
     Ok(0)
 }
 
-pub async fn signal(db: &str, run_id: &str, name: &str, data: Option<&str>, correlation: Option<&str>) -> Result<u8, SmithersError> {
+pub async fn signal(
+    db: &str,
+    run_id: &str,
+    name: &str,
+    data: Option<&str>,
+    correlation: Option<&str>,
+) -> Result<u8, SmithersError> {
     let payload = match data {
         Some(d) => json_arg("--data", d)?,
         None => json!({}),
     };
     let store = open_store(db).await?;
-    let d = ops::send_signal(store.as_ref(), run_id, name, payload, correlation, user().as_deref()).await?;
+    let d = ops::send_signal(
+        store.as_ref(),
+        run_id,
+        name,
+        payload,
+        correlation,
+        user().as_deref(),
+    )
+    .await?;
     println!(
         "{}",
         json!({"runId": d.run_id, "seq": d.seq, "signalName": d.signal_name, "correlationId": d.correlation_id, "receivedAtMs": d.received_at_ms})
@@ -53,9 +100,17 @@ pub async fn signal(db: &str, run_id: &str, name: &str, data: Option<&str>, corr
 
 pub async fn cancel(db: &str, run_id: &str) -> Result<u8, SmithersError> {
     let store = open_store(db).await?;
-    match ops::cancel_run(store.as_ref(), run_id, smithers_engine::EngineConfig::default().lease_timeout_ms).await? {
+    match ops::cancel_run(
+        store.as_ref(),
+        run_id,
+        smithers_engine::EngineConfig::default().lease_timeout_ms,
+    )
+    .await?
+    {
         CancelOutcome::Cancelled => eprintln!("run {run_id} cancelled"),
-        CancelOutcome::Cancelling => eprintln!("run {run_id} is running elsewhere; its engine has been asked to cancel it"),
+        CancelOutcome::Cancelling => {
+            eprintln!("run {run_id} is running elsewhere; its engine has been asked to cancel it")
+        }
     }
     Ok(0)
 }

@@ -1,6 +1,7 @@
 //! `smithers`: run durable workflows from the command line.
 
 mod act;
+mod bench;
 mod progress;
 mod runs;
 mod up;
@@ -13,7 +14,11 @@ use std::process::ExitCode;
 pub const DEFAULT_DB: &str = "sqlite://.smithers/smithers.db";
 
 #[derive(Parser)]
-#[command(name = "smithers", version, about = "Durable workflows for AI agents and automation")]
+#[command(
+    name = "smithers",
+    version,
+    about = "Durable workflows for AI agents and automation"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -119,11 +124,24 @@ enum Cmd {
     },
     /// Check a workflow file and report every problem.
     Validate { workflow: String },
+    /// Measure engine overhead and throughput on durable SQLite (see docs/benchmarks.md).
+    Bench {
+        /// Repetitions per chain length (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Smaller workloads, for a smoke check.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error[INTERNAL_ERROR]: cannot start the async runtime: {e}");
@@ -141,20 +159,56 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
     match cmd {
-        Cmd::Up { workflow, input, run_id, db } => up::up(&workflow, input.as_deref(), run_id, &db).await,
+        Cmd::Up {
+            workflow,
+            input,
+            run_id,
+            db,
+        } => up::up(&workflow, input.as_deref(), run_id, &db).await,
         Cmd::Resume { run_id, db, force } => up::resume(&run_id, &db, force).await,
         Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit).await,
         Cmd::Inspect { run_id, json, db } => runs::inspect(&db, &run_id, json).await,
-        Cmd::Frames { run_id, frame, limit, db } => runs::frames(&db, &run_id, frame, limit).await,
-        Cmd::Approve { run_id, node, iteration, note, select, rank, db } => {
-            act::approve(&db, &run_id, &node, iteration, note, select, rank).await
-        }
-        Cmd::Deny { run_id, node, iteration, note, db } => act::deny(&db, &run_id, &node, iteration, note).await,
-        Cmd::Signal { run_id, name, data, correlation_id, db } => {
-            act::signal(&db, &run_id, &name, data.as_deref(), correlation_id.as_deref()).await
+        Cmd::Frames {
+            run_id,
+            frame,
+            limit,
+            db,
+        } => runs::frames(&db, &run_id, frame, limit).await,
+        Cmd::Approve {
+            run_id,
+            node,
+            iteration,
+            note,
+            select,
+            rank,
+            db,
+        } => act::approve(&db, &run_id, &node, iteration, note, select, rank).await,
+        Cmd::Deny {
+            run_id,
+            node,
+            iteration,
+            note,
+            db,
+        } => act::deny(&db, &run_id, &node, iteration, note).await,
+        Cmd::Signal {
+            run_id,
+            name,
+            data,
+            correlation_id,
+            db,
+        } => {
+            act::signal(
+                &db,
+                &run_id,
+                &name,
+                data.as_deref(),
+                correlation_id.as_deref(),
+            )
+            .await
         }
         Cmd::Cancel { run_id, db } => act::cancel(&db, &run_id).await,
         Cmd::Validate { workflow } => validate(&workflow),
+        Cmd::Bench { runs, quick } => bench::bench(runs.max(1), quick).await,
     }
 }
 
@@ -167,7 +221,11 @@ fn validate(path: &str) -> Result<u8, SmithersError> {
     for p in &problems {
         eprintln!("{p}");
     }
-    eprintln!("{} problem{} found", problems.len(), if problems.len() == 1 { "" } else { "s" });
+    eprintln!(
+        "{} problem{} found",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
     Ok(1)
 }
 
@@ -175,8 +233,12 @@ fn validate(path: &str) -> Result<u8, SmithersError> {
 pub fn json_arg(flag: &str, text: &str) -> Result<serde_json::Value, SmithersError> {
     let (src, what) = match text.strip_prefix('@') {
         Some(path) => (
-            std::fs::read_to_string(path)
-                .map_err(|e| SmithersError::new(Code::InvalidInput, format!("{flag}: cannot read `{path}`: {e}")))?,
+            std::fs::read_to_string(path).map_err(|e| {
+                SmithersError::new(
+                    Code::InvalidInput,
+                    format!("{flag}: cannot read `{path}`: {e}"),
+                )
+            })?,
             format!("file `{path}`"),
         ),
         None => (text.to_string(), "value".to_string()),
@@ -190,6 +252,8 @@ pub fn json_arg(flag: &str, text: &str) -> Result<serde_json::Value, SmithersErr
 }
 
 /// Opens the store named by `--db`.
-pub async fn open_store(db: &str) -> Result<std::sync::Arc<dyn smithers_store::Store>, SmithersError> {
+pub async fn open_store(
+    db: &str,
+) -> Result<std::sync::Arc<dyn smithers_store::Store>, SmithersError> {
     smithers_store::open(db).await
 }

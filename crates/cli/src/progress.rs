@@ -38,11 +38,22 @@ impl Progress {
 }
 
 fn dur(ms: i64) -> String {
-    if ms < 1000 { format!("{ms}ms") } else if ms < 60_000 { format!("{:.1}s", ms as f64 / 1000.0) } else { format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000) }
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
 }
 
 fn line(ev: &EngineEvent) {
-    let s = |k: &str| ev.field(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let s = |k: &str| {
+        ev.field(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
     let n = |k: &str| ev.field(k).and_then(|v| v.as_i64()).unwrap_or(0);
     let node = {
         let id = s("nodeId");
@@ -50,15 +61,35 @@ fn line(ev: &EngineEvent) {
         if it > 0 { format!("{id}[{it}]") } else { id }
     };
     let run = &ev.run_id;
-    let child = if run.contains(":child:") { format!("{run} ") } else { String::new() };
+    let child = if run.contains(":child:") {
+        format!("{run} ")
+    } else {
+        String::new()
+    };
     match ev.event_type {
         "NodeStarted" => eprintln!("  {child}▶ {node} started (attempt {})", n("attempt")),
-        "NodeFinished" => eprintln!("  {child}✓ {node} finished in {} (attempt {})", dur(n("durationMs")), n("attempt")),
+        "NodeFinished" => eprintln!(
+            "  {child}✓ {node} finished in {} (attempt {})",
+            dur(n("durationMs")),
+            n("attempt")
+        ),
         "NodeFailed" => {
-            let msg = ev.field("error").and_then(|e| e.get("message")).and_then(|m| m.as_str()).unwrap_or("");
-            eprintln!("  {child}✗ {node} failed after {} (attempt {}): {msg}", dur(n("durationMs")), n("attempt"))
+            let msg = ev
+                .field("error")
+                .and_then(|e| e.get("message"))
+                .and_then(|m| m.as_str())
+                .unwrap_or("");
+            eprintln!(
+                "  {child}✗ {node} failed after {} (attempt {}): {msg}",
+                dur(n("durationMs")),
+                n("attempt")
+            )
         }
-        "NodeRetrying" => eprintln!("  {child}↻ {node} retries in {} (attempt {})", dur(n("delayMs")), n("attempt")),
+        "NodeRetrying" => eprintln!(
+            "  {child}↻ {node} retries in {} (attempt {})",
+            dur(n("delayMs")),
+            n("attempt")
+        ),
         "NodeSkipped" => eprintln!("  {child}- {node} skipped"),
         "NodeCancelled" => eprintln!("  {child}■ {node} cancelled ({})", s("reason")),
         "ApprovalRequested" => eprintln!(
@@ -68,12 +99,29 @@ fn line(ev: &EngineEvent) {
         ),
         "ApprovalAutoApproved" => eprintln!("  {child}✓ {node} auto-approved"),
         "NodeWaitingEvent" => {
-            let corr = ev.field("correlationId").and_then(|c| c.as_str()).map(|c| format!(" (correlation {c})")).unwrap_or_default();
-            eprintln!("  {child}⏸ {node} waits for event `{}`{corr} — `smithers signal {run} {}`", s("event"), s("event"))
+            let corr = ev
+                .field("correlationId")
+                .and_then(|c| c.as_str())
+                .map(|c| format!(" (correlation {c})"))
+                .unwrap_or_default();
+            eprintln!(
+                "  {child}⏸ {node} waits for event `{}`{corr} — `smithers signal {run} {}`",
+                s("event"),
+                s("event")
+            )
         }
         "NodeWaitingTimer" => eprintln!("  {child}⏲ {node} waits until {}", fmt_ms(n("firesAtMs"))),
         "TimerFired" => eprintln!("  {child}⏲ {} fired", s("timerId")),
-        "LoopAdvanced" => eprintln!("  {child}⟳ loop {} → iteration {}{}", s("loopId"), n("iteration"), if ev.field("done").and_then(|d| d.as_bool()) == Some(true) { " (done)" } else { "" }),
+        "LoopAdvanced" => eprintln!(
+            "  {child}⟳ loop {} → iteration {}{}",
+            s("loopId"),
+            n("iteration"),
+            if ev.field("done").and_then(|d| d.as_bool()) == Some(true) {
+                " (done)"
+            } else {
+                ""
+            }
+        ),
         _ => {}
     }
 }

@@ -18,7 +18,12 @@ fn load(path: &str) -> Result<Arc<dyn Workflow>, SmithersError> {
     }
 }
 
-pub async fn up(workflow: &str, input: Option<&str>, run_id: Option<String>, db: &str) -> Result<u8, SmithersError> {
+pub async fn up(
+    workflow: &str,
+    input: Option<&str>,
+    run_id: Option<String>,
+    db: &str,
+) -> Result<u8, SmithersError> {
     let wf = load(workflow)?;
     let input = match input {
         Some(t) => json_arg("--input", t)?,
@@ -27,16 +32,27 @@ pub async fn up(workflow: &str, input: Option<&str>, run_id: Option<String>, db:
     let store = open_store(db).await?;
     let engine = Engine::new(store, EngineConfig::default());
     let progress = Progress::start(&engine);
-    let handle = engine.start(wf, input, StartOptions { run_id, ..Default::default() }).await?;
+    let handle = engine
+        .start(
+            wf,
+            input,
+            StartOptions {
+                run_id,
+                ..Default::default()
+            },
+        )
+        .await?;
     drive(&engine, handle, progress).await
 }
 
 pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersError> {
     let store = open_store(db).await?;
-    let row = store
-        .get_run(run_id)
-        .await?
-        .ok_or_else(|| SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found; `smithers ps` lists runs")))?;
+    let row = store.get_run(run_id).await?.ok_or_else(|| {
+        SmithersError::new(
+            Code::RunNotFound,
+            format!("run `{run_id}` not found; `smithers ps` lists runs"),
+        )
+    })?;
     let path = row.workflow_path.ok_or_else(|| {
         SmithersError::new(
             Code::WorkflowNotFound,
@@ -51,7 +67,11 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
 }
 
 /// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result.
-async fn drive(engine: &Engine, handle: RunHandle, progress: Progress) -> Result<u8, SmithersError> {
+async fn drive(
+    engine: &Engine,
+    handle: RunHandle,
+    progress: Progress,
+) -> Result<u8, SmithersError> {
     let run_id = handle.run_id.clone();
     eprintln!("run {run_id}");
     let wait = handle.wait();
@@ -80,11 +100,17 @@ fn report(o: &RunOutcome) -> u8 {
         "finished" => {
             eprintln!("run {} finished", o.run_id);
             let out = o.output.clone().unwrap_or(serde_json::Value::Null);
-            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string())
+            );
             0
         }
         s if s.starts_with("waiting-") => {
-            eprintln!("run {} is {s}; it continues with `smithers resume {}` once that is resolved", o.run_id, o.run_id);
+            eprintln!(
+                "run {} is {s}; it continues with `smithers resume {}` once that is resolved",
+                o.run_id, o.run_id
+            );
             3
         }
         "cancelled" => {
@@ -92,7 +118,11 @@ fn report(o: &RunOutcome) -> u8 {
             2
         }
         _ => {
-            let e = o.error.as_ref().map(|e| format!("[{}] {}", e.code, e.message)).unwrap_or_default();
+            let e = o
+                .error
+                .as_ref()
+                .map(|e| format!("[{}] {}", e.code, e.message))
+                .unwrap_or_default();
             eprintln!("run {} {}: {e}", o.run_id, o.status);
             1
         }

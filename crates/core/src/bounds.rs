@@ -18,9 +18,14 @@ pub const MAX_ID_LEN: usize = 256;
 /// Checks a run input: a JSON object within the size, depth, array and string limits.
 pub fn check_run_input(input: &Value) -> Result<()> {
     if !input.is_object() {
-        return Err(SmithersError::new(Code::InvalidInput, "input must be a JSON object"));
+        return Err(SmithersError::new(
+            Code::InvalidInput,
+            "input must be a JSON object",
+        ));
     }
-    let bytes = serde_json::to_vec(input).map(|v| v.len()).unwrap_or(usize::MAX);
+    let bytes = serde_json::to_vec(input)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if bytes > MAX_INPUT_BYTES {
         return Err(SmithersError::new(
             Code::InvalidInput,
@@ -38,7 +43,10 @@ fn walk(v: &Value, depth: usize, path: &str) -> Result<()> {
             }
             for (k, c) in m {
                 if k.len() > MAX_INPUT_STRING {
-                    return Err(SmithersError::new(Code::InvalidInput, format!("a key in {path} exceeds {MAX_INPUT_STRING} bytes")));
+                    return Err(SmithersError::new(
+                        Code::InvalidInput,
+                        format!("a key in {path} exceeds {MAX_INPUT_STRING} bytes"),
+                    ));
                 }
                 walk(c, depth + 1, &format!("{path}.{k}"))?;
             }
@@ -50,7 +58,10 @@ fn walk(v: &Value, depth: usize, path: &str) -> Result<()> {
             if a.len() > MAX_INPUT_ARRAY {
                 return Err(SmithersError::new(
                     Code::InvalidInput,
-                    format!("{path} has {} items; arrays may have at most {MAX_INPUT_ARRAY}", a.len()),
+                    format!(
+                        "{path} has {} items; arrays may have at most {MAX_INPUT_ARRAY}",
+                        a.len()
+                    ),
                 ));
             }
             for (i, c) in a.iter().enumerate() {
@@ -60,7 +71,10 @@ fn walk(v: &Value, depth: usize, path: &str) -> Result<()> {
         Value::String(s) if s.len() > MAX_INPUT_STRING => {
             return Err(SmithersError::new(
                 Code::InvalidInput,
-                format!("{path} is {} bytes; strings may be at most {MAX_INPUT_STRING} bytes", s.len()),
+                format!(
+                    "{path} is {} bytes; strings may be at most {MAX_INPUT_STRING} bytes",
+                    s.len()
+                ),
             ));
         }
         _ => {}
@@ -69,15 +83,24 @@ fn walk(v: &Value, depth: usize, path: &str) -> Result<()> {
 }
 
 fn too_deep(path: &str) -> SmithersError {
-    SmithersError::new(Code::InvalidInput, format!("{path} exceeds the maximum nesting depth of {MAX_INPUT_DEPTH}"))
+    SmithersError::new(
+        Code::InvalidInput,
+        format!("{path} exceeds the maximum nesting depth of {MAX_INPUT_DEPTH}"),
+    )
 }
 
 /// Checks a run id: 1–256 characters of `[A-Za-z0-9._:-]`.
 pub fn check_run_id(id: &str) -> Result<()> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(SmithersError::new(Code::InvalidInput, format!("run id must be 1 to {MAX_ID_LEN} characters")));
+        return Err(SmithersError::new(
+            Code::InvalidInput,
+            format!("run id must be 1 to {MAX_ID_LEN} characters"),
+        ));
     }
-    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
         return Err(SmithersError::new(
             Code::InvalidInput,
             format!("run id `{id}` may only contain letters, digits, `-`, `_`, `.` and `:`"),
@@ -101,7 +124,10 @@ mod tests {
 
     #[test]
     fn object_required() {
-        assert_eq!(check_run_input(&json!([1])).unwrap_err().code, Code::InvalidInput);
+        assert_eq!(
+            check_run_input(&json!([1])).unwrap_err().code,
+            Code::InvalidInput
+        );
         assert!(check_run_input(&json!({})).is_ok());
     }
 
@@ -125,14 +151,19 @@ mod tests {
         // {"a":[ "xxx", ... ]} sized right at the limit and one past it
         let item = "x".repeat(MAX_INPUT_STRING - 100);
         let mut arr = Vec::new();
-        while serde_json::to_vec(&json!({ "a": arr })).unwrap().len() + item.len() + 3 < MAX_INPUT_BYTES {
+        while serde_json::to_vec(&json!({ "a": arr })).unwrap().len() + item.len() + 3
+            < MAX_INPUT_BYTES
+        {
             arr.push(item.clone());
         }
         let base = serde_json::to_vec(&json!({ "a": arr })).unwrap().len();
         let pad = MAX_INPUT_BYTES - base - 3; // `,""` adds 3 bytes plus the string
         let mut ok = arr.clone();
         ok.push("y".repeat(pad));
-        assert_eq!(serde_json::to_vec(&json!({ "a": ok })).unwrap().len(), MAX_INPUT_BYTES);
+        assert_eq!(
+            serde_json::to_vec(&json!({ "a": ok })).unwrap().len(),
+            MAX_INPUT_BYTES
+        );
         assert!(check_run_input(&json!({ "a": ok })).is_ok());
         let mut over = arr;
         over.push("y".repeat(pad + 1));

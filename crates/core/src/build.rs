@@ -58,7 +58,11 @@ impl Workflow for FnWorkflow {
     }
     fn subflow(&self, reference: &str) -> Result<Arc<dyn Workflow>> {
         self.subflows.get(reference).cloned().ok_or_else(|| {
-            crate::err!(WorkflowNotFound, "workflow `{}` has no subflow `{reference}`; register it with with_subflow", self.name)
+            crate::err!(
+                WorkflowNotFound,
+                "workflow `{}` has no subflow `{reference}`; register it with with_subflow",
+                self.name
+            )
         })
     }
 }

@@ -9,12 +9,17 @@ pub fn parse_duration_ms(text: &str) -> Result<u64> {
     let bad = || {
         SmithersError::new(
             Code::InvalidDuration,
-            format!("invalid duration `{text}`: use a number with a unit ms, s, m, h or d (e.g. `500ms`, `10s`, `1.5h`)"),
+            format!(
+                "invalid duration `{text}`: use a number with a unit ms, s, m, h or d (e.g. `500ms`, `10s`, `1.5h`)"
+            ),
         )
     };
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1
+    {
         return Err(bad());
     }
     let n: f64 = num.parse().map_err(|_| bad())?;
@@ -50,7 +55,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "s", "10x", "1..2s", ".5s", "5.s", "-1s", "1e3s", "10 s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "s",
+            "10x",
+            "1..2s",
+            ".5s",
+            "5.s",
+            "-1s",
+            "1e3s",
+            "10 s",
+            "99999999999999999999d",
+        ] {
             let e = parse_duration_ms(bad).unwrap_err();
             assert_eq!(e.code, Code::InvalidDuration, "{bad}");
         }

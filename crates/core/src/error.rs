@@ -66,7 +66,7 @@ impl std::fmt::Display for Code {
 
 /// The one error type that crosses crate boundaries: a stable code plus a message that says
 /// what was wrong, where, and how to fix it.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct SmithersError {
     pub code: Code,
@@ -79,7 +79,12 @@ pub struct SmithersError {
 
 impl SmithersError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        SmithersError { code, message: message.into(), retryable: true, node: None }
+        SmithersError {
+            code,
+            message: message.into(),
+            retryable: true,
+            node: None,
+        }
     }
 
     /// Marks the error as deterministic: retrying the same attempt cannot help.
@@ -107,11 +112,24 @@ impl SmithersError {
 
     /// Reads an error back from an `error_json` column; tolerant of foreign shapes.
     pub fn from_json(v: &serde_json::Value) -> Self {
-        let code = v.get("code").and_then(|c| c.as_str()).map(Code::parse).unwrap_or(Code::Internal);
-        let message = v.get("message").and_then(|m| m.as_str()).unwrap_or("unknown error").to_string();
+        let code = v
+            .get("code")
+            .and_then(|c| c.as_str())
+            .map(Code::parse)
+            .unwrap_or(Code::Internal);
+        let message = v
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("unknown error")
+            .to_string();
         let retryable = v.get("retryable").and_then(|r| r.as_bool()).unwrap_or(true);
         let node = v.get("nodeId").and_then(|n| n.as_str()).map(str::to_string);
-        SmithersError { code, message, retryable, node }
+        SmithersError {
+            code,
+            message,
+            retryable,
+            node,
+        }
     }
 }
 

@@ -81,6 +81,10 @@ pub trait Workflow: Send + Sync {
 
     /// Resolves a `subflow` reference (a key or a path relative to this workflow).
     fn subflow(&self, reference: &str) -> Result<Arc<dyn Workflow>> {
-        Err(crate::err!(WorkflowNotFound, "workflow `{}` cannot resolve subflow `{reference}`", self.name()))
+        Err(crate::err!(
+            WorkflowNotFound,
+            "workflow `{}` cannot resolve subflow `{reference}`",
+            self.name()
+        ))
     }
 }

@@ -12,11 +12,20 @@ pub type NodeRef = Arc<Node>;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
     /// Children run one after another; a sequence stops at its first unfinished child.
-    Sequence { children: Vec<NodeRef> },
+    Sequence {
+        children: Vec<NodeRef>,
+    },
     /// Children run at once, at most `max_concurrency` of them (None = unlimited).
-    Parallel { id: Option<String>, max_concurrency: Option<usize>, children: Vec<NodeRef> },
+    Parallel {
+        id: Option<String>,
+        max_concurrency: Option<usize>,
+        children: Vec<NodeRef>,
+    },
     /// The side a branch chose at this render; its children run as a sequence.
-    Branch { taken: bool, children: Vec<NodeRef> },
+    Branch {
+        taken: bool,
+        children: Vec<NodeRef>,
+    },
     Loop(LoopNode),
     Task(Box<Task>),
 }
@@ -56,6 +65,10 @@ pub struct Task {
     /// Gate the task behind an approval (mode approve) before it runs.
     pub needs_approval: bool,
     pub label: Option<String>,
+    /// A render error in this task's own fields (a template that could not be evaluated yet).
+    /// It fails the task only when the task is reached, so a template may refer to outputs
+    /// of steps that run before it.
+    pub error: Option<crate::SmithersError>,
 }
 
 impl Task {
@@ -73,12 +86,16 @@ impl Task {
             continue_on_fail: false,
             needs_approval: false,
             label: None,
+            error: None,
         }
     }
 
     /// The schema key stored in `output_table` columns ("" when the task has no named schema).
     pub fn output_table(&self) -> &str {
-        self.output.as_ref().and_then(|o| o.name.as_deref()).unwrap_or("")
+        self.output
+            .as_ref()
+            .and_then(|o| o.name.as_deref())
+            .unwrap_or("")
     }
 }
 
@@ -254,7 +271,11 @@ impl Node {
         }
         match self {
             Node::Sequence { children } => el("smithers:sequence", Map::new(), children),
-            Node::Parallel { id, max_concurrency, children } => {
+            Node::Parallel {
+                id,
+                max_concurrency,
+                children,
+            } => {
                 let mut p = Map::new();
                 if let Some(id) = id {
                     p.insert("id".into(), s(id));
@@ -307,6 +328,9 @@ impl Node {
                 }
                 if let Some(ms) = t.timeout_ms {
                     p.insert("timeoutMs".into(), s(ms));
+                }
+                if let Some(e) = &t.error {
+                    p.insert("error".into(), s(&e.message));
                 }
                 let mut children = Vec::new();
                 match &t.kind {

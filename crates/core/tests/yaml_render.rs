@@ -327,12 +327,22 @@ fn skip_if() {
     assert!(matches!(&*c[1], Node::Sequence { .. }));
 }
 
+/// The error a render deferred onto the (only) step of the root sequence.
+fn deferred_error(r: &NodeRef) -> smithers_core::SmithersError {
+    let c = children(r);
+    task(&c[0])
+        .error
+        .clone()
+        .expect("the step carries its expression error")
+}
+
 #[test]
 fn expression_errors_name_file_node_field_and_expression() {
+    // errors are kept on the step (it fails only when the run reaches it), never a silent false
     let wf = load(
         "name: e\nsteps:\n  - branch:\n      id: gate\n      if: 'input.n + \"x\"'\n      then: []\n",
     );
-    let e = wf.render(&ctx(json!({"n": 1}), &[], &[])).unwrap_err();
+    let e = deferred_error(&wf.render(&ctx(json!({"n": 1}), &[], &[])).unwrap());
     assert_eq!(e.code, Code::ExpressionError);
     assert_eq!(e.node.as_deref(), Some("gate"));
     assert!(
@@ -344,20 +354,35 @@ fn expression_errors_name_file_node_field_and_expression() {
     );
 
     let wf = load("name: e\nsteps:\n  - task: {id: t, value: '{{ input.a.b.c }}'}\n");
-    let e = wf.render(&ctx(json!({}), &[], &[])).unwrap_err();
+    let r = wf.render(&ctx(json!({}), &[], &[])).unwrap();
+    let e = deferred_error(&r);
     assert_eq!(e.code, Code::ExpressionError);
     assert_eq!(e.node.as_deref(), Some("t"));
+    assert_eq!(task(&children(&r)[0]).id, "t");
     assert!(e.message.contains("{{ input.a.b.c }}"), "{}", e.message);
 
     // unknown names are rejected at load, so use an unknown filter (a runtime error) instead
     let wf =
         load("name: e\nsteps:\n  - task: {id: t, value: 1, skip_if: 'input | nosuchfilter'}\n");
-    let e = wf.render(&ctx(json!({}), &[], &[])).unwrap_err();
+    let e = deferred_error(&wf.render(&ctx(json!({}), &[], &[])).unwrap());
     assert!(
         e.message.contains("skip_if") && e.message.contains("nosuchfilter"),
         "{}",
         e.message
     );
+
+    // a template over an output that does not exist yet is an error only until it exists
+    let wf = load(
+        "name: e\nsteps:\n  - task: {id: a, value: {x: 1}}\n  - task: {id: b, value: '{{ outputs.a.x + 1 }}'}\n",
+    );
+    let r = wf.render(&ctx(json!({}), &[], &[])).unwrap();
+    assert!(task(&children(&r)[1]).error.is_some());
+    let r = wf
+        .render(&ctx(json!({}), &[("a", 0, json!({"x": 1}))], &[]))
+        .unwrap();
+    let b = task(&children(&r)[1]);
+    assert!(b.error.is_none());
+    assert_eq!(b.kind, smithers_core::TaskKind::Value(json!(2)));
 
     // a missing attribute of a none output is just falsy
     let wf = load(

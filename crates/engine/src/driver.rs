@@ -14,10 +14,13 @@ use crate::plan::{Plan, SchedView, TState, TaskKey, key_string};
 use crate::process::{self, ProcSpec};
 use crate::{RunOutcome, Shared, clock::now_ms};
 use serde_json::{Value, json};
-use smithers_core::tree::{ApprovalMode, ApprovalSpec, OnDeny, OnMaxReached, OnTimeout, TimerSpec, WaitSpec};
+use smithers_core::tree::{
+    ApprovalMode, ApprovalSpec, OnDeny, OnMaxReached, OnTimeout, TimerSpec, WaitSpec,
+};
 use smithers_core::{Code, RenderCtx, SmithersError, TaskKind, Workflow};
 use smithers_store::{
-    ApprovalRow, AttemptRow, Batch, LoopRow, NodeRow, OutputRow, RunPatch, Write, node_state, status,
+    ApprovalRow, AttemptRow, Batch, LoopRow, NodeRow, OutputRow, RunPatch, Write, node_state,
+    status,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -76,8 +79,17 @@ impl TaskRt {
 
 /// Messages from in-flight tasks.
 pub(crate) enum Msg {
-    Output { rt: usize, attempt: i64, stream: &'static str, text: String },
-    Done { rt: usize, attempt: i64, result: TaskResult },
+    Output {
+        rt: usize,
+        attempt: i64,
+        stream: &'static str,
+        text: String,
+    },
+    Done {
+        rt: usize,
+        attempt: i64,
+        result: TaskResult,
+    },
 }
 
 pub(crate) enum TaskResult {
@@ -228,7 +240,11 @@ impl Driver {
             node_id: r.key.0.clone(),
             iteration: r.key.1 as i64,
             state: state.as_str().to_string(),
-            last_attempt: if r.attempts > 0 { Some(r.attempts) } else { None },
+            last_attempt: if r.attempts > 0 {
+                Some(r.attempts)
+            } else {
+                None
+            },
             updated_at_ms: now,
             output_table: r.output_table.clone(),
             label: r.label.clone(),
@@ -253,7 +269,14 @@ impl Driver {
         base
     }
 
-    fn attempt_row(&self, rt: usize, attempt: i64, state: &str, started: i64, finished: Option<i64>) -> AttemptRow {
+    fn attempt_row(
+        &self,
+        rt: usize,
+        attempt: i64,
+        state: &str,
+        started: i64,
+        finished: Option<i64>,
+    ) -> AttemptRow {
         let r = &self.rts[rt];
         AttemptRow {
             run_id: self.run_id.to_string(),
@@ -275,7 +298,14 @@ impl Driver {
     }
 
     /// Records a successful output: output row, attempt finished, node finished.
-    fn record_output(&mut self, rt: usize, attempt: i64, started: i64, value: Value, meta: Option<Value>) {
+    fn record_output(
+        &mut self,
+        rt: usize,
+        attempt: i64,
+        started: i64,
+        value: Value,
+        meta: Option<Value>,
+    ) {
         let now = now_ms();
         let (node_id, iteration) = (self.rts[rt].key.0.clone(), self.rts[rt].key.1);
         let mut a = self.attempt_row(rt, attempt, node_state::FINISHED, started, Some(now));
@@ -289,13 +319,17 @@ impl Driver {
             payload_json: value.to_string(),
             created_at_ms: now,
         }));
-        self.snap.set_output(key_string(&self.rts[rt].key), value.clone());
+        self.snap
+            .set_output(key_string(&self.rts[rt].key), value.clone());
         self.outputs.insert(&node_id, iteration, value);
         self.rts[rt].failures = 0;
         self.rts[rt].retry_at_ms = None;
         self.rts[rt].error = None;
         self.set_node(rt, TState::Finished);
-        let f = Self::with(self.node_fields(rt), json!({"attempt": attempt, "durationMs": now - started}));
+        let f = Self::with(
+            self.node_fields(rt),
+            json!({"attempt": attempt, "durationMs": now - started}),
+        );
         self.event(kind::NODE_FINISHED, f);
         self.dirty = true;
     }
@@ -325,12 +359,19 @@ impl Driver {
             let r = &mut self.rts[rt];
             r.state = TState::Pending;
             r.retry_at_ms = Some(now + delay as i64);
-            let f = Self::with(self.node_fields(rt), json!({"attempt": attempt + 1, "delayMs": delay}));
+            let f = Self::with(
+                self.node_fields(rt),
+                json!({"attempt": attempt + 1, "delayMs": delay}),
+            );
             self.event(kind::NODE_RETRYING, f);
         } else if !continue_on_fail && self.fatal.is_none() {
             let e = err.clone();
             let node = self.rts[rt].key.0.clone();
-            self.fatal = Some(if e.node.is_some() { e } else { e.with_node(node) });
+            self.fatal = Some(if e.node.is_some() {
+                e
+            } else {
+                e.with_node(node)
+            });
         }
         self.dirty = true;
     }
@@ -356,7 +397,8 @@ impl Driver {
                 )
             })?;
             let it = u32::try_from(o.iteration).unwrap_or(0);
-            self.snap.set_output(format!("{}::{}", o.node_id, it), v.clone());
+            self.snap
+                .set_output(format!("{}::{}", o.node_id, it), v.clone());
             self.outputs.insert(&o.node_id, it, v);
         }
         for l in store.list_loops(&run_id).await? {
@@ -382,7 +424,10 @@ impl Driver {
             let state = TState::parse(&n.state).ok_or_else(|| {
                 SmithersError::new(
                     Code::DbCorrupt,
-                    format!("node `{}` of run `{run_id}` has unknown state `{}`; restore from backup", n.node_id, n.state),
+                    format!(
+                        "node `{}` of run `{run_id}` has unknown state `{}`; restore from backup",
+                        n.node_id, n.state
+                    ),
                 )
             })?;
             let has_output = self.outputs.get_exact(&key.0, key.1);
@@ -394,14 +439,23 @@ impl Driver {
                 _ => TState::Pending,
             };
             for a in &its {
-                if let Some(meta) = a.meta_json.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()) {
+                if let Some(meta) = a
+                    .meta_json
+                    .as_deref()
+                    .and_then(|m| serde_json::from_str::<Value>(m).ok())
+                {
                     if let Some(f) = meta.pointer("/timer/firesAtMs").and_then(Value::as_i64) {
                         r.fires_at_ms = Some(f);
                     }
-                    if let Some(s) = meta.pointer("/waitForEvent/startedAtMs").and_then(Value::as_i64) {
+                    if let Some(s) = meta
+                        .pointer("/waitForEvent/startedAtMs")
+                        .and_then(Value::as_i64)
+                    {
                         r.wait_started_ms = Some(s);
-                        r.wait_deadline_ms =
-                            meta.pointer("/waitForEvent/timeoutMs").and_then(Value::as_i64).map(|t| s + t);
+                        r.wait_deadline_ms = meta
+                            .pointer("/waitForEvent/timeoutMs")
+                            .and_then(Value::as_i64)
+                            .map(|t| s + t);
                     }
                 }
                 if a.state == node_state::IN_PROGRESS {
@@ -410,9 +464,12 @@ impl Driver {
                     c.state = node_state::CANCELLED.to_string();
                     c.finished_at_ms = Some(now);
                     c.error_json = Some(
-                        SmithersError::new(Code::TaskAborted, "the engine running this attempt stopped; the task runs again")
-                            .to_json()
-                            .to_string(),
+                        SmithersError::new(
+                            Code::TaskAborted,
+                            "the engine running this attempt stopped; the task runs again",
+                        )
+                        .to_json()
+                        .to_string(),
                     );
                     self.batch.push(Write::UpsertAttempt(c));
                 }
@@ -435,7 +492,12 @@ impl Driver {
     }
 
     fn refresh_loops_arc(&mut self) {
-        self.loops_arc = Arc::new(self.loops.iter().map(|(k, (i, _))| (k.clone(), *i)).collect());
+        self.loops_arc = Arc::new(
+            self.loops
+                .iter()
+                .map(|(k, (i, _))| (k.clone(), *i))
+                .collect(),
+        );
     }
 
     // ----- render ----------------------------------------------------------------------------
@@ -449,10 +511,15 @@ impl Driver {
             loops: self.loops_arc.clone(),
         };
         let tree = self.wf.render(&ctx)?;
-        let same = self.plan.as_ref().is_some_and(|p| Arc::ptr_eq(&p.root, &tree));
+        let same = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.root, &tree));
         if !same {
             let loops = &self.loops;
-            let mut plan = Plan::build(tree.clone(), &|id| loops.get(id).copied().unwrap_or((0, false)));
+            let mut plan = Plan::build(tree.clone(), &|id| {
+                loops.get(id).copied().unwrap_or((0, false))
+            });
             if let Some(d) = plan.duplicates.first() {
                 return Err(SmithersError::new(
                     Code::DuplicateId,
@@ -515,28 +582,40 @@ impl Driver {
                     .enumerate()
                     .map(|(o, t)| json!({"nodeId": t.key.0, "ordinal": o, "iteration": t.key.1}))
                     .collect();
-                (Some(serde_json::to_string(&m).unwrap_or_default()), Some(Value::Array(ix).to_string()))
+                (
+                    Some(serde_json::to_string(&m).unwrap_or_default()),
+                    Some(Value::Array(ix).to_string()),
+                )
             }
             _ => (None, None),
         };
         let hash = enc.xml_hash.clone();
-        self.batch.push(Write::InsertFrame(smithers_store::FrameRow {
-            run_id: self.run_id.to_string(),
-            frame_no: self.frame_no,
-            created_at_ms: now,
-            xml_json: enc.xml_json,
-            xml_hash: enc.xml_hash,
-            encoding: enc.encoding.to_string(),
-            mounted_task_ids_json: mounted,
-            task_index_json: index,
-            note: Some("smithers-rs".into()),
-        }));
-        let snap = self.snap.encode(&self.run_id, self.frame_no, self.workflow_hash.clone(), now);
+        self.batch
+            .push(Write::InsertFrame(smithers_store::FrameRow {
+                run_id: self.run_id.to_string(),
+                frame_no: self.frame_no,
+                created_at_ms: now,
+                xml_json: enc.xml_json,
+                xml_hash: enc.xml_hash,
+                encoding: enc.encoding.to_string(),
+                mounted_task_ids_json: mounted,
+                task_index_json: index,
+                note: Some("smithers-rs".into()),
+            }));
+        let snap = self
+            .snap
+            .encode(&self.run_id, self.frame_no, self.workflow_hash.clone(), now);
         let content_hash = snap.content_hash.clone();
         self.batch.push(Write::InsertSnapshot(snap));
         let frame_no = self.frame_no;
-        self.event(kind::FRAME_COMMITTED, json!({"frameNo": frame_no, "xmlHash": hash}));
-        self.event(kind::SNAPSHOT_CAPTURED, json!({"frameNo": frame_no, "contentHash": content_hash}));
+        self.event(
+            kind::FRAME_COMMITTED,
+            json!({"frameNo": frame_no, "xmlHash": hash}),
+        );
+        self.event(
+            kind::SNAPSHOT_CAPTURED,
+            json!({"frameNo": frame_no, "contentHash": content_hash}),
+        );
     }
 
     // ----- the loop --------------------------------------------------------------------------
@@ -552,7 +631,9 @@ impl Driver {
             match self.step().await {
                 Ok(Some(outcome)) => return outcome,
                 Ok(None) => {}
-                Err(e) if e.code == Code::RunLeaseLost => return RunOutcome::lease_lost(&self.run_id, e),
+                Err(e) if e.code == Code::RunLeaseLost => {
+                    return RunOutcome::lease_lost(&self.run_id, e);
+                }
                 Err(e) => return self.fail(e).await,
             }
         }
@@ -567,9 +648,16 @@ impl Driver {
             self.render()?;
         }
         let Some(plan) = &self.plan else {
-            return Err(SmithersError::new(Code::SchedulerError, "nothing was rendered"));
+            return Err(SmithersError::new(
+                Code::SchedulerError,
+                "nothing was rendered",
+            ));
         };
-        let sched = if self.fatal.is_none() { plan.schedule(&*self) } else { Default::default() };
+        let sched = if self.fatal.is_none() {
+            plan.schedule(&*self)
+        } else {
+            Default::default()
+        };
         let runnable: Vec<usize> = sched.runnable.iter().map(|&ti| plan.tasks[ti].rt).collect();
         let mut changed = false;
         for rt in runnable {
@@ -606,7 +694,9 @@ impl Driver {
     async fn wait_for_message(&mut self, deadline_ms: Option<i64>) -> Result<(), SmithersError> {
         let sleep = async {
             match deadline_ms {
-                Some(d) => tokio::time::sleep(Duration::from_millis((d - now_ms()).max(0) as u64)).await,
+                Some(d) => {
+                    tokio::time::sleep(Duration::from_millis((d - now_ms()).max(0) as u64)).await
+                }
                 None => std::future::pending().await,
             }
         };
@@ -627,11 +717,23 @@ impl Driver {
 
     fn handle(&mut self, m: Msg) {
         match m {
-            Msg::Output { rt, attempt, stream, text } => {
-                let f = Self::with(self.node_fields(rt), json!({"attempt": attempt, "stream": stream, "text": text}));
+            Msg::Output {
+                rt,
+                attempt,
+                stream,
+                text,
+            } => {
+                let f = Self::with(
+                    self.node_fields(rt),
+                    json!({"attempt": attempt, "stream": stream, "text": text}),
+                );
                 self.event(kind::NODE_OUTPUT, f);
             }
-            Msg::Done { rt, attempt, result } => {
+            Msg::Done {
+                rt,
+                attempt,
+                result,
+            } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let started = self.rts[rt].started_ms;
                 match result {
@@ -645,11 +747,20 @@ impl Driver {
                     }
                     TaskResult::Err(e) if e.code == Code::TaskAborted && *self.cancel.borrow() => {
                         let now = now_ms();
-                        let mut a = self.attempt_row(rt, attempt, node_state::CANCELLED, started, Some(now));
+                        let mut a = self.attempt_row(
+                            rt,
+                            attempt,
+                            node_state::CANCELLED,
+                            started,
+                            Some(now),
+                        );
                         a.error_json = Some(e.to_json().to_string());
                         self.batch.push(Write::UpsertAttempt(a));
                         self.set_node(rt, TState::Cancelled);
-                        let f = Self::with(self.node_fields(rt), json!({"attempt": attempt, "reason": "aborted"}));
+                        let f = Self::with(
+                            self.node_fields(rt),
+                            json!({"attempt": attempt, "reason": "aborted"}),
+                        );
                         self.event(kind::NODE_CANCELLED, f);
                     }
                     TaskResult::Err(e) => self.record_failure(rt, attempt, started, e),
@@ -668,7 +779,9 @@ impl Driver {
     }
 
     fn advance_loop(&mut self, li: usize) -> Result<(), SmithersError> {
-        let Some(plan) = &self.plan else { return Ok(()) };
+        let Some(plan) = &self.plan else {
+            return Ok(());
+        };
         let l = plan.loops[li].clone();
         let next = l.iteration + 1;
         let now = now_ms();
@@ -676,7 +789,10 @@ impl Driver {
             if l.on_max_reached == OnMaxReached::Fail {
                 return Err(SmithersError::new(
                     Code::RalphMaxReached,
-                    format!("loop `{}` reached max_iterations ({}) before `until` held", l.id, l.max_iterations),
+                    format!(
+                        "loop `{}` reached max_iterations ({}) before `until` held",
+                        l.id, l.max_iterations
+                    ),
                 )
                 .with_node(l.id.clone())
                 .terminal());
@@ -695,7 +811,10 @@ impl Driver {
             done,
             updated_at_ms: now,
         }));
-        self.event(kind::LOOP_ADVANCED, json!({"loopId": l.id, "iteration": iteration, "done": done}));
+        self.event(
+            kind::LOOP_ADVANCED,
+            json!({"loopId": l.id, "iteration": iteration, "done": done}),
+        );
         if done {
             // a finished loop stays finished even when the tree itself did not change
             if let Some(p) = &mut self.plan {
@@ -733,6 +852,12 @@ impl Driver {
         let smithers_core::Node::Task(task) = &*node else {
             return Ok(Started::Unchanged);
         };
+        if let Some(e) = &task.error {
+            let attempt = self.begin_attempt(rt, json!({"kind": task.kind.name()}));
+            let started = self.rts[rt].started_ms;
+            self.record_failure(rt, attempt, started, e.clone().terminal());
+            return Ok(Started::Changed);
+        }
         if task.skip {
             self.set_node(rt, TState::Skipped);
             let f = self.node_fields(rt);
@@ -742,17 +867,30 @@ impl Driver {
         }
         if task.needs_approval && !self.rts[rt].approved {
             let spec = ApprovalSpec {
-                title: task.label.clone().unwrap_or_else(|| format!("Approve {}", task.id)),
+                title: task
+                    .label
+                    .clone()
+                    .unwrap_or_else(|| format!("Approve {}", task.id)),
                 summary: None,
                 mode: ApprovalMode::Approve,
                 options: Vec::new(),
-                on_deny: if task.continue_on_fail { OnDeny::Skip } else { OnDeny::Fail },
+                on_deny: if task.continue_on_fail {
+                    OnDeny::Skip
+                } else {
+                    OnDeny::Fail
+                },
                 allowed_users: Vec::new(),
                 allowed_scopes: Vec::new(),
                 auto_approve_after: None,
             };
             match self.approval(rt, &spec).await? {
-                Gate::Waiting(changed) => return Ok(if changed { Started::Changed } else { Started::Unchanged }),
+                Gate::Waiting(changed) => {
+                    return Ok(if changed {
+                        Started::Changed
+                    } else {
+                        Started::Unchanged
+                    });
+                }
                 Gate::Approved(_) => self.rts[rt].approved = true,
                 Gate::Denied(row) => return Ok(self.denied(rt, &spec, &row, true)),
             }
@@ -769,14 +907,20 @@ impl Driver {
                 Ok(Started::Changed)
             }
             TaskKind::Run(spec) => {
-                let attempt = self.begin_attempt(rt, json!({"kind": "run", "timeoutMs": task.timeout_ms}));
+                let attempt =
+                    self.begin_attempt(rt, json!({"kind": "run", "timeoutMs": task.timeout_ms}));
                 // the start must be durable before the command runs
                 self.flush().await?;
                 let cwd = match &spec.cwd {
                     Some(c) => self.cwd.join(c),
                     None => self.cwd.clone(),
                 };
-                let ps = ProcSpec { command: spec.command.clone(), cwd, env: spec.env.clone(), timeout_ms: task.timeout_ms };
+                let ps = ProcSpec {
+                    command: spec.command.clone(),
+                    cwd,
+                    env: spec.env.clone(),
+                    timeout_ms: task.timeout_ms,
+                };
                 let parse_json = task.output.is_some();
                 self.spawn_process(rt, attempt, ps, parse_json);
                 Ok(Started::Spawned)
@@ -793,7 +937,11 @@ impl Driver {
                 Ok(Started::Changed)
             }
             TaskKind::Approval(spec) => match self.approval(rt, spec).await? {
-                Gate::Waiting(changed) => Ok(if changed { Started::Changed } else { Started::Unchanged }),
+                Gate::Waiting(changed) => Ok(if changed {
+                    Started::Changed
+                } else {
+                    Started::Unchanged
+                }),
                 Gate::Approved(row) => {
                     let attempt = self.begin_attempt(rt, json!({"kind": "approval"}));
                     let out = decision_output(spec, &row, true);
@@ -820,7 +968,8 @@ impl Driver {
                     self.record_failure(rt, attempt, started, e);
                     return Ok(Started::Changed);
                 }
-                let attempt = self.begin_attempt(rt, json!({"kind": "subflow", "workflow": sf.workflow}));
+                let attempt =
+                    self.begin_attempt(rt, json!({"kind": "subflow", "workflow": sf.workflow}));
                 self.flush().await?;
                 self.spawn_subflow(rt, attempt, sf.clone());
                 Ok(Started::Spawned)
@@ -839,7 +988,12 @@ impl Driver {
             let fwd_tx = tx.clone();
             let fwd = tokio::spawn(async move {
                 while let Some(c) = crx.recv().await {
-                    let _ = fwd_tx.send(Msg::Output { rt, attempt, stream: c.stream, text: c.text });
+                    let _ = fwd_tx.send(Msg::Output {
+                        rt,
+                        attempt,
+                        stream: c.stream,
+                        text: c.text,
+                    });
                 }
             });
             let res = process::run(spec, cancel, ctx, |_| {}).await;
@@ -858,7 +1012,11 @@ impl Driver {
                 Ok(out) => TaskResult::Ok(json!({"stdout": out.stdout, "exitCode": out.exit_code})),
                 Err(e) => TaskResult::Err(e),
             };
-            let _ = tx.send(Msg::Done { rt, attempt, result });
+            let _ = tx.send(Msg::Done {
+                rt,
+                attempt,
+                result,
+            });
         });
     }
 
@@ -867,7 +1025,10 @@ impl Driver {
         let tx = self.tx.clone();
         let sh = self.sh.clone();
         let parent = self.wf.clone();
-        let child_id = format!("{}:child:{}:{}", self.run_id, self.rts[rt].key.0, self.rts[rt].key.1);
+        let child_id = format!(
+            "{}:child:{}:{}",
+            self.run_id, self.rts[rt].key.0, self.rts[rt].key.1
+        );
         let parent_id = self.run_id.to_string();
         let mut cancel = self.cancel.clone();
         let depth = self.depth + 1;
@@ -879,10 +1040,20 @@ impl Driver {
                         let outs = sh.store.list_outputs(&child_id).await?;
                         return Ok(TaskResult::Ok(latest_outputs(&outs)));
                     }
-                    Some(_) => crate::Engine::from_shared(sh.clone()).resume_inner(wf, &child_id, false, depth).await?,
+                    Some(_) => {
+                        crate::Engine::from_shared(sh.clone())
+                            .resume_inner(wf, &child_id, false, depth)
+                            .await?
+                    }
                     None => {
-                        let opts = crate::StartOptions { run_id: Some(child_id.clone()), parent_run_id: Some(parent_id), ..Default::default() };
-                        crate::Engine::from_shared(sh.clone()).start_inner(wf, sf.input.clone(), opts, depth).await?
+                        let opts = crate::StartOptions {
+                            run_id: Some(child_id.clone()),
+                            parent_run_id: Some(parent_id),
+                            ..Default::default()
+                        };
+                        crate::Engine::from_shared(sh.clone())
+                            .start_inner(wf, sf.input.clone(), opts, depth)
+                            .await?
                     }
                 };
                 let child_cancel = sh.cancel_sender(&child_id);
@@ -900,14 +1071,17 @@ impl Driver {
                 };
                 Ok::<TaskResult, SmithersError>(match outcome.status.as_str() {
                     status::FINISHED => TaskResult::Ok(outcome.output.unwrap_or(Value::Null)),
-                    s @ (status::WAITING_APPROVAL | status::WAITING_EVENT | status::WAITING_TIMER) => {
-                        TaskResult::Parked(match s {
-                            status::WAITING_APPROVAL => status::WAITING_APPROVAL,
-                            status::WAITING_TIMER => status::WAITING_TIMER,
-                            _ => status::WAITING_EVENT,
-                        })
-                    }
-                    status::CANCELLED => TaskResult::Err(SmithersError::new(Code::TaskAborted, format!("child run `{child_id}` was cancelled"))),
+                    s @ (status::WAITING_APPROVAL
+                    | status::WAITING_EVENT
+                    | status::WAITING_TIMER) => TaskResult::Parked(match s {
+                        status::WAITING_APPROVAL => status::WAITING_APPROVAL,
+                        status::WAITING_TIMER => status::WAITING_TIMER,
+                        _ => status::WAITING_EVENT,
+                    }),
+                    status::CANCELLED => TaskResult::Err(SmithersError::new(
+                        Code::TaskAborted,
+                        format!("child run `{child_id}` was cancelled"),
+                    )),
                     other => {
                         let why = outcome.error.map(|e| e.message).unwrap_or_default();
                         TaskResult::Err(SmithersError::new(
@@ -919,7 +1093,11 @@ impl Driver {
             }
             .await;
             let result = result.unwrap_or_else(TaskResult::Err);
-            let _ = tx.send(Msg::Done { rt, attempt, result });
+            let _ = tx.send(Msg::Done {
+                rt,
+                attempt,
+                result,
+            });
         });
     }
 
@@ -927,7 +1105,11 @@ impl Driver {
 
     async fn approval(&mut self, rt: usize, spec: &ApprovalSpec) -> Result<Gate, SmithersError> {
         let (node_id, iteration) = (self.rts[rt].key.0.clone(), self.rts[rt].key.1 as i64);
-        let row = self.sh.store.get_approval(&self.run_id, &node_id, iteration).await?;
+        let row = self
+            .sh
+            .store
+            .get_approval(&self.run_id, &node_id, iteration)
+            .await?;
         match row {
             Some(r) if r.status == "approved" => Ok(Gate::Approved(r)),
             Some(r) if r.status == "denied" => Ok(Gate::Denied(r)),
@@ -953,10 +1135,9 @@ impl Driver {
                     if self.auto_approve(&node_id, after).await? {
                         let decision = match spec.mode {
                             ApprovalMode::Approve => None,
-                            ApprovalMode::Select => spec
-                                .options
-                                .first()
-                                .map(|o| json!({"selected": o.key, "notes": "Automatically selected"})),
+                            ApprovalMode::Select => spec.options.first().map(
+                                |o| json!({"selected": o.key, "notes": "Automatically selected"}),
+                            ),
                             ApprovalMode::Rank => Some(json!({
                                 "ranked": spec.options.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
                                 "notes": "Automatically ranked"})),
@@ -994,7 +1175,10 @@ impl Driver {
                     auto_approved: false,
                 }));
                 self.set_node(rt, TState::WaitingApproval);
-                let f = Self::with(self.node_fields(rt), json!({"title": spec.title, "mode": spec.mode.wire()}));
+                let f = Self::with(
+                    self.node_fields(rt),
+                    json!({"title": spec.title, "mode": spec.mode.wire()}),
+                );
                 self.event(kind::APPROVAL_REQUESTED, f.clone());
                 self.event(kind::NODE_WAITING_APPROVAL, f);
                 Ok(Gate::Waiting(true))
@@ -1008,8 +1192,16 @@ impl Driver {
         if after == 0 {
             return Ok(true);
         }
-        let history =
-            self.sh.store.approval_history(&self.workflow_name, node_id, &self.run_id, after as usize + 10).await?;
+        let history = self
+            .sh
+            .store
+            .approval_history(
+                &self.workflow_name,
+                node_id,
+                &self.run_id,
+                after as usize + 10,
+            )
+            .await?;
         let mut count = 0;
         for h in history.iter().filter(|h| !h.auto_approved) {
             match h.status.as_str() {
@@ -1034,7 +1226,13 @@ impl Driver {
             }
             OnDeny::Skip | OnDeny::Continue => {
                 let now = now_ms();
-                self.batch.push(Write::UpsertAttempt(self.attempt_row(rt, attempt, node_state::SKIPPED, started, Some(now))));
+                self.batch.push(Write::UpsertAttempt(self.attempt_row(
+                    rt,
+                    attempt,
+                    node_state::SKIPPED,
+                    started,
+                    Some(now),
+                )));
                 self.set_node(rt, TState::Skipped);
                 let f = self.node_fields(rt);
                 self.event(kind::NODE_SKIPPED, f);
@@ -1042,9 +1240,19 @@ impl Driver {
             }
             OnDeny::Fail => {
                 let who = row.decided_by.clone().unwrap_or_else(|| "someone".into());
-                let note = row.note.clone().map(|n| format!(": {n}")).unwrap_or_default();
-                let e = SmithersError::new(Code::ApprovalDenied, format!("approval `{}` was denied by {who}{note}", self.rts[rt].key.0))
-                    .terminal();
+                let note = row
+                    .note
+                    .clone()
+                    .map(|n| format!(": {n}"))
+                    .unwrap_or_default();
+                let e = SmithersError::new(
+                    Code::ApprovalDenied,
+                    format!(
+                        "approval `{}` was denied by {who}{note}",
+                        self.rts[rt].key.0
+                    ),
+                )
+                .terminal();
                 self.record_failure(rt, attempt, started, e);
             }
         }
@@ -1079,18 +1287,31 @@ impl Driver {
                 );
                 self.batch.push(Write::UpsertAttempt(a));
                 self.set_node(rt, TState::WaitingEvent);
-                let f = Self::with(self.node_fields(rt), json!({"event": w.event, "correlationId": w.correlation_id}));
+                let f = Self::with(
+                    self.node_fields(rt),
+                    json!({"event": w.event, "correlationId": w.correlation_id}),
+                );
                 self.event(kind::NODE_WAITING_EVENT, f);
                 changed = true;
                 now
             }
         };
         let attempt = self.rts[rt].attempts.max(1);
-        let signals = self.sh.store.list_signals(&self.run_id, &w.event, w.correlation_id.as_deref(), started).await?;
+        let signals = self
+            .sh
+            .store
+            .list_signals(&self.run_id, &w.event, w.correlation_id.as_deref(), started)
+            .await?;
         if let Some(sig) = signals.first() {
             let node = self.rts[rt].key.0.clone();
             let payload: Value = serde_json::from_str(&sig.payload_json).map_err(|e| {
-                SmithersError::new(Code::DbCorrupt, format!("signal {} of run `{}` is not valid JSON ({e})", sig.seq, self.run_id))
+                SmithersError::new(
+                    Code::DbCorrupt,
+                    format!(
+                        "signal {} of run `{}` is not valid JSON ({e})",
+                        sig.seq, self.run_id
+                    ),
+                )
             })?;
             let meta = json!({"kind": "wait-for-event", "waitForEvent": {"signalName": w.event, "correlationId": w.correlation_id,
                 "startedAtMs": started, "resolvedSignalSeq": sig.seq, "receivedAtMs": sig.received_at_ms}});
@@ -1112,19 +1333,31 @@ impl Driver {
                         self.record_failure(rt, attempt, started, e);
                     }
                     OnTimeout::Skip => {
-                        self.batch.push(Write::UpsertAttempt(self.attempt_row(rt, attempt, node_state::SKIPPED, started, Some(now))));
+                        self.batch.push(Write::UpsertAttempt(self.attempt_row(
+                            rt,
+                            attempt,
+                            node_state::SKIPPED,
+                            started,
+                            Some(now),
+                        )));
                         self.set_node(rt, TState::Skipped);
                         let f = self.node_fields(rt);
                         self.event(kind::NODE_SKIPPED, f);
                         self.dirty = true;
                     }
-                    OnTimeout::Continue => self.record_output(rt, attempt, started, Value::Null, None),
+                    OnTimeout::Continue => {
+                        self.record_output(rt, attempt, started, Value::Null, None)
+                    }
                 }
                 return Ok(Started::Changed);
             }
         }
         self.rts[rt].state = TState::WaitingEvent;
-        Ok(if changed { Started::Changed } else { Started::Unchanged })
+        Ok(if changed {
+            Started::Changed
+        } else {
+            Started::Unchanged
+        })
     }
 
     // ----- timers ----------------------------------------------------------------------------
@@ -1152,7 +1385,10 @@ impl Driver {
                 );
                 self.batch.push(Write::UpsertAttempt(a));
                 self.set_node(rt, TState::WaitingTimer);
-                self.event(kind::TIMER_CREATED, json!({"timerId": timer_id, "firesAtMs": fires, "timerType": ty}));
+                self.event(
+                    kind::TIMER_CREATED,
+                    json!({"timerId": timer_id, "firesAtMs": fires, "timerType": ty}),
+                );
                 let f = Self::with(self.node_fields(rt), json!({"firesAtMs": fires}));
                 self.event(kind::NODE_WAITING_TIMER, f);
                 changed = true;
@@ -1169,7 +1405,11 @@ impl Driver {
             return Started::Changed;
         }
         self.rts[rt].state = TState::WaitingTimer;
-        if changed { Started::Changed } else { Started::Unchanged }
+        if changed {
+            Started::Changed
+        } else {
+            Started::Unchanged
+        }
     }
 }
 
@@ -1190,10 +1430,19 @@ fn on_timeout_str(o: OnTimeout) -> &'static str {
 
 /// The output an approval node produces from its decision row.
 fn decision_output(spec: &ApprovalSpec, row: &ApprovalRow, approved: bool) -> Value {
-    let decision: Value = row.decision_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or(Value::Null);
-    let notes = decision.get("notes").cloned().unwrap_or_else(|| json!(row.note));
+    let decision: Value = row
+        .decision_json
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    let notes = decision
+        .get("notes")
+        .cloned()
+        .unwrap_or_else(|| json!(row.note));
     match (spec.mode, approved) {
-        (ApprovalMode::Select, true) => json!({"selected": decision.get("selected"), "notes": notes}),
+        (ApprovalMode::Select, true) => {
+            json!({"selected": decision.get("selected"), "notes": notes})
+        }
         (ApprovalMode::Rank, true) => json!({"ranked": decision.get("ranked"), "notes": notes}),
         (ApprovalMode::Approve, _) => json!({
             "approved": approved, "note": row.note, "decidedBy": row.decided_by, "decidedAt": row.decided_at_ms}),
@@ -1206,11 +1455,17 @@ pub(crate) fn latest_outputs(rows: &[OutputRow]) -> Value {
     let mut m = serde_json::Map::new();
     let mut best: HashMap<&str, i64> = HashMap::new();
     for r in rows {
-        if best.get(r.node_id.as_str()).is_some_and(|&i| i > r.iteration) {
+        if best
+            .get(r.node_id.as_str())
+            .is_some_and(|&i| i > r.iteration)
+        {
             continue;
         }
         best.insert(&r.node_id, r.iteration);
-        m.insert(r.node_id.clone(), serde_json::from_str(&r.payload_json).unwrap_or(Value::Null));
+        m.insert(
+            r.node_id.clone(),
+            serde_json::from_str(&r.payload_json).unwrap_or(Value::Null),
+        );
     }
     Value::Object(m)
 }
@@ -1219,7 +1474,10 @@ pub(crate) fn latest_outputs(rows: &[OutputRow]) -> Value {
 
 impl Driver {
     /// Nothing can start and nothing runs: wait in-process for something due soon, or park.
-    async fn idle(&mut self, sched: &crate::plan::Schedule) -> Result<Option<RunOutcome>, SmithersError> {
+    async fn idle(
+        &mut self,
+        sched: &crate::plan::Schedule,
+    ) -> Result<Option<RunOutcome>, SmithersError> {
         let now = now_ms();
         let mut next_wake: Option<i64> = None;
         let (mut approval, mut event, mut timer) = (false, false, false);
@@ -1244,7 +1502,10 @@ impl Driver {
                 next_wake = Some(next_wake.map_or(at, |n: i64| n.min(at)));
             }
         }
-        let retry_pending = self.rts.iter().any(|r| r.state == TState::Pending && r.retry_at_ms.is_some_and(|a| a > now));
+        let retry_pending = self
+            .rts
+            .iter()
+            .any(|r| r.state == TState::Pending && r.retry_at_ms.is_some_and(|a| a > now));
         if let Some(at) = next_wake {
             if retry_pending || at - now <= self.sh.config.max_inline_wait_ms {
                 self.wait_for_message(Some(at)).await?;
@@ -1269,14 +1530,21 @@ impl Driver {
         } else if timer {
             status::WAITING_TIMER
         } else if let Some((ti, dep)) = sched.blocked_on_unmounted.first() {
-            let id = self.plan.as_ref().map(|p| p.tasks[*ti].key.0.clone()).unwrap_or_default();
+            let id = self
+                .plan
+                .as_ref()
+                .map(|p| p.tasks[*ti].key.0.clone())
+                .unwrap_or_default();
             return Err(SmithersError::new(
                 Code::SchedulerError,
                 format!("task `{id}` depends on `{dep}`, which is not part of the workflow at this point; fix depends_on"),
             )
             .with_node(id));
         } else {
-            return Err(SmithersError::new(Code::SchedulerError, "the run cannot make progress (no task can start)"));
+            return Err(SmithersError::new(
+                Code::SchedulerError,
+                "the run cannot make progress (no task can start)",
+            ));
         };
         self.park(park).await.map(Some)
     }
@@ -1293,7 +1561,12 @@ impl Driver {
         });
         self.event(kind::RUN_STATUS_CHANGED, json!({"status": st}));
         self.flush().await?;
-        Ok(RunOutcome { run_id: self.run_id.to_string(), status: st.to_string(), output: None, error: None })
+        Ok(RunOutcome {
+            run_id: self.run_id.to_string(),
+            status: st.to_string(),
+            output: None,
+            error: None,
+        })
     }
 
     async fn finished(&mut self) -> Result<RunOutcome, SmithersError> {
@@ -1312,7 +1585,12 @@ impl Driver {
         });
         self.event(kind::RUN_FINISHED, json!({}));
         self.flush().await?;
-        Ok(RunOutcome { run_id: self.run_id.to_string(), status: status::FINISHED.into(), output: Some(output), error: None })
+        Ok(RunOutcome {
+            run_id: self.run_id.to_string(),
+            status: status::FINISHED.into(),
+            output: Some(output),
+            error: None,
+        })
     }
 
     /// Cancels waiting timers (they must not fire for a run that stopped).
@@ -1344,7 +1622,12 @@ impl Driver {
         });
         self.event(kind::RUN_FAILED, json!({"error": e.to_json()}));
         self.flush().await?;
-        Ok(RunOutcome { run_id: self.run_id.to_string(), status: status::FAILED.into(), output: None, error: Some(e) })
+        Ok(RunOutcome {
+            run_id: self.run_id.to_string(),
+            status: status::FAILED.into(),
+            output: None,
+            error: Some(e),
+        })
     }
 
     /// Fails the run after an engine-level error (render, expression, storage). In-flight tasks
@@ -1375,7 +1658,13 @@ impl Driver {
                 run_id: self.run_id.to_string(),
                 status: status::FAILED.into(),
                 output: None,
-                error: Some(SmithersError::new(e.code, format!("{}; recording the failure also failed: {}", e.message, e2.message))),
+                error: Some(SmithersError::new(
+                    e.code,
+                    format!(
+                        "{}; recording the failure also failed: {}",
+                        e.message, e2.message
+                    ),
+                )),
             },
         }
     }
@@ -1401,6 +1690,11 @@ impl Driver {
         });
         self.event(kind::RUN_CANCELLED, json!({}));
         self.flush().await?;
-        Ok(RunOutcome { run_id: self.run_id.to_string(), status: status::CANCELLED.into(), output: None, error: None })
+        Ok(RunOutcome {
+            run_id: self.run_id.to_string(),
+            status: status::CANCELLED.into(),
+            output: None,
+            error: None,
+        })
     }
 }

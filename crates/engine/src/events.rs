@@ -32,7 +32,12 @@ pub struct PendingEvent {
 }
 
 /// Builds the event JSON: `{type, runId, timestampMs, ...fields}`.
-pub fn make(run_id: &str, event_type: &'static str, timestamp_ms: i64, fields: Value) -> PendingEvent {
+pub fn make(
+    run_id: &str,
+    event_type: &'static str,
+    timestamp_ms: i64,
+    fields: Value,
+) -> PendingEvent {
     let mut m = Map::new();
     m.insert("type".into(), Value::String(event_type.into()));
     m.insert("runId".into(), Value::String(run_id.into()));
@@ -40,7 +45,11 @@ pub fn make(run_id: &str, event_type: &'static str, timestamp_ms: i64, fields: V
     if let Value::Object(f) = fields {
         m.extend(f);
     }
-    PendingEvent { event_type, timestamp_ms, payload: Value::Object(m) }
+    PendingEvent {
+        event_type,
+        timestamp_ms,
+        payload: Value::Object(m),
+    }
 }
 
 /// Event type names (the reference's `SmithersEvent` union).

@@ -64,7 +64,12 @@ pub struct RunOutcome {
 
 impl RunOutcome {
     fn lease_lost(run_id: &str, e: SmithersError) -> Self {
-        RunOutcome { run_id: run_id.to_string(), status: "lease-lost".into(), output: None, error: Some(e) }
+        RunOutcome {
+            run_id: run_id.to_string(),
+            status: "lease-lost".into(),
+            output: None,
+            error: Some(e),
+        }
     }
 }
 
@@ -91,7 +96,10 @@ impl RunHandle {
             run_id: id,
             status: status::FAILED.into(),
             output: None,
-            error: Some(SmithersError::new(Code::Internal, format!("the run's driver stopped unexpectedly: {e}"))),
+            error: Some(SmithersError::new(
+                Code::Internal,
+                format!("the run's driver stopped unexpectedly: {e}"),
+            )),
         })
     }
 }
@@ -130,7 +138,10 @@ impl Shared {
     }
 
     fn is_active(&self, run_id: &str) -> bool {
-        self.active.lock().map(|a| a.contains_key(run_id)).unwrap_or(false)
+        self.active
+            .lock()
+            .map(|a| a.contains_key(run_id))
+            .unwrap_or(false)
     }
 }
 
@@ -155,8 +166,12 @@ impl Engine {
         });
         let weak = Arc::downgrade(&sh);
         tokio::spawn(async move {
-            let interval = weak.upgrade().map(|s| s.config.heartbeat_interval_ms).unwrap_or(1000);
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(interval.max(10)));
+            let interval = weak
+                .upgrade()
+                .map(|s| s.config.heartbeat_interval_ms)
+                .unwrap_or(1000);
+            let mut tick =
+                tokio::time::interval(std::time::Duration::from_millis(interval.max(10)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -195,16 +210,30 @@ impl Engine {
     }
 
     /// Starts a new run. The run row and input are committed before this returns.
-    pub async fn start(&self, workflow: Arc<dyn Workflow>, input: Value, opts: StartOptions) -> Result<RunHandle> {
+    pub async fn start(
+        &self,
+        workflow: Arc<dyn Workflow>,
+        input: Value,
+        opts: StartOptions,
+    ) -> Result<RunHandle> {
         self.start_inner(workflow, input, opts, 0).await
     }
 
-    pub(crate) async fn start_inner(&self, workflow: Arc<dyn Workflow>, input: Value, opts: StartOptions, depth: u32) -> Result<RunHandle> {
+    pub(crate) async fn start_inner(
+        &self,
+        workflow: Arc<dyn Workflow>,
+        input: Value,
+        opts: StartOptions,
+        depth: u32,
+    ) -> Result<RunHandle> {
         bounds::check_run_input(&input)?;
         if let Some(schema) = workflow.input_schema() {
             check_input_schema(schema, &input)?;
         }
-        let run_id = opts.run_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let run_id = opts
+            .run_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         bounds::check_run_id(&run_id)?;
         let now = now_ms();
         let mut config = json!({});
@@ -232,11 +261,19 @@ impl Engine {
             error_json: None,
             config_json: Some(config.to_string()),
         };
-        let ev = events::make(&run_id, events::kind::RUN_STARTED, now, json!({"workflowName": workflow.name()}));
+        let ev = events::make(
+            &run_id,
+            events::kind::RUN_STARTED,
+            now,
+            json!({"workflowName": workflow.name()}),
+        );
         let mut batch = Batch::new();
         batch
             .push(Write::InsertRun(row))
-            .push(Write::InsertInput { run_id: run_id.clone(), payload_json: input.to_string() })
+            .push(Write::InsertInput {
+                run_id: run_id.clone(),
+                payload_json: input.to_string(),
+            })
             .push(Write::AppendEvent {
                 run_id: run_id.clone(),
                 timestamp_ms: now,
@@ -250,7 +287,14 @@ impl Engine {
         Ok(self.spawn_driver(workflow, run_id, input, false, depth))
     }
 
-    fn spawn_driver(&self, workflow: Arc<dyn Workflow>, run_id: String, input: Value, resume: bool, depth: u32) -> RunHandle {
+    fn spawn_driver(
+        &self,
+        workflow: Arc<dyn Workflow>,
+        run_id: String,
+        input: Value,
+        resume: bool,
+        depth: u32,
+    ) -> RunHandle {
         let (tx, rx) = watch::channel(false);
         if let Ok(mut a) = self.sh.active.lock() {
             a.insert(run_id.clone(), tx);
@@ -280,21 +324,43 @@ impl Engine {
     /// Resumes a run that is not being driven: parked, cancelled, failed (failed tasks get a
     /// fresh retry budget) or orphaned by a dead engine. `force` accepts a changed workflow
     /// definition.
-    pub async fn resume(&self, workflow: Arc<dyn Workflow>, run_id: &str, force: bool) -> Result<RunHandle> {
+    pub async fn resume(
+        &self,
+        workflow: Arc<dyn Workflow>,
+        run_id: &str,
+        force: bool,
+    ) -> Result<RunHandle> {
         self.resume_inner(workflow, run_id, force, 0).await
     }
 
-    pub(crate) async fn resume_inner(&self, workflow: Arc<dyn Workflow>, run_id: &str, force: bool, depth: u32) -> Result<RunHandle> {
+    pub(crate) async fn resume_inner(
+        &self,
+        workflow: Arc<dyn Workflow>,
+        run_id: &str,
+        force: bool,
+        depth: u32,
+    ) -> Result<RunHandle> {
         let store = &self.sh.store;
-        let row = store
-            .get_run(run_id)
-            .await?
-            .ok_or_else(|| SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found; `smithers ps` lists runs")))?;
+        let row = store.get_run(run_id).await?.ok_or_else(|| {
+            SmithersError::new(
+                Code::RunNotFound,
+                format!("run `{run_id}` not found; `smithers ps` lists runs"),
+            )
+        })?;
         if self.sh.is_active(run_id) {
-            return Err(SmithersError::new(Code::RunStillRunning, format!("run `{run_id}` is already running in this process")));
+            return Err(SmithersError::new(
+                Code::RunStillRunning,
+                format!("run `{run_id}` is already running in this process"),
+            ));
         }
         if row.status == status::FINISHED || row.status == status::CONTINUED {
-            return Err(SmithersError::new(Code::RunNotResumable, format!("run `{run_id}` is `{}`; there is nothing to resume", row.status)));
+            return Err(SmithersError::new(
+                Code::RunNotResumable,
+                format!(
+                    "run `{run_id}` is `{}`; there is nothing to resume",
+                    row.status
+                ),
+            ));
         }
         if !force {
             if let (Some(stored), Some(now_hash)) = (&row.workflow_hash, workflow.source_hash()) {
@@ -303,7 +369,9 @@ impl Engine {
                         Code::ResumeMetadataMismatch,
                         format!(
                             "workflow `{}` changed since run `{run_id}` started; resuming could re-run or skip steps. Restore the file, or resume with --force",
-                            row.workflow_path.clone().unwrap_or_else(|| row.workflow_name.clone())
+                            row.workflow_path
+                                .clone()
+                                .unwrap_or_else(|| row.workflow_name.clone())
                         ),
                     ));
                 }
@@ -313,13 +381,17 @@ impl Engine {
         let mut dead_owner = None;
         if let Some(owner) = &row.runtime_owner_id {
             if owner != &self.sh.owner {
-                let fresh = row.heartbeat_at_ms.is_some_and(|h| now - h < self.sh.config.lease_timeout_ms);
+                let fresh = row
+                    .heartbeat_at_ms
+                    .is_some_and(|h| now - h < self.sh.config.lease_timeout_ms);
                 match owner::liveness(owner) {
                     owner::OwnerLiveness::Dead => dead_owner = Some(owner.clone()),
                     owner::OwnerLiveness::Alive if fresh => {
                         return Err(SmithersError::new(
                             Code::RunStillRunning,
-                            format!("run `{run_id}` is being driven by a live engine ({owner}); cancel it first or wait for it to park"),
+                            format!(
+                                "run `{run_id}` is being driven by a live engine ({owner}); cancel it first or wait for it to park"
+                            ),
                         ));
                     }
                     _ if fresh => {
@@ -337,12 +409,20 @@ impl Engine {
             }
         }
         let claimed = store
-            .claim_run(run_id, &self.sh.owner, now, now - self.sh.config.lease_timeout_ms, dead_owner.as_deref())
+            .claim_run(
+                run_id,
+                &self.sh.owner,
+                now,
+                now - self.sh.config.lease_timeout_ms,
+                dead_owner.as_deref(),
+            )
             .await?;
         if !claimed {
             return Err(SmithersError::new(
                 Code::RunResumeClaimFailed,
-                format!("another engine claimed run `{run_id}` at the same time; check `smithers ps`"),
+                format!(
+                    "another engine claimed run `{run_id}` at the same time; check `smithers ps`"
+                ),
             ));
         }
         let input: Value = match store.get_input(run_id).await? {
@@ -352,7 +432,12 @@ impl Engine {
             None => json!({}),
         };
         let mut batch = Batch::guarded(run_id, &self.sh.owner);
-        let ev = events::make(run_id, events::kind::RUN_RESUMED, now, json!({"previousStatus": row.status}));
+        let ev = events::make(
+            run_id,
+            events::kind::RUN_RESUMED,
+            now,
+            json!({"previousStatus": row.status}),
+        );
         batch
             .push(Write::UpdateRun {
                 run_id: run_id.to_string(),
@@ -385,16 +470,29 @@ impl Engine {
             let _ = self.sh.store.request_cancel(run_id, now_ms()).await;
             return Ok(ops::CancelOutcome::Cancelling);
         }
-        ops::cancel_run(self.sh.store.as_ref(), run_id, self.sh.config.lease_timeout_ms).await
+        ops::cancel_run(
+            self.sh.store.as_ref(),
+            run_id,
+            self.sh.config.lease_timeout_ms,
+        )
+        .await
     }
 
     /// Resumes every run left `running` by an engine that died (same host, process gone) or
     /// stopped heart-beating. `resolve` maps a run to its workflow; runs it cannot resolve are
     /// left alone. Returns the handles of the runs taken over.
-    pub async fn take_over_orphans(&self, resolve: &dyn Fn(&RunRow) -> Option<Arc<dyn Workflow>>) -> Result<Vec<RunHandle>> {
+    pub async fn take_over_orphans(
+        &self,
+        resolve: &dyn Fn(&RunRow) -> Option<Arc<dyn Workflow>>,
+    ) -> Result<Vec<RunHandle>> {
         let now = now_ms();
         let mut out = Vec::new();
-        for row in self.sh.store.list_runs(Some(status::RUNNING), 10_000).await? {
+        for row in self
+            .sh
+            .store
+            .list_runs(Some(status::RUNNING), 10_000)
+            .await?
+        {
             if row.status != status::RUNNING || self.sh.is_active(&row.run_id) {
                 continue;
             }
@@ -403,7 +501,9 @@ impl Engine {
                 Some(o) if o == &self.sh.owner => false,
                 Some(o) => {
                     owner::liveness(o) == owner::OwnerLiveness::Dead
-                        || row.heartbeat_at_ms.is_none_or(|h| now - h >= self.sh.config.lease_timeout_ms)
+                        || row
+                            .heartbeat_at_ms
+                            .is_none_or(|h| now - h >= self.sh.config.lease_timeout_ms)
                 }
             };
             if !orphaned {
@@ -426,7 +526,9 @@ async fn heartbeat(sh: &Arc<Shared>) {
     if active.is_empty() {
         return;
     }
-    let Ok(hb) = sh.store.heartbeat(&sh.owner, now_ms()).await else { return };
+    let Ok(hb) = sh.store.heartbeat(&sh.owner, now_ms()).await else {
+        return;
+    };
     for id in hb.cancel_requested {
         sh.cancel_local(&id);
     }
@@ -439,19 +541,32 @@ async fn heartbeat(sh: &Arc<Shared>) {
 }
 
 fn check_input_schema(schema: &Value, input: &Value) -> Result<()> {
-    let v = jsonschema::validator_for(schema)
-        .map_err(|e| SmithersError::new(Code::InvalidWorkflow, format!("the workflow's input schema is invalid: {e}")))?;
+    let v = jsonschema::validator_for(schema).map_err(|e| {
+        SmithersError::new(
+            Code::InvalidWorkflow,
+            format!("the workflow's input schema is invalid: {e}"),
+        )
+    })?;
     let problems: Vec<String> = v
         .iter_errors(input)
         .take(5)
         .map(|e| {
             let p = e.instance_path().to_string();
-            format!("at `{}`: {e}", if p.is_empty() { "/".to_string() } else { p })
+            format!(
+                "at `{}`: {e}",
+                if p.is_empty() { "/".to_string() } else { p }
+            )
         })
         .collect();
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(SmithersError::new(Code::InvalidInput, format!("input does not match the workflow's input schema: {}", problems.join("; "))))
+        Err(SmithersError::new(
+            Code::InvalidInput,
+            format!(
+                "input does not match the workflow's input schema: {}",
+                problems.join("; ")
+            ),
+        ))
     }
 }

@@ -27,21 +27,35 @@ fn event(batch: &mut Batch, run_id: &str, t: &'static str, fields: Value) {
 }
 
 async fn run_row(store: &dyn Store, run_id: &str) -> Result<smithers_store::RunRow> {
-    store
-        .get_run(run_id)
-        .await?
-        .ok_or_else(|| SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found; `smithers ps` lists runs")))
+    store.get_run(run_id).await?.ok_or_else(|| {
+        SmithersError::new(
+            Code::RunNotFound,
+            format!("run `{run_id}` not found; `smithers ps` lists runs"),
+        )
+    })
 }
 
 /// Cancels a run that this process does not drive.
-pub async fn cancel_run(store: &dyn Store, run_id: &str, lease_timeout_ms: i64) -> Result<CancelOutcome> {
+pub async fn cancel_run(
+    store: &dyn Store,
+    run_id: &str,
+    lease_timeout_ms: i64,
+) -> Result<CancelOutcome> {
     let row = run_row(store, run_id).await?;
-    if matches!(row.status.as_str(), status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED) {
-        return Err(SmithersError::new(Code::RunNotActive, format!("run `{run_id}` is already `{}`", row.status)));
+    if matches!(
+        row.status.as_str(),
+        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
+    ) {
+        return Err(SmithersError::new(
+            Code::RunNotActive,
+            format!("run `{run_id}` is already `{}`", row.status),
+        ));
     }
     let now = now_ms();
     if let Some(o) = &row.runtime_owner_id {
-        let fresh = row.heartbeat_at_ms.is_some_and(|h| now - h < lease_timeout_ms);
+        let fresh = row
+            .heartbeat_at_ms
+            .is_some_and(|h| now - h < lease_timeout_ms);
         if fresh && owner::liveness(o) != owner::OwnerLiveness::Dead {
             store.request_cancel(run_id, now).await?;
             return Ok(CancelOutcome::Cancelling);
@@ -51,22 +65,39 @@ pub async fn cancel_run(store: &dyn Store, run_id: &str, lease_timeout_ms: i64) 
     for n in store.list_nodes(run_id).await? {
         let open = matches!(
             n.state.as_str(),
-            node_state::IN_PROGRESS | node_state::WAITING_APPROVAL | node_state::WAITING_EVENT | node_state::WAITING_TIMER | node_state::PENDING
+            node_state::IN_PROGRESS
+                | node_state::WAITING_APPROVAL
+                | node_state::WAITING_EVENT
+                | node_state::WAITING_TIMER
+                | node_state::PENDING
         );
         if !open || n.state == node_state::PENDING {
             continue;
         }
         if n.state == node_state::WAITING_TIMER {
-            event(&mut batch, run_id, events::kind::TIMER_CANCELLED, json!({"timerId": n.node_id}));
+            event(
+                &mut batch,
+                run_id,
+                events::kind::TIMER_CANCELLED,
+                json!({"timerId": n.node_id}),
+            );
         }
         let mut row = n.clone();
         row.state = node_state::CANCELLED.into();
         row.updated_at_ms = now;
         batch.push(Write::UpsertNode(row));
-        event(&mut batch, run_id, events::kind::NODE_CANCELLED, json!({"nodeId": n.node_id, "iteration": n.iteration, "reason": "run-cancelled"}));
+        event(
+            &mut batch,
+            run_id,
+            events::kind::NODE_CANCELLED,
+            json!({"nodeId": n.node_id, "iteration": n.iteration, "reason": "run-cancelled"}),
+        );
     }
     for a in store.list_attempts(run_id).await? {
-        if matches!(a.state.as_str(), node_state::IN_PROGRESS | node_state::WAITING_EVENT | node_state::WAITING_TIMER) {
+        if matches!(
+            a.state.as_str(),
+            node_state::IN_PROGRESS | node_state::WAITING_EVENT | node_state::WAITING_TIMER
+        ) {
             let mut c = a.clone();
             c.state = node_state::CANCELLED.into();
             c.finished_at_ms = Some(now);
@@ -100,7 +131,12 @@ pub struct Decision {
 }
 
 /// The pending approval request of a node, as stored.
-pub async fn pending_approval(store: &dyn Store, run_id: &str, node_id: &str, iteration: i64) -> Result<ApprovalRow> {
+pub async fn pending_approval(
+    store: &dyn Store,
+    run_id: &str,
+    node_id: &str,
+    iteration: i64,
+) -> Result<ApprovalRow> {
     run_row(store, run_id).await?;
     let row = store.get_approval(run_id, node_id, iteration).await?.ok_or_else(|| {
         SmithersError::new(
@@ -111,7 +147,12 @@ pub async fn pending_approval(store: &dyn Store, run_id: &str, node_id: &str, it
     if row.status != "requested" {
         return Err(SmithersError::new(
             Code::NotWaitingApproval,
-            format!("approval `{node_id}` of run `{run_id}` was already {} ", row.status).trim_end().to_string(),
+            format!(
+                "approval `{node_id}` of run `{run_id}` was already {} ",
+                row.status
+            )
+            .trim_end()
+            .to_string(),
         ));
     }
     Ok(row)
@@ -119,24 +160,57 @@ pub async fn pending_approval(store: &dyn Store, run_id: &str, node_id: &str, it
 
 /// Records an approval decision after validating it against the request (select needs a known
 /// option, rank a non-empty list of known options).
-pub async fn decide(store: &dyn Store, run_id: &str, node_id: &str, iteration: i64, d: Decision) -> Result<()> {
+pub async fn decide(
+    store: &dyn Store,
+    run_id: &str,
+    node_id: &str,
+    iteration: i64,
+    d: Decision,
+) -> Result<()> {
     let row = pending_approval(store, run_id, node_id, iteration).await?;
-    let request: Value = row.request_json.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(json!({}));
-    let mode = request.get("mode").and_then(Value::as_str).unwrap_or("decision");
+    let request: Value = row
+        .request_json
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or(json!({}));
+    let mode = request
+        .get("mode")
+        .and_then(Value::as_str)
+        .unwrap_or("decision");
     let keys: Vec<String> = request
         .get("options")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|o| o.get("key").and_then(Value::as_str).map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|o| o.get("key").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let mut decision = d.decision.clone();
     if d.approved {
         match mode {
             "select" => {
-                let sel = decision.as_ref().and_then(|x| x.get("selected")).and_then(Value::as_str).ok_or_else(|| {
-                    SmithersError::new(Code::InvalidInput, format!("approval `{node_id}` is a select approval; choose one of: {}", keys.join(", ")))
-                })?;
+                let sel = decision
+                    .as_ref()
+                    .and_then(|x| x.get("selected"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        SmithersError::new(
+                            Code::InvalidInput,
+                            format!(
+                                "approval `{node_id}` is a select approval; choose one of: {}",
+                                keys.join(", ")
+                            ),
+                        )
+                    })?;
                 if !keys.is_empty() && !keys.iter().any(|k| k == sel) {
-                    return Err(SmithersError::new(Code::InvalidInput, format!("unknown selection `{sel}`; choose one of: {}", keys.join(", "))));
+                    return Err(SmithersError::new(
+                        Code::InvalidInput,
+                        format!(
+                            "unknown selection `{sel}`; choose one of: {}",
+                            keys.join(", ")
+                        ),
+                    ));
                 }
             }
             "rank" => {
@@ -144,13 +218,29 @@ pub async fn decide(store: &dyn Store, run_id: &str, node_id: &str, iteration: i
                     .as_ref()
                     .and_then(|x| x.get("ranked"))
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if ranked.is_empty() {
-                    return Err(SmithersError::new(Code::InvalidInput, format!("approval `{node_id}` is a rank approval; give an order of: {}", keys.join(", "))));
+                    return Err(SmithersError::new(
+                        Code::InvalidInput,
+                        format!(
+                            "approval `{node_id}` is a rank approval; give an order of: {}",
+                            keys.join(", ")
+                        ),
+                    ));
                 }
                 if let Some(bad) = ranked.iter().find(|r| !keys.contains(r)) {
-                    return Err(SmithersError::new(Code::InvalidInput, format!("rank includes unknown option `{bad}`; options are: {}", keys.join(", "))));
+                    return Err(SmithersError::new(
+                        Code::InvalidInput,
+                        format!(
+                            "rank includes unknown option `{bad}`; options are: {}",
+                            keys.join(", ")
+                        ),
+                    ));
                 }
             }
             _ => {}
@@ -166,7 +256,9 @@ pub async fn decide(store: &dyn Store, run_id: &str, node_id: &str, iteration: i
         decided_at_ms: Some(now),
         note: d.note.clone(),
         decided_by: d.decided_by.clone(),
-        decision_json: decision.map(|x| x.to_string()).or(row.decision_json.clone()),
+        decision_json: decision
+            .map(|x| x.to_string())
+            .or(row.decision_json.clone()),
         ..row
     }));
     if let Some(mut n) = store.get_node(run_id, node_id, iteration).await? {
@@ -174,8 +266,17 @@ pub async fn decide(store: &dyn Store, run_id: &str, node_id: &str, iteration: i
         n.updated_at_ms = now;
         batch.push(Write::UpsertNode(n));
     }
-    let t = if d.approved { events::kind::APPROVAL_GRANTED } else { events::kind::APPROVAL_DENIED };
-    event(&mut batch, run_id, t, json!({"nodeId": node_id, "iteration": iteration, "decidedBy": d.decided_by, "note": d.note}));
+    let t = if d.approved {
+        events::kind::APPROVAL_GRANTED
+    } else {
+        events::kind::APPROVAL_DENIED
+    };
+    event(
+        &mut batch,
+        run_id,
+        t,
+        json!({"nodeId": node_id, "iteration": iteration, "decidedBy": d.decided_by, "note": d.note}),
+    );
     store.apply(batch).await?;
     Ok(())
 }
@@ -202,12 +303,27 @@ pub async fn send_signal(
 ) -> Result<SignalDelivery> {
     let name = name.trim();
     if name.is_empty() {
-        return Err(SmithersError::new(Code::InvalidInput, "signal name must be a non-empty string"));
+        return Err(SmithersError::new(
+            Code::InvalidInput,
+            "signal name must be a non-empty string",
+        ));
     }
-    let correlation = correlation_id.map(str::trim).filter(|c| !c.is_empty()).map(str::to_string);
+    let correlation = correlation_id
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
     let row = run_row(store, run_id).await?;
-    if matches!(row.status.as_str(), status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED) {
-        return Err(SmithersError::new(Code::RunNotActive, format!("run `{run_id}` is `{}` and no longer takes signals", row.status)));
+    if matches!(
+        row.status.as_str(),
+        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
+    ) {
+        return Err(SmithersError::new(
+            Code::RunNotActive,
+            format!(
+                "run `{run_id}` is `{}` and no longer takes signals",
+                row.status
+            ),
+        ));
     }
     let now = now_ms();
     let seq = store
@@ -221,7 +337,18 @@ pub async fn send_signal(
         })
         .await?;
     let mut batch = Batch::new();
-    event(&mut batch, run_id, events::kind::SIGNAL_RECEIVED, json!({"signalName": name, "correlationId": correlation, "seq": seq}));
+    event(
+        &mut batch,
+        run_id,
+        events::kind::SIGNAL_RECEIVED,
+        json!({"signalName": name, "correlationId": correlation, "seq": seq}),
+    );
     store.apply(batch).await?;
-    Ok(SignalDelivery { run_id: run_id.to_string(), seq, signal_name: name.to_string(), correlation_id: correlation, received_at_ms: now })
+    Ok(SignalDelivery {
+        run_id: run_id.to_string(),
+        seq,
+        signal_name: name.to_string(),
+        correlation_id: correlation,
+        received_at_ms: now,
+    })
 }

@@ -14,7 +14,9 @@ pub struct OutputStore {
 impl OutputStore {
     pub fn insert(&self, node_id: &str, iteration: u32, value: Value) {
         if let Ok(mut m) = self.map.write() {
-            m.entry(node_id.to_string()).or_default().insert(iteration, value);
+            m.entry(node_id.to_string())
+                .or_default()
+                .insert(iteration, value);
         }
     }
 
@@ -28,7 +30,13 @@ impl OutputStore {
 
     /// Whether (node, iteration) has an output.
     pub fn get_exact(&self, node_id: &str, iteration: u32) -> bool {
-        self.map.read().map(|m| m.get(node_id).is_some_and(|its| its.contains_key(&iteration))).unwrap_or(false)
+        self.map
+            .read()
+            .map(|m| {
+                m.get(node_id)
+                    .is_some_and(|its| its.contains_key(&iteration))
+            })
+            .unwrap_or(false)
     }
 
     /// `{nodeId: latest output}` for every node with an output: the run's final output.
@@ -49,7 +57,13 @@ impl OutputStore {
 
 impl OutputsView for OutputStore {
     fn latest(&self, node_id: &str) -> Option<Value> {
-        self.map.read().ok()?.get(node_id)?.iter().next_back().map(|(_, v)| v.clone())
+        self.map
+            .read()
+            .ok()?
+            .get(node_id)?
+            .iter()
+            .next_back()
+            .map(|(_, v)| v.clone())
     }
     fn get(&self, node_id: &str, iteration: u32) -> Option<Value> {
         self.map.read().ok()?.get(node_id)?.get(&iteration).cloned()
@@ -72,7 +86,11 @@ impl SchemaCache {
             }
         }
         let v = jsonschema::validator_for(schema).map_err(|e| {
-            SmithersError::new(Code::UnknownOutputSchema, format!("output schema is not a valid JSON Schema: {e}")).terminal()
+            SmithersError::new(
+                Code::UnknownOutputSchema,
+                format!("output schema is not a valid JSON Schema: {e}"),
+            )
+            .terminal()
         })?;
         let v = Arc::new(v);
         if let Ok(mut m) = self.compiled.lock() {
@@ -85,7 +103,12 @@ impl SchemaCache {
     }
 
     /// Validates an output; the error names the node, the JSON path and the failed rule.
-    pub fn check(&self, node_id: &str, spec: Option<&OutputSpec>, value: &Value) -> Result<(), SmithersError> {
+    pub fn check(
+        &self,
+        node_id: &str,
+        spec: Option<&OutputSpec>,
+        value: &Value,
+    ) -> Result<(), SmithersError> {
         let Some(spec) = spec else { return Ok(()) };
         let v = self.validator(&spec.schema)?;
         let problems: Vec<String> = v
@@ -93,17 +116,28 @@ impl SchemaCache {
             .take(5)
             .map(|e| {
                 let path = e.instance_path().to_string();
-                let path = if path.is_empty() { "/".to_string() } else { path };
+                let path = if path.is_empty() {
+                    "/".to_string()
+                } else {
+                    path
+                };
                 format!("at `{path}`: {e} (rule `{}`)", e.kind().keyword())
             })
             .collect();
         if problems.is_empty() {
             return Ok(());
         }
-        let schema_name = spec.name.as_deref().map(|n| format!(" `{n}`")).unwrap_or_default();
+        let schema_name = spec
+            .name
+            .as_deref()
+            .map(|n| format!(" `{n}`"))
+            .unwrap_or_default();
         Err(SmithersError::new(
             Code::InvalidOutput,
-            format!("output of `{node_id}` does not match its schema{schema_name}: {}", problems.join("; ")),
+            format!(
+                "output of `{node_id}` does not match its schema{schema_name}: {}",
+                problems.join("; ")
+            ),
         )
         .with_node(node_id))
     }
@@ -119,10 +153,14 @@ mod tests {
         let cache = SchemaCache::default();
         let spec = OutputSpec {
             name: Some("review".into()),
-            schema: Arc::new(json!({"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}})),
+            schema: Arc::new(
+                json!({"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}),
+            ),
         };
         assert!(cache.check("r", Some(&spec), &json!({"ok": true})).is_ok());
-        let e = cache.check("r", Some(&spec), &json!({"ok": "yes"})).unwrap_err();
+        let e = cache
+            .check("r", Some(&spec), &json!({"ok": "yes"}))
+            .unwrap_err();
         assert_eq!(e.code, Code::InvalidOutput);
         assert!(e.message.contains("/ok"), "{}", e.message);
         assert!(e.message.contains("rule `type`"), "{}", e.message);

@@ -8,7 +8,12 @@ use nix::unistd::Pid;
 
 /// A fresh owner id for this process.
 pub fn new_owner_id() -> String {
-    format!("pid:{}:{}:{}", std::process::id(), uuid::Uuid::new_v4().simple(), host())
+    format!(
+        "pid:{}:{}:{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple(),
+        host()
+    )
 }
 
 fn host() -> String {
@@ -58,7 +63,10 @@ mod tests {
     fn own_id_is_alive_and_foreign_host_unknown() {
         let id = new_owner_id();
         assert_eq!(liveness(&id), OwnerLiveness::Alive);
-        assert_eq!(liveness("pid:1:abc:some-other-host-xyz"), OwnerLiveness::Unknown);
+        assert_eq!(
+            liveness("pid:1:abc:some-other-host-xyz"),
+            OwnerLiveness::Unknown
+        );
         assert_eq!(liveness("garbage"), OwnerLiveness::Unknown);
     }
 

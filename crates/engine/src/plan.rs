@@ -85,7 +85,12 @@ impl PTask {
 
 fn unreachable_task() -> &'static Task {
     static FALLBACK: std::sync::OnceLock<Task> = std::sync::OnceLock::new();
-    FALLBACK.get_or_init(|| Task::new("invalid", smithers_core::TaskKind::Value(serde_json::Value::Null)))
+    FALLBACK.get_or_init(|| {
+        Task::new(
+            "invalid",
+            smithers_core::TaskKind::Value(serde_json::Value::Null),
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -139,19 +144,41 @@ impl Plan {
         p
     }
 
-    fn add(&mut self, n: &NodeRef, group: Option<usize>, loops: &mut Vec<(String, u32)>, it: &dyn Fn(&str) -> (u32, bool)) -> usize {
+    fn add(
+        &mut self,
+        n: &NodeRef,
+        group: Option<usize>,
+        loops: &mut Vec<(String, u32)>,
+        it: &dyn Fn(&str) -> (u32, bool),
+    ) -> usize {
         let pn = match &**n {
             Node::Sequence { children } | Node::Branch { children, .. } => {
-                let c = children.iter().map(|c| self.add(c, group, loops, it)).collect();
+                let c = children
+                    .iter()
+                    .map(|c| self.add(c, group, loops, it))
+                    .collect();
                 PNode::Seq(c)
             }
-            Node::Parallel { max_concurrency, children, .. } => {
+            Node::Parallel {
+                max_concurrency,
+                children,
+                ..
+            } => {
                 let g = self.group_max.len();
                 self.group_max.push(*max_concurrency);
-                let c = children.iter().map(|c| self.add(c, Some(g), loops, it)).collect();
+                let c = children
+                    .iter()
+                    .map(|c| self.add(c, Some(g), loops, it))
+                    .collect();
                 PNode::Par(c)
             }
-            Node::Loop(LoopNode { id, until, max_iterations, on_max_reached, children }) => {
+            Node::Loop(LoopNode {
+                id,
+                until,
+                max_iterations,
+                on_max_reached,
+                children,
+            }) => {
                 let (iteration, done) = it(id);
                 let idx = self.loops.len();
                 self.loops.push(PLoop {
@@ -162,7 +189,10 @@ impl Plan {
                     iteration,
                 });
                 loops.push((id.clone(), iteration));
-                let c = children.iter().map(|c| self.add(c, group, loops, it)).collect();
+                let c = children
+                    .iter()
+                    .map(|c| self.add(c, group, loops, it))
+                    .collect();
                 loops.pop();
                 PNode::Loop { idx, children: c }
             }
@@ -171,7 +201,10 @@ impl Plan {
                     0 => (t.id.clone(), 0),
                     1 => (t.id.clone(), loops[0].1),
                     n => {
-                        let outer: Vec<String> = loops[..n - 1].iter().map(|(l, i)| format!("{l}={i}")).collect();
+                        let outer: Vec<String> = loops[..n - 1]
+                            .iter()
+                            .map(|(l, i)| format!("{l}={i}"))
+                            .collect();
                         (format!("{}@@{}", t.id, outer.join(",")), loops[n - 1].1)
                     }
                 };
@@ -179,7 +212,12 @@ impl Plan {
                 if self.by_id.insert(t.id.clone(), ti).is_some() {
                     self.duplicates.push(t.id.clone());
                 }
-                self.tasks.push(PTask { key: (node_id, iteration), node: n.clone(), group, rt: usize::MAX });
+                self.tasks.push(PTask {
+                    key: (node_id, iteration),
+                    node: n.clone(),
+                    group,
+                    rt: usize::MAX,
+                });
                 PNode::Task(ti)
             }
         };
@@ -196,7 +234,12 @@ impl Plan {
             }
         }
         let mut s = Schedule::default();
-        let mut w = Walker { plan: self, view, usage, out: &mut s };
+        let mut w = Walker {
+            plan: self,
+            view,
+            usage,
+            out: &mut s,
+        };
         let done = w.walk(self.root_idx);
         s.done = done;
         s
@@ -315,7 +358,10 @@ mod tests {
     use std::sync::Arc;
 
     fn task(id: &str) -> NodeRef {
-        Arc::new(Node::Task(Box::new(Task::new(id, TaskKind::Value(json!(1))))))
+        Arc::new(Node::Task(Box::new(Task::new(
+            id,
+            TaskKind::Value(json!(1)),
+        ))))
     }
 
     struct View(HashMap<usize, TState>);
@@ -338,12 +384,17 @@ mod tests {
 
     #[test]
     fn sequence_stops_at_first_unfinished() {
-        let p = plan(Arc::new(Node::Sequence { children: vec![task("a"), task("b")] }));
+        let p = plan(Arc::new(Node::Sequence {
+            children: vec![task("a"), task("b")],
+        }));
         let s = p.schedule(&View(HashMap::new()));
         assert_eq!(s.runnable, vec![0]);
         let s = p.schedule(&View(HashMap::from([(0, TState::Finished)])));
         assert_eq!(s.runnable, vec![1]);
-        let s = p.schedule(&View(HashMap::from([(0, TState::Finished), (1, TState::Finished)])));
+        let s = p.schedule(&View(HashMap::from([
+            (0, TState::Finished),
+            (1, TState::Finished),
+        ])));
         assert!(s.done);
     }
 
@@ -368,7 +419,11 @@ mod tests {
         let p = plan(Arc::new(Node::Parallel {
             id: None,
             max_concurrency: None,
-            children: vec![task("a"), Arc::new(Node::Task(Box::new(b))), Arc::new(Node::Task(Box::new(c)))],
+            children: vec![
+                task("a"),
+                Arc::new(Node::Task(Box::new(b))),
+                Arc::new(Node::Task(Box::new(c))),
+            ],
         }));
         let s = p.schedule(&View(HashMap::new()));
         assert_eq!(s.runnable, vec![0]);
@@ -391,7 +446,9 @@ mod tests {
             on_max_reached: OnMaxReached::ReturnLast,
             children: vec![inner],
         }));
-        let p = Plan::build(outer, &|id| if id == "out" { (2, false) } else { (1, false) });
+        let p = Plan::build(outer, &|id| {
+            if id == "out" { (2, false) } else { (1, false) }
+        });
         assert_eq!(p.tasks[0].key, ("t@@out=2".to_string(), 1));
     }
 }

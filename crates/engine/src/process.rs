@@ -55,7 +55,9 @@ pub async fn run(
         }
         Cmd::Argv(argv) => {
             let Some((prog, args)) = argv.split_first() else {
-                return Err(SmithersError::new(Code::ProcessSpawnFailed, "empty command").terminal());
+                return Err(
+                    SmithersError::new(Code::ProcessSpawnFailed, "empty command").terminal(),
+                );
             };
             let mut c = tokio::process::Command::new(prog);
             c.args(args);
@@ -81,7 +83,11 @@ pub async fn run(
     let mut child = cmd.spawn().map_err(|e| {
         SmithersError::new(
             Code::ProcessSpawnFailed,
-            format!("cannot start `{}` in `{}`: {e}", describe(&spec.command), spec.cwd.display()),
+            format!(
+                "cannot start `{}` in `{}`: {e}",
+                describe(&spec.command),
+                spec.cwd.display()
+            ),
         )
     })?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -98,7 +104,10 @@ pub async fn run(
                 match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let _ = tx_out.send(Chunk { stream: "stdout", text: String::from_utf8_lossy(&chunk[..n]).into_owned() });
+                        let _ = tx_out.send(Chunk {
+                            stream: "stdout",
+                            text: String::from_utf8_lossy(&chunk[..n]).into_owned(),
+                        });
                         if buf.len() + n > MAX_STDOUT_BYTES {
                             too_big = true;
                         } else {
@@ -118,7 +127,10 @@ pub async fn run(
                 match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let _ = chunks.send(Chunk { stream: "stderr", text: String::from_utf8_lossy(&chunk[..n]).into_owned() });
+                        let _ = chunks.send(Chunk {
+                            stream: "stderr",
+                            text: String::from_utf8_lossy(&chunk[..n]).into_owned(),
+                        });
                         tail.extend_from_slice(&chunk[..n]);
                         if tail.len() > STDERR_TAIL * 2 {
                             tail.drain(..tail.len() - STDERR_TAIL);
@@ -160,10 +172,20 @@ pub async fn run(
     let status = outcome?;
     let (stdout, too_big) = out_task.await.unwrap_or_default();
     let tail = err_task.await.unwrap_or_default();
-    let status = status.map_err(|e| SmithersError::new(Code::ProcessFailed, format!("waiting for the task failed: {e}")))?;
-    let tail_text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..]).trim().to_string();
+    let status = status.map_err(|e| {
+        SmithersError::new(
+            Code::ProcessFailed,
+            format!("waiting for the task failed: {e}"),
+        )
+    })?;
+    let tail_text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..])
+        .trim()
+        .to_string();
     if !status.success() {
-        let code = status.code().map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+        let code = status
+            .code()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "a signal".into());
         let mut msg = format!("`{}` exited with {code}", describe(&spec.command));
         if !tail_text.is_empty() {
             msg.push_str(&format!("; stderr: {tail_text}"));
@@ -173,10 +195,17 @@ pub async fn run(
     if too_big {
         return Err(SmithersError::new(
             Code::OutputTooLarge,
-            format!("`{}` wrote more than {MAX_STDOUT_BYTES} bytes to stdout", describe(&spec.command)),
+            format!(
+                "`{}` wrote more than {MAX_STDOUT_BYTES} bytes to stdout",
+                describe(&spec.command)
+            ),
         ));
     }
-    Ok(ProcOutput { stdout: String::from_utf8_lossy(&stdout).into_owned(), exit_code: status.code().unwrap_or(0), pgid: pid })
+    Ok(ProcOutput {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        exit_code: status.code().unwrap_or(0),
+        pgid: pid,
+    })
 }
 
 /// Kills a process group (no-op for 0 or a group that is already gone).
@@ -191,7 +220,11 @@ fn describe(c: &Cmd) -> String {
         Cmd::Shell(s) => s.clone(),
         Cmd::Argv(a) => a.join(" "),
     };
-    if s.chars().count() > 80 { format!("{}…", s.chars().take(80).collect::<String>()) } else { s }
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -199,7 +232,12 @@ mod tests {
     use super::*;
 
     fn spec(cmd: &str, timeout_ms: Option<u64>) -> ProcSpec {
-        ProcSpec { command: Cmd::Shell(cmd.into()), cwd: std::env::temp_dir(), env: BTreeMap::new(), timeout_ms }
+        ProcSpec {
+            command: Cmd::Shell(cmd.into()),
+            cwd: std::env::temp_dir(),
+            env: BTreeMap::new(),
+            timeout_ms,
+        }
     }
 
     async fn go(s: ProcSpec) -> Result<ProcOutput, SmithersError> {
@@ -214,7 +252,11 @@ mod tests {
         assert_eq!(o.stdout, "hi\n");
         let e = go(spec("echo boom >&2; exit 3", None)).await.unwrap_err();
         assert_eq!(e.code, Code::ProcessFailed);
-        assert!(e.message.contains("exited with 3") && e.message.contains("boom"), "{}", e.message);
+        assert!(
+            e.message.contains("exited with 3") && e.message.contains("boom"),
+            "{}",
+            e.message
+        );
     }
 
     #[tokio::test]

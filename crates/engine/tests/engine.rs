@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 use smithers_core::build::{FnWorkflow, par, repeat, seq, shell, value};
-use smithers_core::tree::{ApprovalMode, ApprovalSpec, Node, OnDeny, OnTimeout, SubflowSpec, TimerSpec, WaitSpec};
+use smithers_core::tree::{
+    ApprovalMode, ApprovalSpec, Node, OnDeny, OnTimeout, SubflowSpec, TimerSpec, WaitSpec,
+};
 use smithers_core::{Code, NodeRef, OutputsView, RenderCtx, Task, TaskKind, Workflow};
 use smithers_engine::{Engine, EngineConfig, RunOutcome, StartOptions, ops};
 use smithers_store::Store;
@@ -24,18 +26,36 @@ async fn env() -> Env {
 async fn env_with(cfg: EngineConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let store = smithers_store::open(&format!("sqlite://{}", path.join("db.sqlite").display())).await.unwrap();
-    let cfg = EngineConfig { default_cwd: Some(path.clone()), ..cfg };
+    let store = smithers_store::open(&format!("sqlite://{}", path.join("db.sqlite").display()))
+        .await
+        .unwrap();
+    let cfg = EngineConfig {
+        default_cwd: Some(path.clone()),
+        ..cfg
+    };
     let engine = Engine::new(store.clone(), cfg);
-    Env { _dir: dir, path, store, engine }
+    Env {
+        _dir: dir,
+        path,
+        store,
+        engine,
+    }
 }
 
-fn wf(name: &str, f: impl Fn(&RenderCtx) -> smithers_core::Result<NodeRef> + Send + Sync + 'static) -> Arc<dyn Workflow> {
+fn wf(
+    name: &str,
+    f: impl Fn(&RenderCtx) -> smithers_core::Result<NodeRef> + Send + Sync + 'static,
+) -> Arc<dyn Workflow> {
     Arc::new(FnWorkflow::new(name, f))
 }
 
 async fn run(e: &Env, w: Arc<dyn Workflow>, input: Value) -> RunOutcome {
-    e.engine.start(w, input, StartOptions::default()).await.unwrap().wait().await
+    e.engine
+        .start(w, input, StartOptions::default())
+        .await
+        .unwrap()
+        .wait()
+        .await
 }
 
 fn approval(id: &str, mode: ApprovalMode, on_deny: OnDeny) -> NodeRef {
@@ -44,8 +64,16 @@ fn approval(id: &str, mode: ApprovalMode, on_deny: OnDeny) -> NodeRef {
         summary: None,
         mode,
         options: vec![
-            smithers_core::tree::ApprovalOption { key: "a".into(), label: "A".into(), summary: None },
-            smithers_core::tree::ApprovalOption { key: "b".into(), label: "B".into(), summary: None },
+            smithers_core::tree::ApprovalOption {
+                key: "a".into(),
+                label: "A".into(),
+                summary: None,
+            },
+            smithers_core::tree::ApprovalOption {
+                key: "b".into(),
+                label: "B".into(),
+                summary: None,
+            },
         ],
         on_deny,
         allowed_users: vec![],
@@ -58,7 +86,12 @@ fn approval(id: &str, mode: ApprovalMode, on_deny: OnDeny) -> NodeRef {
 #[tokio::test]
 async fn value_chain_finishes_with_frames_and_ordered_events() {
     let e = env().await;
-    let w = wf("chain", |_| Ok(seq((0..10).map(|i| value(&format!("t{i}"), json!(i))).map(|t| t.node()).collect())));
+    let w = wf("chain", |_| {
+        Ok(seq((0..10)
+            .map(|i| value(&format!("t{i}"), json!(i)))
+            .map(|t| t.node())
+            .collect()))
+    });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
     assert_eq!(o.output.unwrap()["t9"], json!(9));
@@ -68,14 +101,22 @@ async fn value_chain_finishes_with_frames_and_ordered_events() {
     for (i, ev) in evs.iter().enumerate() {
         assert_eq!(ev.seq, i as i64);
     }
-    assert_eq!(evs.iter().filter(|e| e.event_type == "NodeFinished").count(), 10);
+    assert_eq!(
+        evs.iter()
+            .filter(|e| e.event_type == "NodeFinished")
+            .count(),
+        10
+    );
     assert_eq!(evs.last().unwrap().event_type, "RunFinished");
     let run = e.store.get_run(&o.run_id).await.unwrap().unwrap();
     assert_eq!(run.status, "finished");
     assert!(run.runtime_owner_id.is_none());
     // every frame can be rebuilt
     for f in 1..=frames {
-        let fr = smithers_engine::frames::read_frame(e.store.as_ref(), &o.run_id, f).await.unwrap().unwrap();
+        let fr = smithers_engine::frames::read_frame(e.store.as_ref(), &o.run_id, f)
+            .await
+            .unwrap()
+            .unwrap();
         let tree: Value = serde_json::from_str(&fr.xml_json).unwrap();
         assert_eq!(tree["tag"], "smithers:sequence");
     }
@@ -85,8 +126,15 @@ async fn value_chain_finishes_with_frames_and_ordered_events() {
 async fn later_steps_see_earlier_outputs() {
     let e = env().await;
     let w = wf("dyn", |ctx| {
-        let a = ctx.outputs.latest("a").and_then(|v| v["n"].as_i64()).unwrap_or(0);
-        Ok(seq(vec![value("a", json!({"n": 20})).node(), value("b", json!({"double": a * 2})).node()]))
+        let a = ctx
+            .outputs
+            .latest("a")
+            .and_then(|v| v["n"].as_i64())
+            .unwrap_or(0);
+        Ok(seq(vec![
+            value("a", json!({"n": 20})).node(),
+            value("b", json!({"double": a * 2})).node(),
+        ]))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.output.unwrap()["b"], json!({"double": 40}));
@@ -99,7 +147,13 @@ async fn parallel_respects_max_concurrency() {
     let l = log.display().to_string();
     let w = wf("par", move |_| {
         let kids = (0..5)
-            .map(|i| shell(&format!("p{i}"), &format!("echo start >> {l}; sleep 0.3; echo end >> {l}")).node())
+            .map(|i| {
+                shell(
+                    &format!("p{i}"),
+                    &format!("echo start >> {l}; sleep 0.3; echo end >> {l}"),
+                )
+                .node()
+            })
             .collect();
         Ok(par(Some(2), kids))
     });
@@ -109,7 +163,12 @@ async fn parallel_respects_max_concurrency() {
     let text = std::fs::read_to_string(&log).unwrap();
     let (mut cur, mut max) = (0, 0);
     for line in text.lines() {
-        if line == "start" { cur += 1; max = max.max(cur) } else { cur -= 1 }
+        if line == "start" {
+            cur += 1;
+            max = max.max(cur)
+        } else {
+            cur -= 1
+        }
     }
     assert_eq!(max, 2, "{text}");
     assert!(t0.elapsed() >= Duration::from_millis(900));
@@ -121,13 +180,24 @@ async fn retries_with_backoff_then_succeeds() {
     let counter = e.path.join("count");
     let c = counter.display().to_string();
     let w = wf("retry", move |_| {
-        let cmd = format!("n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; [ $n -ge 3 ] || {{ echo fail$n >&2; exit 1; }}; echo '{{\"n\": '$n'}}'");
-        Ok(seq(vec![shell("flaky", &cmd).retries(2, 50).output_schema(json!({"type": "object"})).node()]))
+        let cmd = format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; [ $n -ge 3 ] || {{ echo fail$n >&2; exit 1; }}; echo '{{\"n\": '$n'}}'"
+        );
+        Ok(seq(vec![
+            shell("flaky", &cmd)
+                .retries(2, 50)
+                .output_schema(json!({"type": "object"}))
+                .node(),
+        ]))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
     assert_eq!(o.output.unwrap()["flaky"], json!({"n": 3}));
-    let att = e.store.list_node_attempts(&o.run_id, "flaky", 0).await.unwrap();
+    let att = e
+        .store
+        .list_node_attempts(&o.run_id, "flaky", 0)
+        .await
+        .unwrap();
     assert_eq!(att.len(), 3);
     assert_eq!(att[0].state, "finished");
     assert!(att[1].error_json.as_deref().unwrap().contains("fail2"));
@@ -136,19 +206,38 @@ async fn retries_with_backoff_then_succeeds() {
 #[tokio::test]
 async fn exhausted_retries_fail_the_run_with_stderr() {
     let e = env().await;
-    let w = wf("fail", |_| Ok(seq(vec![shell("bad", "echo broken-thing >&2; exit 4").retries(1, 10).node()])));
+    let w = wf("fail", |_| {
+        Ok(seq(vec![
+            shell("bad", "echo broken-thing >&2; exit 4")
+                .retries(1, 10)
+                .node(),
+        ]))
+    });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "failed");
     let err = o.error.unwrap();
-    assert!(err.message.contains("exited with 4") && err.message.contains("broken-thing"), "{}", err.message);
+    assert!(
+        err.message.contains("exited with 4") && err.message.contains("broken-thing"),
+        "{}",
+        err.message
+    );
     assert_eq!(err.node.as_deref(), Some("bad"));
-    assert_eq!(e.store.list_node_attempts(&o.run_id, "bad", 0).await.unwrap().len(), 2);
+    assert_eq!(
+        e.store
+            .list_node_attempts(&o.run_id, "bad", 0)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn timeout_fails_attempt_quickly() {
     let e = env().await;
-    let w = wf("slow", |_| Ok(seq(vec![shell("slow", "sleep 10").timeout_ms(200).node()])));
+    let w = wf("slow", |_| {
+        Ok(seq(vec![shell("slow", "sleep 10").timeout_ms(200).node()]))
+    });
     let t0 = Instant::now();
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "failed");
@@ -160,39 +249,57 @@ async fn timeout_fails_attempt_quickly() {
 async fn invalid_output_names_path_and_rule() {
     let e = env().await;
     let w = wf("schema", |_| {
-        Ok(seq(vec![value("v", json!({"ok": "yes"}))
-            .output_schema(json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}))
-            .node()]))
+        Ok(seq(vec![
+            value("v", json!({"ok": "yes"}))
+                .output_schema(json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}))
+                .node(),
+        ]))
     });
     let o = run(&e, w, json!({})).await;
     let err = o.error.unwrap();
     assert_eq!(err.code, Code::InvalidOutput);
-    assert!(err.message.contains("/ok") && err.message.contains("type"), "{}", err.message);
+    assert!(
+        err.message.contains("/ok") && err.message.contains("type"),
+        "{}",
+        err.message
+    );
 }
 
 #[tokio::test]
 async fn skip_continue_on_fail_and_depends_on() {
     let e = env().await;
     let w = wf("flags", |_| {
-        Ok(par(None, vec![
-            shell("broken", "exit 1").continue_on_fail().node(),
-            value("after", json!(1)).depends_on(&["broken"]).node(),
-            value("skipped", json!(2)).skip(true).node(),
-        ]))
+        Ok(par(
+            None,
+            vec![
+                shell("broken", "exit 1").continue_on_fail().node(),
+                value("after", json!(1)).depends_on(&["broken"]).node(),
+                value("skipped", json!(2)).skip(true).node(),
+            ],
+        ))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
     let out = o.output.unwrap();
     assert_eq!(out["after"], json!(1));
     assert!(out.get("skipped").is_none());
-    let n = e.store.get_node(&o.run_id, "skipped", 0).await.unwrap().unwrap();
+    let n = e
+        .store
+        .get_node(&o.run_id, "skipped", 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(n.state, "skipped");
 }
 
 #[tokio::test]
 async fn unmounted_dependency_is_a_clear_error() {
     let e = env().await;
-    let w = wf("deps", |_| Ok(seq(vec![value("a", json!(1)).depends_on(&["ghost"]).node()])));
+    let w = wf("deps", |_| {
+        Ok(seq(vec![
+            value("a", json!(1)).depends_on(&["ghost"]).node(),
+        ]))
+    });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "failed");
     let err = o.error.unwrap();
@@ -204,7 +311,11 @@ async fn unmounted_dependency_is_a_clear_error() {
 async fn render_error_fails_run_and_names_node() {
     let e = env().await;
     let w = wf("err", |_| {
-        Err(smithers_core::SmithersError::new(Code::ExpressionError, "node `x`: expression `1 +` failed").with_node("x"))
+        Err(smithers_core::SmithersError::new(
+            Code::ExpressionError,
+            "node `x`: expression `1 +` failed",
+        )
+        .with_node("x"))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "failed");
@@ -215,9 +326,17 @@ async fn render_error_fails_run_and_names_node() {
 async fn loop_runs_until_condition() {
     let e = env().await;
     let w = wf("loop", |ctx| {
-        let done = ctx.outputs.latest("step").and_then(|v| v.as_i64()).unwrap_or(-1) >= 2;
+        let done = ctx
+            .outputs
+            .latest("step")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-1)
+            >= 2;
         let it = ctx.iteration_of("l") as i64;
-        Ok(seq(vec![repeat("l", done, 10, vec![value("step", json!(it)).node()]), value("after", json!("done")).node()]))
+        Ok(seq(vec![
+            repeat("l", done, 10, vec![value("step", json!(it)).node()]),
+            value("after", json!("done")).node(),
+        ]))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
@@ -231,7 +350,12 @@ async fn loop_max_iterations_returns_last_or_fails() {
     let e = env().await;
     let w = wf("loopmax", |ctx| {
         let it = ctx.iteration_of("l") as i64;
-        Ok(seq(vec![repeat("l", false, 3, vec![value("s", json!(it)).node()])]))
+        Ok(seq(vec![repeat(
+            "l",
+            false,
+            3,
+            vec![value("s", json!(it)).node()],
+        )]))
     });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished");
@@ -268,15 +392,46 @@ async fn approval_parks_and_resumes_without_rerunning_finished_work() {
     assert_eq!(row.status, "waiting-approval");
     assert!(row.runtime_owner_id.is_none());
     // resuming without a decision parks again
-    let o2 = e.engine.resume(w.clone(), &o.run_id, false).await.unwrap().wait().await;
-    assert_eq!(o2.status, "waiting-approval");
-    ops::decide(e.store.as_ref(), &o.run_id, "gate", 0, ops::Decision { approved: true, note: Some("lgtm".into()), decided_by: Some("ann".into()), decision: None })
+    let o2 = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
         .await
-        .unwrap();
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(o2.status, "waiting-approval");
+    ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "gate",
+        0,
+        ops::Decision {
+            approved: true,
+            note: Some("lgtm".into()),
+            decided_by: Some("ann".into()),
+            decision: None,
+        },
+    )
+    .await
+    .unwrap();
     // a second decision is refused
-    let again = ops::decide(e.store.as_ref(), &o.run_id, "gate", 0, ops::Decision::default()).await.unwrap_err();
+    let again = ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "gate",
+        0,
+        ops::Decision::default(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(again.code, Code::NotWaitingApproval);
-    let o3 = e.engine.resume(w, &o.run_id, false).await.unwrap().wait().await;
+    let o3 = e
+        .engine
+        .resume(w, &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
     assert_eq!(o3.status, "finished", "{:?}", o3.error);
     let out = o3.output.unwrap();
     assert_eq!(out["gate"]["approved"], json!(true));
@@ -287,12 +442,38 @@ async fn approval_parks_and_resumes_without_rerunning_finished_work() {
 #[tokio::test]
 async fn denied_approval_fails_or_continues() {
     let e = env().await;
-    for (on_deny, expect) in [(OnDeny::Fail, "failed"), (OnDeny::Continue, "finished"), (OnDeny::Skip, "finished")] {
-        let w = wf("deny", move |_| Ok(seq(vec![approval("g", ApprovalMode::Approve, on_deny), value("z", json!(1)).node()])));
+    for (on_deny, expect) in [
+        (OnDeny::Fail, "failed"),
+        (OnDeny::Continue, "finished"),
+        (OnDeny::Skip, "finished"),
+    ] {
+        let w = wf("deny", move |_| {
+            Ok(seq(vec![
+                approval("g", ApprovalMode::Approve, on_deny),
+                value("z", json!(1)).node(),
+            ]))
+        });
         let o = run(&e, w.clone(), json!({})).await;
         assert_eq!(o.status, "waiting-approval");
-        ops::decide(e.store.as_ref(), &o.run_id, "g", 0, ops::Decision { approved: false, ..Default::default() }).await.unwrap();
-        let o = e.engine.resume(w, &o.run_id, false).await.unwrap().wait().await;
+        ops::decide(
+            e.store.as_ref(),
+            &o.run_id,
+            "g",
+            0,
+            ops::Decision {
+                approved: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let o = e
+            .engine
+            .resume(w, &o.run_id, false)
+            .await
+            .unwrap()
+            .wait()
+            .await;
         assert_eq!(o.status, expect, "{on_deny:?} {:?}", o.error);
         if on_deny == OnDeny::Fail {
             assert_eq!(o.error.unwrap().code, Code::ApprovalDenied);
@@ -306,22 +487,85 @@ async fn denied_approval_fails_or_continues() {
 #[tokio::test]
 async fn select_and_rank_decisions_are_validated() {
     let e = env().await;
-    let w = wf("sel", |_| Ok(seq(vec![approval("pick", ApprovalMode::Select, OnDeny::Fail), approval("order", ApprovalMode::Rank, OnDeny::Fail)])));
+    let w = wf("sel", |_| {
+        Ok(seq(vec![
+            approval("pick", ApprovalMode::Select, OnDeny::Fail),
+            approval("order", ApprovalMode::Rank, OnDeny::Fail),
+        ]))
+    });
     let o = run(&e, w.clone(), json!({})).await;
-    let d = |v: Value| ops::Decision { approved: true, decision: Some(v), ..Default::default() };
-    let bad = ops::decide(e.store.as_ref(), &o.run_id, "pick", 0, d(json!({"selected": "zzz"}))).await.unwrap_err();
+    let d = |v: Value| ops::Decision {
+        approved: true,
+        decision: Some(v),
+        ..Default::default()
+    };
+    let bad = ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "pick",
+        0,
+        d(json!({"selected": "zzz"})),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(bad.code, Code::InvalidInput);
-    let bad = ops::decide(e.store.as_ref(), &o.run_id, "pick", 0, d(json!({}))).await.unwrap_err();
+    let bad = ops::decide(e.store.as_ref(), &o.run_id, "pick", 0, d(json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(bad.code, Code::InvalidInput);
-    ops::decide(e.store.as_ref(), &o.run_id, "pick", 0, d(json!({"selected": "b"}))).await.unwrap();
-    let o = e.engine.resume(w.clone(), &o.run_id, false).await.unwrap().wait().await;
+    ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "pick",
+        0,
+        d(json!({"selected": "b"})),
+    )
+    .await
+    .unwrap();
+    let o = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
     assert_eq!(o.status, "waiting-approval");
-    let bad = ops::decide(e.store.as_ref(), &o.run_id, "order", 0, d(json!({"ranked": []}))).await.unwrap_err();
+    let bad = ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "order",
+        0,
+        d(json!({"ranked": []})),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(bad.code, Code::InvalidInput);
-    let bad = ops::decide(e.store.as_ref(), &o.run_id, "order", 0, d(json!({"ranked": ["a", "q"]}))).await.unwrap_err();
+    let bad = ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "order",
+        0,
+        d(json!({"ranked": ["a", "q"]})),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(bad.code, Code::InvalidInput);
-    ops::decide(e.store.as_ref(), &o.run_id, "order", 0, d(json!({"ranked": ["b", "a"]}))).await.unwrap();
-    let o = e.engine.resume(w, &o.run_id, false).await.unwrap().wait().await;
+    ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "order",
+        0,
+        d(json!({"ranked": ["b", "a"]})),
+    )
+    .await
+    .unwrap();
+    let o = e
+        .engine
+        .resume(w, &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
     let out = o.output.unwrap();
     assert_eq!(out["pick"]["selected"], json!("b"));
     assert_eq!(out["order"]["ranked"], json!(["b", "a"]));
@@ -343,45 +587,136 @@ async fn auto_approve_after_consecutive_approvals() {
     for _ in 0..2 {
         let o = run(&e, w.clone(), json!({})).await;
         assert_eq!(o.status, "waiting-approval");
-        ops::decide(e.store.as_ref(), &o.run_id, "g", 0, ops::Decision { approved: true, ..Default::default() }).await.unwrap();
-        assert_eq!(e.engine.resume(w.clone(), &o.run_id, false).await.unwrap().wait().await.status, "finished");
+        ops::decide(
+            e.store.as_ref(),
+            &o.run_id,
+            "g",
+            0,
+            ops::Decision {
+                approved: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            e.engine
+                .resume(w.clone(), &o.run_id, false)
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .status,
+            "finished"
+        );
     }
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished", "third run is auto-approved");
-    let a = e.store.get_approval(&o.run_id, "g", 0).await.unwrap().unwrap();
+    let a = e
+        .store
+        .get_approval(&o.run_id, "g", 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(a.auto_approved);
 }
 
-fn waiter(id: &str, event: &str, corr: Option<&str>, timeout_ms: Option<u64>, on_timeout: OnTimeout) -> NodeRef {
-    Task::new(id, TaskKind::WaitForEvent(WaitSpec { event: event.into(), correlation_id: corr.map(str::to_string), timeout_ms, on_timeout }))
-        .node()
+fn waiter(
+    id: &str,
+    event: &str,
+    corr: Option<&str>,
+    timeout_ms: Option<u64>,
+    on_timeout: OnTimeout,
+) -> NodeRef {
+    Task::new(
+        id,
+        TaskKind::WaitForEvent(WaitSpec {
+            event: event.into(),
+            correlation_id: corr.map(str::to_string),
+            timeout_ms,
+            on_timeout,
+        }),
+    )
+    .node()
 }
 
 #[tokio::test]
 async fn wait_for_event_matches_name_and_correlation() {
     let e = env().await;
-    let w = wf("wait", |_| Ok(seq(vec![waiter("ci", "ci.finished", Some("abc"), None, OnTimeout::Fail), value("z", json!(1)).node()])));
+    let w = wf("wait", |_| {
+        Ok(seq(vec![
+            waiter("ci", "ci.finished", Some("abc"), None, OnTimeout::Fail),
+            value("z", json!(1)).node(),
+        ]))
+    });
     let o = run(&e, w.clone(), json!({})).await;
     assert_eq!(o.status, "waiting-event");
     // wrong correlation and wrong name do not match
-    ops::send_signal(e.store.as_ref(), &o.run_id, "ci.finished", json!({"ok": false}), Some("other"), None).await.unwrap();
-    ops::send_signal(e.store.as_ref(), &o.run_id, "ci.started", json!({"ok": false}), Some("abc"), None).await.unwrap();
-    let o = e.engine.resume(w.clone(), &o.run_id, false).await.unwrap().wait().await;
+    ops::send_signal(
+        e.store.as_ref(),
+        &o.run_id,
+        "ci.finished",
+        json!({"ok": false}),
+        Some("other"),
+        None,
+    )
+    .await
+    .unwrap();
+    ops::send_signal(
+        e.store.as_ref(),
+        &o.run_id,
+        "ci.started",
+        json!({"ok": false}),
+        Some("abc"),
+        None,
+    )
+    .await
+    .unwrap();
+    let o = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
     assert_eq!(o.status, "waiting-event");
-    let d = ops::send_signal(e.store.as_ref(), &o.run_id, "ci.finished", json!({"ok": true}), Some("abc"), Some("bot")).await.unwrap();
+    let d = ops::send_signal(
+        e.store.as_ref(),
+        &o.run_id,
+        "ci.finished",
+        json!({"ok": true}),
+        Some("abc"),
+        Some("bot"),
+    )
+    .await
+    .unwrap();
     assert_eq!(d.seq, 2);
-    let o = e.engine.resume(w, &o.run_id, false).await.unwrap().wait().await;
+    let o = e
+        .engine
+        .resume(w, &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
     assert_eq!(o.output.unwrap()["ci"], json!({"ok": true}));
-    let bad = ops::send_signal(e.store.as_ref(), &o.run_id, "  ", json!({}), None, None).await.unwrap_err();
+    let bad = ops::send_signal(e.store.as_ref(), &o.run_id, "  ", json!({}), None, None)
+        .await
+        .unwrap_err();
     assert_eq!(bad.code, Code::InvalidInput);
 }
 
 #[tokio::test]
 async fn wait_timeout_actions() {
     let e = env().await;
-    for (on, expect) in [(OnTimeout::Fail, "failed"), (OnTimeout::Skip, "finished"), (OnTimeout::Continue, "finished")] {
-        let w = wf("wt", move |_| Ok(seq(vec![waiter("w", "never", None, Some(100), on)])));
+    for (on, expect) in [
+        (OnTimeout::Fail, "failed"),
+        (OnTimeout::Skip, "finished"),
+        (OnTimeout::Continue, "finished"),
+    ] {
+        let w = wf("wt", move |_| {
+            Ok(seq(vec![waiter("w", "never", None, Some(100), on)]))
+        });
         let o = run(&e, w, json!({})).await;
         assert_eq!(o.status, expect, "{on:?}");
     }
@@ -390,13 +725,22 @@ async fn wait_timeout_actions() {
 #[tokio::test]
 async fn short_timer_waits_inline_long_timer_parks() {
     let e = env().await;
-    let w = wf("timer", |_| Ok(seq(vec![Task::new("t", TaskKind::Timer(TimerSpec::DurationMs(150))).node(), value("z", json!(1)).node()])));
+    let w = wf("timer", |_| {
+        Ok(seq(vec![
+            Task::new("t", TaskKind::Timer(TimerSpec::DurationMs(150))).node(),
+            value("z", json!(1)).node(),
+        ]))
+    });
     let t0 = Instant::now();
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "finished");
     assert!(t0.elapsed() >= Duration::from_millis(150));
     assert!(o.output.unwrap()["t"]["firedAtMs"].is_i64());
-    let w = wf("timer2", |_| Ok(seq(vec![Task::new("t", TaskKind::Timer(TimerSpec::DurationMs(3_600_000))).node()])));
+    let w = wf("timer2", |_| {
+        Ok(seq(vec![
+            Task::new("t", TaskKind::Timer(TimerSpec::DurationMs(3_600_000))).node(),
+        ]))
+    });
     let o = run(&e, w, json!({})).await;
     assert_eq!(o.status, "waiting-timer");
 }
@@ -404,17 +748,35 @@ async fn short_timer_waits_inline_long_timer_parks() {
 #[tokio::test]
 async fn subflow_runs_child_and_returns_its_outputs() {
     let e = env().await;
-    let child: Arc<dyn Workflow> = wf("child", |ctx| Ok(seq(vec![value("echo", json!({"got": ctx.input["text"]})).node()])));
+    let child: Arc<dyn Workflow> = wf("child", |ctx| {
+        Ok(seq(vec![
+            value("echo", json!({"got": ctx.input["text"]})).node(),
+        ]))
+    });
     let parent: Arc<dyn Workflow> = Arc::new(
         FnWorkflow::new("parent", |_| {
-            Ok(seq(vec![Task::new("notify", TaskKind::Subflow(SubflowSpec { workflow: "child".into(), input: json!({"text": "hi"}) })).node()]))
+            Ok(seq(vec![
+                Task::new(
+                    "notify",
+                    TaskKind::Subflow(SubflowSpec {
+                        workflow: "child".into(),
+                        input: json!({"text": "hi"}),
+                    }),
+                )
+                .node(),
+            ]))
         })
         .with_subflow("child", child),
     );
     let o = run(&e, parent, json!({})).await;
     assert_eq!(o.status, "finished", "{:?}", o.error);
     assert_eq!(o.output.unwrap()["notify"], json!({"echo": {"got": "hi"}}));
-    let kid = e.store.get_run(&format!("{}:child:notify:0", o.run_id)).await.unwrap().unwrap();
+    let kid = e
+        .store
+        .get_run(&format!("{}:child:notify:0", o.run_id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(kid.parent_run_id.as_deref(), Some(o.run_id.as_str()));
     assert_eq!(kid.status, "finished");
 }
@@ -424,8 +786,16 @@ async fn cancel_kills_running_task() {
     let e = env().await;
     let marker = e.path.join("after");
     let m = marker.display().to_string();
-    let w = wf("cancel", move |_| Ok(seq(vec![shell("long", &format!("sleep 3; touch {m}")).node()])));
-    let h = e.engine.start(w, json!({}), StartOptions::default()).await.unwrap();
+    let w = wf("cancel", move |_| {
+        Ok(seq(vec![
+            shell("long", &format!("sleep 3; touch {m}")).node(),
+        ]))
+    });
+    let h = e
+        .engine
+        .start(w, json!({}), StartOptions::default())
+        .await
+        .unwrap();
     let id = h.run_id.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     e.engine.cancel(&id).await.unwrap();
@@ -441,32 +811,82 @@ async fn cancel_kills_running_task() {
 async fn input_is_checked() {
     let e = env().await;
     let w: Arc<dyn Workflow> = Arc::new(
-        FnWorkflow::new("in", |_| Ok(seq(vec![]))).with_input_schema(json!({"type": "object", "required": ["repo"]})),
+        FnWorkflow::new("in", |_| Ok(seq(vec![])))
+            .with_input_schema(json!({"type": "object", "required": ["repo"]})),
     );
-    let err = e.engine.start(w.clone(), json!([1]), StartOptions::default()).await.err().unwrap();
+    let err = e
+        .engine
+        .start(w.clone(), json!([1]), StartOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code, Code::InvalidInput);
-    let err = e.engine.start(w.clone(), json!({}), StartOptions::default()).await.err().unwrap();
+    let err = e
+        .engine
+        .start(w.clone(), json!({}), StartOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert!(err.message.contains("repo"), "{}", err.message);
     let o = run(&e, w.clone(), json!({"repo": "x"})).await;
     assert_eq!(o.status, "finished");
-    let dup = e.engine.start(w, json!({"repo": "x"}), StartOptions { run_id: Some(o.run_id.clone()), ..Default::default() }).await.err().unwrap();
+    let dup = e
+        .engine
+        .start(
+            w,
+            json!({"repo": "x"}),
+            StartOptions {
+                run_id: Some(o.run_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .unwrap();
     assert_eq!(dup.code, Code::RunExists);
 }
 
 #[tokio::test]
 async fn a_stolen_lease_stops_the_old_owner() {
-    let e = env_with(EngineConfig { heartbeat_interval_ms: 50, ..Default::default() }).await;
-    let w = wf("lease", |_| Ok(seq(vec![shell("a", "sleep 1").node(), value("b", json!(1)).node()])));
-    let h = e.engine.start(w, json!({}), StartOptions::default()).await.unwrap();
+    let e = env_with(EngineConfig {
+        heartbeat_interval_ms: 50,
+        ..Default::default()
+    })
+    .await;
+    let w = wf("lease", |_| {
+        Ok(seq(vec![
+            shell("a", "sleep 1").node(),
+            value("b", json!(1)).node(),
+        ]))
+    });
+    let h = e
+        .engine
+        .start(w, json!({}), StartOptions::default())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // another engine takes the run over (as if our heartbeat had gone stale)
     let now = smithers_engine::now_ms();
-    assert!(e.store.claim_run(&h.run_id, "pid:1:other:elsewhere", now, now + 1, None).await.unwrap());
+    assert!(
+        e.store
+            .claim_run(&h.run_id, "pid:1:other:elsewhere", now, now + 1, None)
+            .await
+            .unwrap()
+    );
     let o = h.wait().await;
     assert_eq!(o.status, "lease-lost");
     let row = e.store.get_run(&o.run_id).await.unwrap().unwrap();
-    assert_eq!(row.runtime_owner_id.as_deref(), Some("pid:1:other:elsewhere"));
-    assert!(e.store.get_output(&o.run_id, "b", 0).await.unwrap().is_none());
+    assert_eq!(
+        row.runtime_owner_id.as_deref(),
+        Some("pid:1:other:elsewhere")
+    );
+    assert!(
+        e.store
+            .get_output(&o.run_id, "b", 0)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -474,7 +894,11 @@ async fn orphaned_runs_are_taken_over() {
     let e = env().await;
     let w = wf("orphan", |_| Ok(seq(vec![value("a", json!(1)).node()])));
     // a run left `running` by an engine whose process is gone
-    let h = e.engine.start(w.clone(), json!({}), StartOptions::default()).await.unwrap();
+    let h = e
+        .engine
+        .start(w.clone(), json!({}), StartOptions::default())
+        .await
+        .unwrap();
     let id = h.run_id.clone();
     h.wait().await;
     let dead = {
@@ -495,7 +919,11 @@ async fn orphaned_runs_are_taken_over() {
         },
     });
     e.store.apply(b).await.unwrap();
-    let handles = e.engine.take_over_orphans(&|_| Some(w.clone())).await.unwrap();
+    let handles = e
+        .engine
+        .take_over_orphans(&|_| Some(w.clone()))
+        .await
+        .unwrap();
     assert_eq!(handles.len(), 1);
     for h in handles {
         assert_eq!(h.wait().await.status, "finished");

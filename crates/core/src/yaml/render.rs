@@ -116,8 +116,21 @@ impl<'a> Renderer<'a> {
         Ok(m)
     }
 
-    /// Renders one step; `None` when `skip_if` removes it.
+    /// Renders one step; `None` when `skip_if` removes it. An expression that cannot be
+    /// evaluated yet (it reads an output that does not exist) does not fail the render: the
+    /// step is replaced by a task carrying the error, which fails only if the run reaches it.
     pub fn def(&mut self, d: &Def) -> Result<Option<NodeRef>> {
+        match self.def_inner(d) {
+            Err(e) if e.code == crate::Code::ExpressionError => {
+                let mut t = crate::tree::Task::new(d.name.clone(), TaskKind::Value(Value::Null));
+                t.error = Some(e);
+                Ok(Some(Arc::new(Node::Task(Box::new(t)))))
+            }
+            other => other,
+        }
+    }
+
+    fn def_inner(&mut self, d: &Def) -> Result<Option<NodeRef>> {
         if let Some(n) = &d.cached {
             return Ok(Some(n.clone()));
         }
@@ -188,9 +201,25 @@ impl<'a> Renderer<'a> {
                     children: children?,
                 })
             }
-            DefKind::Task(t) => Node::Task(Box::new(self.task(t)?)),
+            DefKind::Task(t) => Node::Task(Box::new(self.task_deferred(t)?)),
         };
         Ok(Some(Arc::new(node)))
+    }
+
+    /// Renders a task; an expression error in its own fields is kept on the task.
+    fn task_deferred(&mut self, t: &TaskDef) -> Result<crate::tree::Task> {
+        match self.task(t) {
+            Err(e) if e.code == crate::Code::ExpressionError => {
+                let mut task = t.base.clone();
+                if t.scoped {
+                    task.id = self.names.resolve(&t.base.id, self.ctx);
+                }
+                task.kind = TaskKind::Value(Value::Null);
+                task.error = Some(e);
+                Ok(task)
+            }
+            other => other,
+        }
     }
 
     fn task(&mut self, t: &TaskDef) -> Result<crate::tree::Task> {

@@ -55,7 +55,10 @@ fn diff(a: &Value, b: &Value, path: &mut Vec<Value>, ops: &mut Vec<Value>) {
                 pre += 1;
             }
             let mut suf = 0;
-            while suf < xa.len() - pre && suf < xb.len() - pre && xa[xa.len() - 1 - suf] == xb[xb.len() - 1 - suf] {
+            while suf < xa.len() - pre
+                && suf < xb.len() - pre
+                && xa[xa.len() - 1 - suf] == xb[xb.len() - 1 - suf]
+            {
                 suf += 1;
             }
             let wa = &xa[pre..xa.len() - suf];
@@ -86,10 +89,19 @@ fn diff(a: &Value, b: &Value, path: &mut Vec<Value>, ops: &mut Vec<Value>) {
 /// Applies a delta to a document. Errors describe the first op that does not fit.
 pub fn apply(base: &Value, delta: &Value) -> Result<Value, String> {
     let mut doc = base.clone();
-    let ops = delta.get("ops").and_then(Value::as_array).ok_or("delta has no `ops` array")?;
+    let ops = delta
+        .get("ops")
+        .and_then(Value::as_array)
+        .ok_or("delta has no `ops` array")?;
     for (n, o) in ops.iter().enumerate() {
-        let kind = o.get("op").and_then(Value::as_str).ok_or(format!("op {n}: missing `op`"))?;
-        let path = o.get("path").and_then(Value::as_array).ok_or(format!("op {n}: missing `path`"))?;
+        let kind = o
+            .get("op")
+            .and_then(Value::as_str)
+            .ok_or(format!("op {n}: missing `op`"))?;
+        let path = o
+            .get("path")
+            .and_then(Value::as_array)
+            .ok_or(format!("op {n}: missing `path`"))?;
         let value = o.get("value").cloned().unwrap_or(Value::Null);
         if path.is_empty() {
             if kind == "set" {
@@ -102,10 +114,13 @@ pub fn apply(base: &Value, delta: &Value) -> Result<Value, String> {
         let mut cur = &mut doc;
         for seg in parents {
             cur = match (cur, seg) {
-                (Value::Object(m), Value::String(k)) => m.get_mut(k).ok_or(format!("op {n}: no key `{k}`"))?,
+                (Value::Object(m), Value::String(k)) => {
+                    m.get_mut(k).ok_or(format!("op {n}: no key `{k}`"))?
+                }
                 (Value::Array(a), Value::Number(i)) => {
                     let i = i.as_u64().ok_or(format!("op {n}: bad index"))? as usize;
-                    a.get_mut(i).ok_or(format!("op {n}: index {i} out of range"))?
+                    a.get_mut(i)
+                        .ok_or(format!("op {n}: index {i} out of range"))?
                 }
                 _ => return Err(format!("op {n}: path does not match the document")),
             };
@@ -148,20 +163,38 @@ mod tests {
         roundtrip(json!({"a": 1}), json!({"a": 2, "b": [1, 2]}));
         roundtrip(json!([1, 2, 3, 4]), json!([1, 9, 9, 9, 4]));
         roundtrip(json!([1, 2, 3, 4]), json!([1, 4]));
-        roundtrip(json!({"c": [{"x": 1}, {"y": 2}]}), json!({"c": [{"x": 1}, {"y": 3}, {"z": 1}]}));
+        roundtrip(
+            json!({"c": [{"x": 1}, {"y": 2}]}),
+            json!({"c": [{"x": 1}, {"y": 3}, {"z": 1}]}),
+        );
         roundtrip(json!(1), json!("s"));
         roundtrip(json!({"k": {"x": 1}}), json!({}));
     }
 
     #[test]
     fn identical_is_empty() {
-        assert_eq!(encode(&json!({"a": [1]}), &json!({"a": [1]})), json!({"version": 1, "ops": []}));
+        assert_eq!(
+            encode(&json!({"a": [1]}), &json!({"a": [1]})),
+            json!({"version": 1, "ops": []})
+        );
     }
 
     #[test]
     fn bad_delta_is_an_error() {
-        assert!(apply(&json!({}), &json!({"ops": [{"op": "remove", "path": ["a", "b"]}]})).is_err());
-        assert!(apply(&json!([]), &json!({"ops": [{"op": "insert", "path": [5], "value": 1}]})).is_err());
+        assert!(
+            apply(
+                &json!({}),
+                &json!({"ops": [{"op": "remove", "path": ["a", "b"]}]})
+            )
+            .is_err()
+        );
+        assert!(
+            apply(
+                &json!([]),
+                &json!({"ops": [{"op": "insert", "path": [5], "value": 1}]})
+            )
+            .is_err()
+        );
         assert!(apply(&json!({}), &json!({})).is_err());
     }
 }

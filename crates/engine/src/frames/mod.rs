@@ -40,11 +40,18 @@ impl FrameWriter {
     /// Encodes `tree` as frame `frame_no`.
     pub fn encode(&mut self, frame_no: i64, tree: &NodeRef) -> EncodedFrame {
         let force_key = frame_no % KEYFRAME_INTERVAL == 0 || self.last_json.is_none();
-        let same = self.last_tree.as_ref().is_some_and(|t| std::sync::Arc::ptr_eq(t, tree));
+        let same = self
+            .last_tree
+            .as_ref()
+            .is_some_and(|t| std::sync::Arc::ptr_eq(t, tree));
         if same {
             if force_key {
                 let text = self.full_text();
-                return EncodedFrame { xml_json: text, xml_hash: self.last_hash.clone(), encoding: "keyframe" };
+                return EncodedFrame {
+                    xml_json: text,
+                    xml_hash: self.last_hash.clone(),
+                    encoding: "keyframe",
+                };
             }
             return EncodedFrame {
                 xml_json: r#"{"ops":[],"version":1}"#.to_string(),
@@ -59,12 +66,24 @@ impl FrameWriter {
             (Some(prev), false) => {
                 let d = delta::encode(prev, &json).to_string();
                 if d.len() < text.len() {
-                    EncodedFrame { xml_json: d, xml_hash: hash.clone(), encoding: "delta" }
+                    EncodedFrame {
+                        xml_json: d,
+                        xml_hash: hash.clone(),
+                        encoding: "delta",
+                    }
                 } else {
-                    EncodedFrame { xml_json: text.clone(), xml_hash: hash.clone(), encoding: "keyframe" }
+                    EncodedFrame {
+                        xml_json: text.clone(),
+                        xml_hash: hash.clone(),
+                        encoding: "keyframe",
+                    }
                 }
             }
-            _ => EncodedFrame { xml_json: text.clone(), xml_hash: hash.clone(), encoding: "keyframe" },
+            _ => EncodedFrame {
+                xml_json: text.clone(),
+                xml_hash: hash.clone(),
+                encoding: "keyframe",
+            },
         };
         self.last_tree = Some(tree.clone());
         self.last_json = Some(json);
@@ -77,7 +96,11 @@ impl FrameWriter {
         if let Some(t) = &self.last_text {
             return t.clone();
         }
-        let t = self.last_json.as_ref().map(|j| j.to_string()).unwrap_or_else(|| "null".into());
+        let t = self
+            .last_json
+            .as_ref()
+            .map(|j| j.to_string())
+            .unwrap_or_else(|| "null".into());
         self.last_text = Some(t.clone());
         t
     }
@@ -85,7 +108,11 @@ impl FrameWriter {
 
 /// Reads a frame with its tree inflated (keyframe plus deltas applied). The returned row's
 /// `xml_json` is the full tree JSON; `encoding` keeps the stored encoding.
-pub async fn read_frame(store: &dyn Store, run_id: &str, frame_no: i64) -> Result<Option<FrameRow>> {
+pub async fn read_frame(
+    store: &dyn Store,
+    run_id: &str,
+    frame_no: i64,
+) -> Result<Option<FrameRow>> {
     let Some(row) = store.get_frame(run_id, frame_no).await? else {
         return Ok(None);
     };
@@ -99,10 +126,11 @@ pub async fn read_frame(store: &dyn Store, run_id: &str, frame_no: i64) -> Resul
         .iter()
         .rposition(|r| r.encoding != "delta")
         .ok_or_else(|| corrupt(run_id, frame_no, "no keyframe before this delta"))?;
-    let mut doc: Value =
-        serde_json::from_str(&rows[start].xml_json).map_err(|e| corrupt(run_id, rows[start].frame_no, &e.to_string()))?;
+    let mut doc: Value = serde_json::from_str(&rows[start].xml_json)
+        .map_err(|e| corrupt(run_id, rows[start].frame_no, &e.to_string()))?;
     for r in &rows[start + 1..] {
-        let d: Value = serde_json::from_str(&r.xml_json).map_err(|e| corrupt(run_id, r.frame_no, &e.to_string()))?;
+        let d: Value = serde_json::from_str(&r.xml_json)
+            .map_err(|e| corrupt(run_id, r.frame_no, &e.to_string()))?;
         doc = delta::apply(&doc, &d).map_err(|e| corrupt(run_id, r.frame_no, &e))?;
     }
     let mut out = row;
@@ -113,6 +141,8 @@ pub async fn read_frame(store: &dyn Store, run_id: &str, frame_no: i64) -> Resul
 fn corrupt(run_id: &str, frame_no: i64, why: &str) -> SmithersError {
     SmithersError::new(
         Code::DbCorrupt,
-        format!("frame {frame_no} of run `{run_id}` cannot be rebuilt ({why}); restore the database from a backup"),
+        format!(
+            "frame {frame_no} of run `{run_id}` cannot be rebuilt ({why}); restore the database from a backup"
+        ),
     )
 }

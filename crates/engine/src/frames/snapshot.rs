@@ -128,10 +128,17 @@ impl SnapshotState {
         let mut m = Map::new();
         if only_changed {
             for k in &sec.changed {
-                m.insert(k.clone(), sec.entries.get(k).map(|(v, _)| v.clone()).unwrap_or(Value::Null));
+                m.insert(
+                    k.clone(),
+                    sec.entries
+                        .get(k)
+                        .map(|(v, _)| v.clone())
+                        .unwrap_or(Value::Null),
+                );
             }
         } else {
-            let sorted: BTreeMap<&String, &Value> = sec.entries.iter().map(|(k, (v, _))| (k, v)).collect();
+            let sorted: BTreeMap<&String, &Value> =
+                sec.entries.iter().map(|(k, (v, _))| (k, v)).collect();
             for (k, v) in sorted {
                 m.insert(k.clone(), v.clone());
             }
@@ -140,7 +147,13 @@ impl SnapshotState {
     }
 
     /// Builds the snapshot row for `frame_no` and clears the change sets.
-    pub fn encode(&mut self, run_id: &str, frame_no: i64, workflow_hash: Option<String>, now_ms: i64) -> SnapshotRow {
+    pub fn encode(
+        &mut self,
+        run_id: &str,
+        frame_no: i64,
+        workflow_hash: Option<String>,
+        now_ms: i64,
+    ) -> SnapshotRow {
         let key = frame_no % KEYFRAME_INTERVAL == 0 || frame_no <= 1;
         let row = SnapshotRow {
             run_id: run_id.to_string(),
@@ -149,7 +162,11 @@ impl SnapshotState {
             nodes_json: Self::section_json(&self.nodes, !key).to_string(),
             outputs_json: Self::section_json(&self.outputs, !key).to_string(),
             ralph_json: Self::section_json(&self.ralph, !key).to_string(),
-            input_json: if key { self.input.to_string() } else { "null".to_string() },
+            input_json: if key {
+                self.input.to_string()
+            } else {
+                "null".to_string()
+            },
             vcs_pointer: None,
             workflow_hash,
             content_hash: self.content_hash(),
@@ -176,7 +193,10 @@ pub struct FullSnapshot {
 /// Rebuilds the full snapshot at the last row of `rows` (ascending frame order, starting at or
 /// before a keyframe). Errors say what is wrong with the stored rows.
 pub fn inflate(rows: &[SnapshotRow]) -> Result<FullSnapshot, String> {
-    let start = rows.iter().rposition(|r| r.encoding != "delta").ok_or("no keyframe snapshot")?;
+    let start = rows
+        .iter()
+        .rposition(|r| r.encoding != "delta")
+        .ok_or("no keyframe snapshot")?;
     let parse = |s: &str| serde_json::from_str::<Value>(s).map_err(|e| e.to_string());
     let obj = |v: Value| match v {
         Value::Object(m) => Ok(m),
@@ -192,7 +212,11 @@ pub fn inflate(rows: &[SnapshotRow]) -> Result<FullSnapshot, String> {
         content_hash: first.content_hash.clone(),
     };
     for r in &rows[start + 1..] {
-        for (target, text) in [(&mut snap.nodes, &r.nodes_json), (&mut snap.outputs, &r.outputs_json), (&mut snap.ralph, &r.ralph_json)] {
+        for (target, text) in [
+            (&mut snap.nodes, &r.nodes_json),
+            (&mut snap.outputs, &r.outputs_json),
+            (&mut snap.ralph, &r.ralph_json),
+        ] {
             for (k, v) in obj(parse(text)?)? {
                 if v.is_null() {
                     target.remove(&k);
