@@ -1,0 +1,104 @@
+//! Crash safety: a real `smithers up` is SIGKILLed in the middle of a task, then the run is
+//! resumed. The run must finish, no finished task may run twice, and nothing may be lost.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn smithers(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_smithers")).current_dir(dir).args(args).output().unwrap()
+}
+
+fn wait_for(path: &Path, needle: &str, limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(t0.elapsed() < limit, "timed out waiting for `{needle}` in:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("log");
+    let mut yaml = String::from("name: crashy\nsteps:\n");
+    for i in 1..=5 {
+        yaml.push_str(&format!(
+            "  - task: {{id: s{i}, run: \"echo start-{i} >> {log}; sleep 0.5; echo done-{i} >> {log}; echo '{{\\\"n\\\": {i}}}'\", output: {{type: object}}}}\n",
+            log = log.display()
+        ));
+    }
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["up", "wf.yaml", "--run-id", "crash-1", "--db", &db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // kill it while s3 is running (s1 and s2 finished)
+    wait_for(&log, "start-3", Duration::from_secs(20));
+    // a second engine must not take a run whose owner is alive
+    let busy = smithers(dir, &["resume", "crash-1", "--db", &db]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("RUN_STILL_RUNNING"), "{}", String::from_utf8_lossy(&busy.stderr));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = std::fs::read_to_string(&log).unwrap();
+    assert!(!at_kill.contains("done-3"), "s3 must have been interrupted:\n{at_kill}");
+    std::thread::sleep(Duration::from_millis(800)); // an orphaned task would finish by now
+
+    let before = smithers(dir, &["inspect", "crash-1", "--json", "--db", &db]);
+    let doc: Value = serde_json::from_slice(&before.stdout).unwrap();
+    assert_eq!(doc["run"]["status"], "running", "the killed run is still marked running");
+    let s3 = doc["nodes"].as_array().unwrap().iter().find(|n| n["nodeId"] == "s3").unwrap().clone();
+    assert_eq!(s3["state"], "in-progress");
+    assert_eq!(doc["outputs"].as_array().unwrap().len(), 2, "outputs of s1 and s2 survived");
+
+    let out = smithers(dir, &["resume", "crash-1", "--db", &db]);
+    assert_eq!(out.status.code(), Some(0), "resume failed: {}", String::from_utf8_lossy(&out.stderr));
+    let output: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for i in 1..=5 {
+        assert_eq!(output[format!("s{i}")]["n"], i);
+    }
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    for i in 1..=5 {
+        let done = text.lines().filter(|l| *l == format!("done-{i}")).count();
+        assert_eq!(done, 1, "s{i} finished {done} times:\n{text}");
+    }
+    for i in [1, 2, 4, 5] {
+        let starts = text.lines().filter(|l| *l == format!("start-{i}")).count();
+        assert_eq!(starts, 1, "s{i} started {starts} times:\n{text}");
+    }
+    assert_eq!(text.lines().filter(|l| *l == "start-3").count(), 2, "only the interrupted task runs again");
+
+    let after = smithers(dir, &["inspect", "crash-1", "--json", "--db", &db]);
+    let doc: Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(doc["run"]["status"], "finished");
+    let attempts: Vec<&Value> = doc["attempts"].as_array().unwrap().iter().filter(|a| a["nodeId"] == "s3").collect();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts.iter().any(|a| a["state"] == "cancelled"), "the interrupted attempt is closed as cancelled");
+    assert!(attempts.iter().any(|a| a["state"] == "finished"));
+    assert_eq!(doc["outputs"].as_array().unwrap().len(), 5);
+
+    // frames are numbered without gaps across the crash
+    let frames = smithers(dir, &["frames", "crash-1", "--limit", "1000", "--db", &db]);
+    let nums: Vec<i64> = String::from_utf8_lossy(&frames.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let mut sorted = nums.clone();
+    sorted.sort();
+    assert!(!sorted.is_empty());
+    assert_eq!(sorted, (1..=sorted.len() as i64).collect::<Vec<_>>());
+}
