@@ -222,7 +222,8 @@ impl Driver {
             return Ok(());
         }
         let fresh = self.guarded_batch();
-        let batch = std::mem::replace(&mut self.batch, fresh);
+        let mut batch = std::mem::replace(&mut self.batch, fresh);
+        collapse_upserts(&mut batch.writes);
         let evs = std::mem::take(&mut self.events);
         let applied = self.sh.store.apply(batch).await?;
         for (ev, seq) in evs.into_iter().zip(applied.event_seqs) {
@@ -1448,6 +1449,30 @@ fn decision_output(spec: &ApprovalSpec, row: &ApprovalRow, approved: bool) -> Va
             "approved": approved, "note": row.note, "decidedBy": row.decided_by, "decidedAt": row.decided_at_ms}),
         (_, false) => json!({"approved": false, "notes": notes, "decidedBy": row.decided_by}),
     }
+}
+
+/// Keeps only the last upsert of each node and attempt row in a batch (a task that starts and
+/// finishes within one batch would otherwise write its rows twice).
+fn collapse_upserts(writes: &mut Vec<Write>) {
+    use std::collections::HashSet;
+    let mut seen: HashSet<(u8, String, i64, i64)> = HashSet::new();
+    let mut keep = vec![true; writes.len()];
+    for (i, w) in writes.iter().enumerate().rev() {
+        let key = match w {
+            Write::UpsertNode(n) => (0, n.node_id.clone(), n.iteration, 0),
+            Write::UpsertAttempt(a) => (1, a.node_id.clone(), a.iteration, a.attempt),
+            _ => continue,
+        };
+        if !seen.insert(key) {
+            keep[i] = false;
+        }
+    }
+    let mut i = 0;
+    writes.retain(|_| {
+        let k = keep[i];
+        i += 1;
+        k
+    });
 }
 
 /// `{nodeId: payload of the highest iteration}` from stored output rows.

@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS _smithers_nodes (
     output_table TEXT NOT NULL,
     label TEXT,
     PRIMARY KEY (run_id, node_id, iteration)
-);
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS _smithers_attempts (
     run_id TEXT NOT NULL,
@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS _smithers_attempts (
     cached INTEGER NOT NULL DEFAULT 0,
     meta_json TEXT,
     PRIMARY KEY (run_id, node_id, iteration, attempt)
-);
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS _smithers_outputs (
     run_id TEXT NOT NULL,
@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS _smithers_outputs (
     payload_json TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration)
-);
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS input (
     run_id TEXT PRIMARY KEY NOT NULL,
@@ -143,7 +143,7 @@ CREATE TABLE IF NOT EXISTS _smithers_events (
     type TEXT NOT NULL,
     payload_json TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
-);
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS _smithers_ralph (
     run_id TEXT NOT NULL,
@@ -152,7 +152,7 @@ CREATE TABLE IF NOT EXISTS _smithers_ralph (
     done INTEGER NOT NULL DEFAULT 0,
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, ralph_id)
-);
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS _smithers_approvals (
     run_id TEXT NOT NULL,
@@ -167,7 +167,7 @@ CREATE TABLE IF NOT EXISTS _smithers_approvals (
     decision_json TEXT,
     auto_approved INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, node_id, iteration)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _smithers_approvals_status_idx ON _smithers_approvals (status);
 
 CREATE TABLE IF NOT EXISTS _smithers_signals (
@@ -179,7 +179,7 @@ CREATE TABLE IF NOT EXISTS _smithers_signals (
     received_at_ms INTEGER NOT NULL,
     received_by TEXT,
     PRIMARY KEY (run_id, seq)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _smithers_signals_lookup_idx
     ON _smithers_signals (run_id, signal_name, correlation_id, received_at_ms);
 "#;
@@ -348,11 +348,34 @@ fn with_retry<T>(
     }
 }
 
+/// How often the background checkpointer copies the WAL back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts a thread that checkpoints the WAL with its own connection, so the writer never pays
+/// for checkpoints on the commit path. If it cannot start, the writer's automatic checkpoint
+/// (kept as a backstop) still bounds the WAL.
+fn spawn_checkpointer(target: &Target) -> (Option<mpsc::Sender<()>>, Option<std::thread::JoinHandle<()>>) {
+    let Ok(conn) = target.connect(true) else {
+        return (None, None);
+    };
+    let (stop, wake) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new().name("smithers-sqlite-checkpoint".into()).spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(CHECKPOINT_EVERY) {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    });
+    match handle {
+        Ok(h) => (Some(stop), Some(h)),
+        Err(_) => (None, None),
+    }
+}
+
 fn configure_writer(conn: &Connection) -> Result<(), DbErr> {
     with_retry(WRITE_ATTEMPTS, Duration::from_millis(500), || {
         // In-memory databases answer "memory"; that is fine.
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000")?;
         Ok(())
     })
 }
@@ -461,6 +484,9 @@ struct Stats {
 pub struct SqliteStore {
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Dropping the sender stops the checkpointer.
+    checkpoint_stop: Option<mpsc::Sender<()>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
     readers: Arc<ReaderPool>,
     stats: Arc<Stats>,
 }
@@ -521,6 +547,10 @@ impl SqliteStore {
                     format!("cannot start the SQLite writer thread: {e}"),
                 )
             })?;
+        let (checkpoint_stop, checkpointer) = match &target {
+            Target::File(_) => spawn_checkpointer(&target),
+            Target::Memory(_) => (None, None),
+        };
         let readers = Arc::new(ReaderPool {
             target,
             idle: Mutex::new(Vec::new()),
@@ -529,6 +559,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             tx: Some(tx),
             writer: Some(writer),
+            checkpoint_stop,
+            checkpointer,
             readers,
             stats,
         })
@@ -578,6 +610,10 @@ impl Drop for SqliteStore {
         // Closing the channel lets the writer finish what is queued and exit.
         self.tx.take();
         if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+        self.checkpoint_stop.take();
+        if let Some(handle) = self.checkpointer.take() {
             let _ = handle.join();
         }
     }
@@ -700,6 +736,27 @@ fn exec_sql(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, DbErr> {
+    if let [req] = group {
+        // a lone request needs no savepoint: its failure rolls back the whole transaction
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        return match exec_op(conn, &req.op) {
+            Ok(out) => match conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(vec![Ok(out)]),
+                Err(e) => {
+                    rollback(conn);
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                rollback(conn);
+                if e.is_transient() {
+                    Err(e)
+                } else {
+                    Ok(vec![Err(e.into_smithers(Code::DbWriteFailed, req.op.name()))])
+                }
+            }
+        };
+    }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let body = || -> Result<Vec<Result<Out>>, DbErr> {
         let mut results = Vec::with_capacity(group.len());
@@ -799,16 +856,14 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
                 return Ok(Out::Seq(seq));
             }
             let seq: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO _smithers_signals
-                        (run_id, seq, signal_name, correlation_id, payload_json, received_at_ms, received_by)
-                     SELECT ?1, COALESCE(MAX(seq) + 1, 0), ?2, ?3, ?4, ?5, ?6 FROM _smithers_signals WHERE run_id = ?1
-                     RETURNING seq",
-                )?
-                .query_row(
-                    params![s.run_id, s.signal_name, s.correlation_id, s.payload_json, s.received_at_ms, s.received_by],
-                    |r| r.get(0),
-                )?;
+                .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_signals WHERE run_id = (?1 || '')")?
+                .query_row(params![s.run_id], |r| r.get(0))?;
+            conn.prepare_cached(
+                "INSERT INTO _smithers_signals
+                    (run_id, seq, signal_name, correlation_id, payload_json, received_at_ms, received_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![s.run_id, seq, s.signal_name, s.correlation_id, s.payload_json, s.received_at_ms, s.received_by])?;
             Ok(Out::Seq(seq))
         }
     }
@@ -1011,13 +1066,17 @@ fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
             event_type,
             payload_json,
         } => {
+            // Two plain cached statements. `(?1 || '')` is deliberate: with a bare `?1` SQLite
+            // re-prepares this statement on every execution (the plan is marked as depending on
+            // the bound value), which cost more than the insert itself.
             let seq: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
-                     SELECT ?1, COALESCE(MAX(seq) + 1, 0), ?2, ?3, ?4 FROM _smithers_events WHERE run_id = ?1
-                     RETURNING seq",
-                )?
-                .query_row(params![run_id, timestamp_ms, event_type, payload_json], |r| r.get(0))?;
+                .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_events WHERE run_id = (?1 || '')")?
+                .query_row(params![run_id], |r| r.get(0))?;
+            conn.prepare_cached(
+                "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![run_id, seq, timestamp_ms, event_type, payload_json])?;
             return Ok(Some(seq));
         }
         Write::UpsertLoop(l) => {
