@@ -137,6 +137,6 @@ mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(super::fmt_ms(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::fmt_ms(1_795_600_800_000), "2026-11-25T08:00:00Z");
+        assert_eq!(super::fmt_ms(1_795_593_600_000), "2026-11-25T08:00:00Z");
     }
 }

@@ -6,17 +6,34 @@ use serde_json::{Value, json};
 use smithers_core::{Code, SmithersError};
 use smithers_store::status;
 
-pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u8, SmithersError> {
-    if let Some(s) = status_filter {
-        if !status::ALL.contains(&s) {
+/// Prints a line to stdout. When stdout is a pipe whose reader went away
+/// (`smithers ps | head -1`) the command ends quietly instead of panicking in `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(0);
+            }
             return Err(SmithersError::new(
-                Code::InvalidInput,
-                format!(
-                    "--status `{s}` is not a run status; use one of: {}",
-                    status::ALL.join(", ")
-                ),
+                Code::Internal,
+                format!("cannot write to stdout: {e}"),
             ));
         }
+    }};
+}
+
+pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u8, SmithersError> {
+    if let Some(s) = status_filter
+        && !status::ALL.contains(&s)
+    {
+        return Err(SmithersError::new(
+            Code::InvalidInput,
+            format!(
+                "--status `{s}` is not a run status; use one of: {}",
+                status::ALL.join(", ")
+            ),
+        ));
     }
     let store = open_store(db).await?;
     let runs = store.list_runs(status_filter, limit).await?;
@@ -24,15 +41,19 @@ pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u
         eprintln!("no runs");
         return Ok(0);
     }
-    println!(
+    out!(
         "{:<38} {:<24} {:<17} {:<21} {:>9}",
-        "RUN ID", "WORKFLOW", "STATUS", "STARTED", "DURATION"
+        "RUN ID",
+        "WORKFLOW",
+        "STATUS",
+        "STARTED",
+        "DURATION"
     );
     let now = smithers_engine::now_ms();
     for r in runs {
         let started = r.started_at_ms.unwrap_or(r.created_at_ms);
         let end = r.finished_at_ms.unwrap_or(now);
-        println!(
+        out!(
             "{:<38} {:<24} {:<17} {:<21} {:>9}",
             r.run_id,
             truncate(&r.workflow_name, 24),
@@ -78,11 +99,11 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
             "approvals": approvals,
             "outputs": outputs.iter().map(|o| json!({"nodeId": o.node_id, "iteration": o.iteration, "output": serde_json::from_str::<Value>(&o.payload_json).unwrap_or(Value::Null)})).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return Ok(0);
     }
-    println!("run       {}", run.run_id);
-    println!(
+    out!("run       {}", run.run_id);
+    out!(
         "workflow  {}{}",
         run.workflow_name,
         run.workflow_path
@@ -90,16 +111,16 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
             .map(|p| format!(" ({p})"))
             .unwrap_or_default()
     );
-    println!("status    {}", run.status);
+    out!("status    {}", run.status);
     if let Some(p) = &run.parent_run_id {
-        println!("parent    {p}");
+        out!("parent    {p}");
     }
-    println!("created   {}", fmt_ms(run.created_at_ms));
+    out!("created   {}", fmt_ms(run.created_at_ms));
     if let Some(f) = run.finished_at_ms {
-        println!("finished  {}", fmt_ms(f));
+        out!("finished  {}", fmt_ms(f));
     }
     if let Some(o) = &run.runtime_owner_id {
-        println!(
+        out!(
             "owner     {o} (heartbeat {})",
             run.heartbeat_at_ms
                 .map(fmt_ms)
@@ -108,13 +129,13 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
     }
     let err = parse(&run.error_json);
     if !err.is_null() {
-        println!(
+        out!(
             "error     [{}] {}",
             err["code"].as_str().unwrap_or("?"),
             err["message"].as_str().unwrap_or("")
         );
     }
-    println!("\nnodes:");
+    out!("\nnodes:");
     for n in &nodes {
         let tries: Vec<_> = attempts
             .iter()
@@ -132,7 +153,7 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
             .as_str()
             .map(|m| format!(" — {m}"))
             .unwrap_or_default();
-        println!(
+        out!(
             "  {:<24} iter {:<3} {:<17} attempts {}{dur}{why}",
             n.node_id,
             n.iteration,
@@ -141,14 +162,14 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
         );
     }
     if !approvals.is_empty() {
-        println!("\napprovals:");
+        out!("\napprovals:");
         for a in &approvals {
             let by = a
                 .decided_by
                 .as_deref()
                 .map(|b| format!(" by {b}"))
                 .unwrap_or_default();
-            println!(
+            out!(
                 "  {:<24} iter {:<3} {}{by}{}",
                 a.node_id,
                 a.iteration,
@@ -161,7 +182,7 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
         }
     }
     if !outputs.is_empty() {
-        println!("\noutputs:");
+        out!("\noutputs:");
         for o in &outputs {
             let mut text = o.payload_json.clone();
             if text.len() > 200 {
@@ -171,7 +192,7 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
                     o.payload_json.len()
                 );
             }
-            println!("  {:<24} iter {:<3} {text}", o.node_id, o.iteration);
+            out!("  {:<24} iter {:<3} {text}", o.node_id, o.iteration);
         }
     }
     Ok(0)
@@ -200,16 +221,19 @@ pub async fn frames(
                 )
             })?;
         let tree: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
-        println!("{}", serde_json::to_string_pretty(&json!({"frameNo": f.frame_no, "createdAtMs": f.created_at_ms, "xmlHash": f.xml_hash, "encoding": f.encoding, "tree": tree})).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&json!({"frameNo": f.frame_no, "createdAtMs": f.created_at_ms, "xmlHash": f.xml_hash, "encoding": f.encoding, "tree": tree})).unwrap_or_default());
         return Ok(0);
     }
     let rows = store.list_frames(run_id, 0, limit).await?;
-    println!(
+    out!(
         "{:>6}  {:<21} {:<9} {}",
-        "FRAME", "CREATED", "ENCODING", "HASH"
+        "FRAME",
+        "CREATED",
+        "ENCODING",
+        "HASH"
     );
     for f in rows {
-        println!(
+        out!(
             "{:>6}  {:<21} {:<9} {}",
             f.frame_no,
             fmt_ms(f.created_at_ms),
