@@ -49,17 +49,17 @@ async fn engine_in(dir: &std::path::Path) -> Result<Engine, SmithersError> {
 }
 
 /// Runs the benchmarks and prints the figures.
-pub async fn bench(runs: usize, quick: bool) -> Result<u8, SmithersError> {
+pub async fn bench(runs: usize, quick: bool, lengths: Option<Vec<usize>>) -> Result<u8, SmithersError> {
     let tmp =
         std::env::temp_dir().join(format!("smithers-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&tmp)
         .map_err(|e| SmithersError::new(smithers_core::Code::Internal, format!("temp dir: {e}")))?;
-    let result = run_all(&tmp, runs, quick).await;
+    let result = run_all(&tmp, runs, quick, lengths).await;
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }
 
-async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool) -> Result<u8, SmithersError> {
+async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool, only: Option<Vec<usize>>) -> Result<u8, SmithersError> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -69,7 +69,11 @@ async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool) -> Result<u8, 
     );
 
     // 1. per-step overhead of a sequential chain of value tasks, for several chain lengths
-    let lengths: &[usize] = if quick { &[10, 100] } else { &[10, 100, 1000] };
+    let lengths: Vec<usize> = match &only {
+        Some(l) => l.clone(),
+        None if quick => vec![10, 100],
+        None => vec![10, 100, 1000],
+    };
     println!(
         "\nsequential chain of value tasks (median of runs; per step = run wall time / steps)"
     );
@@ -77,7 +81,7 @@ async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool) -> Result<u8, 
         "{:>7} {:>6} {:>14} {:>14}",
         "steps", "runs", "median ms/run", "median ms/step"
     );
-    for &n in lengths {
+    for &n in &lengths {
         let dir = tmp.join(format!("chain-{n}"));
         let _ = std::fs::create_dir_all(&dir);
         let engine = engine_in(&dir).await?;
@@ -108,6 +112,10 @@ async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool) -> Result<u8, 
         println!("{n:>7} {reps:>6} {m:>14.2} {:>14.4}", m / n as f64);
     }
 
+    if only.is_some() {
+        println!("\npeak memory (VmHWM): {:.1} MiB", peak_rss_kib() as f64 / 1024.0);
+        return Ok(0);
+    }
     // 2. throughput of 1-task runs, many in flight at once
     let total = if quick { 1000 } else { 5000 };
     let dir = tmp.join("throughput");

@@ -132,6 +132,9 @@ enum Cmd {
         /// Smaller workloads, for a smoke check.
         #[arg(long)]
         quick: bool,
+        /// Only these chain lengths (comma-separated), and no throughput test.
+        #[arg(long, value_delimiter = ',')]
+        lengths: Option<Vec<usize>>,
     },
 }
 
@@ -208,7 +211,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
         }
         Cmd::Cancel { run_id, db } => act::cancel(&db, &run_id).await,
         Cmd::Validate { workflow } => validate(&workflow),
-        Cmd::Bench { runs, quick } => bench::bench(runs.max(1), quick).await,
+        Cmd::Bench { runs, quick, lengths } => bench::bench(runs.max(1), quick, lengths).await,
     }
 }
 

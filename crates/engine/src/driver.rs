@@ -121,6 +121,8 @@ pub(crate) struct Driver {
     outputs: Arc<OutputStore>,
     loops: HashMap<String, (u32, bool)>,
     loops_arc: Arc<HashMap<String, u32>>,
+    /// A loop advanced since the plan was built.
+    loops_changed: bool,
     rts: Vec<TaskRt>,
     rt_index: HashMap<TaskKey, usize>,
     plan: Option<Plan>,
@@ -181,6 +183,7 @@ impl Driver {
             outputs: Arc::new(OutputStore::default()),
             loops: HashMap::new(),
             loops_arc: Arc::new(HashMap::new()),
+            loops_changed: false,
             rts: Vec::new(),
             rt_index: HashMap::new(),
             plan: None,
@@ -493,6 +496,7 @@ impl Driver {
     }
 
     fn refresh_loops_arc(&mut self) {
+        self.loops_changed = true;
         self.loops_arc = Arc::new(
             self.loops
                 .iter()

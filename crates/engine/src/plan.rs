@@ -104,10 +104,31 @@ pub struct PLoop {
 
 #[derive(Debug, Clone)]
 enum PNode {
-    Seq(Vec<usize>),
+    /// Children, and how many leading children are known to be complete. Within one plan a
+    /// complete child stays complete, so later walks start there (keeps long sequences O(1)).
+    Seq(Vec<usize>, AtomicCursor),
     Par(Vec<usize>),
     Loop { idx: usize, children: Vec<usize> },
     Task(usize),
+}
+
+/// A monotone cursor shared by walks of one plan (atomic only so the plan stays `Sync`).
+#[derive(Debug, Default)]
+struct AtomicCursor(std::sync::atomic::AtomicUsize);
+
+impl AtomicCursor {
+    fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn set(&self, v: usize) {
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Clone for AtomicCursor {
+    fn clone(&self) -> Self {
+        AtomicCursor(std::sync::atomic::AtomicUsize::new(self.get()))
+    }
 }
 
 /// A flattened render.
@@ -157,7 +178,7 @@ impl Plan {
                     .iter()
                     .map(|c| self.add(c, group, loops, it))
                     .collect();
-                PNode::Seq(c)
+                PNode::Seq(c, AtomicCursor::default())
             }
             Node::Parallel {
                 max_concurrency,
@@ -228,9 +249,11 @@ impl Plan {
     /// Walks the plan and decides what can run now.
     pub fn schedule(&self, view: &dyn SchedView) -> Schedule {
         let mut usage: Vec<usize> = vec![0; self.group_max.len()];
-        for t in &self.tasks {
-            if let (Some(g), TState::InProgress) = (t.group, view.state(t.rt)) {
-                usage[g] += 1;
+        if self.group_max.iter().any(Option::is_some) {
+            for t in &self.tasks {
+                if let (Some(g), TState::InProgress) = (t.group, view.state(t.rt)) {
+                    usage[g] += 1;
+                }
             }
         }
         let mut s = Schedule::default();
@@ -286,12 +309,14 @@ struct Walker<'a> {
 impl Walker<'_> {
     fn walk(&mut self, idx: usize) -> bool {
         match &self.plan.nodes[idx] {
-            PNode::Seq(children) => {
-                for &c in children {
+            PNode::Seq(children, done) => {
+                for (i, &c) in children.iter().enumerate().skip(done.get()) {
                     if !self.walk(c) {
+                        done.set(i);
                         return false;
                     }
                 }
+                done.set(children.len());
                 true
             }
             PNode::Par(children) => {

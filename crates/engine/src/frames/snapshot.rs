@@ -9,11 +9,13 @@ use super::KEYFRAME_INTERVAL;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use smithers_store::SnapshotRow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
+/// One part of the state. Entries keep their JSON text (computed once, when they change), so
+/// a keyframe is a concatenation, not a re-serialization.
 #[derive(Default)]
 struct Section {
-    entries: HashMap<String, (Value, [u64; 4])>,
+    entries: BTreeMap<String, (String, [u64; 4])>,
     changed: BTreeSet<String>,
 }
 
@@ -28,13 +30,13 @@ pub struct SnapshotState {
     sum: [u64; 4],
 }
 
-fn digest(section: &str, key: &str, v: &Value) -> [u64; 4] {
+fn digest(section: &str, key: &str, text: &str) -> [u64; 4] {
     let mut h = Sha256::new();
     h.update(section.as_bytes());
     h.update([0]);
     h.update(key.as_bytes());
     h.update([0]);
-    h.update(v.to_string().as_bytes());
+    h.update(text.as_bytes());
     let d = h.finalize();
     let mut out = [0u64; 4];
     for (i, chunk) in d.chunks(8).enumerate() {
@@ -66,22 +68,23 @@ impl SnapshotState {
 
     fn set_input(&mut self, input: Value) {
         sub(&mut self.sum, &self.input_digest);
-        self.input_digest = digest("input", "", &input);
+        self.input_digest = digest("input", "", &input.to_string());
         add(&mut self.sum, &self.input_digest);
         self.input = input;
     }
 
     fn put(sum: &mut [u64; 4], sec: &mut Section, name: &str, key: String, value: Value) {
+        let text = value.to_string();
         if let Some((old, d)) = sec.entries.get(&key) {
-            if *old == value {
+            if *old == text {
                 return;
             }
             sub(sum, d);
         }
-        let d = digest(name, &key, &value);
+        let d = digest(name, &key, &text);
         add(sum, &d);
         sec.changed.insert(key.clone());
-        sec.entries.insert(key, (value, d));
+        sec.entries.insert(key, (text, d));
     }
 
     fn remove(sum: &mut [u64; 4], sec: &mut Section, key: &str) {
@@ -124,26 +127,28 @@ impl SnapshotState {
         hex::encode(b)
     }
 
-    fn section_json(sec: &Section, only_changed: bool) -> Value {
-        let mut m = Map::new();
+    /// `{key: value, ...}` of all entries, or of the changed ones (removed ones as `null`).
+    fn section_json(sec: &Section, only_changed: bool) -> String {
+        let mut out = String::from("{");
+        let mut push = |k: &str, v: &str| {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(&Value::String(k.to_string()).to_string());
+            out.push(':');
+            out.push_str(v);
+        };
         if only_changed {
             for k in &sec.changed {
-                m.insert(
-                    k.clone(),
-                    sec.entries
-                        .get(k)
-                        .map(|(v, _)| v.clone())
-                        .unwrap_or(Value::Null),
-                );
+                push(k, sec.entries.get(k).map(|(v, _)| v.as_str()).unwrap_or("null"));
             }
         } else {
-            let sorted: BTreeMap<&String, &Value> =
-                sec.entries.iter().map(|(k, (v, _))| (k, v)).collect();
-            for (k, v) in sorted {
-                m.insert(k.clone(), v.clone());
+            for (k, (v, _)) in &sec.entries {
+                push(k, v);
             }
         }
-        Value::Object(m)
+        out.push('}');
+        out
     }
 
     /// Builds the snapshot row for `frame_no` and clears the change sets.
@@ -159,9 +164,9 @@ impl SnapshotState {
             run_id: run_id.to_string(),
             frame_no,
             encoding: if key { "keyframe" } else { "delta" }.to_string(),
-            nodes_json: Self::section_json(&self.nodes, !key).to_string(),
-            outputs_json: Self::section_json(&self.outputs, !key).to_string(),
-            ralph_json: Self::section_json(&self.ralph, !key).to_string(),
+            nodes_json: Self::section_json(&self.nodes, !key),
+            outputs_json: Self::section_json(&self.outputs, !key),
+            ralph_json: Self::section_json(&self.ralph, !key),
             input_json: if key {
                 self.input.to_string()
             } else {
