@@ -49,7 +49,11 @@ async fn engine_in(dir: &std::path::Path) -> Result<Engine, SmithersError> {
 }
 
 /// Runs the benchmarks and prints the figures.
-pub async fn bench(runs: usize, quick: bool, lengths: Option<Vec<usize>>) -> Result<u8, SmithersError> {
+pub async fn bench(
+    runs: usize,
+    quick: bool,
+    lengths: Option<Vec<usize>>,
+) -> Result<u8, SmithersError> {
     let tmp =
         std::env::temp_dir().join(format!("smithers-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&tmp)
@@ -59,7 +63,12 @@ pub async fn bench(runs: usize, quick: bool, lengths: Option<Vec<usize>>) -> Res
     result
 }
 
-async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool, only: Option<Vec<usize>>) -> Result<u8, SmithersError> {
+async fn run_all(
+    tmp: &std::path::Path,
+    runs: usize,
+    quick: bool,
+    only: Option<Vec<usize>>,
+) -> Result<u8, SmithersError> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -113,7 +122,10 @@ async fn run_all(tmp: &std::path::Path, runs: usize, quick: bool, only: Option<V
     }
 
     if only.is_some() {
-        println!("\npeak memory (VmHWM): {:.1} MiB", peak_rss_kib() as f64 / 1024.0);
+        println!(
+            "\npeak memory (VmHWM): {:.1} MiB",
+            peak_rss_kib() as f64 / 1024.0
+        );
         return Ok(0);
     }
     // 2. throughput of 1-task runs, many in flight at once

@@ -50,8 +50,8 @@ enum Cmd {
     Ps {
         #[arg(long)]
         status: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
+        limit: u16,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
@@ -140,6 +140,17 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`smithers inspect RUN | head -1`) instead of failing on the write. A long-running server
+    // must not do this (a closed socket would kill it); every command here is short-lived or
+    // leaves its run resumable.
+    // SAFETY: called before any other thread exists; SIG_DFL is always a valid disposition.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -169,7 +180,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             db,
         } => up::up(&workflow, input.as_deref(), run_id, &db).await,
         Cmd::Resume { run_id, db, force } => up::resume(&run_id, &db, force).await,
-        Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit).await,
+        Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit as usize).await,
         Cmd::Inspect { run_id, json, db } => runs::inspect(&db, &run_id, json).await,
         Cmd::Frames {
             run_id,
@@ -211,7 +222,11 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
         }
         Cmd::Cancel { run_id, db } => act::cancel(&db, &run_id).await,
         Cmd::Validate { workflow } => validate(&workflow),
-        Cmd::Bench { runs, quick, lengths } => bench::bench(runs.max(1), quick, lengths).await,
+        Cmd::Bench {
+            runs,
+            quick,
+            lengths,
+        } => bench::bench(runs.max(1), quick, lengths).await,
     }
 }
 

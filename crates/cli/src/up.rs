@@ -31,6 +31,7 @@ pub async fn up(
     };
     let store = open_store(db).await?;
     let engine = Engine::new(store, EngineConfig::default());
+    let term = watch_term()?;
     let progress = Progress::start(&engine);
     let handle = engine
         .start(
@@ -42,7 +43,7 @@ pub async fn up(
             },
         )
         .await?;
-    drive(&engine, handle, progress).await
+    drive(&engine, handle, progress, term).await
 }
 
 pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersError> {
@@ -61,9 +62,29 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
     })?;
     let wf = load(&path)?;
     let engine = Engine::new(store, EngineConfig::default());
+    let term = watch_term()?;
     let progress = Progress::start(&engine);
     let handle = engine.resume(wf, run_id, force).await?;
-    drive(&engine, handle, progress).await
+    drive(&engine, handle, progress, term).await
+}
+
+/// Installs the SIGTERM and SIGINT handlers before the run starts, so a signal at any moment
+/// cancels the run cleanly instead of killing the process.
+fn watch_term() -> Result<StopSignals, SmithersError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let err = |e: std::io::Error| {
+        SmithersError::new(Code::Internal, format!("cannot watch signals: {e}"))
+    };
+    Ok(StopSignals {
+        term: signal(SignalKind::terminate()).map_err(err)?,
+        int: signal(SignalKind::interrupt()).map_err(err)?,
+    })
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), both of which cancel the foreground run.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
 /// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result.
@@ -71,21 +92,20 @@ async fn drive(
     engine: &Engine,
     handle: RunHandle,
     progress: Progress,
+    mut stop: StopSignals,
 ) -> Result<u8, SmithersError> {
     let run_id = handle.run_id.clone();
     eprintln!("run {run_id}");
     let wait = handle.wait();
     tokio::pin!(wait);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| SmithersError::new(Code::Internal, format!("cannot watch SIGTERM: {e}")))?;
     let outcome: RunOutcome = loop {
         tokio::select! {
             o = &mut wait => break o,
-            _ = tokio::signal::ctrl_c() => {
+            _ = stop.int.recv() => {
                 eprintln!("stopping: cancelling run {run_id} (resume it later with `smithers resume {run_id}`)");
                 let _ = engine.cancel(&run_id).await;
             }
-            _ = term.recv() => {
+            _ = stop.term.recv() => {
                 let _ = engine.cancel(&run_id).await;
             }
         }

@@ -7,7 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn smithers(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_smithers")).current_dir(dir).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn wait_for(path: &Path, needle: &str, limit: Duration) -> String {
@@ -17,7 +21,10 @@ fn wait_for(path: &Path, needle: &str, limit: Duration) -> String {
         if text.contains(needle) {
             return text;
         }
-        assert!(t0.elapsed() < limit, "timed out waiting for `{needle}` in:\n{text}");
+        assert!(
+            t0.elapsed() < limit,
+            "timed out waiting for `{needle}` in:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,22 +56,47 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
     // a second engine must not take a run whose owner is alive
     let busy = smithers(dir, &["resume", "crash-1", "--db", &db]);
     assert_eq!(busy.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("RUN_STILL_RUNNING"), "{}", String::from_utf8_lossy(&busy.stderr));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("RUN_STILL_RUNNING"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let at_kill = std::fs::read_to_string(&log).unwrap();
-    assert!(!at_kill.contains("done-3"), "s3 must have been interrupted:\n{at_kill}");
+    assert!(
+        !at_kill.contains("done-3"),
+        "s3 must have been interrupted:\n{at_kill}"
+    );
     std::thread::sleep(Duration::from_millis(800)); // an orphaned task would finish by now
 
     let before = smithers(dir, &["inspect", "crash-1", "--json", "--db", &db]);
     let doc: Value = serde_json::from_slice(&before.stdout).unwrap();
-    assert_eq!(doc["run"]["status"], "running", "the killed run is still marked running");
-    let s3 = doc["nodes"].as_array().unwrap().iter().find(|n| n["nodeId"] == "s3").unwrap().clone();
+    assert_eq!(
+        doc["run"]["status"], "running",
+        "the killed run is still marked running"
+    );
+    let s3 = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["nodeId"] == "s3")
+        .unwrap()
+        .clone();
     assert_eq!(s3["state"], "in-progress");
-    assert_eq!(doc["outputs"].as_array().unwrap().len(), 2, "outputs of s1 and s2 survived");
+    assert_eq!(
+        doc["outputs"].as_array().unwrap().len(),
+        2,
+        "outputs of s1 and s2 survived"
+    );
 
     let out = smithers(dir, &["resume", "crash-1", "--db", &db]);
-    assert_eq!(out.status.code(), Some(0), "resume failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let output: Value = serde_json::from_slice(&out.stdout).unwrap();
     for i in 1..=5 {
         assert_eq!(output[format!("s{i}")]["n"], i);
@@ -79,14 +111,26 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
         let starts = text.lines().filter(|l| *l == format!("start-{i}")).count();
         assert_eq!(starts, 1, "s{i} started {starts} times:\n{text}");
     }
-    assert_eq!(text.lines().filter(|l| *l == "start-3").count(), 2, "only the interrupted task runs again");
+    assert_eq!(
+        text.lines().filter(|l| *l == "start-3").count(),
+        2,
+        "only the interrupted task runs again"
+    );
 
     let after = smithers(dir, &["inspect", "crash-1", "--json", "--db", &db]);
     let doc: Value = serde_json::from_slice(&after.stdout).unwrap();
     assert_eq!(doc["run"]["status"], "finished");
-    let attempts: Vec<&Value> = doc["attempts"].as_array().unwrap().iter().filter(|a| a["nodeId"] == "s3").collect();
+    let attempts: Vec<&Value> = doc["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["nodeId"] == "s3")
+        .collect();
     assert_eq!(attempts.len(), 2);
-    assert!(attempts.iter().any(|a| a["state"] == "cancelled"), "the interrupted attempt is closed as cancelled");
+    assert!(
+        attempts.iter().any(|a| a["state"] == "cancelled"),
+        "the interrupted attempt is closed as cancelled"
+    );
     assert!(attempts.iter().any(|a| a["state"] == "finished"));
     assert_eq!(doc["outputs"].as_array().unwrap().len(), 5);
 

@@ -63,6 +63,23 @@ impl ExprEnv {
         env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_fuel(Some(FUEL));
+        // Values printed inside text are written as JSON (`true`, `null`, `[1, 2]`), not in
+        // Python's spelling (`True`, `None`): the text usually ends up in a shell command or a
+        // prompt where JSON is what readers expect.
+        env.set_formatter(|out, state, value| {
+            use minijinja::value::ValueKind;
+            match value.kind() {
+                ValueKind::String | ValueKind::Number | ValueKind::Undefined => {
+                    minijinja::escape_formatter(out, state, value)
+                }
+                _ => {
+                    let text = serde_json::to_string(value).map_err(|e| {
+                        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+                    })?;
+                    out.write_str(&text).map_err(minijinja::Error::from)
+                }
+            }
+        });
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
             .keep_trailing_newline(true)
             .build()

@@ -482,3 +482,24 @@ fn input_schema_is_exposed() {
     );
     assert_eq!(wf.name(), "i");
 }
+
+#[test]
+fn values_inside_text_are_written_as_json() {
+    let wf = load(
+        "name: e\nsteps:\n  - task: {id: t, run: \"echo {{ input.b }} {{ input.n }} {{ input.l }} {{ input.o }} {{ input.s }}\"}\n",
+    );
+    let r = wf
+        .render(&ctx(
+            json!({"b": true, "n": null, "l": [1, 2], "o": {"k": "v"}, "s": "x"}),
+            &[],
+            &[],
+        ))
+        .unwrap();
+    match &task(&children(&r)[0]).kind {
+        TaskKind::Run(r) => assert_eq!(
+            r.command,
+            Command::Shell("echo true null [1,2] {\"k\":\"v\"} x".into())
+        ),
+        other => panic!("{other:?}"),
+    }
+}

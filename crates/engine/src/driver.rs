@@ -481,7 +481,13 @@ impl Driver {
             self.rts.push(r);
             self.rt_index.insert(key, idx);
             let st = self.rts[idx].state;
-            if st.as_str() != n.state {
+            // waiting nodes keep their stored state: they are re-derived from their approval,
+            // signal or timer rows when reached, and stay visibly waiting until then
+            let waiting = matches!(
+                state,
+                TState::WaitingApproval | TState::WaitingEvent | TState::WaitingTimer
+            );
+            if st.as_str() != n.state && !waiting {
                 self.set_node(idx, st);
             } else {
                 self.snap.set_node(

@@ -137,22 +137,40 @@ pub async fn pending_approval(
     node_id: &str,
     iteration: i64,
 ) -> Result<ApprovalRow> {
-    run_row(store, run_id).await?;
+    let run = run_row(store, run_id).await?;
+    if matches!(
+        run.status.as_str(),
+        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
+    ) {
+        return Err(SmithersError::new(
+            Code::RunNotActive,
+            format!(
+                "run `{run_id}` is `{}`; its approvals can no longer be decided",
+                run.status
+            ),
+        ));
+    }
     let row = store.get_approval(run_id, node_id, iteration).await?.ok_or_else(|| {
         SmithersError::new(
             Code::NodeNotFound,
             format!("run `{run_id}` has no approval `{node_id}` (iteration {iteration}); `smithers inspect {run_id}` lists them"),
         )
     })?;
-    if row.status != "requested" {
+    let waiting = store
+        .get_node(run_id, node_id, iteration)
+        .await?
+        .is_some_and(|n| n.state == node_state::WAITING_APPROVAL);
+    if row.status != "requested" || !waiting {
         return Err(SmithersError::new(
             Code::NotWaitingApproval,
-            format!(
-                "approval `{node_id}` of run `{run_id}` was already {} ",
-                row.status
-            )
-            .trim_end()
-            .to_string(),
+            if row.status == "requested" {
+                format!("approval `{node_id}` of run `{run_id}` is not waiting for a decision")
+            } else {
+                format!(
+                    "approval `{node_id}` of run `{run_id}` was already {}",
+                    row.status
+                )
+            },
         ));
     }
     Ok(row)

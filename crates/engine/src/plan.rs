@@ -108,7 +108,10 @@ enum PNode {
     /// complete child stays complete, so later walks start there (keeps long sequences O(1)).
     Seq(Vec<usize>, AtomicCursor),
     Par(Vec<usize>),
-    Loop { idx: usize, children: Vec<usize> },
+    Loop {
+        idx: usize,
+        children: Vec<usize>,
+    },
     Task(usize),
 }
 

@@ -354,17 +354,24 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// Starts a thread that checkpoints the WAL with its own connection, so the writer never pays
 /// for checkpoints on the commit path. If it cannot start, the writer's automatic checkpoint
 /// (kept as a backstop) still bounds the WAL.
-fn spawn_checkpointer(target: &Target) -> (Option<mpsc::Sender<()>>, Option<std::thread::JoinHandle<()>>) {
+fn spawn_checkpointer(
+    target: &Target,
+) -> (
+    Option<mpsc::Sender<()>>,
+    Option<std::thread::JoinHandle<()>>,
+) {
     let Ok(conn) = target.connect(true) else {
         return (None, None);
     };
     let (stop, wake) = mpsc::channel::<()>();
-    let handle = std::thread::Builder::new().name("smithers-sqlite-checkpoint".into()).spawn(move || {
-        while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(CHECKPOINT_EVERY) {
+    let handle = std::thread::Builder::new()
+        .name("smithers-sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(CHECKPOINT_EVERY) {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
             let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        }
-        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-    });
+        });
     match handle {
         Ok(h) => (Some(stop), Some(h)),
         Err(_) => (None, None),
@@ -752,7 +759,9 @@ fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, D
                 if e.is_transient() {
                     Err(e)
                 } else {
-                    Ok(vec![Err(e.into_smithers(Code::DbWriteFailed, req.op.name()))])
+                    Ok(vec![Err(
+                        e.into_smithers(Code::DbWriteFailed, req.op.name())
+                    )])
                 }
             }
         };

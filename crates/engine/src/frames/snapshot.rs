@@ -140,7 +140,13 @@ impl SnapshotState {
         };
         if only_changed {
             for k in &sec.changed {
-                push(k, sec.entries.get(k).map(|(v, _)| v.as_str()).unwrap_or("null"));
+                push(
+                    k,
+                    sec.entries
+                        .get(k)
+                        .map(|(v, _)| v.as_str())
+                        .unwrap_or("null"),
+                );
             }
         } else {
             for (k, (v, _)) in &sec.entries {
