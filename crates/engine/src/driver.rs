@@ -633,10 +633,8 @@ impl Driver {
 
     pub(crate) async fn run(mut self, resume: bool) -> RunOutcome {
         self.batch = self.guarded_batch();
-        if resume {
-            if let Err(e) = self.load().await {
-                return self.fail(e).await;
-            }
+        if resume && let Err(e) = self.load().await {
+            return self.fail(e).await;
         }
         loop {
             match self.step().await {
@@ -1074,9 +1072,8 @@ impl Driver {
                     tokio::select! {
                         o = &mut join => break o,
                         r = cancel.changed() => {
-                            if r.is_err() || *cancel.borrow() {
-                                if let Some(c) = &child_cancel { let _ = c.send(true); }
-                            }
+                            if (r.is_err() || *cancel.borrow())
+                                && let Some(c) = &child_cancel { let _ = c.send(true); }
                         }
                     }
                 };
@@ -1142,35 +1139,36 @@ impl Driver {
                     "allowedUsers": spec.allowed_users,
                     "autoApprove": spec.auto_approve_after.map(|a| json!({"after": a})),
                 });
-                if let Some(after) = spec.auto_approve_after {
-                    if self.auto_approve(&node_id, after).await? {
-                        let decision = match spec.mode {
-                            ApprovalMode::Approve => None,
-                            ApprovalMode::Select => spec.options.first().map(
-                                |o| json!({"selected": o.key, "notes": "Automatically selected"}),
-                            ),
-                            ApprovalMode::Rank => Some(json!({
+                if let Some(after) = spec.auto_approve_after
+                    && self.auto_approve(&node_id, after).await?
+                {
+                    let decision = match spec.mode {
+                        ApprovalMode::Approve => None,
+                        ApprovalMode::Select => spec
+                            .options
+                            .first()
+                            .map(|o| json!({"selected": o.key, "notes": "Automatically selected"})),
+                        ApprovalMode::Rank => Some(json!({
                                 "ranked": spec.options.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
                                 "notes": "Automatically ranked"})),
-                        };
-                        let row = ApprovalRow {
-                            run_id: self.run_id.to_string(),
-                            node_id: node_id.clone(),
-                            iteration,
-                            status: "approved".into(),
-                            requested_at_ms: Some(now),
-                            decided_at_ms: Some(now),
-                            note: Some("Auto-approved".into()),
-                            decided_by: Some("smithers:auto".into()),
-                            request_json: Some(request.to_string()),
-                            decision_json: decision.map(|d| d.to_string()),
-                            auto_approved: true,
-                        };
-                        self.batch.push(Write::UpsertApproval(row.clone()));
-                        let f = self.node_fields(rt);
-                        self.event(kind::APPROVAL_AUTO_APPROVED, f);
-                        return Ok(Gate::Approved(row));
-                    }
+                    };
+                    let row = ApprovalRow {
+                        run_id: self.run_id.to_string(),
+                        node_id: node_id.clone(),
+                        iteration,
+                        status: "approved".into(),
+                        requested_at_ms: Some(now),
+                        decided_at_ms: Some(now),
+                        note: Some("Auto-approved".into()),
+                        decided_by: Some("smithers:auto".into()),
+                        request_json: Some(request.to_string()),
+                        decision_json: decision.map(|d| d.to_string()),
+                        auto_approved: true,
+                    };
+                    self.batch.push(Write::UpsertApproval(row.clone()));
+                    let f = self.node_fields(rt);
+                    self.event(kind::APPROVAL_AUTO_APPROVED, f);
+                    return Ok(Gate::Approved(row));
                 }
                 self.batch.push(Write::UpsertApproval(ApprovalRow {
                     run_id: self.run_id.to_string(),
@@ -1332,36 +1330,34 @@ impl Driver {
             }
             return Ok(Started::Changed);
         }
-        if let Some(deadline) = self.rts[rt].wait_deadline_ms {
-            if now >= deadline {
-                match w.on_timeout {
-                    OnTimeout::Fail => {
-                        let e = SmithersError::new(
-                            Code::TaskTimeout,
-                            format!("no `{}` signal arrived before the wait timed out", w.event),
-                        )
-                        .terminal();
-                        self.record_failure(rt, attempt, started, e);
-                    }
-                    OnTimeout::Skip => {
-                        self.batch.push(Write::UpsertAttempt(self.attempt_row(
-                            rt,
-                            attempt,
-                            node_state::SKIPPED,
-                            started,
-                            Some(now),
-                        )));
-                        self.set_node(rt, TState::Skipped);
-                        let f = self.node_fields(rt);
-                        self.event(kind::NODE_SKIPPED, f);
-                        self.dirty = true;
-                    }
-                    OnTimeout::Continue => {
-                        self.record_output(rt, attempt, started, Value::Null, None)
-                    }
+        if let Some(deadline) = self.rts[rt].wait_deadline_ms
+            && now >= deadline
+        {
+            match w.on_timeout {
+                OnTimeout::Fail => {
+                    let e = SmithersError::new(
+                        Code::TaskTimeout,
+                        format!("no `{}` signal arrived before the wait timed out", w.event),
+                    )
+                    .terminal();
+                    self.record_failure(rt, attempt, started, e);
                 }
-                return Ok(Started::Changed);
+                OnTimeout::Skip => {
+                    self.batch.push(Write::UpsertAttempt(self.attempt_row(
+                        rt,
+                        attempt,
+                        node_state::SKIPPED,
+                        started,
+                        Some(now),
+                    )));
+                    self.set_node(rt, TState::Skipped);
+                    let f = self.node_fields(rt);
+                    self.event(kind::NODE_SKIPPED, f);
+                    self.dirty = true;
+                }
+                OnTimeout::Continue => self.record_output(rt, attempt, started, Value::Null, None),
             }
+            return Ok(Started::Changed);
         }
         self.rts[rt].state = TState::WaitingEvent;
         Ok(if changed {
@@ -1541,22 +1537,22 @@ impl Driver {
             .rts
             .iter()
             .any(|r| r.state == TState::Pending && r.retry_at_ms.is_some_and(|a| a > now));
-        if let Some(at) = next_wake {
-            if retry_pending || at - now <= self.sh.config.max_inline_wait_ms {
-                self.wait_for_message(Some(at)).await?;
-                let now = now_ms();
-                for r in &mut self.rts {
-                    let due = match r.state {
-                        TState::WaitingTimer => r.fires_at_ms.is_some_and(|f| f <= now),
-                        TState::WaitingEvent => r.wait_deadline_ms.is_some_and(|d| d <= now),
-                        _ => false,
-                    };
-                    if due {
-                        r.state = TState::Pending;
-                    }
+        if let Some(at) = next_wake
+            && (retry_pending || at - now <= self.sh.config.max_inline_wait_ms)
+        {
+            self.wait_for_message(Some(at)).await?;
+            let now = now_ms();
+            for r in &mut self.rts {
+                let due = match r.state {
+                    TState::WaitingTimer => r.fires_at_ms.is_some_and(|f| f <= now),
+                    TState::WaitingEvent => r.wait_deadline_ms.is_some_and(|d| d <= now),
+                    _ => false,
+                };
+                if due {
+                    r.state = TState::Pending;
                 }
-                return Ok(None);
             }
+            return Ok(None);
         }
         let park = if approval {
             status::WAITING_APPROVAL
@@ -1677,14 +1673,13 @@ impl Driver {
                 }
             }
         }
-        if let Some(node) = e.node.clone() {
-            if let Some(&rt) = self.rts.iter().position(|r| r.key.0 == node).as_ref() {
-                if !matches!(self.rts[rt].state, TState::Finished | TState::Skipped) {
-                    self.set_node(rt, TState::Failed);
-                    let f = Self::with(self.node_fields(rt), json!({"error": e.to_json()}));
-                    self.event(kind::NODE_FAILED, f);
-                }
-            }
+        if let Some(node) = e.node.clone()
+            && let Some(&rt) = self.rts.iter().position(|r| r.key.0 == node).as_ref()
+            && !matches!(self.rts[rt].state, TState::Finished | TState::Skipped)
+        {
+            self.set_node(rt, TState::Failed);
+            let f = Self::with(self.node_fields(rt), json!({"error": e.to_json()}));
+            self.event(kind::NODE_FAILED, f);
         }
         match self.failed_terminal(e.clone()).await {
             Ok(o) => o,

@@ -362,50 +362,49 @@ impl Engine {
                 ),
             ));
         }
-        if !force {
-            if let (Some(stored), Some(now_hash)) = (&row.workflow_hash, workflow.source_hash()) {
-                if stored != now_hash {
-                    return Err(SmithersError::new(
-                        Code::ResumeMetadataMismatch,
-                        format!(
-                            "workflow `{}` changed since run `{run_id}` started; resuming could re-run or skip steps. Restore the file, or resume with --force",
-                            row.workflow_path
-                                .clone()
-                                .unwrap_or_else(|| row.workflow_name.clone())
-                        ),
-                    ));
-                }
-            }
+        if !force
+            && let (Some(stored), Some(now_hash)) = (&row.workflow_hash, workflow.source_hash())
+            && stored != now_hash
+        {
+            return Err(SmithersError::new(
+                Code::ResumeMetadataMismatch,
+                format!(
+                    "workflow `{}` changed since run `{run_id}` started; resuming could re-run or skip steps. Restore the file, or resume with --force",
+                    row.workflow_path
+                        .clone()
+                        .unwrap_or_else(|| row.workflow_name.clone())
+                ),
+            ));
         }
         let now = now_ms();
         let mut dead_owner = None;
-        if let Some(owner) = &row.runtime_owner_id {
-            if owner != &self.sh.owner {
-                let fresh = row
-                    .heartbeat_at_ms
-                    .is_some_and(|h| now - h < self.sh.config.lease_timeout_ms);
-                match owner::liveness(owner) {
-                    owner::OwnerLiveness::Dead => dead_owner = Some(owner.clone()),
-                    owner::OwnerLiveness::Alive if fresh => {
-                        return Err(SmithersError::new(
-                            Code::RunStillRunning,
-                            format!(
-                                "run `{run_id}` is being driven by a live engine ({owner}); cancel it first or wait for it to park"
-                            ),
-                        ));
-                    }
-                    _ if fresh => {
-                        return Err(SmithersError::new(
-                            Code::RunStillRunning,
-                            format!(
-                                "run `{run_id}` is owned by {owner}, which heart-beat {} ms ago; it can be taken over once the lease ({} ms) expires",
-                                now - row.heartbeat_at_ms.unwrap_or(now),
-                                self.sh.config.lease_timeout_ms
-                            ),
-                        ));
-                    }
-                    _ => {}
+        if let Some(owner) = &row.runtime_owner_id
+            && owner != &self.sh.owner
+        {
+            let fresh = row
+                .heartbeat_at_ms
+                .is_some_and(|h| now - h < self.sh.config.lease_timeout_ms);
+            match owner::liveness(owner) {
+                owner::OwnerLiveness::Dead => dead_owner = Some(owner.clone()),
+                owner::OwnerLiveness::Alive if fresh => {
+                    return Err(SmithersError::new(
+                        Code::RunStillRunning,
+                        format!(
+                            "run `{run_id}` is being driven by a live engine ({owner}); cancel it first or wait for it to park"
+                        ),
+                    ));
                 }
+                _ if fresh => {
+                    return Err(SmithersError::new(
+                        Code::RunStillRunning,
+                        format!(
+                            "run `{run_id}` is owned by {owner}, which heart-beat {} ms ago; it can be taken over once the lease ({} ms) expires",
+                            now - row.heartbeat_at_ms.unwrap_or(now),
+                            self.sh.config.lease_timeout_ms
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
         let claimed = store

@@ -21,10 +21,10 @@ impl OutputStore {
     }
 
     pub fn remove(&self, node_id: &str, iteration: u32) {
-        if let Ok(mut m) = self.map.write() {
-            if let Some(its) = m.get_mut(node_id) {
-                its.remove(&iteration);
-            }
+        if let Ok(mut m) = self.map.write()
+            && let Some(its) = m.get_mut(node_id)
+        {
+            its.remove(&iteration);
         }
     }
 
@@ -70,20 +70,23 @@ impl OutputsView for OutputStore {
     }
 }
 
+/// A schema (kept alive so its address stays unique) and its compiled validator.
+type CachedValidator = (Arc<Value>, Arc<jsonschema::Validator>);
+
 /// Compiled validators, keyed by the schema's identity (the Arc is kept alive with the entry so
 /// the address cannot be reused).
 #[derive(Default)]
 pub struct SchemaCache {
-    compiled: Mutex<HashMap<usize, (Arc<Value>, Arc<jsonschema::Validator>)>>,
+    compiled: Mutex<HashMap<usize, CachedValidator>>,
 }
 
 impl SchemaCache {
     fn validator(&self, schema: &Arc<Value>) -> Result<Arc<jsonschema::Validator>, SmithersError> {
         let key = Arc::as_ptr(schema) as usize;
-        if let Ok(m) = self.compiled.lock() {
-            if let Some((_, v)) = m.get(&key) {
-                return Ok(v.clone());
-            }
+        if let Ok(m) = self.compiled.lock()
+            && let Some((_, v)) = m.get(&key)
+        {
+            return Ok(v.clone());
         }
         let v = jsonschema::validator_for(schema).map_err(|e| {
             SmithersError::new(

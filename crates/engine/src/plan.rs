@@ -366,10 +366,10 @@ impl Walker<'_> {
             }
         }
         if let Some(g) = t.group {
-            if let Some(max) = self.plan.group_max[g] {
-                if self.usage[g] >= max.max(1) {
-                    return false;
-                }
+            if let Some(max) = self.plan.group_max[g]
+                && self.usage[g] >= max.max(1)
+            {
+                return false;
             }
             self.usage[g] += 1;
         }

@@ -6,7 +6,7 @@ use smithers_core::build::{FnWorkflow, par, repeat, seq, shell, value};
 use smithers_core::tree::{
     ApprovalMode, ApprovalSpec, Node, OnDeny, OnTimeout, SubflowSpec, TimerSpec, WaitSpec,
 };
-use smithers_core::{Code, NodeRef, OutputsView, RenderCtx, Task, TaskKind, Workflow};
+use smithers_core::{Code, NodeRef, RenderCtx, Task, TaskKind, Workflow};
 use smithers_engine::{Engine, EngineConfig, RunOutcome, StartOptions, ops};
 use smithers_store::Store;
 use std::sync::Arc;
