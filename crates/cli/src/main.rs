@@ -39,7 +39,11 @@ enum Cmd {
     },
     /// Continue a run that is parked, cancelled, failed or orphaned by a dead engine.
     Resume {
-        run_id: String,
+        #[arg(required_unless_present = "orphans")]
+        run_id: Option<String>,
+        /// Instead of one run, take over every run whose engine died or stopped heart-beating.
+        #[arg(long, conflicts_with = "run_id")]
+        orphans: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         /// Resume even though the workflow file changed since the run started.
@@ -179,7 +183,15 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             run_id,
             db,
         } => up::up(&workflow, input.as_deref(), run_id, &db).await,
-        Cmd::Resume { run_id, db, force } => up::resume(&run_id, &db, force).await,
+        Cmd::Resume {
+            run_id: Some(run_id),
+            db,
+            force,
+            ..
+        } => up::resume(&run_id, &db, force).await,
+        Cmd::Resume {
+            run_id: None, db, ..
+        } => up::resume_orphans(&db).await,
         Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit as usize).await,
         Cmd::Inspect { run_id, json, db } => runs::inspect(&db, &run_id, json).await,
         Cmd::Frames {

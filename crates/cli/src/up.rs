@@ -68,6 +68,47 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
     drive(&engine, handle, progress, term).await
 }
 
+/// Takes over every orphaned run (its engine died or stopped heart-beating) and drives each to
+/// its next stop. Exit code: 1 if any failed, else 2 if any was cancelled, else 3 if any is
+/// waiting, else 0.
+pub async fn resume_orphans(db: &str) -> Result<u8, SmithersError> {
+    let store = open_store(db).await?;
+    let engine = Engine::new(store, EngineConfig::default());
+    let progress = Progress::start(&engine);
+    let resolve = |row: &smithers_store::RunRow| -> Option<Arc<dyn Workflow>> {
+        let path = row.workflow_path.as_deref()?;
+        match smithers_core::yaml::load_file(path) {
+            Ok(wf) => Some(wf as Arc<dyn Workflow>),
+            Err(_) => {
+                eprintln!(
+                    "run {} left alone: its workflow `{path}` no longer loads",
+                    row.run_id
+                );
+                None
+            }
+        }
+    };
+    let handles = engine.take_over_orphans(&resolve).await?;
+    if handles.is_empty() {
+        progress.finish().await;
+        eprintln!("no orphaned runs");
+        return Ok(0);
+    }
+    for h in &handles {
+        eprintln!("taking over run {}", h.run_id);
+    }
+    let mut outcomes = Vec::new();
+    for h in handles {
+        outcomes.push(h.wait().await);
+    }
+    progress.finish().await;
+    let codes: Vec<u8> = outcomes.iter().map(report).collect();
+    Ok([1u8, 2, 3]
+        .into_iter()
+        .find(|c| codes.contains(c))
+        .unwrap_or(0))
+}
+
 /// Installs the SIGTERM and SIGINT handlers before the run starts, so a signal at any moment
 /// cancels the run cleanly instead of killing the process.
 fn watch_term() -> Result<StopSignals, SmithersError> {

@@ -146,3 +146,42 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
     assert!(!sorted.is_empty());
     assert_eq!(sorted, (1..=sorted.len() as i64).collect::<Vec<_>>());
 }
+
+#[test]
+fn resume_orphans_takes_over_every_run_of_a_killed_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("log");
+    let yaml = format!(
+        "name: orphan\nsteps:\n  - task: {{id: a, run: \"echo a >> {l}\"}}\n  - task: {{id: slow, run: \"echo slow >> {l}; sleep 0.5\"}}\n  - task: {{id: b, run: \"echo b >> {l}\"}}\n",
+        l = log.display()
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["up", "wf.yaml", "--run-id", "orphan-1", "--db", &db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&log, "slow", Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = smithers(dir, &["resume", "--orphans", "--db", &db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("taking over run orphan-1"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == "a").count(), 1, "{text}");
+    assert_eq!(text.lines().filter(|l| *l == "b").count(), 1, "{text}");
+    // nothing left to take over
+    let again = smithers(dir, &["resume", "--orphans", "--db", &db]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no orphaned runs"));
+}
