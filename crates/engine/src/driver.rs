@@ -1580,48 +1580,61 @@ impl Driver {
         self.park(park).await.map(Some)
     }
 
-    async fn park(&mut self, st: &'static str) -> Result<RunOutcome, SmithersError> {
+    /// Releases the run with a final (or waiting) status, in one commit with its event.
+    async fn end_run(
+        &mut self,
+        st: &'static str,
+        event: (&'static str, Value),
+        output: Option<Value>,
+        error: Option<SmithersError>,
+    ) -> Result<RunOutcome, SmithersError> {
+        let ended = st != status::WAITING_APPROVAL
+            && st != status::WAITING_EVENT
+            && st != status::WAITING_TIMER;
+        let mut patch = RunPatch {
+            status: Some(st.into()),
+            runtime_owner_id: Some(None),
+            heartbeat_at_ms: Some(None),
+            ..Default::default()
+        };
+        if ended {
+            patch.finished_at_ms = Some(Some(now_ms()));
+            patch.cancel_requested_at_ms = Some(None);
+            patch.error_json = Some(error.as_ref().map(|e| e.to_json().to_string()));
+        }
         self.batch.push(Write::UpdateRun {
             run_id: self.run_id.to_string(),
-            patch: RunPatch {
-                status: Some(st.into()),
-                runtime_owner_id: Some(None),
-                heartbeat_at_ms: Some(None),
-                ..Default::default()
-            },
+            patch,
         });
-        self.event(kind::RUN_STATUS_CHANGED, json!({"status": st}));
+        self.event(event.0, event.1);
         self.flush().await?;
         Ok(RunOutcome {
             run_id: self.run_id.to_string(),
             status: st.to_string(),
-            output: None,
-            error: None,
+            output,
+            error,
         })
     }
 
+    async fn park(&mut self, st: &'static str) -> Result<RunOutcome, SmithersError> {
+        self.end_run(
+            st,
+            (kind::RUN_STATUS_CHANGED, json!({"status": st})),
+            None,
+            None,
+        )
+        .await
+    }
+
     async fn finished(&mut self) -> Result<RunOutcome, SmithersError> {
-        let now = now_ms();
         let output = self.outputs.latest_map();
-        self.batch.push(Write::UpdateRun {
-            run_id: self.run_id.to_string(),
-            patch: RunPatch {
-                status: Some(status::FINISHED.into()),
-                finished_at_ms: Some(Some(now)),
-                runtime_owner_id: Some(None),
-                heartbeat_at_ms: Some(None),
-                error_json: Some(None),
-                ..Default::default()
-            },
-        });
-        self.event(kind::RUN_FINISHED, json!({}));
-        self.flush().await?;
-        Ok(RunOutcome {
-            run_id: self.run_id.to_string(),
-            status: status::FINISHED.into(),
-            output: Some(output),
-            error: None,
-        })
+        self.end_run(
+            status::FINISHED,
+            (kind::RUN_FINISHED, json!({})),
+            Some(output),
+            None,
+        )
+        .await
     }
 
     /// Cancels waiting timers (they must not fire for a run that stopped).
@@ -1638,27 +1651,10 @@ impl Driver {
     }
 
     async fn failed_terminal(&mut self, e: SmithersError) -> Result<RunOutcome, SmithersError> {
-        let now = now_ms();
         self.cancel_waiting("run-failed");
-        self.batch.push(Write::UpdateRun {
-            run_id: self.run_id.to_string(),
-            patch: RunPatch {
-                status: Some(status::FAILED.into()),
-                finished_at_ms: Some(Some(now)),
-                runtime_owner_id: Some(None),
-                heartbeat_at_ms: Some(None),
-                error_json: Some(Some(e.to_json().to_string())),
-                ..Default::default()
-            },
-        });
-        self.event(kind::RUN_FAILED, json!({"error": e.to_json()}));
-        self.flush().await?;
-        Ok(RunOutcome {
-            run_id: self.run_id.to_string(),
-            status: status::FAILED.into(),
-            output: None,
-            error: Some(e),
-        })
+        let ev = json!({"error": e.to_json()});
+        self.end_run(status::FAILED, (kind::RUN_FAILED, ev), None, Some(e))
+            .await
     }
 
     /// Fails the run after an engine-level error (render, expression, storage). In-flight tasks
@@ -1705,26 +1701,13 @@ impl Driver {
         while self.in_flight > 0 && now_ms() < deadline {
             self.wait_for_message(Some(deadline)).await?;
         }
-        let now = now_ms();
         self.cancel_waiting("run-cancelled");
-        self.batch.push(Write::UpdateRun {
-            run_id: self.run_id.to_string(),
-            patch: RunPatch {
-                status: Some(status::CANCELLED.into()),
-                finished_at_ms: Some(Some(now)),
-                runtime_owner_id: Some(None),
-                heartbeat_at_ms: Some(None),
-                cancel_requested_at_ms: Some(None),
-                ..Default::default()
-            },
-        });
-        self.event(kind::RUN_CANCELLED, json!({}));
-        self.flush().await?;
-        Ok(RunOutcome {
-            run_id: self.run_id.to_string(),
-            status: status::CANCELLED.into(),
-            output: None,
-            error: None,
-        })
+        self.end_run(
+            status::CANCELLED,
+            (kind::RUN_CANCELLED, json!({})),
+            None,
+            None,
+        )
+        .await
     }
 }

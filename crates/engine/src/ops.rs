@@ -42,10 +42,7 @@ pub async fn cancel_run(
     lease_timeout_ms: i64,
 ) -> Result<CancelOutcome> {
     let row = run_row(store, run_id).await?;
-    if matches!(
-        row.status.as_str(),
-        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
-    ) {
+    if status::is_ended(&row.status) {
         return Err(SmithersError::new(
             Code::RunNotActive,
             format!("run `{run_id}` is already `{}`", row.status),
@@ -138,10 +135,7 @@ pub async fn pending_approval(
     iteration: i64,
 ) -> Result<ApprovalRow> {
     let run = run_row(store, run_id).await?;
-    if matches!(
-        run.status.as_str(),
-        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
-    ) {
+    if status::is_ended(&run.status) {
         return Err(SmithersError::new(
             Code::RunNotActive,
             format!(
@@ -331,10 +325,7 @@ pub async fn send_signal(
         .filter(|c| !c.is_empty())
         .map(str::to_string);
     let row = run_row(store, run_id).await?;
-    if matches!(
-        row.status.as_str(),
-        status::FINISHED | status::FAILED | status::CANCELLED | status::CONTINUED
-    ) {
+    if status::is_ended(&row.status) {
         return Err(SmithersError::new(
             Code::RunNotActive,
             format!(

@@ -14,6 +14,11 @@ pub mod status {
     pub const CANCELLED: &str = "cancelled";
     pub const CONTINUED: &str = "continued";
     pub const NEEDS_ATTENTION: &str = "needs-attention";
+    /// Whether a run in this status has ended for good (it takes no decisions or signals).
+    pub fn is_ended(s: &str) -> bool {
+        matches!(s, FINISHED | FAILED | CANCELLED | CONTINUED)
+    }
+
     pub const ALL: &[&str] = &[
         RUNNING,
         WAITING_APPROVAL,
