@@ -79,6 +79,8 @@ impl TaskRt {
 
 /// Messages from in-flight tasks.
 pub(crate) enum Msg {
+    /// Something outside changed (a decision, a signal): re-derive waiting nodes.
+    Wake,
     Output {
         rt: usize,
         attempt: i64,
@@ -108,6 +110,8 @@ pub(crate) struct DriverInit {
     pub workflow_hash: Option<String>,
     pub input: Value,
     pub cancel: watch::Receiver<bool>,
+    /// The driver's message channel (the sender is also kept by the engine, to wake it).
+    pub messages: (mpsc::UnboundedSender<Msg>, mpsc::UnboundedReceiver<Msg>),
     pub depth: u32,
 }
 
@@ -165,7 +169,7 @@ impl SchedView for Driver {
 
 impl Driver {
     pub(crate) fn new(init: DriverInit) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = init.messages;
         let cwd = init
             .workflow
             .path()
@@ -726,6 +730,14 @@ impl Driver {
 
     fn handle(&mut self, m: Msg) {
         match m {
+            Msg::Wake => {
+                for r in &mut self.rts {
+                    if matches!(r.state, TState::WaitingApproval | TState::WaitingEvent) {
+                        r.state = TState::Pending;
+                    }
+                }
+                self.dirty = true;
+            }
             Msg::Output {
                 rt,
                 attempt,

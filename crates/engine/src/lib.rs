@@ -104,12 +104,19 @@ impl RunHandle {
     }
 }
 
+/// A run driven by this engine: how to stop it and how to make it look again at its waiting
+/// nodes.
+struct ActiveRun {
+    cancel: watch::Sender<bool>,
+    wake: tokio::sync::mpsc::UnboundedSender<driver::Msg>,
+}
+
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) owner: String,
     pub(crate) config: EngineConfig,
     bus: broadcast::Sender<EngineEvent>,
-    active: Mutex<HashMap<String, watch::Sender<bool>>>,
+    active: Mutex<HashMap<String, ActiveRun>>,
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) schemas: outputs::SchemaCache,
 }
@@ -126,7 +133,23 @@ impl Shared {
     }
 
     pub(crate) fn cancel_sender(&self, run_id: &str) -> Option<watch::Sender<bool>> {
-        self.active.lock().ok()?.get(run_id).cloned()
+        self.active
+            .lock()
+            .ok()?
+            .get(run_id)
+            .map(|a| a.cancel.clone())
+    }
+
+    fn wake(&self, run_id: &str) -> bool {
+        let Some(tx) = self
+            .active
+            .lock()
+            .ok()
+            .and_then(|a| a.get(run_id).map(|a| a.wake.clone()))
+        else {
+            return false;
+        };
+        tx.send(driver::Msg::Wake).is_ok()
     }
 
     /// Signals a locally driven run to stop; false when it is not driven here.
@@ -202,6 +225,12 @@ impl Engine {
     /// Committed events of every run this engine drives.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
         self.sh.bus.subscribe()
+    }
+
+    /// Makes a run driven here look again at its waiting approvals and events (after a decision
+    /// or a signal was recorded). False when the run is not driven by this engine.
+    pub fn wake(&self, run_id: &str) -> bool {
+        self.sh.wake(run_id)
     }
 
     /// Whether this engine is driving the run right now.
@@ -296,8 +325,15 @@ impl Engine {
         depth: u32,
     ) -> RunHandle {
         let (tx, rx) = watch::channel(false);
+        let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel();
         if let Ok(mut a) = self.sh.active.lock() {
-            a.insert(run_id.clone(), tx);
+            a.insert(
+                run_id.clone(),
+                ActiveRun {
+                    cancel: tx,
+                    wake: msg_tx.clone(),
+                },
+            );
         }
         let init = driver::DriverInit {
             shared: self.sh.clone(),
@@ -307,6 +343,7 @@ impl Engine {
             run_id: run_id.clone(),
             input,
             cancel: rx,
+            messages: (msg_tx, msg_rx),
             depth,
         };
         let sh = self.sh.clone();

@@ -929,3 +929,51 @@ async fn orphaned_runs_are_taken_over() {
         assert_eq!(h.wait().await.status, "finished");
     }
 }
+
+#[tokio::test]
+async fn a_live_run_sees_a_decision_when_woken() {
+    let e = env().await;
+    let w = wf("wake", |_| {
+        Ok(par(
+            None,
+            vec![
+                approval("gate", ApprovalMode::Approve, OnDeny::Fail),
+                shell("busy", "sleep 1").node(),
+            ],
+        ))
+    });
+    let h = e
+        .engine
+        .start(w, json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    let id = h.run_id.clone();
+    // wait until the approval is requested while `busy` still runs
+    let t0 = Instant::now();
+    while e
+        .store
+        .get_approval(&id, "gate", 0)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops::decide(
+        e.store.as_ref(),
+        &id,
+        "gate",
+        0,
+        ops::Decision {
+            approved: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(e.engine.wake(&id));
+    let o = h.wait().await;
+    assert_eq!(o.status, "finished", "the run never parked: {:?}", o.error);
+    assert_eq!(o.output.unwrap()["gate"]["approved"], json!(true));
+}
