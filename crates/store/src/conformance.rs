@@ -78,6 +78,12 @@ macro_rules! store_conformance_tests {
             request_cancel_existing_and_missing,
             list_runs_order_limit_status,
             list_stale_runs_order_limit,
+            cron_upsert_get_list,
+            cron_upsert_conflict_keeps_history,
+            cron_delete,
+            cron_update_run,
+            cron_claim_compare_and_set,
+            cron_claim_race_exactly_one_wins,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1640,4 +1646,224 @@ pub async fn list_stale_runs_order_limit(store: &dyn Store) {
     assert_eq!(ids(&stale), vec!["stale-old"]);
     let stale = ok(store.list_stale_runs(0, 100).await, "list_stale_runs");
     assert_eq!(ids(&stale), vec!["unowned"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cron
+
+/// A gateway cron row for `key`.
+pub fn cron_row(cron_id: &str, key: &str, created_at_ms: i64) -> CronRow {
+    CronRow {
+        cron_id: cron_id.into(),
+        pattern: "*/5 * * * *".into(),
+        workflow_path: format!("gateway:{key}"),
+        enabled: true,
+        created_at_ms,
+        last_run_at_ms: None,
+        next_run_at_ms: Some(created_at_ms + 1_000),
+        error_json: None,
+    }
+}
+
+async fn get_cron(store: &dyn Store, id: &str) -> Option<CronRow> {
+    ok(store.get_cron(id).await, "get_cron")
+}
+
+/// Every column round-trips; listing is by creation time ascending; missing reads as `None`.
+pub async fn cron_upsert_get_list(store: &dyn Store) {
+    assert!(ok(store.list_crons().await, "list_crons").is_empty());
+    let full = CronRow {
+        cron_id: "full".into(),
+        pattern: "0 8 * * 1-5".into(),
+        workflow_path: "gateway:github".into(),
+        enabled: false,
+        created_at_ms: 30,
+        last_run_at_ms: Some(20),
+        next_run_at_ms: Some(40),
+        error_json: Some("boom".into()),
+    };
+    ok(store.upsert_cron(full.clone()).await, "upsert_cron");
+    let mut bare = cron_row("bare", "wf", 10);
+    bare.next_run_at_ms = None;
+    ok(store.upsert_cron(bare.clone()).await, "upsert_cron");
+    ok(
+        store.upsert_cron(cron_row("mid", "wf", 20)).await,
+        "upsert_cron",
+    );
+    assert_eq!(get_cron(store, "full").await, Some(full));
+    assert_eq!(get_cron(store, "bare").await, Some(bare));
+    assert_eq!(get_cron(store, "missing").await, None);
+    let listed: Vec<String> = ok(store.list_crons().await, "list_crons")
+        .into_iter()
+        .map(|c| c.cron_id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["bare", "mid", "full"],
+        "oldest first, disabled included"
+    );
+}
+
+/// An upsert on an existing id updates pattern, path, enabled and next run only.
+pub async fn cron_upsert_conflict_keeps_history(store: &dyn Store) {
+    let mut first = cron_row("c", "a", 10);
+    first.last_run_at_ms = Some(11);
+    first.error_json = Some("old error".into());
+    ok(store.upsert_cron(first).await, "upsert_cron");
+    let second = CronRow {
+        cron_id: "c".into(),
+        pattern: "@daily".into(),
+        workflow_path: "gateway:b".into(),
+        enabled: false,
+        created_at_ms: 99,
+        last_run_at_ms: None,
+        next_run_at_ms: None,
+        error_json: None,
+    };
+    ok(store.upsert_cron(second).await, "upsert_cron");
+    assert_eq!(
+        get_cron(store, "c").await,
+        Some(CronRow {
+            cron_id: "c".into(),
+            pattern: "@daily".into(),
+            workflow_path: "gateway:b".into(),
+            enabled: false,
+            created_at_ms: 10,
+            last_run_at_ms: Some(11),
+            next_run_at_ms: None,
+            error_json: Some("old error".into()),
+        })
+    );
+    assert_eq!(ok(store.list_crons().await, "list_crons").len(), 1);
+}
+
+/// `delete_cron` removes one row and reports whether it existed.
+pub async fn cron_delete(store: &dyn Store) {
+    ok(
+        store.upsert_cron(cron_row("a", "wf", 1)).await,
+        "upsert_cron",
+    );
+    ok(
+        store.upsert_cron(cron_row("b", "wf", 2)).await,
+        "upsert_cron",
+    );
+    assert!(ok(store.delete_cron("a").await, "delete_cron"));
+    assert!(!ok(store.delete_cron("a").await, "delete_cron again"));
+    assert!(!ok(
+        store.delete_cron("missing").await,
+        "delete_cron missing"
+    ));
+    assert_eq!(get_cron(store, "a").await, None);
+    assert!(get_cron(store, "b").await.is_some());
+}
+
+/// `update_cron_run` writes last run, next run and error (NULLs included) and nothing else.
+pub async fn cron_update_run(store: &dyn Store) {
+    let row = cron_row("c", "wf", 5);
+    ok(store.upsert_cron(row.clone()).await, "upsert_cron");
+    assert!(ok(
+        store
+            .update_cron_run("c", Some(100), Some(200), Some("failed: x".into()))
+            .await,
+        "update_cron_run"
+    ));
+    let mut expected = row.clone();
+    expected.last_run_at_ms = Some(100);
+    expected.next_run_at_ms = Some(200);
+    expected.error_json = Some("failed: x".into());
+    assert_eq!(get_cron(store, "c").await, Some(expected.clone()));
+    assert!(ok(
+        store.update_cron_run("c", Some(300), None, None).await,
+        "update_cron_run"
+    ));
+    expected.last_run_at_ms = Some(300);
+    expected.next_run_at_ms = None;
+    expected.error_json = None;
+    assert_eq!(get_cron(store, "c").await, Some(expected));
+    assert!(!ok(
+        store
+            .update_cron_run("missing", Some(1), Some(2), None)
+            .await,
+        "update_cron_run missing"
+    ));
+}
+
+/// `claim_due_cron` advances the next run only when it still equals the expectation (NULL
+/// included) and the cron is enabled.
+pub async fn cron_claim_compare_and_set(store: &dyn Store) {
+    let mut row = cron_row("c", "wf", 1);
+    row.next_run_at_ms = Some(1_000);
+    ok(store.upsert_cron(row.clone()).await, "upsert_cron");
+
+    assert!(!ok(
+        store.claim_due_cron("c", Some(999), 2_000, 1_500).await,
+        "claim stale expectation"
+    ));
+    assert!(!ok(
+        store.claim_due_cron("c", None, 2_000, 1_500).await,
+        "claim NULL expectation on non-NULL"
+    ));
+    assert_eq!(get_cron(store, "c").await, Some(row.clone()), "unchanged");
+
+    assert!(ok(
+        store.claim_due_cron("c", Some(1_000), 2_000, 1_500).await,
+        "claim"
+    ));
+    let got = get_cron(store, "c").await;
+    assert_eq!(
+        got.as_ref().map(|c| (c.last_run_at_ms, c.next_run_at_ms)),
+        Some((Some(1_500), Some(2_000)))
+    );
+    assert!(!ok(
+        store.claim_due_cron("c", Some(1_000), 3_000, 1_600).await,
+        "second claim with the old expectation"
+    ));
+
+    let mut never = cron_row("never", "wf", 2);
+    never.next_run_at_ms = None;
+    ok(store.upsert_cron(never).await, "upsert_cron");
+    assert!(ok(
+        store.claim_due_cron("never", None, 5_000, 4_000).await,
+        "claim NULL next run"
+    ));
+    assert_eq!(
+        get_cron(store, "never")
+            .await
+            .and_then(|c| c.next_run_at_ms),
+        Some(5_000)
+    );
+
+    let mut off = cron_row("off", "wf", 3);
+    off.enabled = false;
+    ok(store.upsert_cron(off.clone()).await, "upsert_cron");
+    assert!(!ok(
+        store
+            .claim_due_cron("off", off.next_run_at_ms, 9_000, 8_000)
+            .await,
+        "claim disabled"
+    ));
+    assert!(!ok(
+        store.claim_due_cron("missing", None, 9_000, 8_000).await,
+        "claim missing"
+    ));
+}
+
+/// Concurrent claims with the same expectation: exactly one wins, every round.
+pub async fn cron_claim_race_exactly_one_wins(store: &dyn Store) {
+    for round in 0..10i64 {
+        let id = format!("race{round}");
+        let mut row = cron_row(&id, "wf", round);
+        row.next_run_at_ms = Some(100 + round);
+        ok(store.upsert_cron(row).await, "upsert_cron");
+        let claims = (0..4)
+            .map(|i| store.claim_due_cron(&id, Some(100 + round), 1_000 + i, 500))
+            .collect();
+        let wins = join_all(claims)
+            .await
+            .into_iter()
+            .map(|r| ok(r, "claim_due_cron"))
+            .filter(|won| *won)
+            .count();
+        assert_eq!(wins, 1, "round {round}: exactly one claim wins");
+    }
 }

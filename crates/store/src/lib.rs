@@ -237,6 +237,35 @@ pub trait Store: Send + Sync + 'static {
         correlation_id: Option<&str>,
         received_after_ms: i64,
     ) -> Result<Vec<SignalRow>>;
+
+    /// Inserts a cron, or on an existing `cron_id` updates only `pattern`, `workflow_path`,
+    /// `enabled` and `next_run_at_ms` (creation time, last run and error are kept).
+    async fn upsert_cron(&self, row: CronRow) -> Result<()>;
+    /// All crons (enabled or not), oldest `created_at_ms` first.
+    async fn list_crons(&self) -> Result<Vec<CronRow>>;
+    async fn get_cron(&self, cron_id: &str) -> Result<Option<CronRow>>;
+    /// Removes a cron; false when it did not exist.
+    async fn delete_cron(&self, cron_id: &str) -> Result<bool>;
+    /// Records the outcome of a fire (all three columns are written, `None` sets NULL);
+    /// false when the cron does not exist.
+    async fn update_cron_run(
+        &self,
+        cron_id: &str,
+        last_run_at_ms: Option<i64>,
+        next_run_at_ms: Option<i64>,
+        error_json: Option<String>,
+    ) -> Result<bool>;
+    /// Compare-and-set for firing a due cron exactly once across processes: when the cron is
+    /// enabled and its `next_run_at_ms` still equals `expected_next_run_at_ms` (`None` matches
+    /// NULL), sets `next_run_at_ms = new_next_run_at_ms` and `last_run_at_ms = now_ms` and
+    /// returns true; otherwise changes nothing and returns false.
+    async fn claim_due_cron(
+        &self,
+        cron_id: &str,
+        expected_next_run_at_ms: Option<i64>,
+        new_next_run_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool>;
 }
 
 /// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`); the error says which

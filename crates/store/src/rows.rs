@@ -210,3 +210,18 @@ pub struct SignalRow {
     pub received_at_ms: i64,
     pub received_by: Option<String>,
 }
+
+/// A cron schedule (`_smithers_cron`). Gateway crons have `workflow_path = "gateway:<key>"`;
+/// `error_json` holds the plain message of the last failed fire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CronRow {
+    pub cron_id: String,
+    pub pattern: String,
+    pub workflow_path: String,
+    pub enabled: bool,
+    pub created_at_ms: i64,
+    pub last_run_at_ms: Option<i64>,
+    pub next_run_at_ms: Option<i64>,
+    pub error_json: Option<String>,
+}

@@ -30,7 +30,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(30_000);
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Never edit an
 /// entry that has shipped: append a new one.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -182,6 +182,20 @@ CREATE TABLE IF NOT EXISTS _smithers_signals (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _smithers_signals_lookup_idx
     ON _smithers_signals (run_id, signal_name, correlation_id, received_at_ms);
+"#;
+
+/// Cron schedules (`_smithers_cron`).
+const MIGRATION_2: &str = r#"
+CREATE TABLE IF NOT EXISTS _smithers_cron (
+    cron_id TEXT PRIMARY KEY NOT NULL,
+    pattern TEXT NOT NULL,
+    workflow_path TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_at_ms INTEGER NOT NULL,
+    last_run_at_ms INTEGER,
+    next_run_at_ms INTEGER,
+    error_json TEXT
+);
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -675,6 +689,20 @@ enum Op {
         now_ms: i64,
     },
     Signal(NewSignal),
+    UpsertCron(CronRow),
+    DeleteCron(String),
+    UpdateCronRun {
+        cron_id: String,
+        last_run_at_ms: Option<i64>,
+        next_run_at_ms: Option<i64>,
+        error_json: Option<String>,
+    },
+    ClaimCron {
+        cron_id: String,
+        expected: Option<i64>,
+        new_next: i64,
+        now_ms: i64,
+    },
 }
 
 impl Op {
@@ -685,6 +713,10 @@ impl Op {
             Op::Heartbeat { .. } => "heartbeat",
             Op::Cancel { .. } => "request cancel",
             Op::Signal(_) => "insert signal",
+            Op::UpsertCron(_) => "upsert cron",
+            Op::DeleteCron(_) => "delete cron",
+            Op::UpdateCronRun { .. } => "update cron run",
+            Op::ClaimCron { .. } => "claim due cron",
         }
     }
 }
@@ -874,6 +906,62 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             )?
             .execute(params![s.run_id, seq, s.signal_name, s.correlation_id, s.payload_json, s.received_at_ms, s.received_by])?;
             Ok(Out::Seq(seq))
+        }
+        Op::UpsertCron(r) => {
+            conn.prepare_cached(
+                "INSERT INTO _smithers_cron (cron_id, pattern, workflow_path, enabled, created_at_ms,
+                    last_run_at_ms, next_run_at_ms, error_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (cron_id) DO UPDATE SET pattern = excluded.pattern,
+                    workflow_path = excluded.workflow_path, enabled = excluded.enabled,
+                    next_run_at_ms = excluded.next_run_at_ms",
+            )?
+            .execute(params![
+                r.cron_id,
+                r.pattern,
+                r.workflow_path,
+                r.enabled,
+                r.created_at_ms,
+                r.last_run_at_ms,
+                r.next_run_at_ms,
+                r.error_json
+            ])?;
+            Ok(Out::Flag(true))
+        }
+        Op::DeleteCron(id) => {
+            let n = conn
+                .prepare_cached("DELETE FROM _smithers_cron WHERE cron_id = ?1")?
+                .execute(params![id])?;
+            Ok(Out::Flag(n == 1))
+        }
+        Op::UpdateCronRun {
+            cron_id,
+            last_run_at_ms,
+            next_run_at_ms,
+            error_json,
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE _smithers_cron SET last_run_at_ms = ?2, next_run_at_ms = ?3, error_json = ?4
+                     WHERE cron_id = ?1",
+                )?
+                .execute(params![cron_id, last_run_at_ms, next_run_at_ms, error_json])?;
+            Ok(Out::Flag(n == 1))
+        }
+        Op::ClaimCron {
+            cron_id,
+            expected,
+            new_next,
+            now_ms,
+        } => {
+            // `IS` compares NULL-safely, so a never-scheduled cron can be claimed once too.
+            let n = conn
+                .prepare_cached(
+                    "UPDATE _smithers_cron SET next_run_at_ms = ?3, last_run_at_ms = ?4
+                     WHERE cron_id = ?1 AND enabled = 1 AND next_run_at_ms IS ?2",
+                )?
+                .execute(params![cron_id, expected, new_next, now_ms])?;
+            Ok(Out::Flag(n == 1))
         }
     }
 }
@@ -1330,6 +1418,26 @@ macro_rules! signal_cols {
     () => {
         "run_id, seq, signal_name, correlation_id, payload_json, received_at_ms, received_by"
     };
+}
+
+macro_rules! cron_cols {
+    () => {
+        "cron_id, pattern, workflow_path, enabled, created_at_ms, last_run_at_ms, next_run_at_ms, error_json"
+    };
+}
+
+fn cron_row(row: &Row) -> Result<CronRow, DbErr> {
+    let c = Cols::new(row, "_smithers_cron", &["cron_id"]);
+    Ok(CronRow {
+        cron_id: c.get("cron_id")?,
+        pattern: c.get("pattern")?,
+        workflow_path: c.get("workflow_path")?,
+        enabled: c.flag("enabled")?,
+        created_at_ms: c.get("created_at_ms")?,
+        last_run_at_ms: c.get("last_run_at_ms")?,
+        next_run_at_ms: c.get("next_run_at_ms")?,
+        error_json: c.get("error_json")?,
+    })
 }
 
 fn run_row(row: &Row) -> Result<RunRow, DbErr> {
@@ -2107,5 +2215,90 @@ impl Store for SqliteStore {
             )
         })
         .await
+    }
+
+    async fn upsert_cron(&self, row: CronRow) -> Result<()> {
+        match self.call(Op::UpsertCron(row)).await? {
+            Out::Flag(_) => Ok(()),
+            _ => Err(unexpected("upsert_cron")),
+        }
+    }
+
+    async fn list_crons(&self) -> Result<Vec<CronRow>> {
+        self.read("list_crons", |c| {
+            query_all(
+                c,
+                concat!(
+                    "SELECT ",
+                    cron_cols!(),
+                    " FROM _smithers_cron ORDER BY created_at_ms ASC, cron_id ASC"
+                ),
+                [],
+                cron_row,
+            )
+        })
+        .await
+    }
+
+    async fn get_cron(&self, cron_id: &str) -> Result<Option<CronRow>> {
+        let id = cron_id.to_string();
+        self.read("get_cron", move |c| {
+            query_one(
+                c,
+                concat!(
+                    "SELECT ",
+                    cron_cols!(),
+                    " FROM _smithers_cron WHERE cron_id = ?1"
+                ),
+                params![id],
+                cron_row,
+            )
+        })
+        .await
+    }
+
+    async fn delete_cron(&self, cron_id: &str) -> Result<bool> {
+        match self.call(Op::DeleteCron(cron_id.to_string())).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("delete_cron")),
+        }
+    }
+
+    async fn update_cron_run(
+        &self,
+        cron_id: &str,
+        last_run_at_ms: Option<i64>,
+        next_run_at_ms: Option<i64>,
+        error_json: Option<String>,
+    ) -> Result<bool> {
+        let op = Op::UpdateCronRun {
+            cron_id: cron_id.to_string(),
+            last_run_at_ms,
+            next_run_at_ms,
+            error_json,
+        };
+        match self.call(op).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("update_cron_run")),
+        }
+    }
+
+    async fn claim_due_cron(
+        &self,
+        cron_id: &str,
+        expected_next_run_at_ms: Option<i64>,
+        new_next_run_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let op = Op::ClaimCron {
+            cron_id: cron_id.to_string(),
+            expected: expected_next_run_at_ms,
+            new_next: new_next_run_at_ms,
+            now_ms,
+        };
+        match self.call(op).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("claim_due_cron")),
+        }
     }
 }

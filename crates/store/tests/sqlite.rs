@@ -519,3 +519,37 @@ async fn file_store_mixed_concurrent_reads_and_writes() {
     let (store, _dir) = file_store().await;
     mixed_reads_and_writes(store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_race_claim_due_cron_exactly_one_wins() {
+    let (_dir, path) = temp_db();
+    let a = Arc::new(open(&path));
+    let b = Arc::new(open(&path));
+    for round in 0..20 {
+        let id = format!("cron{round}");
+        let row = smithers_store::conformance::cron_row(&id, "wf", round);
+        let expected = row.next_run_at_ms;
+        assert!(a.upsert_cron(row).await.is_ok());
+        let (ra, rb) = {
+            let (a, b, id1, id2) = (a.clone(), b.clone(), id.clone(), id.clone());
+            let ta = tokio::spawn(async move { a.claim_due_cron(&id1, expected, 7, 5).await });
+            let tb = tokio::spawn(async move { b.claim_due_cron(&id2, expected, 8, 5).await });
+            (ta.await, tb.await)
+        };
+        let (ra, rb) = match (ra, rb) {
+            (Ok(Ok(x)), Ok(Ok(y))) => (x, y),
+            other => panic!("claim failed: {other:?}"),
+        };
+        assert!(
+            ra ^ rb,
+            "round {round}: exactly one claim wins (a={ra}, b={rb})"
+        );
+        let next = b
+            .get_cron(&id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.next_run_at_ms);
+        assert_eq!(next, Some(if ra { 7 } else { 8 }));
+    }
+}
