@@ -26,6 +26,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the gateway (HTTP + WebSocket protocol v1) and run workflows.
+    Serve {
+        /// Configuration file (smithers.toml).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Without --config: directories (every *.yaml in them) or workflow files to serve.
+        paths: Vec<std::path::PathBuf>,
+    },
     /// Run a workflow in the foreground with live progress.
     Up {
         workflow: String,
@@ -148,12 +156,14 @@ fn main() -> ExitCode {
     // (`smithers inspect RUN | head -1`) instead of failing on the write. A long-running server
     // must not do this (a closed socket would kill it); every command here is short-lived or
     // leaves its run resumable.
-    // SAFETY: called before any other thread exists; SIG_DFL is always a valid disposition.
-    unsafe {
-        let _ = nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGPIPE,
-            nix::sys::signal::SigHandler::SigDfl,
-        );
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // SAFETY: called before any other thread exists; SIG_DFL is always a valid disposition.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -177,6 +187,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
     match cmd {
+        Cmd::Serve { config, paths } => serve(config, paths).await,
         Cmd::Up {
             workflow,
             input,
@@ -240,6 +251,23 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             lengths,
         } => bench::bench(runs.max(1), quick, lengths).await,
     }
+}
+
+async fn serve(
+    config: Option<std::path::PathBuf>,
+    paths: Vec<std::path::PathBuf>,
+) -> Result<u8, SmithersError> {
+    let cfg = match (config, paths.is_empty()) {
+        (Some(c), true) => smithers_gateway::config::load(&c),
+        (Some(_), false) => Err("give either --config or workflow paths, not both".to_string()),
+        (None, false) => smithers_gateway::config::zero_config(&paths),
+        (None, true) => Err("nothing to serve: give a directory of workflows (smithers serve examples/workflows) or --config smithers.toml".to_string()),
+    }
+    .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
+    smithers_gateway::serve::run(cfg)
+        .await
+        .map_err(|e| SmithersError::new(Code::Internal, e))?;
+    Ok(0)
 }
 
 fn validate(path: &str) -> Result<u8, SmithersError> {

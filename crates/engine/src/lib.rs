@@ -519,7 +519,7 @@ impl Engine {
     /// left alone. Returns the handles of the runs taken over.
     pub async fn take_over_orphans(
         &self,
-        resolve: &dyn Fn(&RunRow) -> Option<Arc<dyn Workflow>>,
+        resolve: &(dyn Fn(&RunRow) -> Option<Arc<dyn Workflow>> + Send + Sync),
     ) -> Result<Vec<RunHandle>> {
         let now = now_ms();
         let mut out = Vec::new();

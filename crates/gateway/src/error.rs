@@ -12,7 +12,10 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(code: &str, message: impl Into<String>) -> Self {
-        RpcError { code: code.to_string(), message: message.into() }
+        RpcError {
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
 
     /// HTTP status for this code (gateway-protocol §1.9, with DESIGN §5's fixes:
@@ -31,12 +34,27 @@ pub fn status_for(code: &str) -> u16 {
     match code {
         "UNAUTHORIZED" | "Unauthorized" => 401,
         "FORBIDDEN" => 403,
-        "NOT_FOUND" | "METHOD_NOT_FOUND" | "RunNotFound" | "NodeNotFound" | "AttemptNotFound" | "IterationNotFound"
-        | "NodeHasNoOutput" | "RUN_NOT_FOUND" | "NODE_NOT_FOUND" => 404,
-        "INVALID_REQUEST" | "INVALID_FRAME" | "INVALID_INPUT" | "INVALID_JSON" | "PROTOCOL_UNSUPPORTED" | "InvalidRunId"
-        | "InvalidNodeId" | "InvalidIteration" | "InvalidDelta" | "InvalidFrameNo" | "ConfirmationRequired"
-        | "FrameOutOfRange" | "SeqOutOfRange" => 400,
-        "AttemptNotFinished" | "Busy" | "RUN_NOT_ACTIVE" | "NOT_WAITING_APPROVAL" | "RUN_STILL_RUNNING" | "RUN_EXISTS" => 409,
+        "NOT_FOUND" | "METHOD_NOT_FOUND" | "RunNotFound" | "NodeNotFound" | "AttemptNotFound"
+        | "IterationNotFound" | "NodeHasNoOutput" | "RUN_NOT_FOUND" | "NODE_NOT_FOUND" => 404,
+        "INVALID_REQUEST"
+        | "INVALID_FRAME"
+        | "INVALID_INPUT"
+        | "INVALID_JSON"
+        | "PROTOCOL_UNSUPPORTED"
+        | "InvalidRunId"
+        | "InvalidNodeId"
+        | "InvalidIteration"
+        | "InvalidDelta"
+        | "InvalidFrameNo"
+        | "ConfirmationRequired"
+        | "FrameOutOfRange"
+        | "SeqOutOfRange" => 400,
+        "AttemptNotFinished"
+        | "Busy"
+        | "RUN_NOT_ACTIVE"
+        | "NOT_WAITING_APPROVAL"
+        | "RUN_STILL_RUNNING"
+        | "RUN_EXISTS" => 409,
         "DiffTooLarge" | "PayloadTooLarge" | "PAYLOAD_TOO_LARGE" => 413,
         "RateLimited" | "BackpressureDisconnect" => 429,
         "UnsupportedSandbox" => 501,
@@ -46,7 +64,10 @@ pub fn status_for(code: &str) -> u16 {
 
 impl From<SmithersError> for RpcError {
     fn from(e: SmithersError) -> Self {
-        RpcError { code: e.code.as_str().to_string(), message: e.message }
+        RpcError {
+            code: e.code.as_str().to_string(),
+            message: e.message,
+        }
     }
 }
 

@@ -8,4 +8,15 @@ pub mod error;
 pub mod metrics;
 pub mod webhook;
 
+pub mod config;
+pub mod cron_loop;
+pub mod frames;
+pub mod gateway;
+pub mod http;
+pub mod rpc;
+pub mod serve;
+pub mod shapes;
+pub mod webhooks;
+pub mod ws;
+
 pub use error::RpcError;

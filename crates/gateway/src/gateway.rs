@@ -1,0 +1,406 @@
+//! Gateway state: registered workflows, connections, the global state version, and the
+//! bridge from engine events to protocol broadcasts.
+
+use crate::auth::{AuthConfig, Grant};
+use crate::error::RpcError;
+use crate::metrics::Metrics;
+use crate::webhook::WebhookConfig;
+use serde_json::{Value, json};
+use smithers_core::Workflow;
+use smithers_engine::{Engine, EngineEvent, StartOptions};
+use smithers_store::{RunRow, Store, status};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Protocol version this gateway speaks.
+pub const PROTOCOL: u64 = 1;
+
+/// Server knobs (DESIGN §4 `[server]`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub heartbeat_ms: u64,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub metrics_auth: bool,
+    pub features: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7331".into(),
+            heartbeat_ms: 15_000,
+            max_connections: 1000,
+            max_body_bytes: 1_048_576,
+            metrics_auth: false,
+            features: vec!["streaming".into(), "runs".into()],
+        }
+    }
+}
+
+/// A workflow clients can start by key.
+pub struct Registered {
+    pub key: String,
+    pub workflow: Arc<dyn Workflow>,
+    pub schedule: Option<String>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// An outbound message for one connection; events get their per-connection `seq` when written.
+#[derive(Debug)]
+pub enum Outbound {
+    Response(Value),
+    Event {
+        event: &'static str,
+        payload: Arc<Value>,
+        state_version: u64,
+    },
+    /// Event with an owned name (devtools and other dynamic events).
+    NamedEvent {
+        event: String,
+        payload: Arc<Value>,
+        state_version: u64,
+    },
+    Close(u16, &'static str),
+}
+
+/// What the broadcaster needs to know about a WebSocket connection.
+pub struct ConnShared {
+    pub id: u64,
+    pub authed: AtomicBool,
+    pub grant: RwLock<Option<Grant>>,
+    /// `None` = every run; `Some(set)` = only these runs (an empty set means every run too).
+    pub filter: RwLock<Option<HashSet<String>>>,
+    pub tx: mpsc::UnboundedSender<Outbound>,
+}
+
+impl ConnShared {
+    fn wants(&self, run_id: Option<&str>) -> bool {
+        if !self.authed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(run) = run_id else { return true };
+        match self.filter.read() {
+            Ok(f) => match &*f {
+                Some(set) if !set.is_empty() => set.contains(run),
+                _ => true,
+            },
+            Err(_) => true,
+        }
+    }
+
+    /// Adds a run to the subscription set, creating it (the upstream auto-subscribe rule).
+    pub fn subscribe(&self, run_id: &str) {
+        if let Ok(mut f) = self.filter.write() {
+            f.get_or_insert_with(HashSet::new)
+                .insert(run_id.to_string());
+        }
+    }
+}
+
+/// Shared gateway state.
+pub struct Gateway {
+    pub engine: Engine,
+    pub store: Arc<dyn Store>,
+    pub workflows: BTreeMap<String, Registered>,
+    pub auth: AuthConfig,
+    pub config: ServerConfig,
+    pub metrics: Arc<Metrics>,
+    state_version: AtomicU64,
+    started: Instant,
+    next_conn: AtomicU64,
+    pub open_sockets: AtomicUsize,
+    conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
+    /// Workflow key of each run driven through this gateway (for metric labels).
+    run_keys: Mutex<HashMap<String, String>>,
+}
+
+/// Who asked for something (for run auth context and auto-subscribe).
+pub struct Caller<'a> {
+    pub grant: &'a Grant,
+    pub conn: Option<&'a Arc<ConnShared>>,
+}
+
+impl Gateway {
+    pub fn new(
+        engine: Engine,
+        workflows: Vec<Registered>,
+        auth: AuthConfig,
+        config: ServerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Gateway> {
+        let store = engine.store().clone();
+        Arc::new(Gateway {
+            engine,
+            store,
+            workflows: workflows.into_iter().map(|w| (w.key.clone(), w)).collect(),
+            auth,
+            config,
+            metrics,
+            state_version: AtomicU64::new(0),
+            started: Instant::now(),
+            next_conn: AtomicU64::new(1),
+            open_sockets: AtomicUsize::new(0),
+            conns: RwLock::new(HashMap::new()),
+            run_keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn state_version(&self) -> u64 {
+        self.state_version.load(Ordering::Acquire)
+    }
+
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn register_conn(&self, tx: mpsc::UnboundedSender<Outbound>) -> Arc<ConnShared> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let c = Arc::new(ConnShared {
+            id,
+            authed: AtomicBool::new(false),
+            grant: RwLock::new(None),
+            filter: RwLock::new(None),
+            tx,
+        });
+        if let Ok(mut m) = self.conns.write() {
+            m.insert(id, c.clone());
+        }
+        c
+    }
+
+    pub fn unregister_conn(&self, id: u64) {
+        if let Ok(mut m) = self.conns.write() {
+            m.remove(&id);
+        }
+    }
+
+    /// Sends an event to every authenticated connection that wants it; bumps the global state
+    /// version by exactly one, whether or not anyone receives it.
+    pub fn broadcast(&self, event: &'static str, payload: Value) {
+        let sv = self.state_version.fetch_add(1, Ordering::AcqRel) + 1;
+        let run = payload
+            .get("runId")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let payload = Arc::new(payload);
+        let Ok(conns) = self.conns.read() else { return };
+        for c in conns.values() {
+            if c.wants(run.as_deref())
+                && c.tx
+                    .send(Outbound::Event {
+                        event,
+                        payload: payload.clone(),
+                        state_version: sv,
+                    })
+                    .is_ok()
+            {
+                self.metrics.inc(
+                    "smithers_gateway_messages_sent_total",
+                    &[
+                        ("event", event),
+                        ("frameType", "event"),
+                        ("transport", "ws"),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Maps committed engine events to protocol broadcasts (gateway-protocol §1.8).
+    pub fn on_engine_event(&self, ev: &EngineEvent) {
+        let p = &ev.payload;
+        let run_id = ev.run_id.to_string();
+        let node = p.get("nodeId").cloned().unwrap_or(Value::Null);
+        let iteration = p.get("iteration").cloned().unwrap_or(json!(0));
+        match ev.event_type {
+            "NodeStarted" => self.broadcast("node.started", json!({"runId": run_id, "nodeId": node, "state": "in-progress"})),
+            "NodeFinished" => self.broadcast("node.finished", json!({"runId": run_id, "nodeId": node, "state": "finished"})),
+            "NodeFailed" => self.broadcast(
+                "node.failed",
+                json!({"runId": run_id, "nodeId": node, "state": "failed", "error": p.get("error").cloned().unwrap_or(Value::Null)}),
+            ),
+            "NodeOutput" => self.broadcast(
+                "task.output",
+                json!({"runId": run_id, "nodeId": node, "output": p.get("text").cloned().unwrap_or(Value::Null), "stream": p.get("stream").cloned().unwrap_or(Value::Null)}),
+            ),
+            "TaskHeartbeat" => self.broadcast(
+                "task.heartbeat",
+                json!({"runId": run_id, "nodeId": node, "iteration": iteration, "attempt": p.get("attempt").cloned().unwrap_or(Value::Null)}),
+            ),
+            "ApprovalRequested" => self.broadcast("approval.requested", json!({"runId": run_id, "nodeId": node, "iteration": iteration})),
+            "ApprovalAutoApproved" => {
+                self.broadcast("approval.auto_approved", json!({"runId": run_id, "nodeId": node, "iteration": iteration}))
+            }
+            "RunFinished" => self.run_completed(&run_id, "finished", None),
+            "RunFailed" => self.run_completed(&run_id, "failed", p.get("error").cloned()),
+            "RunCancelled" => self.run_completed(&run_id, "cancelled", None),
+            _ => {}
+        }
+    }
+
+    /// Broadcasts `run.completed`. It is called once per completion: from the engine event that
+    /// recorded it, or by the gateway for a parked run it cancelled itself.
+    pub fn run_completed(&self, run_id: &str, st: &str, error: Option<Value>) {
+        let mut payload = json!({"runId": run_id, "status": st});
+        if let Some(e) = error {
+            payload["error"] = e;
+        }
+        self.broadcast("run.completed", payload);
+        let workflow = self
+            .run_keys
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(run_id))
+            .unwrap_or_default();
+        self.metrics.inc(
+            "smithers_gateway_runs_completed_total",
+            &[("status", st), ("workflow", &workflow)],
+        );
+    }
+
+    fn remember_key(&self, run_id: &str, key: &str) {
+        if let Ok(mut m) = self.run_keys.lock() {
+            m.insert(run_id.to_string(), key.to_string());
+        }
+    }
+
+    /// The registered key a stored run belongs to.
+    pub fn key_of(&self, run: &RunRow) -> Option<String> {
+        crate::shapes::workflow_key(run, &|name| {
+            self.workflows
+                .values()
+                .find(|w| w.workflow.name() == name)
+                .map(|w| w.key.clone())
+        })
+    }
+
+    /// The workflow a stored run belongs to (for resuming it).
+    pub fn workflow_of(&self, run: &RunRow) -> Option<Arc<dyn Workflow>> {
+        let key = self.key_of(run)?;
+        self.workflows.get(&key).map(|w| w.workflow.clone())
+    }
+
+    /// Starts a run of a registered workflow on behalf of a caller.
+    pub async fn start_run(
+        &self,
+        key: &str,
+        input: Value,
+        run_id: Option<String>,
+        caller: &Caller<'_>,
+        triggered_by: Option<&str>,
+    ) -> Result<String, RpcError> {
+        let reg = self
+            .workflows
+            .get(key)
+            .ok_or_else(|| RpcError::new("NOT_FOUND", format!("Unknown workflow: {key}")))?;
+        let triggered = triggered_by
+            .map(str::to_string)
+            .or_else(|| caller.grant.user_id.clone())
+            .unwrap_or_else(|| "gateway".into());
+        let config = json!({
+            "auth": {
+                "triggeredBy": triggered,
+                "scopes": caller.grant.scopes,
+                "role": caller.grant.role,
+                "createdAt": crate::shapes::iso(smithers_engine::now_ms()),
+            },
+            "gatewayWorkflowKey": key,
+            "gatewayTriggeredBy": triggered,
+        });
+        let handle = self
+            .engine
+            .start(
+                reg.workflow.clone(),
+                input,
+                StartOptions {
+                    run_id,
+                    parent_run_id: None,
+                    config: Some(config),
+                },
+            )
+            .await?;
+        let run_id = handle.run_id.clone();
+        self.remember_key(&run_id, key);
+        if let Some(c) = caller.conn {
+            c.subscribe(&run_id);
+        }
+        let source = source_of(&triggered);
+        self.metrics.inc(
+            "smithers_gateway_runs_started_total",
+            &[("resume", "false"), ("source", source), ("workflow", key)],
+        );
+        // the driver runs on; completion is broadcast from its RunFinished/RunFailed event
+        drop(handle);
+        Ok(run_id)
+    }
+
+    /// After a decision or a signal: wake the run if it is driven here, else resume it unless it
+    /// has ended (gateway-protocol §4 resume rule).
+    pub async fn continue_run(
+        &self,
+        run_id: &str,
+        caller: Option<&Caller<'_>>,
+    ) -> Result<(), RpcError> {
+        if let Some(c) = caller.and_then(|c| c.conn) {
+            c.subscribe(run_id);
+        }
+        for _ in 0..20 {
+            if self.engine.wake(run_id) {
+                return Ok(());
+            }
+            let Some(row) = self.store.get_run(run_id).await? else {
+                return Ok(());
+            };
+            if status::is_ended(&row.status) {
+                return Ok(());
+            }
+            let Some(wf) = self.workflow_of(&row) else {
+                return Err(RpcError::new(
+                    "SERVER_ERROR",
+                    format!(
+                        "run `{run_id}` belongs to no registered workflow; it cannot be resumed here"
+                    ),
+                ));
+            };
+            match self.engine.resume(wf, run_id, false).await {
+                Ok(h) => {
+                    let key = self.key_of(&row).unwrap_or_default();
+                    self.remember_key(run_id, &key);
+                    self.metrics.inc(
+                        "smithers_gateway_runs_started_total",
+                        &[
+                            ("resume", "true"),
+                            ("source", "gateway"),
+                            ("workflow", &key),
+                        ],
+                    );
+                    drop(h);
+                    return Ok(());
+                }
+                Err(e) if e.code == smithers_core::Code::RunStillRunning => {
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `source` label of runs_started_total from the `triggeredBy` value.
+pub fn source_of(triggered_by: &str) -> &'static str {
+    if triggered_by.starts_with("cron:") {
+        "cron"
+    } else if triggered_by.starts_with("webhook:") {
+        "webhook"
+    } else if triggered_by == "gateway" {
+        "gateway"
+    } else {
+        "user"
+    }
+}

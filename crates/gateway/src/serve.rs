@@ -1,0 +1,199 @@
+//! Running the gateway: the listener, the engine-event bridge, the background loops (timers,
+//! event timeouts, cron, orphaned runs) and a clean shutdown.
+
+use crate::gateway::Gateway;
+use smithers_store::status;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// A running gateway.
+pub struct Server {
+    pub local_addr: std::net::SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Stops accepting, closes sockets, and waits for the HTTP server to finish. Runs keep their
+    /// state and are resumed by the next start.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(true);
+        for b in &self.background {
+            b.abort();
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.join).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Starts serving on an already bound listener.
+pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Server> {
+    let local_addr = listener.local_addr()?;
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
+
+    // engine events → protocol broadcasts
+    {
+        let gw = gw.clone();
+        let mut events = gw.engine.subscribe();
+        background.push(tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => gw.on_engine_event(&ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // runs orphaned by a dead engine (ours before a restart, or another node's)
+    {
+        let g = gw.clone();
+        let resolve = move |row: &smithers_store::RunRow| g.workflow_of(row);
+        let _ = gw.engine.take_over_orphans(&resolve).await;
+    }
+    background.push(tokio::spawn(wake_loop(gw.clone())));
+    background.push(tokio::spawn(crate::cron_loop::run(gw.clone())));
+
+    let app = crate::http::router(gw.clone());
+    let join = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    Ok(Server {
+        local_addr,
+        shutdown: tx,
+        join,
+        background,
+    })
+}
+
+/// Resumes parked runs whose timer is due or whose event wait timed out, and takes over runs
+/// whose engine stopped heart-beating. Once a second.
+async fn wake_loop(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let now = smithers_engine::now_ms();
+        for st in [status::WAITING_TIMER, status::WAITING_EVENT] {
+            let Ok(runs) = gw.store.list_runs(Some(st), 1000).await else {
+                continue;
+            };
+            for r in runs {
+                if r.status != st || gw.engine.is_active(&r.run_id) {
+                    continue;
+                }
+                if due(&gw, &r.run_id, now).await {
+                    let _ = gw.continue_run(&r.run_id, None).await;
+                }
+            }
+        }
+        if n.is_multiple_of(10) {
+            let g = gw.clone();
+            let resolve = move |row: &smithers_store::RunRow| g.workflow_of(row);
+            let _ = gw.engine.take_over_orphans(&resolve).await;
+        }
+    }
+}
+
+/// Whether a parked run has a timer that fired or an event wait that timed out.
+async fn due(gw: &Gateway, run_id: &str, now: i64) -> bool {
+    let Ok(attempts) = gw.store.list_attempts(run_id).await else {
+        return false;
+    };
+    attempts.iter().any(|a| {
+        let meta = a
+            .meta_json
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
+        let Some(meta) = meta else { return false };
+        match a.state.as_str() {
+            "waiting-timer" => meta
+                .pointer("/timer/firesAtMs")
+                .and_then(|v| v.as_i64())
+                .is_some_and(|f| f <= now),
+            "waiting-event" => {
+                let start = meta
+                    .pointer("/waitForEvent/startedAtMs")
+                    .and_then(|v| v.as_i64());
+                let timeout = meta
+                    .pointer("/waitForEvent/timeoutMs")
+                    .and_then(|v| v.as_i64());
+                matches!((start, timeout), (Some(s), Some(t)) if s + t <= now)
+            }
+            _ => false,
+        }
+    })
+}
+
+/// `smithers serve`: opens storage, loads the workflows, registers schedules, serves until
+/// SIGTERM or Ctrl-C, then shuts down cleanly (runs stay resumable; the next start resumes
+/// them).
+pub async fn run(config: crate::config::ServeConfig) -> Result<(), String> {
+    use crate::gateway::Registered;
+    let store = smithers_store::open(&config.storage_url)
+        .await
+        .map_err(|e| format!("[{}] {}", e.code, e.message))?;
+    let engine =
+        smithers_engine::Engine::new(store.clone(), smithers_engine::EngineConfig::default());
+    let mut regs = Vec::new();
+    for w in &config.workflows {
+        let wf = smithers_core::yaml::load_file(&w.path).map_err(|problems| {
+            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n"))
+        })?;
+        if let Some(pattern) = &w.schedule {
+            let row = crate::cron::new_row(
+                &format!("gateway:{}", w.key),
+                &w.key,
+                pattern,
+                true,
+                smithers_engine::now_ms(),
+            )
+            .map_err(|e| format!("workflow `{}` schedule: {e}", w.key))?;
+            store
+                .upsert_cron(row)
+                .await
+                .map_err(|e| format!("[{}] {}", e.code, e.message))?;
+        }
+        regs.push(Registered {
+            key: w.key.clone(),
+            workflow: wf,
+            schedule: w.schedule.clone(),
+            webhook: w.webhook.clone(),
+        });
+    }
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let gw = Gateway::new(engine, regs, config.auth, config.server.clone(), metrics);
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let server = start(gw, listener)
+        .await
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    eprintln!(
+        "smithers gateway listening on http://{} ({} workflows)",
+        server.local_addr,
+        config.workflows.len()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("shutting down");
+    server.shutdown().await.map_err(|e| e.to_string())
+}

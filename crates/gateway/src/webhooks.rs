@@ -1,0 +1,261 @@
+//! `POST /webhooks/<key>`: signed deliveries that wake waiting runs or start new ones
+//! (gateway-protocol §3). The signature is checked over the raw body before it is parsed.
+
+use crate::auth::Grant;
+use crate::error::RpcError;
+use crate::gateway::{Caller, Gateway};
+use crate::http::{json_response, read_body};
+use crate::webhook::{read_path_value, run_input, scalar_id, verify_signature};
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde_json::{Value, json};
+use smithers_engine::ops;
+use smithers_store::status;
+use std::sync::Arc;
+
+fn reject(gw: &Gateway, key: &str, reason: &str, status: u16, e: RpcError) -> Response {
+    gw.metrics.inc(
+        "smithers_gateway_webhooks_rejected_total",
+        &[("reason", reason), ("workflow", key)],
+    );
+    gw.metrics.inc(
+        "smithers_gateway_errors_total",
+        &[("code", &e.code), ("kind", "webhook"), ("workflow", key)],
+    );
+    gw.metrics.inc(
+        "smithers_gateway_messages_sent_total",
+        &[
+            ("frameType", "response"),
+            ("outcome", "error"),
+            ("route", "webhook"),
+            ("transport", "http"),
+            ("workflow", key),
+        ],
+    );
+    json_response(
+        status,
+        json!({"ok": false, "error": e.to_json()}).to_string(),
+    )
+}
+
+/// Handles one delivery.
+pub async fn handle(gw: Arc<Gateway>, key: &str, headers: HeaderMap, body: Body) -> Response {
+    gw.metrics.inc(
+        "smithers_gateway_messages_received_total",
+        &[
+            ("frameType", "webhook"),
+            ("transport", "http"),
+            ("workflow", key),
+        ],
+    );
+    gw.metrics.inc(
+        "smithers_gateway_webhooks_received_total",
+        &[("workflow", key)],
+    );
+    let Some(reg) = gw.workflows.get(key) else {
+        return reject(
+            &gw,
+            key,
+            "workflow_not_found",
+            404,
+            RpcError::new("NOT_FOUND", format!("Unknown workflow: {key}")),
+        );
+    };
+    let Some(cfg) = reg.webhook.as_ref() else {
+        return reject(
+            &gw,
+            key,
+            "not_configured",
+            404,
+            RpcError::new(
+                "NOT_FOUND",
+                format!("Webhook not configured for workflow: {key}"),
+            ),
+        );
+    };
+    if cfg.secret.trim().is_empty() {
+        return reject(
+            &gw,
+            key,
+            "not_configured",
+            500,
+            RpcError::new("SERVER_ERROR", "Webhook secret is not configured"),
+        );
+    }
+    if cfg.signal.is_none() && !cfg.run_enabled {
+        return reject(
+            &gw,
+            key,
+            "misconfigured",
+            400,
+            RpcError::new(
+                "INVALID_REQUEST",
+                "Webhook config must enable signal delivery or run creation",
+            ),
+        );
+    }
+    let bytes = match read_body(&headers, body, gw.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(&gw, key, "invalid_payload", e.status(), e),
+    };
+    let header = headers
+        .get(cfg.signature_header.as_str())
+        .and_then(|v| v.to_str().ok());
+    if !verify_signature(cfg, header, &bytes) {
+        return reject(
+            &gw,
+            key,
+            "invalid_signature",
+            401,
+            RpcError::new("UNAUTHORIZED", "Webhook signature verification failed"),
+        );
+    }
+    gw.metrics.inc(
+        "smithers_gateway_webhooks_verified_total",
+        &[("workflow", key)],
+    );
+    let payload: Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(_) => {
+                return reject(
+                    &gw,
+                    key,
+                    "invalid_payload",
+                    400,
+                    RpcError::new("INVALID_INPUT", "Webhook payload must be valid JSON."),
+                );
+            }
+        }
+    };
+    match deliver(&gw, key, &payload).await {
+        Ok(body) => {
+            gw.metrics.inc(
+                "smithers_gateway_messages_sent_total",
+                &[
+                    ("frameType", "response"),
+                    ("outcome", "ok"),
+                    ("route", "webhook"),
+                    ("transport", "http"),
+                    ("workflow", key),
+                ],
+            );
+            json_response(200, body.to_string())
+        }
+        Err(e) => {
+            let reason = if e.status() == 500 {
+                "server_error"
+            } else {
+                "invalid_payload"
+            };
+            reject(&gw, key, reason, e.status(), e)
+        }
+    }
+}
+
+async fn deliver(gw: &Arc<Gateway>, key: &str, payload: &Value) -> Result<Value, RpcError> {
+    let Some(cfg) = gw.workflows.get(key).and_then(|r| r.webhook.as_ref()) else {
+        return Err(RpcError::new(
+            "NOT_FOUND",
+            format!("Webhook not configured for workflow: {key}"),
+        ));
+    };
+    let system = Grant {
+        role: "system".into(),
+        scopes: vec!["*".into()],
+        user_id: Some(format!("webhook:{key}")),
+    };
+    let caller = Caller {
+        grant: &system,
+        conn: None,
+    };
+    let mut delivered = Vec::new();
+    let mut matched = Vec::new();
+    if let Some(sig) = &cfg.signal {
+        let explicit = scalar_id(read_path_value(payload, sig.run_id_path.as_deref()));
+        let correlation = scalar_id(read_path_value(payload, sig.correlation_id_path.as_deref()));
+        let data = read_path_value(payload, sig.payload_path.as_deref())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let candidates: Vec<String> = match explicit {
+            Some(id) => match gw.store.get_run(&id).await? {
+                Some(r) if !status::is_ended(&r.status) => vec![id],
+                _ => Vec::new(),
+            },
+            None => {
+                let mut ids = Vec::new();
+                for st in [status::WAITING_EVENT, status::RUNNING] {
+                    for r in gw.store.list_runs(Some(st), 1000).await? {
+                        if r.status == st && gw.key_of(&r).as_deref() == Some(key) {
+                            ids.push(r.run_id);
+                        }
+                    }
+                }
+                ids
+            }
+        };
+        for run_id in candidates {
+            if !waits_for(gw, &run_id, &sig.name, correlation.as_deref()).await? {
+                continue;
+            }
+            let d = ops::send_signal(
+                gw.store.as_ref(),
+                &run_id,
+                &sig.name,
+                data.clone(),
+                correlation.as_deref(),
+                Some(&format!("webhook:{key}")),
+            )
+            .await?;
+            matched.push(json!(run_id));
+            delivered.push(json!({"runId": d.run_id, "seq": d.seq, "signalName": d.signal_name, "correlationId": d.correlation_id, "receivedAtMs": d.received_at_ms}));
+            gw.continue_run(&run_id, None).await?;
+        }
+    }
+    let mut started = Value::Null;
+    if delivered.is_empty() && cfg.run_enabled {
+        let input = run_input(read_path_value(payload, cfg.input_path.as_deref()));
+        let input = crate::bounds::check_run_input(Some(&input))?;
+        let run_id = gw
+            .start_run(key, input, None, &caller, Some(&format!("webhook:{key}")))
+            .await?;
+        started = json!({"runId": run_id, "workflow": key});
+    }
+    Ok(
+        json!({"ok": true, "workflow": key, "verified": true, "delivered": delivered, "matchedRunIds": matched, "started": started}),
+    )
+}
+
+/// Whether a run has a node waiting for this signal name and correlation id.
+async fn waits_for(
+    gw: &Gateway,
+    run_id: &str,
+    name: &str,
+    correlation: Option<&str>,
+) -> Result<bool, RpcError> {
+    for a in gw.store.list_attempts(run_id).await? {
+        if a.state != "waiting-event" {
+            continue;
+        }
+        let Some(meta) = a
+            .meta_json
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        else {
+            continue;
+        };
+        let w = &meta["waitForEvent"];
+        let n = w["signalName"].as_str().map(str::trim);
+        let c = w["correlationId"]
+            .as_str()
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        if n == Some(name) && c == correlation {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -1,0 +1,233 @@
+//! Test harness: a real gateway on a free port with a temp SQLite file, a raw HTTP/1.1 client
+//! and a WebSocket client.
+
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use smithers_engine::{Engine, EngineConfig};
+use smithers_gateway::auth::AuthConfig;
+use smithers_gateway::gateway::{Gateway, Registered, ServerConfig};
+use smithers_gateway::metrics::Metrics;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub addr: std::net::SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub server: Option<smithers_gateway::serve::Server>,
+}
+
+pub struct Spec {
+    pub workflows: Vec<(&'static str, String)>,
+    pub auth: AuthConfig,
+    pub config: ServerConfig,
+    pub webhooks: HashMap<&'static str, smithers_gateway::webhook::WebhookConfig>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            workflows: vec![("hello", HELLO.to_string())],
+            auth: AuthConfig::None,
+            config: ServerConfig::default(),
+            webhooks: HashMap::new(),
+        }
+    }
+}
+
+pub const HELLO: &str = "name: hello\nsteps:\n  - task: {id: a, value: {n: 1}}\n  - task: {id: b, value: \"{{ outputs.a.n + 1 }}\"}\n";
+pub const GATED: &str = "name: gated\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: ok?}\n  - task: {id: b, value: 2}\n";
+pub const WAITER: &str = "name: waiter\nsteps:\n  - wait_for_event: {id: ci, event: ci.done, correlation_id: \"{{ input.sha }}\"}\n  - task: {id: after, value: \"{{ outputs.ci.ok }}\"}\n";
+pub const SLOW: &str = "name: slow\nsteps:\n  - task: {id: s, run: \"sleep 30\"}\n";
+
+pub async fn start(spec: Spec) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    start_in(dir, spec).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, spec: Spec) -> TestServer {
+    let store = smithers_store::open(&format!(
+        "sqlite://{}",
+        dir.path().join("db.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            default_cwd: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
+    );
+    let mut regs = Vec::new();
+    for (key, src) in &spec.workflows {
+        let wf = smithers_core::yaml::load_str(src, &format!("{key}.yaml"), dir.path()).unwrap();
+        regs.push(Registered {
+            key: key.to_string(),
+            workflow: Arc::new(wf),
+            schedule: None,
+            webhook: spec.webhooks.get(key).cloned(),
+        });
+    }
+    let gw = Gateway::new(
+        engine,
+        regs,
+        spec.auth,
+        spec.config,
+        Arc::new(Metrics::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = smithers_gateway::serve::start(gw.clone(), listener)
+        .await
+        .unwrap();
+    TestServer {
+        addr: server.local_addr,
+        dir,
+        gw,
+        server: Some(server),
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+pub async fn rpc(
+    addr: std::net::SocketAddr,
+    method: &str,
+    params: Value,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let body = json!({"id": "t1", "method": method, "params": params}).to_string();
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    http(addr, "POST", "/rpc", &h, body.as_bytes()).await
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn ws(addr: std::net::SocketAddr) -> Ws {
+    let (s, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    s
+}
+
+/// Next JSON text frame (panics after 10 s).
+pub async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s");
+        match m {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => panic!("closed: {c:?}"),
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+pub async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Sends a request and returns its response, collecting events seen meanwhile.
+pub async fn call(
+    ws: &mut Ws,
+    id: &str,
+    method: &str,
+    params: Value,
+    events: &mut Vec<Value>,
+) -> Value {
+    send(
+        ws,
+        json!({"type": "req", "id": id, "method": method, "params": params}),
+    )
+    .await;
+    loop {
+        let f = next(ws).await;
+        if f["type"] == "res" && f["id"] == id {
+            return f;
+        }
+        events.push(f);
+    }
+}
+
+pub async fn connect(ws: &mut Ws, params: Value) -> Value {
+    let challenge = next(ws).await;
+    assert_eq!(challenge["event"], "connect.challenge");
+    let mut evs = Vec::new();
+    call(ws, "c", "connect", params, &mut evs).await
+}
+
+pub fn hello_params() -> Value {
+    json!({"minProtocol": 1, "maxProtocol": 1, "client": {"id": "test", "version": "0", "platform": "rust"}})
+}
+
+/// Waits until `f` says the run reached a state (polls runs.get over HTTP).
+pub async fn wait_status(addr: std::net::SocketAddr, run_id: &str, want: &str) -> Value {
+    for _ in 0..200 {
+        let r = rpc(addr, "runs.get", json!({"runId": run_id}), &[]).await;
+        if r.status == 200 && r.json()["payload"]["status"] == want {
+            return r.json()["payload"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("run {run_id} never became {want}");
+}

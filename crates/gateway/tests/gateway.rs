@@ -1,0 +1,846 @@
+//! The gateway over real sockets: routes, RPC over HTTP and WebSocket, the handshake,
+//! events, approvals, signals, cancellation, limits and restarts.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use smithers_gateway::auth::{AuthConfig, Grant};
+use smithers_gateway::gateway::ServerConfig;
+use std::collections::HashMap;
+use std::time::Duration;
+
+fn token_auth() -> AuthConfig {
+    let mut tokens = HashMap::new();
+    tokens.insert(
+        "admin-token".to_string(),
+        Grant {
+            role: "admin".into(),
+            scopes: vec!["*".into()],
+            user_id: Some("ann".into()),
+        },
+    );
+    tokens.insert(
+        "reader".to_string(),
+        Grant {
+            role: "operator".into(),
+            scopes: vec!["read".into()],
+            user_id: Some("rita".into()),
+        },
+    );
+    AuthConfig::Token { tokens }
+}
+
+#[tokio::test]
+async fn routes_and_headers() {
+    let s = start(Spec::default()).await;
+    let r = http(s.addr, "GET", "/health", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"ok": true, "protocol": 1, "features": ["streaming", "runs"], "stateVersion": 0})
+    );
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    for (m, p) in [
+        ("GET", "/health?x=1"),
+        ("POST", "/health"),
+        ("GET", "/rpc"),
+        ("GET", "/nope"),
+        ("POST", "/rpc?x"),
+    ] {
+        let r = http(s.addr, m, p, &[], b"").await;
+        assert_eq!(r.status, 404, "{m} {p}");
+        assert_eq!(
+            r.json(),
+            json!({"error": {"code": "NOT_FOUND", "message": "Route not found"}})
+        );
+    }
+    let m = http(s.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(m.status, 200);
+    assert!(m.headers["content-type"].starts_with("text/plain; version=0.0.4"));
+    assert!(m.body.contains("smithers_gateway_rpc_calls_total"));
+}
+
+#[tokio::test]
+async fn http_rpc_frame_errors_echo_the_request_id() {
+    let s = start(Spec::default()).await;
+    let bad = http(
+        s.addr,
+        "POST",
+        "/rpc",
+        &[("x-request-id", "req-9")],
+        b"{not json",
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["id"], "req-9");
+    assert_eq!(
+        bad.json()["error"]["message"],
+        "Gateway RPC payload must be valid JSON."
+    );
+    let arr = http(s.addr, "POST", "/rpc", &[], b"[1]").await;
+    assert_eq!(
+        (arr.status, arr.json()["error"]["code"].clone()),
+        (400, json!("INVALID_REQUEST"))
+    );
+    let m = http(
+        s.addr,
+        "POST",
+        "/rpc",
+        &[],
+        br#"{"id":"mine","method":"Runs.list"}"#,
+    )
+    .await;
+    assert_eq!(m.status, 400);
+    assert_eq!(
+        m.json()["id"],
+        "mine",
+        "the body's id is echoed (DESIGN §5)"
+    );
+    assert_eq!(
+        m.json()["error"]["message"],
+        "Gateway method name is invalid."
+    );
+    let unknown = rpc(s.addr, "no.such", json!({}), &[]).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        unknown.json()["error"],
+        json!({"code": "METHOD_NOT_FOUND", "message": "Unknown method: no.such"})
+    );
+    let health = rpc(s.addr, "health", json!({}), &[]).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["ok"], true);
+    assert_eq!(health.json()["id"], "t1");
+    // body over the limit: 413 PAYLOAD_TOO_LARGE (DESIGN §5)
+    let big = vec![b' '; 1_048_577];
+    let r = http(s.addr, "POST", "/rpc", &[], &big).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
+    // exactly at the limit is read (and then fails as JSON, not as size)
+    let mut at = vec![b' '; 1_048_576 - 2];
+    at.extend_from_slice(b"{}");
+    let r = http(s.addr, "POST", "/rpc", &[], &at).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Gateway method name must be a string."
+    );
+}
+
+#[tokio::test]
+async fn token_auth_and_scopes() {
+    let s = start(Spec {
+        auth: token_auth(),
+        ..Default::default()
+    })
+    .await;
+    let r = rpc(s.addr, "health", json!({}), &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json()["error"],
+        json!({"code": "UNAUTHORIZED", "message": "A bearer token is required"})
+    );
+    let r = rpc(
+        s.addr,
+        "health",
+        json!({}),
+        &[("authorization", "Bearer nope")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (401, json!("Invalid token"))
+    );
+    let r = rpc(s.addr, "health", json!({}), &[("x-smithers-key", "reader")]).await;
+    assert_eq!(r.status, 200);
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &[("authorization", "Bearer reader")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.json()["error"],
+        json!({"code": "FORBIDDEN", "message": "Missing scope for runs.create"})
+    );
+    // an unknown method needs read, and is checked after the scope
+    let r = rpc(
+        s.addr,
+        "config.reload",
+        json!({}),
+        &[("authorization", "Bearer reader")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &[("authorization", "Bearer admin-token")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn runs_over_http() {
+    let s = start(Spec::default()).await;
+    let r = rpc(s.addr, "runs.create", json!({"workflow": "nope"}), &[]).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (404, json!("Unknown workflow: nope"))
+    );
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "input": [1]}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (400, json!("input must be a JSON object"))
+    );
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "input": {"x": 1}}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["payload"]["runId"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["payload"]["workflow"], "hello");
+    let run = wait_status(s.addr, &id, "finished").await;
+    assert_eq!(run["workflowKey"], "hello");
+    assert_eq!(run["summary"]["finished"], 2);
+    assert_eq!(run["runState"]["state"], "succeeded");
+    let list = rpc(s.addr, "runs.list", json!({"limit": "10"}), &[])
+        .await
+        .json();
+    assert_eq!(list["payload"][0]["runId"], id.as_str());
+    let bad = rpc(s.addr, "runs.list", json!({"limit": 0}), &[]).await;
+    assert_eq!(
+        bad.json()["error"]["message"],
+        "limit must be a finite number greater than 0."
+    );
+    let frames = rpc(
+        s.addr,
+        "frames.list",
+        json!({"runId": id, "afterFrameNo": 0}),
+        &[],
+    )
+    .await
+    .json();
+    let frames = frames["payload"].as_array().unwrap().clone();
+    assert!(!frames.is_empty());
+    assert!(
+        frames[0]["frameNo"].as_i64() > frames[frames.len() - 1]["frameNo"].as_i64(),
+        "newest first"
+    );
+    let tree: Value = serde_json::from_str(frames[0]["xmlJson"].as_str().unwrap()).unwrap();
+    assert_eq!(tree["tag"], "smithers:sequence");
+    let f1 = rpc(
+        s.addr,
+        "frames.get",
+        json!({"runId": id, "frameNo": 1}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(f1["payload"]["frameNo"], 1);
+    let f0 = rpc(
+        s.addr,
+        "frames.get",
+        json!({"runId": id, "frameNo": 0}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        f0.status, 404,
+        "frame 0 is accepted and is before the first frame"
+    );
+    let atts = rpc(s.addr, "attempts.list", json!({"runId": id}), &[])
+        .await
+        .json();
+    assert_eq!(atts["payload"].as_array().unwrap().len(), 2);
+    let a = rpc(
+        s.addr,
+        "attempts.get",
+        json!({"runId": id, "nodeId": "b", "iteration": 0, "attempt": 1}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(a["payload"]["state"], "finished");
+    assert_eq!(a["payload"]["cached"], false);
+    let miss = rpc(
+        s.addr,
+        "attempts.get",
+        json!({"runId": id, "nodeId": "b", "iteration": 0}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        miss.json()["error"]["message"],
+        "runId, nodeId, iteration, and attempt are required"
+    );
+    let rerun = rpc(
+        s.addr,
+        "runs.rerun",
+        json!({"runId": id, "newRunId": "again-1"}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(rerun["payload"]["runId"], "again-1");
+    wait_status(s.addr, "again-1", "finished").await;
+    let gone = rpc(s.addr, "runs.get", json!({"runId": "zzz"}), &[]).await;
+    assert_eq!(
+        (gone.status, gone.json()["error"]["message"].clone()),
+        (404, json!("Run not found: zzz"))
+    );
+    let done = rpc(s.addr, "runs.cancel", json!({"runId": id}), &[]).await;
+    assert_eq!(
+        (done.status, done.json()["error"]["code"].clone()),
+        (409, json!("RUN_NOT_ACTIVE"))
+    );
+}
+
+#[tokio::test]
+async fn websocket_handshake_events_and_exactly_one_completion() {
+    let s = start(Spec::default()).await;
+    let mut w = ws(s.addr).await;
+    let challenge = next(&mut w).await;
+    assert_eq!(challenge["event"], "connect.challenge");
+    assert_eq!(challenge["seq"], 1);
+    let mut evs = Vec::new();
+    let early = call(&mut w, "x", "health", json!({}), &mut evs).await;
+    assert_eq!(
+        early["error"],
+        json!({"code": "UNAUTHORIZED", "message": "Connect first"})
+    );
+    let bad = call(
+        &mut w,
+        "p",
+        "connect",
+        json!({"minProtocol": 2, "maxProtocol": 3}),
+        &mut evs,
+    )
+    .await;
+    assert_eq!(bad["error"]["code"], "PROTOCOL_UNSUPPORTED");
+    // `client` is optional (DESIGN §5)
+    let hello = call(
+        &mut w,
+        "c",
+        "connect",
+        json!({"minProtocol": 1, "maxProtocol": 1}),
+        &mut evs,
+    )
+    .await;
+    assert_eq!(hello["ok"], true, "{hello}");
+    let p = &hello["payload"];
+    assert_eq!(p["protocol"], 1);
+    assert_eq!(p["policy"]["heartbeatMs"], 15000);
+    assert_eq!(p["auth"]["role"], "operator");
+    assert!(p["snapshot"]["runs"].is_array());
+    let created = call(
+        &mut w,
+        "r",
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &mut evs,
+    )
+    .await;
+    let run_id = created["payload"]["runId"].as_str().unwrap().to_string();
+    let mut completions = 0;
+    let mut seqs = vec![];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut names = vec![];
+    while tokio::time::Instant::now() < deadline {
+        let f = match tokio::time::timeout(Duration::from_millis(500), next(&mut w)).await {
+            Ok(f) => f,
+            Err(_) => break,
+        };
+        if f["type"] == "event" {
+            seqs.push(f["seq"].as_u64().unwrap());
+            names.push(f["event"].as_str().unwrap().to_string());
+            if f["event"] == "run.completed" {
+                assert_eq!(f["payload"], json!({"runId": run_id, "status": "finished"}));
+                completions += 1;
+            }
+        }
+    }
+    for e in &evs {
+        if e["type"] == "event" {
+            names.push(e["event"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(completions, 1, "run.completed exactly once: {names:?}");
+    assert!(
+        names.iter().any(|n| n == "node.started") && names.iter().any(|n| n == "node.finished"),
+        "{names:?}"
+    );
+    for pair in seqs.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "per-connection seq has no gaps");
+    }
+}
+
+#[tokio::test]
+async fn approvals_over_the_protocol() {
+    let s = start(Spec {
+        workflows: vec![("gated", GATED.into())],
+        ..Default::default()
+    })
+    .await;
+    let r = rpc(s.addr, "runs.create", json!({"workflow": "gated"}), &[])
+        .await
+        .json();
+    let id = r["payload"]["runId"].as_str().unwrap().to_string();
+    let run = wait_status(s.addr, &id, "waiting-approval").await;
+    assert_eq!(run["runState"]["blocked"]["kind"], "approval");
+    let list = rpc(s.addr, "approvals.list", json!({}), &[]).await.json();
+    let a = &list["payload"][0];
+    assert_eq!(
+        (a["runId"].as_str(), a["nodeId"].as_str()),
+        (Some(id.as_str()), Some("gate"))
+    );
+    assert_eq!(a["requestTitle"], "ok?");
+    assert_eq!(a["approvalMode"], "decision");
+    let bad = rpc(
+        s.addr,
+        "approvals.decide",
+        json!({"runId": id, "nodeId": "gate", "approved": "yes"}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        bad.json()["error"]["message"],
+        "runId, nodeId, and approved are required"
+    );
+    let ok = rpc(
+        s.addr,
+        "approvals.decide",
+        json!({"runId": id, "nodeId": "gate", "approved": true, "note": "fine"}),
+        &[],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(
+        ok.json()["payload"],
+        json!({"runId": id, "nodeId": "gate", "iteration": 0, "approved": true})
+    );
+    let done = wait_status(s.addr, &id, "finished").await;
+    assert_eq!(done["summary"]["finished"], 3);
+    let again = rpc(
+        s.addr,
+        "approvals.decide",
+        json!({"runId": id, "nodeId": "gate", "approved": true}),
+        &[],
+    )
+    .await;
+    assert_ne!(again.status, 200);
+}
+
+#[tokio::test]
+async fn signals_wake_waiting_runs() {
+    let s = start(Spec {
+        workflows: vec![("waiter", WAITER.into())],
+        ..Default::default()
+    })
+    .await;
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "waiter", "input": {"sha": "abc"}}),
+        &[],
+    )
+    .await
+    .json();
+    let id = r["payload"]["runId"].as_str().unwrap().to_string();
+    wait_status(s.addr, &id, "waiting-event").await;
+    let bad = rpc(s.addr, "signals.send", json!({"runId": id}), &[]).await;
+    assert_eq!(
+        bad.json()["error"]["message"],
+        "runId and signalName are required"
+    );
+    let blank = rpc(
+        s.addr,
+        "signals.send",
+        json!({"runId": id, "signalName": "  "}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        blank.json()["error"]["message"],
+        "Signal name must be a non-empty string."
+    );
+    let sent = rpc(
+        s.addr,
+        "signals.send",
+        json!({"runId": id, "signalName": "ci.done", "data": {"ok": true}, "correlationId": "abc"}),
+        &[],
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let p = sent.json()["payload"].clone();
+    assert_eq!(
+        (
+            p["seq"].as_i64(),
+            p["signalName"].as_str(),
+            p["correlationId"].as_str()
+        ),
+        (Some(0), Some("ci.done"), Some("abc"))
+    );
+    wait_status(s.addr, &id, "finished").await;
+}
+
+#[tokio::test]
+async fn cancel_stops_an_active_run_and_a_parked_one() {
+    let s = start(Spec {
+        workflows: vec![("slow", SLOW.into()), ("gated", GATED.into())],
+        ..Default::default()
+    })
+    .await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "slow"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = rpc(s.addr, "runs.cancel", json!({"runId": id}), &[]).await;
+    assert_eq!(
+        c.json()["payload"],
+        json!({"runId": id, "status": "cancelling"})
+    );
+    wait_status(s.addr, &id, "cancelled").await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "gated"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &id, "waiting-approval").await;
+    let c = rpc(s.addr, "runs.cancel", json!({"runId": id}), &[]).await;
+    assert_eq!(c.json()["payload"]["status"], "cancelled");
+    wait_status(s.addr, &id, "cancelled").await;
+}
+
+#[tokio::test]
+async fn connection_limit_and_oversized_frames() {
+    let s = start(Spec {
+        config: ServerConfig {
+            max_connections: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut first = ws(s.addr).await;
+    let _ = next(&mut first).await;
+    let second = tokio_tungstenite::connect_async(format!("ws://{}/", s.addr)).await;
+    match second {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // a frame over 1 MiB closes the socket with 1009
+    use futures_util::{SinkExt, StreamExt};
+    let big = "x".repeat(1_048_577);
+    first
+        .send(tokio_tungstenite::tungstenite::Message::Text(big.into()))
+        .await
+        .unwrap();
+    let mut code = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), first.next()).await {
+        if let Ok(tokio_tungstenite::tungstenite::Message::Close(Some(c))) = m {
+            code = Some(u16::from(c.code));
+            break;
+        }
+        if m.is_err() {
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+}
+
+#[tokio::test]
+async fn runs_resume_after_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let s = start_in(
+        dir,
+        Spec {
+            workflows: vec![("gated", GATED.into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "gated"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &id, "waiting-approval").await;
+    let TestServer {
+        dir, server, gw, ..
+    } = s;
+    server.unwrap().shutdown().await.unwrap();
+    drop(gw);
+    assert!(path.exists());
+    let s = start_in(
+        dir,
+        Spec {
+            workflows: vec![("gated", GATED.into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let ok = rpc(
+        s.addr,
+        "approvals.decide",
+        json!({"runId": id, "nodeId": "gate", "approved": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    wait_status(s.addr, &id, "finished").await;
+}
+
+#[tokio::test]
+async fn cron_methods_and_scheduled_firing() {
+    let s = start(Spec::default()).await;
+    let r = rpc(s.addr, "cron.add", json!({"workflow": "hello"}), &[]).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "workflow and pattern are required"
+    );
+    let r = rpc(
+        s.addr,
+        "cron.add",
+        json!({"workflow": "nope", "pattern": "* * * * *"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = rpc(
+        s.addr,
+        "cron.add",
+        json!({"workflow": "hello", "pattern": "a b c"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = rpc(
+        s.addr,
+        "cron.add",
+        json!({"workflow": "hello", "pattern": "*/5 * * * *", "cronId": "c1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let row = r.json()["payload"].clone();
+    assert_eq!(
+        (
+            row["cronId"].as_str(),
+            row["workflowPath"].as_str(),
+            row["workflow"].as_str()
+        ),
+        (Some("c1"), Some("gateway:hello"), Some("hello"))
+    );
+    assert!(row["nextRunAtMs"].as_i64().unwrap() > smithers_engine::now_ms());
+    let list = rpc(s.addr, "cron.list", json!({}), &[]).await.json();
+    assert_eq!(list["payload"].as_array().unwrap().len(), 1);
+    let t = rpc(s.addr, "cron.trigger", json!({"cronId": "c1"}), &[]).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let run = t.json()["payload"]["runId"].as_str().unwrap().to_string();
+    wait_status(s.addr, &run, "finished").await;
+    let after = rpc(s.addr, "cron.list", json!({}), &[]).await.json();
+    assert!(after["payload"][0]["lastRunAtMs"].is_i64());
+    let r = rpc(s.addr, "cron.trigger", json!({}), &[]).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "cronId or workflow is required"
+    );
+    // a due schedule fires once and is broadcast as cron.triggered
+    let mut w = ws(s.addr).await;
+    connect(&mut w, hello_params()).await;
+    let mut due =
+        smithers_gateway::cron::new_row("gateway:hello", "hello", "* * * * *", true, 0).unwrap();
+    due.next_run_at_ms = Some(1);
+    s.gw.store.upsert_cron(due).await.unwrap();
+    smithers_gateway::cron_loop::tick_once(&s.gw).await;
+    smithers_gateway::cron_loop::tick_once(&s.gw).await;
+    let mut fired = 0;
+    while let Ok(f) = tokio::time::timeout(Duration::from_millis(700), next(&mut w)).await {
+        if f["event"] == "cron.triggered" {
+            assert_eq!(f["payload"]["cronId"], "gateway:hello");
+            fired += 1;
+        }
+    }
+    assert_eq!(fired, 1, "a due cron fires once");
+    let r = rpc(s.addr, "cron.remove", json!({"cronId": "c1"}), &[])
+        .await
+        .json();
+    assert_eq!(r["payload"], json!({"cronId": "c1", "removed": true}));
+    let r = rpc(s.addr, "cron.remove", json!({"cronId": "c1"}), &[]).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (404, json!("Cron not found: c1"))
+    );
+}
+
+fn webhook(signal: bool) -> smithers_gateway::webhook::WebhookConfig {
+    let mut t = toml::Table::new();
+    t.insert("secret".into(), toml::Value::String("s3cret".into()));
+    if signal {
+        let mut sig = toml::Table::new();
+        sig.insert("name".into(), "ci.done".into());
+        sig.insert("correlation_id_path".into(), "commit.sha".into());
+        sig.insert("payload_path".into(), "result".into());
+        t.insert("signal".into(), toml::Value::Table(sig));
+    }
+    smithers_gateway::webhook::WebhookConfig::from_toml(toml::Value::Table(t)).unwrap()
+}
+
+#[tokio::test]
+async fn webhooks_verify_signatures_and_deliver_or_start() {
+    let mut hooks = HashMap::new();
+    hooks.insert("waiter", webhook(true));
+    hooks.insert("hello", webhook(false));
+    let s = start(Spec {
+        workflows: vec![("waiter", WAITER.into()), ("hello", HELLO.into())],
+        webhooks: hooks,
+        ..Default::default()
+    })
+    .await;
+    let cfg = webhook(true);
+    let body = br#"{"commit":{"sha":"abc"},"result":{"ok":true}}"#;
+    let sig = smithers_gateway::webhook::sign(&cfg, body);
+    // wrong signature: rejected before parsing
+    let r = http(
+        s.addr,
+        "POST",
+        "/webhooks/waiter",
+        &[("x-hub-signature-256", "sha256=00")],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json(),
+        json!({"ok": false, "error": {"code": "UNAUTHORIZED", "message": "Webhook signature verification failed"}})
+    );
+    let r = http(s.addr, "POST", "/webhooks/nope", &[], body).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (404, json!("Unknown workflow: nope"))
+    );
+    // a waiting run gets the signal
+    let id = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "waiter", "input": {"sha": "abc"}}),
+        &[],
+    )
+    .await
+    .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &id, "waiting-event").await;
+    let r = http(
+        s.addr,
+        "POST",
+        "/webhooks/waiter",
+        &[("x-hub-signature-256", &sig)],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["matchedRunIds"], json!([id]));
+    assert_eq!(j["delivered"][0]["correlationId"], "abc");
+    assert_eq!(j["started"], Value::Null);
+    wait_status(s.addr, &id, "finished").await;
+    // nothing waits: the waiter workflow starts a new run with the payload as input
+    let r = http(
+        s.addr,
+        "POST",
+        "/webhooks/waiter",
+        &[("x-hub-signature-256", &sig)],
+        body,
+    )
+    .await;
+    assert_eq!(r.json()["delivered"], json!([]));
+    assert_eq!(r.json()["started"]["workflow"], "waiter");
+    // run-only webhook with a non-object payload wraps it
+    let hello_cfg = webhook(false);
+    let sig2 = smithers_gateway::webhook::sign(&hello_cfg, b"[1,2]");
+    let r = http(
+        s.addr,
+        "POST",
+        "/webhooks/hello",
+        &[("x-hub-signature-256", &sig2)],
+        b"[1,2]",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let started = r.json()["started"]["runId"].as_str().unwrap().to_string();
+    wait_status(s.addr, &started, "finished").await;
+    let bad = smithers_gateway::webhook::sign(&hello_cfg, b"{oops");
+    let r = http(
+        s.addr,
+        "POST",
+        "/webhooks/hello",
+        &[("x-hub-signature-256", &bad)],
+        b"{oops",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (400, json!("Webhook payload must be valid JSON."))
+    );
+    let m = http(s.addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(m.contains(r#"smithers_gateway_webhooks_rejected_total{reason="invalid_signature",workflow="waiter"} 1"#), "{m}");
+}
+
+#[tokio::test]
+async fn websocket_auth_modes() {
+    let s = start(Spec {
+        auth: token_auth(),
+        ..Default::default()
+    })
+    .await;
+    let mut w = ws(s.addr).await;
+    let r = connect(&mut w, hello_params()).await;
+    assert_eq!(
+        r["error"],
+        json!({"code": "UNAUTHORIZED", "message": "A bearer token is required"})
+    );
+    let mut p = hello_params();
+    p["auth"] = json!({"token": "reader"});
+    let mut evs = vec![];
+    let r = call(&mut w, "c2", "connect", p, &mut evs).await;
+    assert_eq!(r["payload"]["auth"]["userId"], "rita");
+    let r = call(
+        &mut w,
+        "x",
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &mut evs,
+    )
+    .await;
+    assert_eq!(
+        r["error"],
+        json!({"code": "FORBIDDEN", "message": "Missing scope for runs.create"})
+    );
+    let r = call(&mut w, "y", "runs.list", json!({}), &mut evs).await;
+    assert_eq!(r["ok"], true);
+}
