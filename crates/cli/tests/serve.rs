@@ -1,0 +1,139 @@
+//! `smithers serve` as a real process: zero-config and --config, SIGTERM, and a run that
+//! continues after a restart.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+fn serve(dir: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let t0 = Instant::now();
+    loop {
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            std::thread::spawn(move || for _ in lines {});
+            return Served { child, addr };
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no listening line");
+    }
+}
+
+fn rpc(addr: &str, method: &str, params: Value) -> Value {
+    let body = json!({"id": "1", "method": method, "params": params}).to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn wait_status(addr: &str, run: &str, want: &str) {
+    let t0 = Instant::now();
+    loop {
+        let r = rpc(addr, "runs.get", json!({"runId": run}));
+        if r["payload"]["status"] == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "run never became {want}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(mut s: Served) -> i32 {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_with_config_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("gated.yaml"),
+        "name: gated\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: ok?}\n  - task: {id: b, value: 2}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"sqlite://state/db.sqlite\"\n[[workflows]]\nkey = \"gate\"\npath = \"gated.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let created = rpc(&s.addr, "runs.create", json!({"workflow": "gate"}));
+    let run = created["payload"]["runId"].as_str().unwrap().to_string();
+    wait_status(&s.addr, &run, "waiting-approval");
+    assert_eq!(sigterm(s), 0, "a clean stop");
+    assert!(dir.join("state/db.sqlite").exists());
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let d = rpc(
+        &s.addr,
+        "approvals.decide",
+        json!({"runId": run, "nodeId": "gate", "approved": true}),
+    );
+    assert_eq!(d["ok"], true, "{d}");
+    wait_status(&s.addr, &run, "finished");
+    sigterm(s);
+}
+
+#[test]
+fn serve_rejects_bad_configs_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("bad.toml"), "[server]\nlisten = 5\n").unwrap();
+    for args in [
+        &["--config", "bad.toml"][..],
+        &["--config", "missing.toml"],
+        &[],
+        &["nowhere"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_smithers"))
+            .current_dir(dir)
+            .arg("serve")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error[INVALID_INPUT]: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+}
