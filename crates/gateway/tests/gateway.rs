@@ -844,3 +844,247 @@ async fn websocket_auth_modes() {
     let r = call(&mut w, "y", "runs.list", json!({}), &mut evs).await;
     assert_eq!(r["ok"], true);
 }
+
+fn jwt(secret: &[u8], claims: Value) -> String {
+    use base64::Engine as _;
+    use hmac::Mac;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let head = b64.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string());
+    let body = b64.encode(claims.to_string());
+    let mut mac = hmac::Hmac::<sha2_010::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{head}.{body}").as_bytes());
+    format!("{head}.{body}.{}", b64.encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn jwt_auth_over_http_and_websocket() {
+    use smithers_gateway::auth::JwtConfig;
+    let auth = AuthConfig::Jwt(JwtConfig::new(
+        "smithers-test",
+        vec!["gw".into()],
+        b"k3y".to_vec(),
+    ));
+    let s = start(Spec {
+        auth,
+        ..Default::default()
+    })
+    .await;
+    let now = smithers_engine::now_ms() / 1000;
+    let good = jwt(
+        b"k3y",
+        json!({"iss": "smithers-test", "aud": "gw", "sub": "joe", "scope": "read execute", "exp": now + 60}),
+    );
+    let bearer = format!("Bearer {good}");
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = rpc(
+        s.addr,
+        "approvals.decide",
+        json!({}),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(r.status, 403, "execute does not cover approve");
+    for (token, msg) in [
+        (
+            jwt(b"wrong", json!({"iss": "smithers-test", "aud": "gw"})),
+            "JWT signature verification failed",
+        ),
+        (
+            jwt(b"k3y", json!({"iss": "other", "aud": "gw"})),
+            "JWT issuer did not match",
+        ),
+        (
+            jwt(
+                b"k3y",
+                json!({"iss": "smithers-test", "aud": "gw", "exp": now - 120}),
+            ),
+            "JWT has expired",
+        ),
+        (format!("{good}.extra"), "JWT must have three segments"),
+    ] {
+        let b = format!("Bearer {token}");
+        let r = rpc(s.addr, "health", json!({}), &[("authorization", &b)]).await;
+        assert_eq!(
+            (r.status, r.json()["error"]["message"].clone()),
+            (401, json!(msg))
+        );
+    }
+    let mut w = ws(s.addr).await;
+    let mut p = hello_params();
+    p["auth"] = json!({"token": good});
+    let hello = connect(&mut w, p).await;
+    assert_eq!(hello["payload"]["auth"]["userId"], "joe");
+    assert_eq!(
+        hello["payload"]["auth"]["scopes"],
+        json!(["read", "execute"])
+    );
+}
+
+#[tokio::test]
+async fn trusted_proxy_reads_the_upgrade_headers() {
+    use smithers_gateway::auth::ProxyConfig;
+    let auth = AuthConfig::TrustedProxy(ProxyConfig {
+        allowed_origins: vec!["https://app.example".into()],
+        ..Default::default()
+    });
+    let s = start(Spec {
+        auth,
+        ..Default::default()
+    })
+    .await;
+    let r = rpc(
+        s.addr,
+        "health",
+        json!({}),
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (401, json!("Origin is not allowed"))
+    );
+    let r = rpc(
+        s.addr,
+        "runs.list",
+        json!({}),
+        &[
+            ("origin", "https://app.example"),
+            ("x-user-id", "pat"),
+            ("x-user-scopes", "read"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/", s.addr).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://app.example".parse().unwrap());
+    req.headers_mut()
+        .insert("x-user-id", "pat".parse().unwrap());
+    req.headers_mut()
+        .insert("x-user-scopes", "read, approve".parse().unwrap());
+    let (mut w, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = connect(&mut w, hello_params()).await;
+    assert_eq!(hello["payload"]["auth"]["userId"], "pat");
+    assert_eq!(
+        hello["payload"]["auth"]["scopes"],
+        json!(["read", "approve"])
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_filter_broadcasts_and_ticks_arrive() {
+    let s = start(Spec {
+        config: ServerConfig {
+            heartbeat_ms: 200,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // a watcher subscribed to one run id sees nothing of other runs, but does get ticks
+    let mut watcher = ws(s.addr).await;
+    let mut p = hello_params();
+    p["subscribe"] = json!(["only-this"]);
+    let hello = connect(&mut watcher, p).await;
+    assert_eq!(hello["payload"]["policy"]["heartbeatMs"], 200);
+    let other = rpc(s.addr, "runs.create", json!({"workflow": "hello"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &other, "finished").await;
+    let mine = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "runId": "only-this"}),
+        &[],
+    )
+    .await;
+    assert_eq!(mine.status, 200);
+    wait_status(s.addr, "only-this", "finished").await;
+    let (mut ticks, mut runs) = (0, std::collections::HashSet::new());
+    let mut last_seq = 1;
+    let t0 = tokio::time::Instant::now();
+    while t0.elapsed() < Duration::from_millis(900) {
+        let Ok(f) = tokio::time::timeout(Duration::from_millis(300), next(&mut watcher)).await
+        else {
+            continue;
+        };
+        let seq = f["seq"].as_u64().unwrap();
+        assert_eq!(seq, last_seq + 1, "seq increments by one per event");
+        last_seq = seq;
+        if f["event"] == "tick" {
+            ticks += 1;
+        } else if let Some(r) = f["payload"]["runId"].as_str() {
+            runs.insert(r.to_string());
+        }
+    }
+    assert!(ticks >= 2, "ticks every heartbeatMs");
+    assert_eq!(
+        runs,
+        std::collections::HashSet::from(["only-this".to_string()]),
+        "only the subscribed run's events"
+    );
+    // health reports the global state version, which counted every broadcast
+    let h = rpc(s.addr, "health", json!({}), &[]).await.json();
+    assert!(h["payload"]["stateVersion"].as_u64().unwrap() >= 6);
+}
+
+#[tokio::test]
+async fn metrics_render_as_valid_prometheus_text() {
+    let s = start(Spec::default()).await;
+    let _ = rpc(s.addr, "health", json!({}), &[]).await;
+    let mut w = ws(s.addr).await;
+    connect(&mut w, hello_params()).await;
+    let text = http(s.addr, "GET", "/metrics", &[], b"").await.body;
+    let mut families = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            families.insert(parts.next().unwrap().to_string());
+            assert!(
+                matches!(parts.next(), Some("counter" | "gauge" | "histogram")),
+                "{line}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let name = name_labels.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        assert!(!line.contains("Infinity"), "{line}");
+    }
+    for f in [
+        "smithers_gateway_connections_active",
+        "smithers_gateway_rpc_duration_ms",
+        "smithers_node_diff_compute_ms",
+        "smithers_node_diff_bytes",
+    ] {
+        assert!(families.contains(f), "{f} renders");
+    }
+    assert!(
+        text.contains(r#"smithers_gateway_connections_active{transport="ws"} 1"#),
+        "a real count"
+    );
+    assert!(text.contains(
+        r#"smithers_gateway_auth_events_total{mode="none",outcome="success",transport="ws"} 1"#
+    ));
+}
