@@ -179,6 +179,15 @@ impl Gateway {
         }
     }
 
+    /// Closes every WebSocket connection with a close frame (on shutdown).
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        if let Ok(conns) = self.conns.read() {
+            for c in conns.values() {
+                let _ = c.tx.send(Outbound::Close(code, reason));
+            }
+        }
+    }
+
     /// Sends an event to every authenticated connection that wants it; bumps the global state
     /// version by exactly one, whether or not anyone receives it.
     pub fn broadcast(&self, event: &'static str, payload: Value) {

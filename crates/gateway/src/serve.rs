@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 /// A running gateway.
 pub struct Server {
     pub local_addr: std::net::SocketAddr,
+    gw: Arc<Gateway>,
     shutdown: tokio::sync::watch::Sender<bool>,
     join: tokio::task::JoinHandle<std::io::Result<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -20,6 +21,7 @@ impl Server {
     /// state and are resumed by the next start.
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.shutdown.send(true);
+        self.gw.close_all(1001, "server shutting down");
         for b in &self.background {
             b.abort();
         }
@@ -70,6 +72,7 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
     });
     Ok(Server {
         local_addr,
+        gw,
         shutdown: tx,
         join,
         background,

@@ -1088,3 +1088,28 @@ async fn metrics_render_as_valid_prometheus_text() {
         r#"smithers_gateway_auth_events_total{mode="none",outcome="success",transport="ws"} 1"#
     ));
 }
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_1001() {
+    let mut s = start(Spec::default()).await;
+    let mut w = ws(s.addr).await;
+    connect(&mut w, hello_params()).await;
+    s.server.take().unwrap().shutdown().await.unwrap();
+    use futures_util::StreamExt;
+    let mut code = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+        match m {
+            Ok(tokio_tungstenite::tungstenite::Message::Close(Some(c))) => {
+                code = Some(u16::from(c.code));
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    assert_eq!(code, Some(1001));
+    assert!(
+        tokio::net::TcpStream::connect(s.addr).await.is_err(),
+        "no longer accepting"
+    );
+}
