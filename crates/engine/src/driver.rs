@@ -28,6 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// Task heartbeats are persisted at most this often.
+const HEARTBEAT_EVERY_MS: i64 = 500;
+
 /// Subflows may nest this deep (guards against a workflow that calls itself).
 pub const MAX_SUBFLOW_DEPTH: u32 = 16;
 
@@ -50,6 +53,10 @@ struct TaskRt {
     /// Gate approval granted in this session.
     approved: bool,
     started_ms: i64,
+    /// When the running attempt last recorded a heartbeat.
+    heartbeat_ms: i64,
+    /// The running attempt's metadata (kept so heartbeats rewrite it unchanged).
+    attempt_meta: Option<String>,
     output_table: String,
     label: Option<String>,
     /// The node this instance was last rendered from.
@@ -70,6 +77,8 @@ impl TaskRt {
             wait_deadline_ms: None,
             approved: false,
             started_ms: 0,
+            heartbeat_ms: 0,
+            attempt_meta: None,
             output_table: String::new(),
             label: None,
             node: None,
@@ -294,7 +303,7 @@ impl Driver {
             state: state.to_string(),
             started_at_ms: started,
             finished_at_ms: finished,
-            heartbeat_at_ms: None,
+            heartbeat_at_ms: Some(r.heartbeat_ms).filter(|h| *h > 0),
             heartbeat_data_json: None,
             error_json: None,
             jj_pointer: None,
@@ -749,6 +758,25 @@ impl Driver {
                     json!({"attempt": attempt, "stream": stream, "text": text}),
                 );
                 self.event(kind::NODE_OUTPUT, f);
+                // output is a sign of life: record a heartbeat at most every 500 ms
+                let now = now_ms();
+                if now - self.rts[rt].heartbeat_ms >= HEARTBEAT_EVERY_MS
+                    && self.rts[rt].state == TState::InProgress
+                {
+                    let interval = now - self.rts[rt].heartbeat_ms.max(self.rts[rt].started_ms);
+                    self.rts[rt].heartbeat_ms = now;
+                    let started = self.rts[rt].started_ms;
+                    let mut a =
+                        self.attempt_row(rt, attempt, node_state::IN_PROGRESS, started, None);
+                    a.heartbeat_at_ms = Some(now);
+                    a.meta_json = self.rts[rt].attempt_meta.clone();
+                    self.batch.push(Write::UpsertAttempt(a));
+                    let f = Self::with(
+                        self.node_fields(rt),
+                        json!({"attempt": attempt, "hasData": false, "dataSizeBytes": 0, "intervalMs": interval}),
+                    );
+                    self.event(kind::TASK_HEARTBEAT, f);
+                }
             }
             Msg::Done {
                 rt,
@@ -855,10 +883,12 @@ impl Driver {
         let r = &mut self.rts[rt];
         r.attempts += 1;
         r.started_ms = now;
+        r.heartbeat_ms = 0;
         r.retry_at_ms = None;
         let attempt = r.attempts;
         let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, now, None);
         a.meta_json = Some(meta.to_string());
+        self.rts[rt].attempt_meta = a.meta_json.clone();
         self.batch.push(Write::UpsertAttempt(a));
         self.set_node(rt, TState::InProgress);
         let f = Self::with(self.node_fields(rt), json!({"attempt": attempt}));

@@ -73,6 +73,7 @@ pub mod kind {
     pub const NODE_WAITING_EVENT: &str = "NodeWaitingEvent";
     pub const NODE_WAITING_TIMER: &str = "NodeWaitingTimer";
     pub const NODE_OUTPUT: &str = "NodeOutput";
+    pub const TASK_HEARTBEAT: &str = "TaskHeartbeat";
     pub const APPROVAL_REQUESTED: &str = "ApprovalRequested";
     pub const APPROVAL_GRANTED: &str = "ApprovalGranted";
     pub const APPROVAL_DENIED: &str = "ApprovalDenied";

@@ -1113,3 +1113,53 @@ async fn shutdown_closes_websockets_with_1001() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn task_output_and_heartbeats_are_broadcast() {
+    let chatty = "name: chatty\nsteps:\n  - task: {id: talk, run: \"for i in 1 2 3 4; do echo line$i; sleep 0.3; done\"}\n";
+    let s = start(Spec {
+        workflows: vec![("chatty", chatty.into())],
+        ..Default::default()
+    })
+    .await;
+    let mut w = ws(s.addr).await;
+    connect(&mut w, hello_params()).await;
+    let mut evs = Vec::new();
+    let r = call(
+        &mut w,
+        "r",
+        "runs.create",
+        json!({"workflow": "chatty"}),
+        &mut evs,
+    )
+    .await;
+    let run = r["payload"]["runId"].as_str().unwrap().to_string();
+    let (mut output, mut beats) = (String::new(), 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let f = next(&mut w).await;
+        match f["event"].as_str() {
+            Some("task.output") => output.push_str(f["payload"]["output"].as_str().unwrap()),
+            Some("task.heartbeat") => {
+                assert_eq!(f["payload"]["nodeId"], "talk");
+                beats += 1;
+            }
+            Some("run.completed") => break,
+            _ => {}
+        }
+    }
+    assert!(
+        output.contains("line1") && output.contains("line4"),
+        "{output}"
+    );
+    assert!(beats >= 1, "heartbeats while the task talks");
+    let a = rpc(
+        s.addr,
+        "attempts.get",
+        json!({"runId": run, "nodeId": "talk", "iteration": 0, "attempt": 1}),
+        &[],
+    )
+    .await
+    .json();
+    assert!(a["payload"]["heartbeatAtMs"].is_i64());
+}
