@@ -137,3 +137,43 @@ fn serve_rejects_bad_configs_with_one_line() {
         assert!(!err.contains("panicked"));
     }
 }
+
+#[test]
+fn a_run_in_flight_at_sigterm_finishes_after_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("log");
+    std::fs::write(
+        dir.join("slow.yaml"),
+        format!(
+            "name: slow\nsteps:\n  - task: {{id: a, run: \"echo a >> {l}\"}}\n  - task: {{id: s, run: \"echo s >> {l}; sleep 1\"}}\n  - task: {{id: b, run: \"echo b >> {l}\"}}\n",
+            l = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"sqlite://db.sqlite\"\n[[workflows]]\nkey = \"slow\"\npath = \"slow.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let run = rpc(&s.addr, "runs.create", json!({"workflow": "slow"}))["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains('s')
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sigterm(s), 0);
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    wait_status(&s.addr, &run, "finished");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == "a").count(), 1, "{text}");
+    assert_eq!(text.lines().filter(|l| *l == "b").count(), 1, "{text}");
+    sigterm(s);
+}
