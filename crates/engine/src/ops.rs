@@ -185,78 +185,26 @@ pub async fn decide(
         .as_deref()
         .and_then(|r| serde_json::from_str(r).ok())
         .unwrap_or(json!({}));
-    let mode = request
-        .get("mode")
-        .and_then(Value::as_str)
-        .unwrap_or("decision");
-    let keys: Vec<String> = request
-        .get("options")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|o| o.get("key").and_then(Value::as_str).map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
     let mut decision = d.decision.clone();
     if d.approved {
-        match mode {
-            "select" => {
-                let sel = decision
-                    .as_ref()
-                    .and_then(|x| x.get("selected"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        SmithersError::new(
-                            Code::InvalidInput,
-                            format!(
-                                "approval `{node_id}` is a select approval; choose one of: {}",
-                                keys.join(", ")
-                            ),
-                        )
-                    })?;
-                if !keys.is_empty() && !keys.iter().any(|k| k == sel) {
-                    return Err(SmithersError::new(
-                        Code::InvalidInput,
-                        format!(
-                            "unknown selection `{sel}`; choose one of: {}",
-                            keys.join(", ")
-                        ),
-                    ));
+        check_decision(&request, decision.as_ref()).map_err(|p| {
+            let options = p.options().join(", ");
+            let message = match &p {
+                DecisionProblem::SelectionMissing { .. } => {
+                    format!("approval `{node_id}` is a select approval; choose one of: {options}")
                 }
-            }
-            "rank" => {
-                let ranked: Vec<String> = decision
-                    .as_ref()
-                    .and_then(|x| x.get("ranked"))
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if ranked.is_empty() {
-                    return Err(SmithersError::new(
-                        Code::InvalidInput,
-                        format!(
-                            "approval `{node_id}` is a rank approval; give an order of: {}",
-                            keys.join(", ")
-                        ),
-                    ));
+                DecisionProblem::UnknownSelection { selected, .. } => {
+                    format!("unknown selection `{selected}`; choose one of: {options}")
                 }
-                if let Some(bad) = ranked.iter().find(|r| !keys.contains(r)) {
-                    return Err(SmithersError::new(
-                        Code::InvalidInput,
-                        format!(
-                            "rank includes unknown option `{bad}`; options are: {}",
-                            keys.join(", ")
-                        ),
-                    ));
+                DecisionProblem::RankMissing { .. } => {
+                    format!("approval `{node_id}` is a rank approval; give an order of: {options}")
                 }
-            }
-            _ => {}
-        }
+                DecisionProblem::UnknownRanked { key, .. } => {
+                    format!("rank includes unknown option `{key}`; options are: {options}")
+                }
+            };
+            SmithersError::new(Code::InvalidInput, message)
+        })?;
     }
     if let (Some(Value::Object(m)), Some(n)) = (&mut decision, &d.note) {
         m.entry("notes").or_insert(Value::String(n.clone()));
@@ -290,6 +238,88 @@ pub async fn decide(
         json!({"nodeId": node_id, "iteration": iteration, "decidedBy": d.decided_by, "note": d.note}),
     );
     store.apply(batch).await?;
+    Ok(())
+}
+
+/// Why a decision does not fit its approval request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionProblem {
+    SelectionMissing {
+        options: Vec<String>,
+    },
+    UnknownSelection {
+        selected: String,
+        options: Vec<String>,
+    },
+    RankMissing {
+        options: Vec<String>,
+    },
+    UnknownRanked {
+        key: String,
+        options: Vec<String>,
+    },
+}
+
+impl DecisionProblem {
+    /// The option keys of the request.
+    pub fn options(&self) -> &[String] {
+        match self {
+            DecisionProblem::SelectionMissing { options }
+            | DecisionProblem::UnknownSelection { options, .. }
+            | DecisionProblem::RankMissing { options }
+            | DecisionProblem::UnknownRanked { options, .. } => options,
+        }
+    }
+}
+
+/// Checks an approving decision against the stored request: a select approval needs
+/// `decision.selected` naming an option, a rank approval a non-empty `decision.ranked` of option
+/// keys. Callers word the problem for their audience (CLI or protocol).
+pub fn check_decision(
+    request: &Value,
+    decision: Option<&Value>,
+) -> std::result::Result<(), DecisionProblem> {
+    let options: Vec<String> = request
+        .get("options")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|o| o.get("key").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    match request.get("mode").and_then(Value::as_str) {
+        Some("select") => {
+            let Some(sel) = decision
+                .and_then(|d| d.get("selected"))
+                .and_then(Value::as_str)
+            else {
+                return Err(DecisionProblem::SelectionMissing { options });
+            };
+            if !options.is_empty() && !options.iter().any(|k| k == sel) {
+                return Err(DecisionProblem::UnknownSelection {
+                    selected: sel.to_string(),
+                    options,
+                });
+            }
+        }
+        Some("rank") => {
+            let ranked: Option<Vec<&str>> = decision
+                .and_then(|d| d.get("ranked"))
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_str).collect());
+            let Some(ranked) = ranked.filter(|r| !r.is_empty()) else {
+                return Err(DecisionProblem::RankMissing { options });
+            };
+            if let Some(bad) = ranked.iter().find(|r| !options.iter().any(|k| k == *r)) {
+                return Err(DecisionProblem::UnknownRanked {
+                    key: bad.to_string(),
+                    options,
+                });
+            }
+        }
+        _ => {}
+    }
     Ok(())
 }
 

@@ -509,51 +509,22 @@ async fn approvals_decide(
         ));
     }
     if approved {
-        let keys: Vec<String> = request
-            .get("options")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|o| o.get("key").and_then(Value::as_str).map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        match request.get("mode").and_then(Value::as_str) {
-            Some("select") => {
-                let sel = decision
-                    .as_ref()
-                    .and_then(|d| d.get("selected"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        RpcError::new(
-                            "INVALID_REQUEST",
-                            "select approvals require decision.selected",
-                        )
-                    })?;
-                if !keys.is_empty() && !keys.iter().any(|k| k == sel) {
-                    return Err(RpcError::new(
-                        "INVALID_REQUEST",
-                        format!("Unknown selection: {sel}"),
-                    ));
+        if let Err(p) = ops::check_decision(&request, decision.as_ref()) {
+            let message = match p {
+                ops::DecisionProblem::SelectionMissing { .. } => {
+                    "select approvals require decision.selected".to_string()
                 }
-            }
-            Some("rank") => {
-                let ranked: Option<Vec<&str>> = decision
-                    .as_ref()
-                    .and_then(|d| d.get("ranked"))
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().map(Value::as_str).collect());
-                let ranked = ranked.filter(|r| !r.is_empty()).ok_or_else(|| {
-                    RpcError::new("INVALID_REQUEST", "rank approvals require decision.ranked")
-                })?;
-                if !keys.is_empty() && ranked.iter().any(|r| !keys.iter().any(|k| k == r)) {
-                    return Err(RpcError::new(
-                        "INVALID_REQUEST",
-                        "rank approval included unknown options",
-                    ));
+                ops::DecisionProblem::UnknownSelection { selected, .. } => {
+                    format!("Unknown selection: {selected}")
                 }
-            }
-            _ => {}
+                ops::DecisionProblem::RankMissing { .. } => {
+                    "rank approvals require decision.ranked".to_string()
+                }
+                ops::DecisionProblem::UnknownRanked { .. } => {
+                    "rank approval included unknown options".to_string()
+                }
+            };
+            return Err(RpcError::new("INVALID_REQUEST", message));
         }
     }
     ops::decide(

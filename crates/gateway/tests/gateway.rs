@@ -1163,3 +1163,22 @@ async fn task_output_and_heartbeats_are_broadcast() {
     .json();
     assert!(a["payload"]["heartbeatAtMs"].is_i64());
 }
+
+#[tokio::test]
+async fn select_approvals_validate_the_decision() {
+    let pick = "name: pick\nsteps:\n  - approval: {id: choose, title: which?, mode: select, options: [{key: a, label: A}, {key: b, label: B}]}\n";
+    let s = start(Spec { workflows: vec![("pick", pick.into())], ..Default::default() }).await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "pick"}), &[]).await.json()["payload"]["runId"].as_str().unwrap().to_string();
+    wait_status(s.addr, &id, "waiting-approval").await;
+    let list = rpc(s.addr, "approvals.list", json!({}), &[]).await.json();
+    assert_eq!(list["payload"][0]["options"], json!([{"key": "a", "label": "A"}, {"key": "b", "label": "B"}]));
+    let d = |decision: Value| json!({"runId": id, "nodeId": "choose", "approved": true, "decision": decision});
+    let r = rpc(s.addr, "approvals.decide", d(json!({})), &[]).await;
+    assert_eq!((r.status, r.json()["error"]["message"].clone()), (400, json!("select approvals require decision.selected")));
+    let r = rpc(s.addr, "approvals.decide", d(json!({"selected": "z"})), &[]).await;
+    assert_eq!(r.json()["error"]["message"], "Unknown selection: z");
+    let r = rpc(s.addr, "approvals.decide", d(json!({"selected": "b"})), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let done = wait_status(s.addr, &id, "finished").await;
+    assert_eq!(done["status"], "finished");
+}
