@@ -284,6 +284,31 @@ pub async fn call(
                 json!({"runId": d.run_id, "seq": d.seq, "signalName": d.signal_name, "correlationId": d.correlation_id, "receivedAtMs": d.received_at_ms}),
             )
         }
+        "runs.diff" => {
+            let (Some(l), Some(r)) = (
+                p.get("leftRunId").and_then(Value::as_str),
+                p.get("rightRunId").and_then(Value::as_str),
+            ) else {
+                return Err(RpcError::new(
+                    "INVALID_REQUEST",
+                    "leftRunId and rightRunId are required",
+                ));
+            };
+            if gw.store.get_run(l).await?.is_none() || gw.store.get_run(r).await?.is_none() {
+                return Err(RpcError::new("NOT_FOUND", "Both runs must exist"));
+            }
+            use smithers_engine::frames::snapshot;
+            let (Some(a), Some(b)) = (
+                snapshot::latest(gw.store.as_ref(), l).await?,
+                snapshot::latest(gw.store.as_ref(), r).await?,
+            ) else {
+                return Err(RpcError::new(
+                    "NOT_FOUND",
+                    "Snapshots not found for both runs",
+                ));
+            };
+            Ok(snapshot::diff(&a, &b))
+        }
         "cron.list" => {
             let rows = gw.store.list_crons().await?;
             Ok(Value::Array(

@@ -1167,18 +1167,99 @@ async fn task_output_and_heartbeats_are_broadcast() {
 #[tokio::test]
 async fn select_approvals_validate_the_decision() {
     let pick = "name: pick\nsteps:\n  - approval: {id: choose, title: which?, mode: select, options: [{key: a, label: A}, {key: b, label: B}]}\n";
-    let s = start(Spec { workflows: vec![("pick", pick.into())], ..Default::default() }).await;
-    let id = rpc(s.addr, "runs.create", json!({"workflow": "pick"}), &[]).await.json()["payload"]["runId"].as_str().unwrap().to_string();
+    let s = start(Spec {
+        workflows: vec![("pick", pick.into())],
+        ..Default::default()
+    })
+    .await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "pick"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     wait_status(s.addr, &id, "waiting-approval").await;
     let list = rpc(s.addr, "approvals.list", json!({}), &[]).await.json();
-    assert_eq!(list["payload"][0]["options"], json!([{"key": "a", "label": "A"}, {"key": "b", "label": "B"}]));
+    assert_eq!(
+        list["payload"][0]["options"],
+        json!([{"key": "a", "label": "A"}, {"key": "b", "label": "B"}])
+    );
     let d = |decision: Value| json!({"runId": id, "nodeId": "choose", "approved": true, "decision": decision});
     let r = rpc(s.addr, "approvals.decide", d(json!({})), &[]).await;
-    assert_eq!((r.status, r.json()["error"]["message"].clone()), (400, json!("select approvals require decision.selected")));
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (400, json!("select approvals require decision.selected"))
+    );
     let r = rpc(s.addr, "approvals.decide", d(json!({"selected": "z"})), &[]).await;
     assert_eq!(r.json()["error"]["message"], "Unknown selection: z");
     let r = rpc(s.addr, "approvals.decide", d(json!({"selected": "b"})), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let done = wait_status(s.addr, &id, "finished").await;
     assert_eq!(done["status"], "finished");
+}
+
+#[tokio::test]
+async fn runs_diff_compares_latest_snapshots() {
+    let s = start(Spec::default()).await;
+    let a = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "input": {"v": 1}}),
+        &[],
+    )
+    .await
+    .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "input": {"v": 2}}),
+        &[],
+    )
+    .await
+    .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &a, "finished").await;
+    wait_status(s.addr, &b, "finished").await;
+    let d = rpc(
+        s.addr,
+        "runs.diff",
+        json!({"leftRunId": a, "rightRunId": b}),
+        &[],
+    )
+    .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    let p = d.json()["payload"].clone();
+    assert_eq!(p["inputChanged"], true);
+    assert_eq!(p["nodesAdded"], json!([]));
+    assert_eq!(p["outputsChanged"], json!([]), "same outputs");
+    let same = rpc(
+        s.addr,
+        "runs.diff",
+        json!({"leftRunId": a, "rightRunId": a}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(same["payload"]["inputChanged"], false);
+    let r = rpc(s.addr, "runs.diff", json!({"leftRunId": a}), &[]).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "leftRunId and rightRunId are required"
+    );
+    let r = rpc(
+        s.addr,
+        "runs.diff",
+        json!({"leftRunId": a, "rightRunId": "nope"}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].clone()),
+        (404, json!("Both runs must exist"))
+    );
 }

@@ -281,3 +281,71 @@ mod tests {
         assert_eq!(full.content_hash, s.content_hash());
     }
 }
+
+/// The latest snapshot of a run, rebuilt from the nearest keyframe (None when it has none).
+pub async fn latest(
+    store: &dyn smithers_store::Store,
+    run_id: &str,
+) -> smithers_core::Result<Option<FullSnapshot>> {
+    let last = store.last_frame_no(run_id).await?;
+    if last == 0 {
+        return Ok(None);
+    }
+    let rows = store
+        .snapshots_between(run_id, (last - KEYFRAME_INTERVAL).max(0), last)
+        .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    inflate(&rows).map(Some).map_err(|why| {
+        smithers_core::SmithersError::new(
+            smithers_core::Code::DbCorrupt,
+            format!("the snapshot of run `{run_id}` cannot be rebuilt ({why}); restore the database from a backup"),
+        )
+    })
+}
+
+/// Differences between two snapshots, in the `runs.diff` shape: nodes (keyed `nodeId::iteration`)
+/// added, removed and changed (state, lastAttempt or label), outputs added, removed and changed
+/// (compared as JSON), loops changed (iteration or done, for loops on both sides), and whether
+/// the inputs differ.
+pub fn diff(a: &FullSnapshot, b: &FullSnapshot) -> Value {
+    let keys = |m: &Map<String, Value>| m.keys().cloned().collect::<BTreeSet<String>>();
+    let (na, nb) = (keys(&a.nodes), keys(&b.nodes));
+    let (oa, ob) = (keys(&a.outputs), keys(&b.outputs));
+    let changed_node = |x: &Value, y: &Value| {
+        ["state", "lastAttempt", "label"]
+            .iter()
+            .any(|f| x.get(*f) != y.get(*f))
+    };
+    let nodes_changed: Vec<Value> = na
+        .intersection(&nb)
+        .filter(|k| changed_node(&a.nodes[*k], &b.nodes[*k]))
+        .map(|k| json!({"nodeId": k, "from": a.nodes[k], "to": b.nodes[k]}))
+        .collect();
+    let outputs_changed: Vec<Value> = oa
+        .intersection(&ob)
+        .filter(|k| a.outputs[*k].to_string() != b.outputs[*k].to_string())
+        .map(|k| json!({"key": k, "from": a.outputs[k], "to": b.outputs[k]}))
+        .collect();
+    let ralph_changed: Vec<Value> = a
+        .ralph
+        .iter()
+        .filter_map(|(k, x)| {
+            let y = b.ralph.get(k)?;
+            (x.get("iteration") != y.get("iteration") || x.get("done") != y.get("done"))
+                .then(|| json!({"ralphId": k, "from": x, "to": y}))
+        })
+        .collect();
+    json!({
+        "nodesAdded": nb.difference(&na).collect::<Vec<_>>(),
+        "nodesRemoved": na.difference(&nb).collect::<Vec<_>>(),
+        "nodesChanged": nodes_changed,
+        "outputsAdded": ob.difference(&oa).collect::<Vec<_>>(),
+        "outputsRemoved": oa.difference(&ob).collect::<Vec<_>>(),
+        "outputsChanged": outputs_changed,
+        "ralphChanged": ralph_changed,
+        "inputChanged": a.input != b.input,
+        "vcsPointerChanged": false,
+    })
+}
