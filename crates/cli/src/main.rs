@@ -3,6 +3,7 @@
 mod act;
 mod bench;
 mod progress;
+mod remote;
 mod runs;
 mod up;
 
@@ -66,6 +67,8 @@ enum Cmd {
         limit: u16,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Show a run: status, nodes, attempts, approvals and outputs.
     Inspect {
@@ -75,6 +78,8 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// List a run's frames, or print one frame's tree with --frame.
     Frames {
@@ -85,6 +90,8 @@ enum Cmd {
         limit: usize,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Approve a pending approval.
     Approve {
@@ -103,6 +110,8 @@ enum Cmd {
         rank: Option<Vec<String>>,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Deny a pending approval.
     Deny {
@@ -115,6 +124,8 @@ enum Cmd {
         note: Option<String>,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Send a signal (event) to a run.
     Signal {
@@ -127,12 +138,16 @@ enum Cmd {
         correlation_id: Option<String>,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Cancel a run.
     Cancel {
         run_id: String,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Check a workflow file and report every problem.
     Validate { workflow: String },
@@ -186,6 +201,9 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
+    if let Some(r) = remote::dispatch(&cmd).await {
+        return r;
+    }
     match cmd {
         Cmd::Serve { config, paths } => serve(config, paths).await,
         Cmd::Up {
@@ -203,13 +221,18 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
         Cmd::Resume {
             run_id: None, db, ..
         } => up::resume_orphans(&db).await,
-        Cmd::Ps { status, limit, db } => runs::ps(&db, status.as_deref(), limit as usize).await,
-        Cmd::Inspect { run_id, json, db } => runs::inspect(&db, &run_id, json).await,
+        Cmd::Ps {
+            status, limit, db, ..
+        } => runs::ps(&db, status.as_deref(), limit as usize).await,
+        Cmd::Inspect {
+            run_id, json, db, ..
+        } => runs::inspect(&db, &run_id, json).await,
         Cmd::Frames {
             run_id,
             frame,
             limit,
             db,
+            ..
         } => runs::frames(&db, &run_id, frame, limit).await,
         Cmd::Approve {
             run_id,
@@ -219,6 +242,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             select,
             rank,
             db,
+            ..
         } => act::approve(&db, &run_id, &node, iteration, note, select, rank).await,
         Cmd::Deny {
             run_id,
@@ -226,6 +250,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             iteration,
             note,
             db,
+            ..
         } => act::deny(&db, &run_id, &node, iteration, note).await,
         Cmd::Signal {
             run_id,
@@ -233,6 +258,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             data,
             correlation_id,
             db,
+            ..
         } => {
             act::signal(
                 &db,
@@ -243,7 +269,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             )
             .await
         }
-        Cmd::Cancel { run_id, db } => act::cancel(&db, &run_id).await,
+        Cmd::Cancel { run_id, db, .. } => act::cancel(&db, &run_id).await,
         Cmd::Validate { workflow } => validate(&workflow),
         Cmd::Bench {
             runs,

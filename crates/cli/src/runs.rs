@@ -1,17 +1,19 @@
-//! Read-only commands: `ps`, `inspect`, `frames`.
+//! Read-only commands: `ps`, `inspect`, `frames`. The printing is split from the fetching so
+//! that remote mode (`--url`, see `remote.rs`) prints the same lines from gateway data.
 
 use crate::open_store;
 use crate::progress::fmt_ms;
 use serde_json::{Value, json};
 use smithers_core::{Code, SmithersError};
-use smithers_store::status;
+use smithers_store::{AttemptRow, FrameRow, RunRow, status};
 
-/// Prints a line to stdout. When stdout is a pipe whose reader went away
+/// Prints lines to stdout. When stdout is a pipe whose reader went away
 /// (`smithers ps | head -1`) the command ends quietly instead of panicking in `println!`.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+pub fn emit<S: AsRef<str>>(lines: &[S]) -> Result<u8, SmithersError> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        if let Err(e) = writeln!(out, "{}", l.as_ref()) {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(0);
             }
@@ -20,10 +22,12 @@ macro_rules! out {
                 format!("cannot write to stdout: {e}"),
             ));
         }
-    }};
+    }
+    Ok(0)
 }
 
-pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u8, SmithersError> {
+/// Checks a `--status` filter.
+pub fn check_status(status_filter: Option<&str>) -> Result<(), SmithersError> {
     if let Some(s) = status_filter
         && !status::ALL.contains(&s)
     {
@@ -35,34 +39,40 @@ pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u
             ),
         ));
     }
+    Ok(())
+}
+
+pub async fn ps(db: &str, status_filter: Option<&str>, limit: usize) -> Result<u8, SmithersError> {
+    check_status(status_filter)?;
     let store = open_store(db).await?;
     let runs = store.list_runs(status_filter, limit).await?;
+    print_ps(&runs)
+}
+
+/// The `ps` table (or "no runs" on stderr).
+pub fn print_ps(runs: &[RunRow]) -> Result<u8, SmithersError> {
     if runs.is_empty() {
         eprintln!("no runs");
         return Ok(0);
     }
-    out!(
+    let mut lines = vec![format!(
         "{:<38} {:<24} {:<17} {:<21} {:>9}",
-        "RUN ID",
-        "WORKFLOW",
-        "STATUS",
-        "STARTED",
-        "DURATION"
-    );
+        "RUN ID", "WORKFLOW", "STATUS", "STARTED", "DURATION"
+    )];
     let now = smithers_engine::now_ms();
     for r in runs {
         let started = r.started_at_ms.unwrap_or(r.created_at_ms);
         let end = r.finished_at_ms.unwrap_or(now);
-        out!(
+        lines.push(format!(
             "{:<38} {:<24} {:<17} {:<21} {:>9}",
             r.run_id,
             truncate(&r.workflow_name, 24),
             r.status,
             fmt_ms(started),
             format!("{:.1}s", (end - started).max(0) as f64 / 1000.0)
-        );
+        ));
     }
-    Ok(0)
+    emit(&lines)
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -99,90 +109,27 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
             "approvals": approvals,
             "outputs": outputs.iter().map(|o| json!({"nodeId": o.node_id, "iteration": o.iteration, "output": serde_json::from_str::<Value>(&o.payload_json).unwrap_or(Value::Null)})).collect::<Vec<_>>(),
         });
-        out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-        return Ok(0);
+        return emit(&[serde_json::to_string_pretty(&doc).unwrap_or_default()]);
     }
-    out!("run       {}", run.run_id);
-    out!(
-        "workflow  {}{}",
-        run.workflow_name,
-        run.workflow_path
-            .as_deref()
-            .map(|p| format!(" ({p})"))
-            .unwrap_or_default()
-    );
-    out!("status    {}", run.status);
-    if let Some(p) = &run.parent_run_id {
-        out!("parent    {p}");
-    }
-    out!("created   {}", fmt_ms(run.created_at_ms));
-    if let Some(f) = run.finished_at_ms {
-        out!("finished  {}", fmt_ms(f));
-    }
-    if let Some(o) = &run.runtime_owner_id {
-        out!(
-            "owner     {o} (heartbeat {})",
-            run.heartbeat_at_ms
-                .map(fmt_ms)
-                .unwrap_or_else(|| "never".into())
-        );
-    }
-    let err = parse(&run.error_json);
-    if !err.is_null() {
-        out!(
-            "error     [{}] {}",
-            err["code"].as_str().unwrap_or("?"),
-            err["message"].as_str().unwrap_or("")
-        );
-    }
-    out!("\nnodes:");
+    let mut lines = run_lines(&run);
+    lines.push("\nnodes:".into());
     for n in &nodes {
-        let tries: Vec<_> = attempts
-            .iter()
-            .filter(|a| a.node_id == n.node_id && a.iteration == n.iteration)
-            .collect();
-        let last = tries.iter().max_by_key(|a| a.attempt);
-        let dur = last
-            .and_then(|a| {
-                a.finished_at_ms
-                    .map(|f| format!(" {}ms", f - a.started_at_ms))
-            })
-            .unwrap_or_default();
-        let e = last.map(|a| parse(&a.error_json)).unwrap_or(Value::Null);
-        let why = e["message"]
-            .as_str()
-            .map(|m| format!(" — {m}"))
-            .unwrap_or_default();
-        out!(
-            "  {:<24} iter {:<3} {:<17} attempts {}{dur}{why}",
-            n.node_id,
-            n.iteration,
-            n.state,
-            tries.len()
-        );
+        lines.push(node_line(&n.node_id, n.iteration, &n.state, &attempts));
     }
     if !approvals.is_empty() {
-        out!("\napprovals:");
+        lines.push("\napprovals:".into());
         for a in &approvals {
-            let by = a
-                .decided_by
-                .as_deref()
-                .map(|b| format!(" by {b}"))
-                .unwrap_or_default();
-            out!(
-                "  {:<24} iter {:<3} {}{by}{}",
-                a.node_id,
+            lines.push(approval_line(
+                &a.node_id,
                 a.iteration,
-                a.status,
-                a.note
-                    .as_deref()
-                    .map(|n| format!(": {n}"))
-                    .unwrap_or_default()
-            );
+                &a.status,
+                a.decided_by.as_deref(),
+                a.note.as_deref(),
+            ));
         }
     }
     if !outputs.is_empty() {
-        out!("\noutputs:");
+        lines.push("\noutputs:".into());
         for o in &outputs {
             let mut text = o.payload_json.clone();
             if text.len() > 200 {
@@ -192,10 +139,97 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
                     o.payload_json.len()
                 );
             }
-            out!("  {:<24} iter {:<3} {text}", o.node_id, o.iteration);
+            lines.push(format!(
+                "  {:<24} iter {:<3} {text}",
+                o.node_id, o.iteration
+            ));
         }
     }
-    Ok(0)
+    emit(&lines)
+}
+
+/// The head of `inspect`: run id, workflow, status, times, owner, error.
+pub fn run_lines(run: &RunRow) -> Vec<String> {
+    let mut lines = vec![
+        format!("run       {}", run.run_id),
+        format!(
+            "workflow  {}{}",
+            run.workflow_name,
+            run.workflow_path
+                .as_deref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
+        ),
+        format!("status    {}", run.status),
+    ];
+    if let Some(p) = &run.parent_run_id {
+        lines.push(format!("parent    {p}"));
+    }
+    lines.push(format!("created   {}", fmt_ms(run.created_at_ms)));
+    if let Some(f) = run.finished_at_ms {
+        lines.push(format!("finished  {}", fmt_ms(f)));
+    }
+    if let Some(o) = &run.runtime_owner_id {
+        lines.push(format!(
+            "owner     {o} (heartbeat {})",
+            run.heartbeat_at_ms
+                .map(fmt_ms)
+                .unwrap_or_else(|| "never".into())
+        ));
+    }
+    let err = parse(&run.error_json);
+    if !err.is_null() {
+        lines.push(format!(
+            "error     [{}] {}",
+            err["code"].as_str().unwrap_or("?"),
+            err["message"].as_str().unwrap_or("")
+        ));
+    }
+    lines
+}
+
+/// One node of `inspect`: state, number of attempts, last duration and last error.
+pub fn node_line(node_id: &str, iteration: i64, state: &str, attempts: &[AttemptRow]) -> String {
+    let tries: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.node_id == node_id && a.iteration == iteration)
+        .collect();
+    let last = tries.iter().max_by_key(|a| a.attempt);
+    let dur = last
+        .and_then(|a| {
+            a.finished_at_ms
+                .map(|f| format!(" {}ms", f - a.started_at_ms))
+        })
+        .unwrap_or_default();
+    let e = last.map(|a| parse(&a.error_json)).unwrap_or(Value::Null);
+    let why = e["message"]
+        .as_str()
+        .map(|m| format!(" — {m}"))
+        .unwrap_or_default();
+    format!(
+        "  {:<24} iter {:<3} {:<17} attempts {}{dur}{why}",
+        node_id,
+        iteration,
+        state,
+        tries.len()
+    )
+}
+
+/// One approval of `inspect`.
+pub fn approval_line(
+    node_id: &str,
+    iteration: i64,
+    status: &str,
+    decided_by: Option<&str>,
+    note: Option<&str>,
+) -> String {
+    let by = decided_by.map(|b| format!(" by {b}")).unwrap_or_default();
+    format!(
+        "  {:<24} iter {:<3} {status}{by}{}",
+        node_id,
+        iteration,
+        note.map(|n| format!(": {n}")).unwrap_or_default()
+    )
 }
 
 pub async fn frames(
@@ -220,26 +254,32 @@ pub async fn frames(
                     format!("run `{run_id}` has no frame {n}"),
                 )
             })?;
-        let tree: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
-        out!("{}", serde_json::to_string_pretty(&json!({"frameNo": f.frame_no, "createdAtMs": f.created_at_ms, "xmlHash": f.xml_hash, "encoding": f.encoding, "tree": tree})).unwrap_or_default());
-        return Ok(0);
+        return print_frame(&f);
     }
     let rows = store.list_frames(run_id, 0, limit).await?;
-    out!(
+    print_frame_list(&rows)
+}
+
+/// `frames --frame N`: one frame with its tree, as JSON.
+pub fn print_frame(f: &FrameRow) -> Result<u8, SmithersError> {
+    let tree: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
+    emit(&[serde_json::to_string_pretty(&json!({"frameNo": f.frame_no, "createdAtMs": f.created_at_ms, "xmlHash": f.xml_hash, "encoding": f.encoding, "tree": tree})).unwrap_or_default()])
+}
+
+/// `frames`: the frame table.
+pub fn print_frame_list(rows: &[FrameRow]) -> Result<u8, SmithersError> {
+    let mut lines = vec![format!(
         "{:>6}  {:<21} {:<9} {}",
-        "FRAME",
-        "CREATED",
-        "ENCODING",
-        "HASH"
-    );
+        "FRAME", "CREATED", "ENCODING", "HASH"
+    )];
     for f in rows {
-        out!(
+        lines.push(format!(
             "{:>6}  {:<21} {:<9} {}",
             f.frame_no,
             fmt_ms(f.created_at_ms),
             f.encoding,
-            &f.xml_hash[..f.xml_hash.len().min(16)]
-        );
+            f.xml_hash.get(..16).unwrap_or(&f.xml_hash)
+        ));
     }
-    Ok(0)
+    emit(&lines)
 }

@@ -55,6 +55,7 @@ codes! {
     DbCorrupt => "DB_CORRUPT",
     StorageError => "STORAGE_ERROR",
     InvalidUrl => "INVALID_URL",
+    GatewayUnreachable => "GATEWAY_UNREACHABLE",
     Internal => "INTERNAL_ERROR",
 }
 
