@@ -13,8 +13,16 @@ struct Served {
     addr: String,
 }
 
+impl Drop for Served {
+    /// A test that fails half-way must not leave a server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn serve(dir: &Path, args: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
+    let child = Command::new(env!("CARGO_BIN_EXE_smithers"))
         .current_dir(dir)
         .arg("serve")
         .args(args)
@@ -22,7 +30,12 @@ fn serve(dir: &Path, args: &[&str]) -> Served {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // owned right away, so a failure below still stops the server
+    let mut served = Served {
+        child,
+        addr: String::new(),
+    };
+    let stderr = served.child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let t0 = Instant::now();
     loop {
@@ -31,9 +44,9 @@ fn serve(dir: &Path, args: &[&str]) -> Served {
             .expect("serve exited before listening")
             .unwrap();
         if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
+            served.addr = rest.split_whitespace().next().unwrap().to_string();
             std::thread::spawn(move || for _ in lines {});
-            return Served { child, addr };
+            return served;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "no listening line");
     }
@@ -64,7 +77,8 @@ fn wait_status(addr: &str, run: &str, want: &str) {
     }
 }
 
-fn sigterm(mut s: Served) -> i32 {
+fn sigterm(s: Served) -> i32 {
+    let mut s = s;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(s.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

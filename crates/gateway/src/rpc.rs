@@ -533,24 +533,22 @@ async fn approvals_decide(
             "Connection is missing required approval scope",
         ));
     }
-    if approved {
-        if let Err(p) = ops::check_decision(&request, decision.as_ref()) {
-            let message = match p {
-                ops::DecisionProblem::SelectionMissing { .. } => {
-                    "select approvals require decision.selected".to_string()
-                }
-                ops::DecisionProblem::UnknownSelection { selected, .. } => {
-                    format!("Unknown selection: {selected}")
-                }
-                ops::DecisionProblem::RankMissing { .. } => {
-                    "rank approvals require decision.ranked".to_string()
-                }
-                ops::DecisionProblem::UnknownRanked { .. } => {
-                    "rank approval included unknown options".to_string()
-                }
-            };
-            return Err(RpcError::new("INVALID_REQUEST", message));
-        }
+    if approved && let Err(p) = ops::check_decision(&request, decision.as_ref()) {
+        let message = match p {
+            ops::DecisionProblem::SelectionMissing { .. } => {
+                "select approvals require decision.selected".to_string()
+            }
+            ops::DecisionProblem::UnknownSelection { selected, .. } => {
+                format!("Unknown selection: {selected}")
+            }
+            ops::DecisionProblem::RankMissing { .. } => {
+                "rank approvals require decision.ranked".to_string()
+            }
+            ops::DecisionProblem::UnknownRanked { .. } => {
+                "rank approval included unknown options".to_string()
+            }
+        };
+        return Err(RpcError::new("INVALID_REQUEST", message));
     }
     ops::decide(
         gw.store.as_ref(),

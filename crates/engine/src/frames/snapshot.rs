@@ -242,46 +242,6 @@ pub fn inflate(rows: &[SnapshotRow]) -> Result<FullSnapshot, String> {
     Ok(snap)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hash_depends_on_content_not_history() {
-        let mut a = SnapshotState::new(json!({"x": 1}));
-        a.set_node("n::0".into(), json!({"state": "pending"}));
-        a.set_node("n::0".into(), json!({"state": "finished"}));
-        a.set_output("n::0".into(), json!(1));
-        let mut b = SnapshotState::new(json!({"x": 1}));
-        b.set_output("n::0".into(), json!(1));
-        b.set_node("n::0".into(), json!({"state": "finished"}));
-        assert_eq!(a.content_hash(), b.content_hash());
-        b.set_output("n::0".into(), json!(2));
-        assert_ne!(a.content_hash(), b.content_hash());
-    }
-
-    #[test]
-    fn deltas_inflate_to_full_state() {
-        let mut s = SnapshotState::new(json!({}));
-        let mut rows = Vec::new();
-        for f in 1..=5 {
-            s.set_node(format!("t{f}::0"), json!({"state": "finished"}));
-            s.set_output(format!("t{f}::0"), json!(f));
-            if f == 3 {
-                s.remove_output("t1::0");
-            }
-            rows.push(s.encode("r", f, None, 0));
-        }
-        assert_eq!(rows[0].encoding, "keyframe");
-        assert_eq!(rows[2].encoding, "delta");
-        let full = inflate(&rows).unwrap();
-        assert_eq!(full.nodes.len(), 5);
-        assert_eq!(full.outputs.len(), 4);
-        assert!(!full.outputs.contains_key("t1::0"));
-        assert_eq!(full.content_hash, s.content_hash());
-    }
-}
-
 /// The latest snapshot of a run, rebuilt from the nearest keyframe (None when it has none).
 pub async fn latest(
     store: &dyn smithers_store::Store,
@@ -325,7 +285,7 @@ pub fn diff(a: &FullSnapshot, b: &FullSnapshot) -> Value {
         .collect();
     let outputs_changed: Vec<Value> = oa
         .intersection(&ob)
-        .filter(|k| a.outputs[*k].to_string() != b.outputs[*k].to_string())
+        .filter(|k| a.outputs[*k] != b.outputs[*k])
         .map(|k| json!({"key": k, "from": a.outputs[k], "to": b.outputs[k]}))
         .collect();
     let ralph_changed: Vec<Value> = a
@@ -348,4 +308,44 @@ pub fn diff(a: &FullSnapshot, b: &FullSnapshot) -> Value {
         "inputChanged": a.input != b.input,
         "vcsPointerChanged": false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_content_not_history() {
+        let mut a = SnapshotState::new(json!({"x": 1}));
+        a.set_node("n::0".into(), json!({"state": "pending"}));
+        a.set_node("n::0".into(), json!({"state": "finished"}));
+        a.set_output("n::0".into(), json!(1));
+        let mut b = SnapshotState::new(json!({"x": 1}));
+        b.set_output("n::0".into(), json!(1));
+        b.set_node("n::0".into(), json!({"state": "finished"}));
+        assert_eq!(a.content_hash(), b.content_hash());
+        b.set_output("n::0".into(), json!(2));
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+
+    #[test]
+    fn deltas_inflate_to_full_state() {
+        let mut s = SnapshotState::new(json!({}));
+        let mut rows = Vec::new();
+        for f in 1..=5 {
+            s.set_node(format!("t{f}::0"), json!({"state": "finished"}));
+            s.set_output(format!("t{f}::0"), json!(f));
+            if f == 3 {
+                s.remove_output("t1::0");
+            }
+            rows.push(s.encode("r", f, None, 0));
+        }
+        assert_eq!(rows[0].encoding, "keyframe");
+        assert_eq!(rows[2].encoding, "delta");
+        let full = inflate(&rows).unwrap();
+        assert_eq!(full.nodes.len(), 5);
+        assert_eq!(full.outputs.len(), 4);
+        assert!(!full.outputs.contains_key("t1::0"));
+        assert_eq!(full.content_hash, s.content_hash());
+    }
 }
