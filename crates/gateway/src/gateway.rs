@@ -117,6 +117,8 @@ pub struct Gateway {
     conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
     /// Workflow key of each run driven through this gateway (for metric labels).
     run_keys: Mutex<HashMap<String, String>>,
+    /// The hello snapshot read shared by concurrent `connect`s.
+    pub(crate) hello_snapshots: crate::ws::SharedSnapshot,
 }
 
 /// Who asked for something (for run auth context and auto-subscribe).
@@ -147,6 +149,7 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
+            hello_snapshots: Default::default(),
         })
     }
 
@@ -222,34 +225,19 @@ impl Gateway {
 
     /// Maps committed engine events to protocol broadcasts (gateway-protocol §1.8).
     pub fn on_engine_event(&self, ev: &EngineEvent) {
-        let p = &ev.payload;
-        let run_id = ev.run_id.to_string();
-        let node = p.get("nodeId").cloned().unwrap_or(Value::Null);
-        let iteration = p.get("iteration").cloned().unwrap_or(json!(0));
-        match ev.event_type {
-            "NodeStarted" => self.broadcast("node.started", json!({"runId": run_id, "nodeId": node, "state": "in-progress"})),
-            "NodeFinished" => self.broadcast("node.finished", json!({"runId": run_id, "nodeId": node, "state": "finished"})),
-            "NodeFailed" => self.broadcast(
-                "node.failed",
-                json!({"runId": run_id, "nodeId": node, "state": "failed", "error": p.get("error").cloned().unwrap_or(Value::Null)}),
-            ),
-            "NodeOutput" => self.broadcast(
-                "task.output",
-                json!({"runId": run_id, "nodeId": node, "output": p.get("text").cloned().unwrap_or(Value::Null), "stream": p.get("stream").cloned().unwrap_or(Value::Null)}),
-            ),
-            "TaskHeartbeat" => self.broadcast(
-                "task.heartbeat",
-                json!({"runId": run_id, "nodeId": node, "iteration": iteration, "attempt": p.get("attempt").cloned().unwrap_or(Value::Null)}),
-            ),
-            "ApprovalRequested" => self.broadcast("approval.requested", json!({"runId": run_id, "nodeId": node, "iteration": iteration})),
-            "ApprovalAutoApproved" => {
-                self.broadcast("approval.auto_approved", json!({"runId": run_id, "nodeId": node, "iteration": iteration}))
-            }
-            "RunFinished" => self.run_completed(&run_id, "finished", None),
-            "RunFailed" => self.run_completed(&run_id, "failed", p.get("error").cloned()),
-            "RunCancelled" => self.run_completed(&run_id, "cancelled", None),
-            _ => {}
+        let Some((event, payload)) = map_event(ev.event_type, &ev.run_id, ev.seq, &ev.payload)
+        else {
+            return;
+        };
+        if event == "run.completed" {
+            let st = payload
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            self.count_completion(&ev.run_id, &st);
         }
+        self.broadcast(event, payload);
     }
 
     /// Broadcasts `run.completed`. It is called once per completion: from the engine event that
@@ -260,6 +248,10 @@ impl Gateway {
             payload["error"] = e;
         }
         self.broadcast("run.completed", payload);
+        self.count_completion(run_id, st);
+    }
+
+    fn count_completion(&self, run_id: &str, st: &str) {
         let workflow = self
             .run_keys
             .lock()
@@ -399,6 +391,69 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Maps an engine event (as committed, with its per-run `seq`) to a protocol event (gateway-protocol
+/// §1.8). Payloads carry `eventSeq`, the event's position in the run's durable log, which a
+/// reconnecting client passes back as `afterSeq` to replay what it missed.
+pub fn map_event(
+    event_type: &str,
+    run_id: &str,
+    seq: i64,
+    p: &Value,
+) -> Option<(&'static str, Value)> {
+    let node = p.get("nodeId").cloned().unwrap_or(Value::Null);
+    let iteration = p.get("iteration").cloned().unwrap_or(json!(0));
+    let field = |k: &str| p.get(k).cloned().unwrap_or(Value::Null);
+    let (event, mut payload) = match event_type {
+        "NodeStarted" => (
+            "node.started",
+            json!({"runId": run_id, "nodeId": node, "state": "in-progress"}),
+        ),
+        "NodeFinished" => (
+            "node.finished",
+            json!({"runId": run_id, "nodeId": node, "state": "finished"}),
+        ),
+        "NodeFailed" => (
+            "node.failed",
+            json!({"runId": run_id, "nodeId": node, "state": "failed", "error": field("error")}),
+        ),
+        "NodeOutput" => (
+            "task.output",
+            json!({"runId": run_id, "nodeId": node, "output": field("text"), "stream": field("stream")}),
+        ),
+        "TaskHeartbeat" => (
+            "task.heartbeat",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "attempt": field("attempt")}),
+        ),
+        "ApprovalRequested" => (
+            "approval.requested",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration}),
+        ),
+        "ApprovalGranted" | "ApprovalDenied" => (
+            "approval.decided",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "approved": event_type == "ApprovalGranted"}),
+        ),
+        "ApprovalAutoApproved" => (
+            "approval.auto_approved",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration}),
+        ),
+        "RunFinished" => (
+            "run.completed",
+            json!({"runId": run_id, "status": "finished"}),
+        ),
+        "RunFailed" => (
+            "run.completed",
+            json!({"runId": run_id, "status": "failed", "error": field("error")}),
+        ),
+        "RunCancelled" => (
+            "run.completed",
+            json!({"runId": run_id, "status": "cancelled"}),
+        ),
+        _ => return None,
+    };
+    payload["eventSeq"] = json!(seq);
+    Some((event, payload))
 }
 
 /// `source` label of runs_started_total from the `triggeredBy` value.

@@ -10,6 +10,7 @@ use crate::rpc::{self, Transport};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use smithers_store::status;
 use std::collections::HashSet;
@@ -26,7 +27,20 @@ pub fn upgrade(gw: Arc<Gateway>, up: WebSocketUpgrade, headers: HeaderMap) -> Re
         .max_frame_size(limit + 1)
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .on_upgrade(move |socket| serve(gw, socket, headers))
+        .on_upgrade(move |socket| serve(gw, socket, owned_headers(&headers)))
+}
+
+/// A copy of the upgrade request's headers that owns its bytes. Header values parsed by hyper
+/// share the connection's whole read buffer (16 KiB); keeping the originals for the life of the
+/// socket (they are needed for authentication at `connect`) would keep that buffer too.
+fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(v) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
+            out.append(name.clone(), v);
+        }
+    }
+    out
 }
 
 async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
@@ -40,7 +54,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
     );
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = gw.register_conn(tx.clone());
-    let (sink, mut stream) = futures_split(socket);
+    let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, rx));
     let _ = tx.send(Outbound::Event {
         event: "connect.challenge",
@@ -52,7 +66,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     let mut reason = "close";
     loop {
-        let msg = match stream.recv().await {
+        let msg = match stream.next().await {
             Some(Ok(m)) => m,
             Some(Err(_)) => {
                 // most often a message over the size limit
@@ -76,7 +90,9 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
             "smithers_gateway_messages_received_total",
             &[("frameType", "request"), ("transport", "ws")],
         );
-        if let Some(hb) = handle_frame(&gw, &conn, &headers, &text).await
+        // boxed: the request future is large and only lives while a frame is handled, whereas
+        // this task lives as long as the (mostly idle) connection
+        if let Some(hb) = Box::pin(handle_frame(&gw, &conn, &headers, &text)).await
             && let Some(old) = heartbeat.replace(hb)
         {
             old.abort();
@@ -102,22 +118,6 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
-
-/// Splits the socket into a sink and a receiver of inbound messages.
-fn futures_split(socket: WebSocket) -> (Sink, mpsc::Receiver<Result<Message, axum::Error>>) {
-    use futures_util::StreamExt;
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Some(m) = stream.next().await {
-            let stop = m.is_err();
-            if tx.send(m).await.is_err() || stop {
-                break;
-            }
-        }
-    });
-    (sink, rx)
-}
 
 async fn write_loop(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     use futures_util::SinkExt;
@@ -237,7 +237,11 @@ async fn handle_frame(
     let t0 = Instant::now();
     if method == "connect" {
         let (result, hb) = connect(gw, conn, headers, &params).await;
+        let ok = result.is_ok();
         finish(gw, conn, &id, &method, t0, result);
+        if ok {
+            replay(gw, conn, &params).await;
+        }
         return hb;
     }
     let grant = match conn.grant.read().ok().and_then(|g| g.clone()) {
@@ -366,6 +370,9 @@ async fn connect(
             return (Err(e), None);
         }
     };
+    if let Err(e) = after_seq(params) {
+        return (Err(e), None);
+    }
     let filter: Option<HashSet<String>> =
         params.get("subscribe").and_then(Value::as_array).map(|a| {
             a.iter()
@@ -378,7 +385,7 @@ async fn connect(
     if let Ok(mut f) = conn.filter.write() {
         *f = filter;
     }
-    let snapshot = match hello_snapshot(gw).await {
+    let snapshot = match gw.hello_snapshots.get(gw).await {
         Ok(s) => s,
         Err(e) => return (Err(e), None),
     };
@@ -412,6 +419,94 @@ async fn connect(
         })
     };
     (Ok(hello), Some(hb))
+}
+
+/// One hello snapshot read serves every `connect` that arrived before the read started.
+///
+/// Reads are serialized; a `connect` takes the result of the latest read if that read started
+/// after the `connect` arrived, and otherwise starts a new one. Either way the snapshot it gets
+/// was read entirely after it asked, exactly as fresh as reading it alone, but a burst of
+/// connects costs a few reads instead of one read (five queries) each.
+#[derive(Default)]
+pub struct SharedSnapshot {
+    /// Reads started so far; read `n` starts after this counter reached `n`.
+    started: std::sync::atomic::AtomicU64,
+    /// The number of the latest finished read and its result.
+    last: tokio::sync::Mutex<Option<(u64, Result<Value, RpcError>)>>,
+}
+
+impl SharedSnapshot {
+    pub async fn get(&self, gw: &Arc<Gateway>) -> Result<Value, RpcError> {
+        let arrived = self.started.load(Ordering::Acquire);
+        let mut last = self.last.lock().await;
+        if let Some((n, result)) = &*last
+            && *n > arrived
+        {
+            return result.clone();
+        }
+        let n = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+        let result = hello_snapshot(gw).await;
+        *last = Some((n, result.clone()));
+        result
+    }
+}
+
+/// Replay sends at most this many missed events per run; a client further behind reconnects
+/// with the last `eventSeq` it received to continue.
+pub const REPLAY_WINDOW: usize = 1000;
+
+/// `connect.params.afterSeq`: `{runId: last eventSeq seen}` (an addition to upstream: replay on
+/// reconnect).
+fn after_seq(params: &Value) -> Result<Vec<(String, i64)>, RpcError> {
+    let bad = || {
+        RpcError::new(
+            "INVALID_INPUT",
+            "afterSeq must map run ids to the last eventSeq received (integers >= -1).",
+        )
+    };
+    match params.get("afterSeq") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(m)) => {
+            if m.len() > 1000 {
+                return Err(RpcError::new(
+                    "INVALID_INPUT",
+                    "afterSeq may name at most 1000 runs.",
+                ));
+            }
+            m.iter()
+                .map(|(k, v)| match v.as_i64() {
+                    Some(n) if n >= -1 => Ok((k.clone(), n)),
+                    _ => Err(bad()),
+                })
+                .collect()
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Sends a reconnecting client the events it missed, oldest first, from the durable log.
+async fn replay(gw: &Arc<Gateway>, conn: &Arc<ConnShared>, params: &Value) {
+    let Ok(runs) = after_seq(params) else { return };
+    for (run_id, after) in runs {
+        let after = if after < 0 { None } else { Some(after) };
+        let Ok(rows) = gw.store.list_events(&run_id, after, REPLAY_WINDOW).await else {
+            continue;
+        };
+        for r in rows {
+            let Ok(payload) = serde_json::from_str::<Value>(&r.payload_json) else {
+                continue;
+            };
+            if let Some((event, p)) =
+                crate::gateway::map_event(&r.event_type, &run_id, r.seq, &payload)
+            {
+                let _ = conn.tx.send(Outbound::Event {
+                    event,
+                    payload: Arc::new(p),
+                    state_version: gw.state_version(),
+                });
+            }
+        }
+    }
 }
 
 /// Active runs (never the finished ones: each status is read through its index) and pending
