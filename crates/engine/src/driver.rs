@@ -326,7 +326,9 @@ impl Driver {
         let now = now_ms();
         let (node_id, iteration) = (self.rts[rt].key.0.clone(), self.rts[rt].key.1);
         let mut a = self.attempt_row(rt, attempt, node_state::FINISHED, started, Some(now));
-        a.meta_json = meta.map(|m| m.to_string());
+        a.meta_json = meta
+            .map(|m| m.to_string())
+            .or_else(|| self.rts[rt].attempt_meta.clone());
         self.batch.push(Write::UpsertAttempt(a));
         self.batch.push(Write::UpsertOutput(OutputRow {
             run_id: self.run_id.to_string(),
@@ -356,6 +358,7 @@ impl Driver {
         let now = now_ms();
         let mut a = self.attempt_row(rt, attempt, node_state::FAILED, started, Some(now));
         a.error_json = Some(err.to_json().to_string());
+        a.meta_json = self.rts[rt].attempt_meta.clone();
         self.batch.push(Write::UpsertAttempt(a));
         let (retries, backoff, continue_on_fail) = match self.task_of(rt) {
             Some(t) => (t.retries, t.backoff_ms, t.continue_on_fail),
@@ -878,7 +881,17 @@ impl Driver {
 // ----- starting tasks ----------------------------------------------------------------------
 
 impl Driver {
-    fn begin_attempt(&mut self, rt: usize, meta: Value) -> i64 {
+    fn begin_attempt(&mut self, rt: usize, mut meta: Value) -> i64 {
+        // the output schema travels with the attempt, so readers (getNodeOutput) can describe
+        // the output without the workflow definition
+        if let (Some(spec), Value::Object(m)) =
+            (self.task_of(rt).and_then(|t| t.output.clone()), &mut meta)
+        {
+            m.insert("outputSchema".into(), (*spec.schema).clone());
+            if let Some(name) = &spec.name {
+                m.insert("outputTable".into(), json!(name));
+            }
+        }
         let now = now_ms();
         let r = &mut self.rts[rt];
         r.attempts += 1;

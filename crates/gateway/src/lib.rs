@@ -13,6 +13,7 @@ pub mod cron_loop;
 pub mod frames;
 pub mod gateway;
 pub mod http;
+pub mod node_output;
 pub mod rpc;
 pub mod serve;
 pub mod shapes;

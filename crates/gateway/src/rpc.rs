@@ -284,6 +284,7 @@ pub async fn call(
                 json!({"runId": d.run_id, "seq": d.seq, "signalName": d.signal_name, "correlationId": d.correlation_id, "receivedAtMs": d.received_at_ms}),
             )
         }
+        "getNodeOutput" | "devtools.getNodeOutput" => crate::node_output::get(gw, &p).await,
         "runs.diff" => {
             let (Some(l), Some(r)) = (
                 p.get("leftRunId").and_then(Value::as_str),

@@ -1325,3 +1325,98 @@ async fn reconnecting_clients_replay_missed_events() {
     let r = connect(&mut w, p).await;
     assert_eq!(r["error"]["code"], "INVALID_INPUT");
 }
+
+#[tokio::test]
+async fn node_output_produced_pending_failed() {
+    let wf = "name: out\noutputs:\n  review: {type: object, required: [ok], properties: {ok: {type: boolean, description: verdict}, note: {type: [string, 'null']}, level: {enum: [low, high]}}}\nsteps:\n  - task: {id: r, output: review, value: {ok: true, note: null, level: low}}\n  - task: {id: broken, run: \"exit 3\", continue_on_fail: true}\n  - approval: {id: gate, title: go?}\n  - task: {id: later, value: 1}\n";
+    let s = start(Spec {
+        workflows: vec![("out", wf.into())],
+        ..Default::default()
+    })
+    .await;
+    let id = rpc(s.addr, "runs.create", json!({"workflow": "out"}), &[])
+        .await
+        .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &id, "waiting-approval").await;
+    let get = |node: &str, it: Value| {
+        rpc(
+            s.addr,
+            "getNodeOutput",
+            json!({"runId": id, "nodeId": node, "iteration": it}),
+            &[],
+        )
+    };
+    let r = get("r", json!(0)).await.json();
+    assert_eq!(r["payload"]["status"], "produced");
+    assert_eq!(
+        r["payload"]["row"],
+        json!({"ok": true, "note": null, "level": "low"})
+    );
+    let fields = r["payload"]["schema"]["fields"].as_array().unwrap().clone();
+    let f = |n: &str| fields.iter().find(|f| f["name"] == n).unwrap().clone();
+    assert_eq!(
+        f("ok"),
+        json!({"name": "ok", "type": "boolean", "optional": false, "nullable": false, "description": "verdict"})
+    );
+    assert_eq!(
+        (f("note")["type"].clone(), f("note")["nullable"].clone()),
+        (json!("string"), json!(true))
+    );
+    assert_eq!(f("level")["enum"], json!(["low", "high"]));
+    let b = get("broken", json!("0")).await.json();
+    assert_eq!(b["payload"]["status"], "failed");
+    assert_eq!(b["payload"]["partial"], Value::Null);
+    let later = get("later", json!(0)).await.json();
+    assert_eq!(later["payload"]["status"], "pending");
+    for (params, code, status) in [
+        (
+            json!({"runId": "BAD!", "nodeId": "r", "iteration": 0}),
+            "InvalidRunId",
+            400,
+        ),
+        (
+            json!({"runId": id, "nodeId": "r r", "iteration": 0}),
+            "InvalidNodeId",
+            400,
+        ),
+        (json!({"runId": id, "nodeId": "r"}), "InvalidIteration", 400),
+        (
+            json!({"runId": id, "nodeId": "r", "iteration": 1.5}),
+            "InvalidIteration",
+            400,
+        ),
+        (
+            json!({"runId": id, "nodeId": "r", "iteration": 2_147_483_648u64}),
+            "InvalidIteration",
+            400,
+        ),
+        (
+            json!({"runId": "nope", "nodeId": "r", "iteration": 0}),
+            "RunNotFound",
+            404,
+        ),
+        (
+            json!({"runId": id, "nodeId": "zz", "iteration": 0}),
+            "NodeNotFound",
+            404,
+        ),
+        (
+            json!({"runId": id, "nodeId": "r", "iteration": 3}),
+            "IterationNotFound",
+            404,
+        ),
+    ] {
+        let r = rpc(s.addr, "devtools.getNodeOutput", params.clone(), &[]).await;
+        assert_eq!(
+            (
+                r.status,
+                r.json()["error"]["code"].as_str().unwrap().to_string()
+            ),
+            (status, code.to_string()),
+            "{params}"
+        );
+    }
+}
