@@ -10,6 +10,7 @@ pub mod webhook;
 
 pub mod config;
 pub mod cron_loop;
+pub mod devtools;
 pub mod frames;
 pub mod gateway;
 pub mod http;

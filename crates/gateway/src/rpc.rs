@@ -285,6 +285,7 @@ pub async fn call(
             )
         }
         "getNodeOutput" | "devtools.getNodeOutput" => crate::node_output::get(gw, &p).await,
+        "getDevToolsSnapshot" => crate::devtools::snapshot(gw, caller, &p).await,
         "runs.diff" => {
             let (Some(l), Some(r)) = (
                 p.get("leftRunId").and_then(Value::as_str),

@@ -1420,3 +1420,86 @@ async fn node_output_produced_pending_failed() {
         );
     }
 }
+
+#[tokio::test]
+async fn devtools_snapshot_of_a_frame() {
+    let s = start(Spec::default()).await;
+    let id = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "runId": "dev-1"}),
+        &[],
+    )
+    .await
+    .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(s.addr, &id, "finished").await;
+    let snap = rpc(s.addr, "getDevToolsSnapshot", json!({"runId": id}), &[]).await;
+    assert_eq!(snap.status, 200, "{}", snap.body);
+    let p = snap.json()["payload"].clone();
+    assert_eq!(p["version"], 1);
+    assert_eq!(p["seq"], p["frameNo"]);
+    assert_eq!(p["root"]["type"], "sequence");
+    assert_eq!(p["root"]["children"][0]["task"]["nodeId"], "a");
+    assert_eq!(p["runState"]["state"], "succeeded");
+    let first = rpc(
+        s.addr,
+        "getDevToolsSnapshot",
+        json!({"runId": id, "frameNo": 1}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        first["payload"]["root"]["id"], p["root"]["id"],
+        "stable ids across frames"
+    );
+    for (params, code, msg) in [
+        (json!({}), "InvalidRunId", "runId is required"),
+        (
+            json!({"runId": "Bad Id"}),
+            "InvalidRunId",
+            "runId must match /^[a-z0-9_-]{1,64}$/.",
+        ),
+        (
+            json!({"runId": id, "frameNo": -1}),
+            "FrameOutOfRange",
+            "frameNo must be an integer between 0 and 2147483647.",
+        ),
+        (
+            json!({"runId": id, "frameNo": 99999}),
+            "FrameOutOfRange",
+            "",
+        ),
+        (
+            json!({"runId": "no-such-run"}),
+            "RunNotFound",
+            "Run not found: no-such-run",
+        ),
+    ] {
+        let r = rpc(s.addr, "getDevToolsSnapshot", params.clone(), &[])
+            .await
+            .json();
+        assert_eq!(r["error"]["code"], code, "{params}");
+        if !msg.is_empty() {
+            assert_eq!(r["error"]["message"], msg);
+        }
+    }
+    // a connection subscribed to other runs may not read this one
+    let mut w = ws(s.addr).await;
+    let mut hp = hello_params();
+    hp["subscribe"] = json!(["other"]);
+    connect(&mut w, hp).await;
+    let mut evs = vec![];
+    let r = call(
+        &mut w,
+        "d",
+        "getDevToolsSnapshot",
+        json!({"runId": id}),
+        &mut evs,
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "Unauthorized");
+}

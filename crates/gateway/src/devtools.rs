@@ -1,0 +1,366 @@
+//! DevTools trees (gateway-protocol §1.12): a frame's tree as `DevToolsNode`s with stable 31-bit
+//! ids, and `getDevToolsSnapshot`.
+
+use crate::error::RpcError;
+use crate::gateway::{Caller, Gateway};
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, HashSet};
+
+/// Deeper children are replaced by a `[MaxDepth]` marker.
+pub const MAX_DEPTH: usize = 256;
+
+/// FNV-1a 32-bit over UTF-16 code units, masked to 31 bits.
+pub fn fnv31(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for unit in s.encode_utf16() {
+        // one step per UTF-16 code unit, as the reference implementation does with charCodeAt
+        h ^= u32::from(unit);
+        h = h.wrapping_mul(16_777_619);
+    }
+    h & 0x7fff_ffff
+}
+
+/// The empty tree of a run with no frames.
+pub fn empty_root() -> Value {
+    json!({"id": 0, "type": "workflow", "name": "(empty)", "props": {}, "children": [], "depth": 0})
+}
+
+fn node_type(tag: &str) -> &'static str {
+    match tag {
+        "smithers:workflow" => "workflow",
+        "smithers:task" => "task",
+        "smithers:sequence" => "sequence",
+        "smithers:parallel" => "parallel",
+        "smithers:merge-queue" => "merge-queue",
+        "smithers:branch" => "branch",
+        "smithers:ralph" => "loop",
+        "smithers:worktree" => "worktree",
+        "smithers:approval" => "approval",
+        "smithers:timer" => "timer",
+        "smithers:subflow" => "subflow",
+        "smithers:wait-for-event" => "wait-for-event",
+        "smithers:saga" => "saga",
+        "smithers:try-catch-finally" => "try-catch",
+        _ => "unknown",
+    }
+}
+
+/// A frame prop string read back as the value it was written from.
+fn parse_prop(s: &str) -> Value {
+    match s {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        "null" => return Value::Null,
+        _ => {}
+    }
+    let numeric = {
+        let t = s.strip_prefix('-').unwrap_or(s);
+        let (int, frac) = t.split_once('.').map_or((t, None), |(a, b)| (a, Some(b)));
+        !int.is_empty()
+            && int.bytes().all(|b| b.is_ascii_digit())
+            && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if numeric
+        && let Ok(n) = s.parse::<f64>()
+        && let Some(v) = serde_json::Number::from_f64(n)
+    {
+        return if n.fract() == 0.0 && n.abs() < 9.0e15 {
+            json!(n as i64)
+        } else {
+            Value::Number(v)
+        };
+    }
+    if ((s.starts_with('{') && s.ends_with('}')) || (s.starts_with('[') && s.ends_with(']')))
+        && let Ok(v) = serde_json::from_str(s)
+    {
+        return v;
+    }
+    Value::String(s.to_string())
+}
+
+struct Builder {
+    used: HashSet<u32>,
+}
+
+impl Builder {
+    fn id_for(&mut self, path: &str) -> u32 {
+        let mut id = fnv31(path);
+        let mut salt = 1;
+        while self.used.contains(&id) && salt <= 1024 {
+            id = fnv31(&format!("{path}\u{0}{salt}"));
+            salt += 1;
+        }
+        self.used.insert(id);
+        id
+    }
+
+    fn node(&mut self, el: &Value, path: &str, depth: usize) -> Value {
+        let tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
+        let ty = node_type(tag);
+        let raw_props = el
+            .get("props")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let mut props = Map::new();
+        for (k, v) in &raw_props {
+            props.insert(
+                k.clone(),
+                v.as_str().map(parse_prop).unwrap_or_else(|| v.clone()),
+            );
+        }
+        let name = match (ty, props.get("name").and_then(Value::as_str)) {
+            ("workflow", Some(n)) => n.to_string(),
+            _ => tag
+                .strip_prefix("smithers:")
+                .filter(|t| !t.is_empty())
+                .unwrap_or(if tag.is_empty() { "unknown" } else { tag })
+                .to_string(),
+        };
+        let id = self.id_for(path);
+        let mut out = Map::new();
+        out.insert("id".into(), json!(id));
+        out.insert("type".into(), json!(ty));
+        out.insert("name".into(), json!(name));
+        if ty == "task" {
+            out.insert("props".into(), Value::Object(props.clone()));
+            let mut task = Map::new();
+            let node_id = raw_props
+                .get("id")
+                .or_else(|| raw_props.get("nodeId"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let (node_id, iteration) = match node_id.rsplit_once("::") {
+                Some((n, i)) if !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) => {
+                    (n, i.parse::<i64>().ok())
+                }
+                _ => (node_id, None),
+            };
+            task.insert("nodeId".into(), json!(node_id));
+            let kind = match props.get("kind").and_then(Value::as_str) {
+                Some("agent") => "agent",
+                Some("run") | Some("compute") => "compute",
+                _ => "static",
+            };
+            task.insert("kind".into(), json!(kind));
+            if let Some(a) = props.get("agent").and_then(Value::as_str) {
+                task.insert("agent".into(), json!(a));
+            }
+            if let Some(l) = props.get("label").and_then(Value::as_str) {
+                task.insert("label".into(), json!(l));
+            }
+            if let Some(o) = props
+                .get("outputTableName")
+                .or_else(|| props.get("output"))
+                .and_then(Value::as_str)
+            {
+                task.insert("outputTableName".into(), json!(o));
+            }
+            if let Some(i) = props.get("iteration").and_then(Value::as_i64).or(iteration) {
+                task.insert("iteration".into(), json!(i));
+            }
+            out.insert("task".into(), Value::Object(task));
+        } else {
+            out.insert("props".into(), Value::Object(props));
+        }
+        let mut children = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let kids = el
+            .get("children")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for (index, c) in kids
+            .iter()
+            .filter(|c| c.get("kind").and_then(Value::as_str) == Some("element"))
+            .enumerate()
+        {
+            if depth + 1 > MAX_DEPTH {
+                let p = format!("{path}/__maxdepth__{index}");
+                let id = self.id_for(&p);
+                children.push(json!({"id": id, "type": "unknown", "name": "[MaxDepth]", "props": {"value": "[MaxDepth]"}, "children": [], "depth": MAX_DEPTH + 1}));
+                continue;
+            }
+            let frag = fragment(c);
+            let k = seen.entry(frag.clone()).or_insert(0);
+            let child_path = if *k == 0 {
+                format!("{path}/{frag}")
+            } else {
+                format!("{path}/{frag}[{k}]")
+            };
+            *k += 1;
+            children.push(self.node(c, &child_path, depth + 1));
+        }
+        out.insert("children".into(), Value::Array(children));
+        out.insert("depth".into(), json!(depth));
+        Value::Object(out)
+    }
+}
+
+fn fragment(el: &Value) -> String {
+    let tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
+    let props = el.get("props");
+    match props
+        .and_then(|p| p.get("id").or_else(|| p.get("nodeId")))
+        .and_then(Value::as_str)
+    {
+        Some(id) => format!("{tag}#{id}"),
+        None => tag.to_string(),
+    }
+}
+
+/// Builds the DevTools tree of a frame's tree JSON.
+pub fn tree(frame: &Value) -> Value {
+    if frame.get("kind").and_then(Value::as_str) != Some("element") {
+        return empty_root();
+    }
+    let mut b = Builder {
+        used: HashSet::new(),
+    };
+    b.node(frame, &fragment(frame), 0)
+}
+
+fn valid_run_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `getDevToolsSnapshot {runId, frameNo?}`.
+pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Value, RpcError> {
+    let run_id = match p.get("runId").and_then(Value::as_str) {
+        Some(r) if !r.is_empty() => r,
+        _ => return Err(RpcError::new("InvalidRunId", "runId is required")),
+    };
+    if !valid_run_id(run_id) {
+        return Err(RpcError::new(
+            "InvalidRunId",
+            "runId must match /^[a-z0-9_-]{1,64}$/.",
+        ));
+    }
+    let frame_no = match p.get("frameNo") {
+        None => None,
+        Some(v) => match v.as_f64() {
+            Some(n) if n.fract() == 0.0 && (0.0..=2_147_483_647.0).contains(&n) => Some(n as i64),
+            _ => {
+                return Err(RpcError::new(
+                    "FrameOutOfRange",
+                    "frameNo must be an integer between 0 and 2147483647.",
+                ));
+            }
+        },
+    };
+    if let Some(c) = caller.conn {
+        let allowed = c
+            .filter
+            .read()
+            .map(|f| {
+                f.as_ref()
+                    .is_none_or(|set| set.is_empty() || set.contains(run_id))
+            })
+            .unwrap_or(true);
+        if !allowed {
+            return Err(RpcError::new(
+                "Unauthorized",
+                "Connection is not subscribed to this runId.",
+            ));
+        }
+    }
+    let Some(run) = gw.store.get_run(run_id).await? else {
+        return Err(RpcError::new(
+            "RunNotFound",
+            format!("Run not found: {run_id}"),
+        ));
+    };
+    let latest = gw.store.last_frame_no(run_id).await?;
+    let (no, root) = if latest == 0 {
+        match frame_no {
+            None | Some(0) => (0, empty_root()),
+            Some(n) => {
+                return Err(RpcError::new(
+                    "FrameOutOfRange",
+                    format!("frameNo must be 0 for runs with no frames (got {n})."),
+                ));
+            }
+        }
+    } else {
+        let n = frame_no.unwrap_or(latest);
+        if n > latest {
+            return Err(RpcError::new(
+                "FrameOutOfRange",
+                format!("frameNo must be between 0 and {latest}."),
+            ));
+        }
+        let f = smithers_engine::frames::read_frame(gw.store.as_ref(), run_id, n)
+            .await?
+            .ok_or_else(|| {
+                RpcError::new(
+                    "FrameOutOfRange",
+                    format!("Frame {n} is not available for run {run_id}."),
+                )
+            })?;
+        let v: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
+        (n, tree(&v))
+    };
+    let nodes = gw.store.list_nodes(run_id).await?;
+    let approvals = gw.store.list_approvals(run_id).await?;
+    let timer = if run.status == "waiting-timer" {
+        crate::rpc::next_timer(gw, run_id).await?
+    } else {
+        None
+    };
+    let state =
+        crate::shapes::run_state(&run, &nodes, &approvals, timer, smithers_engine::now_ms());
+    Ok(
+        json!({"version": 1, "runId": run_id, "frameNo": no, "seq": no, "root": root, "runState": state}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_test_vectors() {
+        assert_eq!(fnv31("smithers:workflow"), 1_753_301_139);
+        assert_eq!(
+            fnv31("smithers:workflow/smithers:task#task-a::0"),
+            502_254_470
+        );
+        assert_eq!(fnv31("smithers:workflow/smithers:task#a::0"), 2_079_356_704);
+        assert_eq!(fnv31("smithers:workflow/smithers:task#b::0"), 304_353_751);
+        assert_eq!(fnv31("unknown"), 460_693_433);
+    }
+
+    #[test]
+    fn ids_are_stable_when_siblings_move() {
+        let task = |id: &str| json!({"kind": "element", "tag": "smithers:task", "props": {"id": id}, "children": []});
+        let a = json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "w"}, "children": [task("a::0"), task("b::0")]});
+        let b = json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "w"}, "children": [task("b::0"), task("a::0")]});
+        let (ta, tb) = (tree(&a), tree(&b));
+        assert_eq!(ta["id"], 1_753_301_139);
+        assert_eq!(ta["name"], "w");
+        assert_eq!(ta["children"][0]["id"], 2_079_356_704);
+        assert_eq!(
+            ta["children"][0]["task"],
+            json!({"nodeId": "a", "kind": "static", "iteration": 0})
+        );
+        assert_eq!(ta["children"][0]["id"], tb["children"][1]["id"]);
+        assert_eq!(tb["children"][1]["depth"], 1);
+    }
+
+    #[test]
+    fn props_are_read_back_and_repeats_get_distinct_ids() {
+        let el = |props: Value| json!({"kind": "element", "tag": "smithers:sequence", "props": props, "children": []});
+        let root = json!({"kind": "element", "tag": "smithers:parallel", "props": {"maxConcurrency": "2", "x": "true", "j": "[1,2]", "s": "hi"},
+            "children": [el(json!({})), el(json!({})), {"kind": "text", "text": "ignored"}]});
+        let t = tree(&root);
+        assert_eq!(
+            t["props"],
+            json!({"j": [1, 2], "maxConcurrency": 2, "s": "hi", "x": true})
+        );
+        assert_eq!(t["children"].as_array().unwrap().len(), 2);
+        assert_ne!(t["children"][0]["id"], t["children"][1]["id"]);
+        assert_eq!(tree(&json!("null")), empty_root());
+    }
+}
