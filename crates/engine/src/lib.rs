@@ -6,6 +6,7 @@
 mod clock;
 mod driver;
 pub mod events;
+mod fork;
 pub mod frames;
 pub mod ops;
 pub mod outputs;

@@ -977,3 +977,57 @@ async fn a_live_run_sees_a_decision_when_woken() {
     assert_eq!(o.status, "finished", "the run never parked: {:?}", o.error);
     assert_eq!(o.output.unwrap()["gate"]["approved"], json!(true));
 }
+
+#[tokio::test]
+async fn fork_starts_a_new_run_from_a_frame_and_leaves_the_original_alone() {
+    let e = env().await;
+    let log = e.path.join("log");
+    let l = log.display().to_string();
+    let w = wf("forky", move |ctx| {
+        let tag = ctx.input["tag"].as_str().unwrap_or("x").to_string();
+        Ok(seq(vec![
+            shell("a", &format!("echo a >> {l}")).node(),
+            shell("b", &format!("echo b-{tag} >> {l}")).node(),
+            shell("c", &format!("echo c >> {l}")).node(),
+        ]))
+    });
+    let o = run(&e, w.clone(), json!({"tag": "one"})).await;
+    assert_eq!(o.status, "finished");
+    let frames_before = e.store.last_frame_no(&o.run_id).await.unwrap();
+    // frame 2: `a` finished, `b` not started yet
+    let f = e
+        .engine
+        .fork(
+            w.clone(),
+            &o.run_id,
+            2,
+            Some(json!({"tag": "two"})),
+            Some("forked-1".into()),
+        )
+        .await
+        .unwrap();
+    let fo = f.wait().await;
+    assert_eq!(fo.status, "finished", "{:?}", fo.error);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| *l == "a").count(),
+        1,
+        "a is not run again:\n{text}"
+    );
+    assert!(text.contains("b-one") && text.contains("b-two"), "{text}");
+    assert_eq!(text.lines().filter(|l| *l == "c").count(), 2);
+    let child = e.store.get_run("forked-1").await.unwrap().unwrap();
+    assert_eq!(child.parent_run_id.as_deref(), Some(o.run_id.as_str()));
+    assert_eq!(
+        e.store.last_frame_no(&o.run_id).await.unwrap(),
+        frames_before,
+        "original untouched"
+    );
+    let bad = e
+        .engine
+        .fork(w, &o.run_id, 999, None, None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(bad.code, Code::InvalidInput);
+}

@@ -434,6 +434,7 @@ pub fn required_level(method: &str) -> Level {
         "runs.create"
         | "runs.cancel"
         | "runs.rerun"
+        | "runs.fork"
         | "signals.send"
         | "cron.trigger"
         | "jumpToFrame"

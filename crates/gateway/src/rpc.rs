@@ -286,6 +286,33 @@ pub async fn call(
         }
         "getNodeOutput" | "devtools.getNodeOutput" => crate::node_output::get(gw, &p).await,
         "getDevToolsSnapshot" => crate::devtools::snapshot(gw, caller, &p).await,
+        "runs.fork" => {
+            let id = req_str(&p, "runId", "runId is required")?;
+            let frame = non_negative(p.get("frameNo"), "frameNo")?
+                .ok_or_else(|| RpcError::new("INVALID_REQUEST", "frameNo is required"))?;
+            let row = gw
+                .store
+                .get_run(id)
+                .await?
+                .ok_or_else(|| not_found_run(id))?;
+            let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
+            let wf = gw.workflow_of(&row).ok_or_else(|| not_found_run(id))?;
+            let input = match p.get("input") {
+                None | Some(Value::Null) => None,
+                some => Some(bounds::check_run_input(some)?),
+            };
+            let new_id = p
+                .get("newRunId")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let h = gw.engine.fork(wf, id, frame, input, new_id).await?;
+            let run = h.run_id.clone();
+            if let Some(c) = caller.conn {
+                c.subscribe(&run);
+            }
+            drop(h);
+            Ok(json!({"runId": run, "workflow": key, "parentRunId": id, "frameNo": frame}))
+        }
         "runs.diff" => {
             let (Some(l), Some(r)) = (
                 p.get("leftRunId").and_then(Value::as_str),

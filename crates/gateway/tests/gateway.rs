@@ -1503,3 +1503,62 @@ async fn devtools_snapshot_of_a_frame() {
     .await;
     assert_eq!(r["error"]["code"], "Unauthorized");
 }
+
+#[tokio::test]
+async fn runs_fork_branches_from_a_frame() {
+    let s = start(Spec {
+        auth: token_auth(),
+        ..Default::default()
+    })
+    .await;
+    let admin = [("authorization", "Bearer admin-token")];
+    let id = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "input": {"v": 1}}),
+        &admin,
+    )
+    .await
+    .json()["payload"]["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status_auth(s.addr, &id, "finished", &admin).await;
+    let r = rpc(
+        s.addr,
+        "runs.fork",
+        json!({"runId": id, "frameNo": 1}),
+        &[("authorization", "Bearer reader")],
+    )
+    .await;
+    assert_eq!(r.status, 403, "forking needs execute");
+    let r = rpc(
+        s.addr,
+        "runs.fork",
+        json!({"runId": id, "frameNo": 1, "input": {"v": 2}}),
+        &admin,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json()["payload"].clone();
+    assert_eq!(
+        (
+            p["parentRunId"].as_str(),
+            p["frameNo"].as_i64(),
+            p["workflow"].as_str()
+        ),
+        (Some(id.as_str()), Some(1), Some("hello"))
+    );
+    let forked = wait_status_auth(s.addr, p["runId"].as_str().unwrap(), "finished", &admin).await;
+    assert_eq!(forked["parentRunId"], id.as_str());
+    let r = rpc(
+        s.addr,
+        "runs.fork",
+        json!({"runId": id, "frameNo": 9999}),
+        &admin,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = rpc(s.addr, "runs.fork", json!({"runId": id}), &admin).await;
+    assert_eq!(r.json()["error"]["message"], "frameNo is required");
+}

@@ -220,10 +220,20 @@ pub fn hello_params() -> Value {
     json!({"minProtocol": 1, "maxProtocol": 1, "client": {"id": "test", "version": "0", "platform": "rust"}})
 }
 
-/// Waits until `f` says the run reached a state (polls runs.get over HTTP).
+/// Waits until the run reached a state (polls runs.get over HTTP).
 pub async fn wait_status(addr: std::net::SocketAddr, run_id: &str, want: &str) -> Value {
+    wait_status_auth(addr, run_id, want, &[]).await
+}
+
+/// [`wait_status`] with request headers (a token).
+pub async fn wait_status_auth(
+    addr: std::net::SocketAddr,
+    run_id: &str,
+    want: &str,
+    headers: &[(&str, &str)],
+) -> Value {
     for _ in 0..200 {
-        let r = rpc(addr, "runs.get", json!({"runId": run_id}), &[]).await;
+        let r = rpc(addr, "runs.get", json!({"runId": run_id}), headers).await;
         if r.status == 200 && r.json()["payload"]["status"] == want {
             return r.json()["payload"].clone();
         }
