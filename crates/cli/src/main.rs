@@ -2,6 +2,7 @@
 
 mod act;
 mod bench;
+mod bench_gateway;
 mod progress;
 mod remote;
 mod runs;
@@ -162,6 +163,21 @@ enum Cmd {
         /// Only these chain lengths (comma-separated), and no throughput test.
         #[arg(long, value_delimiter = ',')]
         lengths: Option<Vec<usize>>,
+        #[command(subcommand)]
+        target: Option<BenchTarget>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// Measure the gateway (`smithers serve` in a separate process) against the targets.
+    Gateway {
+        /// Smaller workloads, for a smoke check (the figures are not comparable to the targets).
+        #[arg(long)]
+        quick: bool,
+        /// Only these parts (comma-separated); startup time and idle memory are always measured.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<bench_gateway::Part>,
     },
 }
 
@@ -272,9 +288,14 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
         Cmd::Cancel { run_id, db, .. } => act::cancel(&db, &run_id).await,
         Cmd::Validate { workflow } => validate(&workflow),
         Cmd::Bench {
+            target: Some(BenchTarget::Gateway { quick, only }),
+            ..
+        } => bench_gateway::bench_gateway(quick, &only).await,
+        Cmd::Bench {
             runs,
             quick,
             lengths,
+            target: None,
         } => bench::bench(runs.max(1), quick, lengths).await,
     }
 }
@@ -290,10 +311,23 @@ async fn serve(
         (None, true) => Err("nothing to serve: give a directory of workflows (smithers serve examples/workflows) or --config smithers.toml".to_string()),
     }
     .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
+    raise_open_file_limit();
     smithers_gateway::serve::run(cfg)
         .await
         .map_err(|e| SmithersError::new(Code::Internal, e))?;
     Ok(0)
+}
+
+/// A server holds one descriptor per connection (plus SQLite files), and the default soft limit
+/// (often 1,024) is far below the `max_connections` one may configure. Raise the soft
+/// RLIMIT_NOFILE to the hard limit, which any process may do; on failure keep the old limit.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn validate(path: &str) -> Result<u8, SmithersError> {

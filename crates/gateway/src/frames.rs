@@ -30,6 +30,17 @@ pub fn err(id: &str, e: &RpcError) -> String {
     )
 }
 
+/// [`event`] with the payload already serialized as JSON.
+pub fn event_json(name: &str, payload_json: &str, seq: u64, state_version: u64) -> String {
+    format!(
+        r#"{{"type":"event","event":{},"payload":{},"seq":{},"stateVersion":{}}}"#,
+        s(name),
+        payload_json,
+        seq,
+        state_version
+    )
+}
+
 /// `{"type":"event","event":…,"payload":…,"seq":…,"stateVersion":…}`.
 pub fn event(name: &str, payload: &Value, seq: u64, state_version: u64) -> String {
     format!(
@@ -62,6 +73,11 @@ mod tests {
         assert_eq!(
             ev,
             r#"{"type":"event","event":"tick","payload":{"ts":5},"seq":3,"stateVersion":9}"#
+        );
+        let p = json!({"runId": "r\"1", "n": [1, 2]});
+        assert_eq!(
+            event_json("node.started", &p.to_string(), 4, 2),
+            event("node.started", &p, 4, 2)
         );
         for t in [ok("1", Some(&json!(null))), text, ev] {
             serde_json::from_str::<Value>(&t).unwrap();

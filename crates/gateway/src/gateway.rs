@@ -59,6 +59,12 @@ pub enum Outbound {
         payload: Arc<Value>,
         state_version: u64,
     },
+    /// A broadcast event, its payload serialized once for every connection.
+    Broadcast {
+        event: &'static str,
+        payload_json: Arc<str>,
+        state_version: u64,
+    },
     /// Event with an owned name (devtools and other dynamic events).
     NamedEvent {
         event: String,
@@ -199,27 +205,34 @@ impl Gateway {
             .get("runId")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let payload = Arc::new(payload);
-        let Ok(conns) = self.conns.read() else { return };
-        for c in conns.values() {
-            if c.wants(run.as_deref())
-                && c.tx
-                    .send(Outbound::Event {
-                        event,
-                        payload: payload.clone(),
-                        state_version: sv,
-                    })
-                    .is_ok()
-            {
-                self.metrics.inc(
-                    "smithers_gateway_messages_sent_total",
-                    &[
-                        ("event", event),
-                        ("frameType", "event"),
-                        ("transport", "ws"),
-                    ],
-                );
+        // serialized once here rather than once per connection; each writer adds its own seq
+        let payload_json: Arc<str> = payload.to_string().into();
+        let mut sent: u64 = 0;
+        if let Ok(conns) = self.conns.read() {
+            for c in conns.values() {
+                if c.wants(run.as_deref())
+                    && c.tx
+                        .send(Outbound::Broadcast {
+                            event,
+                            payload_json: payload_json.clone(),
+                            state_version: sv,
+                        })
+                        .is_ok()
+                {
+                    sent += 1;
+                }
             }
+        }
+        if sent > 0 {
+            self.metrics.add(
+                "smithers_gateway_messages_sent_total",
+                &[
+                    ("event", event),
+                    ("frameType", "event"),
+                    ("transport", "ws"),
+                ],
+                sent as f64,
+            );
         }
     }
 

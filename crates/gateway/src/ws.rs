@@ -119,42 +119,64 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
+/// Most frames written before one flush: what queued up while the socket was busy goes out in
+/// a few large writes instead of one system call per frame, without letting one busy connection
+/// hold its worker for long.
+const WRITE_BATCH: usize = 64;
+
 async fn write_loop(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     use futures_util::SinkExt;
     let mut seq: u64 = 0;
-    while let Some(out) = rx.recv().await {
-        let text = match out {
-            Outbound::Response(v) => v
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string()),
-            Outbound::Event {
-                event,
-                payload,
-                state_version,
-            } => {
-                seq += 1;
-                frames::event(event, &payload, seq, state_version)
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(out) = next.take() {
+            let text = match out {
+                Outbound::Response(Value::String(s)) => s,
+                Outbound::Response(v) => v.to_string(),
+                Outbound::Event {
+                    event,
+                    payload,
+                    state_version,
+                } => {
+                    seq += 1;
+                    frames::event(event, &payload, seq, state_version)
+                }
+                Outbound::Broadcast {
+                    event,
+                    payload_json,
+                    state_version,
+                } => {
+                    seq += 1;
+                    frames::event_json(event, &payload_json, seq, state_version)
+                }
+                Outbound::NamedEvent {
+                    event,
+                    payload,
+                    state_version,
+                } => {
+                    seq += 1;
+                    frames::event(&event, &payload, seq, state_version)
+                }
+                Outbound::Close(code, why) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: why.into(),
+                        })))
+                        .await;
+                    break 'outer;
+                }
+            };
+            if sink.feed(Message::Text(text.into())).await.is_err() {
+                break 'outer;
             }
-            Outbound::NamedEvent {
-                event,
-                payload,
-                state_version,
-            } => {
-                seq += 1;
-                frames::event(&event, &payload, seq, state_version)
+            written += 1;
+            if written < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
-            Outbound::Close(code, why) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: why.into(),
-                    })))
-                    .await;
-                break;
-            }
-        };
-        if sink.send(Message::Text(text.into())).await.is_err() {
+        }
+        if sink.flush().await.is_err() {
             break;
         }
     }
