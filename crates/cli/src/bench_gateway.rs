@@ -95,7 +95,7 @@ impl Table {
             pass,
         };
         println!(
-            "  {:<60} {:>16}  {:<10} {}",
+            "  {:<64} {:>16}  {:<10} {}",
             f.name,
             f.value,
             f.target,
@@ -106,12 +106,12 @@ impl Table {
 
     fn print(&self) {
         println!(
-            "\n{:<54} {:>14}  {:<12} result",
+            "\n{:<66} {:>16}  {:<10} result",
             "figure", "measured", "target"
         );
         for f in &self.rows {
             println!(
-                "{:<62} {:>16}  {:<10} {}",
+                "{:<66} {:>16}  {:<10} {}",
                 f.name,
                 f.value,
                 f.target,
@@ -1297,5 +1297,58 @@ mod tests {
         assert_eq!(thousands(1234567.0), "1,234,567");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(short(100_000), "100k");
+    }
+
+    /// Every load generator against an in-process gateway, for a fraction of a second: keeps the
+    /// benchmark working as the protocol evolves. No figure is checked against a target.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_measurement_runs_against_a_real_gateway() -> Result<(), String> {
+        use smithers_gateway::gateway::{Gateway, Registered};
+        let dir = tempfile::tempdir().map_err(err)?;
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        seed_finished_runs(&url, 20).await?;
+        let store = smithers_store::open(&url).await.map_err(|e| e.message)?;
+        let engine = smithers_engine::Engine::new(store, Default::default());
+        let mut regs = Vec::new();
+        for (key, src) in [("one", ONE_TASK), ("three", THREE_TASKS)] {
+            let wf = smithers_core::yaml::load_str(src, &format!("{key}.yaml"), dir.path())
+                .map_err(|p| format!("{p:?}"))?;
+            regs.push(Registered {
+                key: key.into(),
+                workflow: Arc::new(wf),
+                schedule: None,
+                webhook: None,
+            });
+        }
+        let gw = Gateway::new(
+            engine,
+            regs,
+            smithers_gateway::auth::AuthConfig::None,
+            Default::default(),
+            Arc::new(smithers_gateway::metrics::Metrics::new()),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(err)?;
+        let server = smithers_gateway::serve::start(gw, listener)
+            .await
+            .map_err(err)?;
+        let addr = server.local_addr;
+
+        let h = health_load(addr, 2, 0.0, 0.1).await?;
+        assert!(h.requests > 0);
+        let idle = open_idle(addr, 5, 2).await?;
+        assert_eq!((idle.conns.len(), idle.max_snapshot_runs), (5, 0));
+        drop(idle);
+        wait_ws_closed(addr).await?;
+        let (run_ids, receipts) = fanout(addr, 3, 2, "three", 3).await?;
+        let t = throughput(addr, "one", 10, 4).await?;
+        assert_eq!(t.completed, 10);
+        let _ = server.shutdown().await;
+        let f = fanout_latencies(&url, &run_ids, receipts).await?;
+        // 3 clients × 2 runs × (3 node.started + 3 node.finished + run.completed)
+        assert_eq!((f.deliveries, f.unmatched, f.events_per_run), (42, 0, 7));
+        assert!(rss_kib(std::process::id())? > 0 && cpu_ms(std::process::id())? >= 0.0);
+        Ok(())
     }
 }
