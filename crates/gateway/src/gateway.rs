@@ -326,23 +326,24 @@ impl Gateway {
             "gatewayWorkflowKey": key,
             "gatewayTriggeredBy": triggered,
         });
+        // subscribe before the run starts, so its first events reach this connection too
+        let run_id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if let Some(c) = caller.conn {
+            c.subscribe(&run_id);
+        }
+        self.remember_key(&run_id, key);
         let handle = self
             .engine
             .start(
                 reg.workflow.clone(),
                 input,
                 StartOptions {
-                    run_id,
+                    run_id: Some(run_id.clone()),
                     parent_run_id: None,
                     config: Some(config),
                 },
             )
             .await?;
-        let run_id = handle.run_id.clone();
-        self.remember_key(&run_id, key);
-        if let Some(c) = caller.conn {
-            c.subscribe(&run_id);
-        }
         let source = source_of(&triggered);
         self.metrics.inc(
             "smithers_gateway_runs_started_total",

@@ -1562,3 +1562,45 @@ async fn runs_fork_branches_from_a_frame() {
     let r = rpc(s.addr, "runs.fork", json!({"runId": id}), &admin).await;
     assert_eq!(r.json()["error"]["message"], "frameNo is required");
 }
+
+#[tokio::test]
+async fn a_filtered_connection_sees_every_event_of_a_run_it_creates() {
+    let s = start(Spec::default()).await;
+    let mut w = ws(s.addr).await;
+    let mut p = hello_params();
+    p["subscribe"] = json!(["something-else"]);
+    connect(&mut w, p).await;
+    let mut evs = Vec::new();
+    let r = call(
+        &mut w,
+        "r",
+        "runs.create",
+        json!({"workflow": "hello"}),
+        &mut evs,
+    )
+    .await;
+    let run = r["payload"]["runId"].as_str().unwrap().to_string();
+    while let Ok(f) = tokio::time::timeout(Duration::from_millis(500), next(&mut w)).await {
+        evs.push(f);
+    }
+    let mine: Vec<String> = evs
+        .iter()
+        .filter(|f| f["payload"]["runId"] == run.as_str())
+        .map(|f| {
+            format!(
+                "{}:{}",
+                f["event"].as_str().unwrap(),
+                f["payload"]["nodeId"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        mine.first().map(String::as_str),
+        Some("node.started:a"),
+        "{mine:?}"
+    );
+    assert!(
+        mine.iter().any(|m| m.starts_with("run.completed")),
+        "{mine:?}"
+    );
+}
