@@ -60,6 +60,21 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Start a new run from another run's state at one of its frames (the original is untouched).
+    Fork {
+        run_id: String,
+        /// Frame to branch from (`smithers frames RUN_ID` lists them).
+        #[arg(long)]
+        frame: i64,
+        /// Input for the new run (JSON or @file); default: the original run's input.
+        #[arg(long)]
+        input: Option<String>,
+        /// Id of the new run.
+        #[arg(long)]
+        new_run_id: Option<String>,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
     /// List runs, newest first.
     Ps {
         #[arg(long)]
@@ -228,6 +243,13 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             run_id,
             db,
         } => up::up(&workflow, input.as_deref(), run_id, &db).await,
+        Cmd::Fork {
+            run_id,
+            frame,
+            input,
+            new_run_id,
+            db,
+        } => up::fork(&run_id, frame, input.as_deref(), new_run_id, &db).await,
         Cmd::Resume {
             run_id: Some(run_id),
             db,

@@ -68,6 +68,36 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
     drive(&engine, handle, progress, term).await
 }
 
+/// `smithers fork`: a new run from the state of `run_id` at `frame`, driven in the foreground.
+pub async fn fork(
+    run_id: &str,
+    frame: i64,
+    input: Option<&str>,
+    new_run_id: Option<String>,
+    db: &str,
+) -> Result<u8, SmithersError> {
+    let input = input.map(|t| json_arg("--input", t)).transpose()?;
+    let store = open_store(db).await?;
+    let row = store.get_run(run_id).await?.ok_or_else(|| {
+        SmithersError::new(
+            Code::RunNotFound,
+            format!("run `{run_id}` not found; `smithers ps` lists runs"),
+        )
+    })?;
+    let path = row.workflow_path.ok_or_else(|| {
+        SmithersError::new(
+            Code::WorkflowNotFound,
+            format!("run `{run_id}` was started from code, not a workflow file; fork it from the program that defines it"),
+        )
+    })?;
+    let wf = load(&path)?;
+    let engine = Engine::new(store, EngineConfig::default());
+    let term = watch_term()?;
+    let progress = Progress::start(&engine);
+    let handle = engine.fork(wf, run_id, frame, input, new_run_id).await?;
+    drive(&engine, handle, progress, term).await
+}
+
 /// Takes over every orphaned run (its engine died or stopped heart-beating) and drives each to
 /// its next stop. Exit code: 1 if any failed, else 2 if any was cancelled, else 3 if any is
 /// waiting, else 0.

@@ -185,3 +185,42 @@ fn resume_orphans_takes_over_every_run_of_a_killed_engine() {
     assert_eq!(again.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&again.stderr).contains("no orphaned runs"));
 }
+
+#[test]
+fn fork_reruns_only_what_came_after_the_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("log");
+    let yaml = format!(
+        "name: f\nsteps:\n  - task: {{id: a, run: \"echo a >> {l}\"}}\n  - task: {{id: b, run: \"echo b >> {l}\"}}\n",
+        l = log.display()
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    let out = smithers(dir, &["up", "wf.yaml", "--run-id", "orig", "--db", &db]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = smithers(
+        dir,
+        &[
+            "fork",
+            "orig",
+            "--frame",
+            "2",
+            "--new-run-id",
+            "copy",
+            "--db",
+            &db,
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text, "a\nb\nb\n", "only `b` ran again");
+    let bad = smithers(dir, &["fork", "orig", "--frame", "99", "--db", &db]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error[INVALID_INPUT]"));
+}
