@@ -46,8 +46,12 @@ pub async fn up(
     drive(&engine, handle, progress, term).await
 }
 
-pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersError> {
-    let store = open_store(db).await?;
+/// Loads the workflow file a stored run was started from.
+async fn run_workflow(
+    store: &dyn smithers_store::Store,
+    run_id: &str,
+    verb: &str,
+) -> Result<Arc<dyn Workflow>, SmithersError> {
     let row = store.get_run(run_id).await?.ok_or_else(|| {
         SmithersError::new(
             Code::RunNotFound,
@@ -57,10 +61,15 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
     let path = row.workflow_path.ok_or_else(|| {
         SmithersError::new(
             Code::WorkflowNotFound,
-            format!("run `{run_id}` was started from code, not a workflow file; resume it from the program that defines it"),
+            format!("run `{run_id}` was started from code, not a workflow file; {verb} it from the program that defines it"),
         )
     })?;
-    let wf = load(&path)?;
+    load(&path)
+}
+
+pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersError> {
+    let store = open_store(db).await?;
+    let wf = run_workflow(store.as_ref(), run_id, "resume").await?;
     let engine = Engine::new(store, EngineConfig::default());
     let term = watch_term()?;
     let progress = Progress::start(&engine);
@@ -78,19 +87,7 @@ pub async fn fork(
 ) -> Result<u8, SmithersError> {
     let input = input.map(|t| json_arg("--input", t)).transpose()?;
     let store = open_store(db).await?;
-    let row = store.get_run(run_id).await?.ok_or_else(|| {
-        SmithersError::new(
-            Code::RunNotFound,
-            format!("run `{run_id}` not found; `smithers ps` lists runs"),
-        )
-    })?;
-    let path = row.workflow_path.ok_or_else(|| {
-        SmithersError::new(
-            Code::WorkflowNotFound,
-            format!("run `{run_id}` was started from code, not a workflow file; fork it from the program that defines it"),
-        )
-    })?;
-    let wf = load(&path)?;
+    let wf = run_workflow(store.as_ref(), run_id, "fork").await?;
     let engine = Engine::new(store, EngineConfig::default());
     let term = watch_term()?;
     let progress = Progress::start(&engine);

@@ -40,6 +40,11 @@ fn req_str<'a>(p: &'a Value, key: &str, msg: &str) -> Result<&'a str, RpcError> 
         .ok_or_else(|| RpcError::new("INVALID_REQUEST", msg))
 }
 
+/// The run row, or `NOT_FOUND "Run not found: <id>"`.
+async fn ensure_run(gw: &Gateway, id: &str) -> Result<smithers_store::RunRow, RpcError> {
+    gw.store.get_run(id).await?.ok_or_else(|| not_found_run(id))
+}
+
 fn not_found_run(id: &str) -> RpcError {
     RpcError::new("NOT_FOUND", format!("Run not found: {id}"))
 }
@@ -113,11 +118,7 @@ pub async fn call(
                 gw.engine.cancel(id).await?;
                 return Ok(json!({"runId": id, "status": "cancelling"}));
             }
-            let row = gw
-                .store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            let row = ensure_run(gw, id).await?;
             if status::is_ended(&row.status) {
                 return Err(RpcError::new(
                     "RUN_NOT_ACTIVE",
@@ -134,11 +135,7 @@ pub async fn call(
         }
         "runs.rerun" => {
             let id = req_str(&p, "runId", "runId is required")?;
-            let row = gw
-                .store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            let row = ensure_run(gw, id).await?;
             let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
             let input = gw
                 .store
@@ -156,10 +153,7 @@ pub async fn call(
         }
         "frames.list" => {
             let id = req_str(&p, "runId", "runId is required")?;
-            gw.store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            ensure_run(gw, id).await?;
             let limit = bounds::positive_int(p.get("limit"), "limit")?
                 .unwrap_or(50)
                 .min(10_000) as usize;
@@ -177,10 +171,7 @@ pub async fn call(
         }
         "frames.get" => {
             let id = req_str(&p, "runId", "runId is required")?;
-            gw.store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            ensure_run(gw, id).await?;
             let no = match non_negative(p.get("frameNo"), "frameNo")? {
                 Some(n) => n,
                 None => gw.store.last_frame_no(id).await?,
@@ -192,10 +183,7 @@ pub async fn call(
         }
         "attempts.list" => {
             let id = req_str(&p, "runId", "runId is required")?;
-            gw.store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            ensure_run(gw, id).await?;
             let rows = match p
                 .get("nodeId")
                 .and_then(Value::as_str)
@@ -229,10 +217,7 @@ pub async fn call(
                     "runId, nodeId, iteration, and attempt are required",
                 ));
             };
-            gw.store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            ensure_run(gw, id).await?;
             let a = gw
                 .store
                 .get_attempt(id, node, it as i64, at as i64)
@@ -258,10 +243,7 @@ pub async fn call(
                     "Signal name must be a non-empty string.",
                 ));
             }
-            gw.store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            ensure_run(gw, id).await?;
             let data = p
                 .get("data")
                 .cloned()
@@ -290,11 +272,7 @@ pub async fn call(
             let id = req_str(&p, "runId", "runId is required")?;
             let frame = non_negative(p.get("frameNo"), "frameNo")?
                 .ok_or_else(|| RpcError::new("INVALID_REQUEST", "frameNo is required"))?;
-            let row = gw
-                .store
-                .get_run(id)
-                .await?
-                .ok_or_else(|| not_found_run(id))?;
+            let row = ensure_run(gw, id).await?;
             let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
             let wf = gw.workflow_of(&row).ok_or_else(|| not_found_run(id))?;
             let input = match p.get("input") {
@@ -438,11 +416,7 @@ async fn runs_list(gw: &Arc<Gateway>, p: &Value) -> Result<Value, RpcError> {
 
 async fn runs_get(gw: &Arc<Gateway>, p: &Value) -> Result<Value, RpcError> {
     let id = req_str(p, "runId", "runId is required")?;
-    let row = gw
-        .store
-        .get_run(id)
-        .await?
-        .ok_or_else(|| not_found_run(id))?;
+    let row = ensure_run(gw, id).await?;
     let nodes = gw.store.list_nodes(id).await?;
     let approvals = gw.store.list_approvals(id).await?;
     let timer = if row.status == status::WAITING_TIMER {
@@ -517,10 +491,7 @@ async fn approvals_decide(
         .unwrap_or(0.0) as i64;
     let note = p.get("note").and_then(Value::as_str).map(str::to_string);
     let decision = p.get("decision").cloned().filter(|d| !d.is_null());
-    gw.store
-        .get_run(id)
-        .await?
-        .ok_or_else(|| not_found_run(id))?;
+    ensure_run(gw, id).await?;
     let row = gw.store.get_approval(id, node, iteration).await?;
     let request: Value = row
         .as_ref()
