@@ -224,10 +224,12 @@ impl Plan {
                 let (node_id, iteration) = match loops.len() {
                     0 => (t.id.clone(), 0),
                     1 => (t.id.clone(), loops[0].1),
+                    // a renderer that scopes ids itself (the YAML loader does) is taken as is
+                    n if t.id.contains("@@") => (t.id.clone(), loops[n - 1].1),
                     n => {
                         let outer: Vec<String> = loops[..n - 1]
                             .iter()
-                            .map(|(l, i)| format!("{l}={i}"))
+                            .map(|(l, i)| format!("{}={i}", l.split("@@").next().unwrap_or(l)))
                             .collect();
                         (format!("{}@@{}", t.id, outer.join(",")), loops[n - 1].1)
                     }

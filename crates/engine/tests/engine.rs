@@ -1031,3 +1031,49 @@ async fn fork_starts_a_new_run_from_a_frame_and_leaves_the_original_alone() {
         .unwrap();
     assert_eq!(bad.code, Code::InvalidInput);
 }
+
+#[tokio::test]
+async fn nested_yaml_loops_run_every_inner_iteration_and_read_their_outputs() {
+    let e = env().await;
+    let src = r#"
+name: nested
+steps:
+  - loop:
+      id: outer
+      max_iterations: 2
+      steps:
+        - loop:
+            id: inner
+            max_iterations: 2
+            steps:
+              - task: {id: work, value: {o: "{{ iteration }}"}}
+        - task: {id: seen, value: "{{ outputs.work }}"}
+"#;
+    let w: Arc<dyn Workflow> =
+        Arc::new(smithers_core::yaml::load_str(src, "nested.yaml", &e.path).unwrap());
+    let o = run(&e, w, json!({})).await;
+    assert_eq!(o.status, "finished", "{:?}", o.error);
+    let outs = e.store.list_outputs(&o.run_id).await.unwrap();
+    let work: Vec<_> = outs
+        .iter()
+        .filter(|r| r.node_id.starts_with("work"))
+        .collect();
+    assert_eq!(
+        work.len(),
+        4,
+        "2 outer × 2 inner iterations: {:?}",
+        outs.iter()
+            .map(|r| (&r.node_id, r.iteration))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        work.iter().all(|r| r.node_id.matches("@@").count() == 1),
+        "scoped once"
+    );
+    let seen: Vec<_> = outs.iter().filter(|r| r.node_id == "seen").collect();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.payload_json != "null"),
+        "the outer step reads the inner output"
+    );
+}
