@@ -3,6 +3,7 @@
 mod act;
 mod bench;
 mod bench_gateway;
+mod cron_cmd;
 mod progress;
 mod remote;
 mod runs;
@@ -74,6 +75,15 @@ enum Cmd {
         new_run_id: Option<String>,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+    },
+    /// Manage schedules: list, add, remove, trigger.
+    Cron {
+        #[command(subcommand)]
+        action: cron_cmd::CronAction,
+        #[arg(long, default_value = DEFAULT_DB, global = true)]
+        db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// List runs, newest first.
     Ps {
@@ -250,6 +260,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             new_run_id,
             db,
         } => up::fork(&run_id, frame, input.as_deref(), new_run_id, &db).await,
+        Cmd::Cron { action, db, remote } => cron_cmd::run(&action, &db, &remote).await,
         Cmd::Resume {
             run_id: Some(run_id),
             db,

@@ -29,10 +29,10 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 pub struct RemoteArgs {
     /// Act through a running gateway (`smithers serve`) at this address, e.g.
     /// http://127.0.0.1:7331, instead of opening the database.
-    #[arg(long, value_name = "URL", conflicts_with = "db")]
+    #[arg(long, value_name = "URL", conflicts_with = "db", global = true)]
     pub url: Option<String>,
     /// Bearer token for the gateway (default: the SMITHERS_TOKEN environment variable).
-    #[arg(long, value_name = "TOKEN", requires = "url")]
+    #[arg(long, value_name = "TOKEN", requires = "url", global = true)]
     pub token: Option<String>,
 }
 
@@ -445,7 +445,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The token: `--token`, else `SMITHERS_TOKEN` (empty means none).
-fn token(flag: Option<&String>) -> Option<String> {
+pub fn token(flag: Option<&String>) -> Option<String> {
     flag.cloned()
         .or_else(|| std::env::var("SMITHERS_TOKEN").ok())
         .filter(|t| !t.is_empty())

@@ -191,3 +191,81 @@ fn a_run_in_flight_at_sigterm_finishes_after_the_next_start() {
     assert_eq!(text.lines().filter(|l| *l == "b").count(), 1, "{text}");
     sigterm(s);
 }
+
+fn smithers(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cron_commands_locally_and_through_the_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("hello.yaml"),
+        "name: hello\nsteps:\n  - task: {id: a, value: 1}\n",
+    )
+    .unwrap();
+    // local: the schedule lands in the database `serve` uses
+    let out = smithers(
+        dir,
+        &[
+            "cron",
+            "add",
+            "hello",
+            "0 8 * * 1-5",
+            "--cron-id",
+            "morning",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["workflowPath"], "gateway:hello");
+    let bad = smithers(dir, &["cron", "add", "hello", "not a pattern"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .starts_with("error[INVALID_INPUT]: invalid cron pattern")
+    );
+    let list = smithers(dir, &["cron", "list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("morning"));
+    let t = smithers(dir, &["cron", "trigger", "morning"]);
+    assert_eq!(t.status.code(), Some(1), "trigger needs a gateway");
+    // through a served gateway on the same database
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[workflows]]\nkey = \"hello\"\npath = \"hello.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let url = format!("http://{}", s.addr);
+    let list = smithers(dir, &["cron", "list", "--url", &url]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("morning"),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let t = smithers(dir, &["cron", "trigger", "morning", "--url", &url]);
+    assert_eq!(
+        t.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&t.stderr)
+    );
+    let started: Value = serde_json::from_slice(&t.stdout).unwrap();
+    wait_status(&s.addr, started["runId"].as_str().unwrap(), "finished");
+    let rm = smithers(dir, &["cron", "remove", "morning", "--url", &url]);
+    assert_eq!(rm.status.code(), Some(0));
+    let rm = smithers(dir, &["cron", "remove", "morning", "--url", &url]);
+    assert_eq!(rm.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("Cron not found: morning"));
+    sigterm(s);
+}

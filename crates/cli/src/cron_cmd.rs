@@ -1,0 +1,183 @@
+//! `smithers cron list|add|remove|trigger`: schedules in the database (served by `smithers
+//! serve`), or through a running gateway with `--url`.
+
+use crate::open_store;
+use crate::remote::{self, RemoteArgs};
+use serde_json::{Value, json};
+use smithers_core::{Code, SmithersError};
+
+#[derive(clap::Subcommand)]
+pub enum CronAction {
+    /// List schedules.
+    List,
+    /// Add or replace a schedule for a served workflow key.
+    Add {
+        /// Workflow key (as served by `smithers serve`).
+        workflow: String,
+        /// Cron pattern: 5 or 6 fields (seconds first), or @hourly/@daily/….
+        pattern: String,
+        #[arg(long)]
+        cron_id: Option<String>,
+        /// Store it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Remove a schedule.
+    Remove { cron_id: String },
+    /// Start a run now (needs a running gateway: --url).
+    Trigger {
+        /// The schedule to trigger.
+        cron_id: Option<String>,
+        /// Or a workflow key.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Run input (JSON or @file).
+        #[arg(long)]
+        input: Option<String>,
+    },
+}
+
+fn print_rows(rows: &[Value]) {
+    if rows.is_empty() {
+        eprintln!("no schedules");
+        return;
+    }
+    println!(
+        "{:<28} {:<18} {:<16} {:<8} {:<21}",
+        "CRON ID", "PATTERN", "WORKFLOW", "ENABLED", "NEXT RUN"
+    );
+    for r in rows {
+        let next = r["nextRunAtMs"]
+            .as_i64()
+            .map(crate::progress::fmt_ms)
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<28} {:<18} {:<16} {:<8} {:<21}",
+            r["cronId"].as_str().unwrap_or(""),
+            r["pattern"].as_str().unwrap_or(""),
+            r["workflow"].as_str().unwrap_or("-"),
+            r["enabled"].as_bool().unwrap_or(false),
+            next
+        );
+        if let Some(e) = r["errorJson"].as_str() {
+            println!("  last error: {e}");
+        }
+    }
+}
+
+pub async fn run(
+    action: &CronAction,
+    db: &str,
+    remote_args: &RemoteArgs,
+) -> Result<u8, SmithersError> {
+    if let Some(url) = &remote_args.url {
+        let gw =
+            remote::Gateway::new(url, remote::token(remote_args.token.as_ref())).map_err(to_err)?;
+        let (method, params) = match action {
+            CronAction::List => ("cron.list", json!({})),
+            CronAction::Add {
+                workflow,
+                pattern,
+                cron_id,
+                disabled,
+            } => (
+                "cron.add",
+                json!({"workflow": workflow, "pattern": pattern, "cronId": cron_id, "enabled": !disabled}),
+            ),
+            CronAction::Remove { cron_id } => ("cron.remove", json!({"cronId": cron_id})),
+            CronAction::Trigger {
+                cron_id,
+                workflow,
+                input,
+            } => {
+                let input = input
+                    .as_deref()
+                    .map(|t| crate::json_arg("--input", t))
+                    .transpose()?;
+                (
+                    "cron.trigger",
+                    json!({"cronId": cron_id, "workflow": workflow, "input": input}),
+                )
+            }
+        };
+        let out = gw.call(method, params).await.map_err(to_err)?;
+        match action {
+            CronAction::List => print_rows(out.as_array().map(Vec::as_slice).unwrap_or(&[])),
+            _ => println!("{out}"),
+        }
+        return Ok(0);
+    }
+    let store = open_store(db).await?;
+    match action {
+        CronAction::List => {
+            let rows: Vec<Value> = store
+                .list_crons()
+                .await?
+                .iter()
+                .map(smithers_gateway::cron::cron_json)
+                .collect();
+            print_rows(&rows);
+        }
+        CronAction::Add {
+            workflow,
+            pattern,
+            cron_id,
+            disabled,
+        } => {
+            let id = cron_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let row = smithers_gateway::cron::new_row(
+                &id,
+                workflow,
+                pattern,
+                !disabled,
+                smithers_engine::now_ms(),
+            )
+            .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
+            store.upsert_cron(row).await?;
+            let stored = store
+                .get_cron(&id)
+                .await?
+                .ok_or_else(|| SmithersError::new(Code::Internal, "the schedule was not stored"))?;
+            println!("{}", smithers_gateway::cron::cron_json(&stored));
+            eprintln!(
+                "schedule `{id}` stored; `smithers serve` fires it for workflow `{workflow}`"
+            );
+        }
+        CronAction::Remove { cron_id } => {
+            if !store.delete_cron(cron_id).await? {
+                return Err(SmithersError::new(
+                    Code::NodeNotFound,
+                    format!("no schedule `{cron_id}`; `smithers cron list` shows them"),
+                ));
+            }
+            eprintln!("schedule `{cron_id}` removed");
+        }
+        CronAction::Trigger { .. } => {
+            return Err(SmithersError::new(
+                Code::InvalidInput,
+                "cron trigger starts a run of a served workflow: give the gateway with --url (or run the workflow with `smithers up`)",
+            ));
+        }
+    }
+    Ok(0)
+}
+
+fn to_err(e: remote::RemoteError) -> SmithersError {
+    // keep the gateway's code visible in the one-line error
+    let code = Code::parse(&e.code);
+    let message = if code == Code::Internal && e.code != "INTERNAL_ERROR" {
+        format!("[{}] {}", e.code, e.message)
+    } else {
+        e.message
+    };
+    SmithersError::new(
+        if code == Code::Internal {
+            Code::Internal
+        } else {
+            code
+        },
+        message,
+    )
+}
