@@ -114,3 +114,30 @@ pub async fn cancel(db: &str, run_id: &str) -> Result<u8, SmithersError> {
     }
     Ok(0)
 }
+
+pub async fn rewind(db: &str, run_id: &str, frame: i64, yes: bool) -> Result<u8, SmithersError> {
+    if !yes {
+        return Err(SmithersError::new(
+            smithers_core::Code::InvalidInput,
+            format!(
+                "rewinding deletes everything run `{run_id}` did after frame {frame}; add --yes to confirm"
+            ),
+        ));
+    }
+    let store = open_store(db).await?;
+    let engine = smithers_engine::Engine::new(store, smithers_engine::EngineConfig::default());
+    let caller = user().unwrap_or_else(|| "cli".into());
+    let r = engine.rewind(run_id, frame, &caller).await?;
+    println!(
+        "{}",
+        json!({"runId": run_id, "fromFrameNo": r.from_frame_no, "toFrameNo": r.to_frame_no, "deletedFrames": r.deleted_frames})
+    );
+    if r.changed {
+        eprintln!(
+            "run {run_id} is back at frame {frame}; continue it with `smithers resume {run_id}`"
+        );
+    } else {
+        eprintln!("run {run_id} already is at frame {frame}; nothing changed");
+    }
+    Ok(0)
+}

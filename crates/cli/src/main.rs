@@ -76,6 +76,18 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
+    /// Put a run back to the state it had at a frame (later frames, attempts and decisions are
+    /// deleted); continue it with `smithers resume`.
+    Rewind {
+        run_id: String,
+        #[arg(long)]
+        frame: i64,
+        /// Confirm: rewinding deletes what happened after the frame.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
     /// Manage schedules: list, add, remove, trigger.
     Cron {
         #[command(subcommand)]
@@ -260,6 +272,12 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             new_run_id,
             db,
         } => up::fork(&run_id, frame, input.as_deref(), new_run_id, &db).await,
+        Cmd::Rewind {
+            run_id,
+            frame,
+            yes,
+            db,
+        } => act::rewind(&db, &run_id, frame, yes).await,
         Cmd::Cron { action, db, remote } => cron_cmd::run(&action, &db, &remote).await,
         Cmd::Resume {
             run_id: Some(run_id),

@@ -224,3 +224,42 @@ fn fork_reruns_only_what_came_after_the_frame() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error[INVALID_INPUT]"));
 }
+
+#[test]
+fn rewind_needs_yes_and_resume_continues_from_the_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("log");
+    let yaml = format!(
+        "name: r\nsteps:\n  - task: {{id: a, run: \"echo a >> {l}\"}}\n  - task: {{id: b, run: \"echo b >> {l}\"}}\n",
+        l = log.display()
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    assert_eq!(
+        smithers(dir, &["up", "wf.yaml", "--run-id", "rw", "--db", &db])
+            .status
+            .code(),
+        Some(0)
+    );
+    let no = smithers(dir, &["rewind", "rw", "--frame", "2", "--db", &db]);
+    assert_eq!(no.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no.stderr).contains("--yes"));
+    let out = smithers(dir, &["rewind", "rw", "--frame", "2", "--yes", "--db", &db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["toFrameNo"], 2);
+    let resumed = smithers(dir, &["resume", "rw", "--db", &db]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nb\n");
+}

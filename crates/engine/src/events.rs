@@ -57,6 +57,7 @@ pub mod kind {
     pub const RUN_STARTED: &str = "RunStarted";
     pub const RUN_RESUMED: &str = "RunResumed";
     pub const RUN_FORKED: &str = "RunForked";
+    pub const TIME_TRAVEL_JUMPED: &str = "TimeTravelJumped";
     pub const RUN_STATUS_CHANGED: &str = "RunStatusChanged";
     pub const RUN_FINISHED: &str = "RunFinished";
     pub const RUN_FAILED: &str = "RunFailed";

@@ -13,9 +13,11 @@ pub mod outputs;
 pub mod owner;
 pub mod plan;
 pub mod process;
+mod rewind;
 
 pub use clock::now_ms;
 pub use events::EngineEvent;
+pub use rewind::Rewound;
 
 use serde_json::{Value, json};
 use smithers_core::{Code, Result, SmithersError, Workflow, bounds};

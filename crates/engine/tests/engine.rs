@@ -1077,3 +1077,143 @@ steps:
         "the outer step reads the inner output"
     );
 }
+
+#[tokio::test]
+async fn rewind_restores_a_frame_and_resume_reruns_what_came_after() {
+    let e = env().await;
+    let log = e.path.join("log");
+    let l = log.display().to_string();
+    let w = wf("rew", move |_| {
+        Ok(seq(vec![
+            shell("a", &format!("echo a >> {l}")).node(),
+            approval("gate", ApprovalMode::Approve, OnDeny::Fail),
+            shell("b", &format!("echo b >> {l}")).node(),
+        ]))
+    });
+    let o = run(&e, w.clone(), json!({})).await;
+    assert_eq!(o.status, "waiting-approval");
+    ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "gate",
+        0,
+        ops::Decision {
+            approved: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let o = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(o.status, "finished");
+    let latest = e.store.last_frame_no(&o.run_id).await.unwrap();
+    // frame 2: `a` finished, nothing decided yet
+    let r = e.engine.rewind(&o.run_id, 2, "tester").await.unwrap();
+    assert_eq!(
+        (r.from_frame_no, r.to_frame_no, r.deleted_frames),
+        (latest, 2, latest - 2)
+    );
+    assert_eq!(e.store.last_frame_no(&o.run_id).await.unwrap(), 2);
+    let run = e.store.get_run(&o.run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, "running");
+    assert!(run.runtime_owner_id.is_none());
+    let outs = e.store.list_outputs(&o.run_id).await.unwrap();
+    assert_eq!(
+        outs.iter().map(|o| o.node_id.as_str()).collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    assert!(
+        e.store
+            .get_approval(&o.run_id, "gate", 0)
+            .await
+            .unwrap()
+            .is_none(),
+        "the decision is asked again"
+    );
+    let evs = e.store.list_events(&o.run_id, None, 10_000).await.unwrap();
+    assert!(evs.iter().any(|ev| ev.event_type == "TimeTravelJumped"));
+    // resuming asks for the approval again, then runs `b` again; `a` is not repeated
+    let p = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(p.status, "waiting-approval");
+    ops::decide(
+        e.store.as_ref(),
+        &o.run_id,
+        "gate",
+        0,
+        ops::Decision {
+            approved: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let done = e
+        .engine
+        .resume(w.clone(), &o.run_id, false)
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(done.status, "finished", "{:?}", done.error);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nb\n");
+    // the same frame again is a no-op; out of range is refused
+    let last = e.store.last_frame_no(&o.run_id).await.unwrap();
+    assert!(
+        !e.engine
+            .rewind(&o.run_id, last, "tester")
+            .await
+            .unwrap()
+            .changed
+    );
+    assert_eq!(
+        e.engine
+            .rewind(&o.run_id, last + 5, "tester")
+            .await
+            .unwrap_err()
+            .code,
+        Code::InvalidInput
+    );
+}
+
+#[tokio::test]
+async fn rewind_stops_a_live_run_first() {
+    let e = env().await;
+    let w = wf("live", |_| {
+        Ok(seq(vec![
+            value("a", json!(1)).node(),
+            shell("slow", "sleep 20").node(),
+        ]))
+    });
+    let h = e
+        .engine
+        .start(w.clone(), json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    let id = h.run_id.clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let r = e.engine.rewind(&id, 1, "tester").await.unwrap();
+    assert!(r.changed);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the live task was killed, not waited for"
+    );
+    let _ = h.wait().await;
+    assert_eq!(
+        e.store.get_run(&id).await.unwrap().unwrap().status,
+        "running",
+        "ready to resume"
+    );
+}

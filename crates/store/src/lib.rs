@@ -37,6 +37,22 @@ pub enum Write {
         node_id: String,
         iteration: i64,
     },
+    /// Rewind: deletes the run's node, output and loop rows (they are written again from the
+    /// snapshot of the target frame in the same batch).
+    ClearRunState {
+        run_id: String,
+    },
+    /// Rewind: deletes frames and snapshots after `frame_no`.
+    DeleteFramesAfter {
+        run_id: String,
+        frame_no: i64,
+    },
+    /// Rewind: deletes attempts started after `started_after_ms`, and approvals requested or
+    /// decided after it (they are asked again).
+    DeleteAttemptsAfter {
+        run_id: String,
+        started_after_ms: i64,
+    },
     InsertFrame(FrameRow),
     InsertSnapshot(SnapshotRow),
     /// Appends to the run's event log; the store assigns the next per-run `seq` (from 0).

@@ -1117,6 +1117,37 @@ fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
             conn.prepare_cached("DELETE FROM _smithers_outputs WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3")?
                 .execute(params![run_id, node_id, iteration])?;
         }
+        Write::ClearRunState { run_id } => {
+            for sql in [
+                "DELETE FROM _smithers_nodes WHERE run_id = ?1",
+                "DELETE FROM _smithers_outputs WHERE run_id = ?1",
+                "DELETE FROM _smithers_ralph WHERE run_id = ?1",
+            ] {
+                conn.prepare_cached(sql)?.execute(params![run_id])?;
+            }
+        }
+        Write::DeleteFramesAfter { run_id, frame_no } => {
+            for sql in [
+                "DELETE FROM _smithers_frames WHERE run_id = ?1 AND frame_no > ?2",
+                "DELETE FROM _smithers_snapshots WHERE run_id = ?1 AND frame_no > ?2",
+            ] {
+                conn.prepare_cached(sql)?
+                    .execute(params![run_id, frame_no])?;
+            }
+        }
+        Write::DeleteAttemptsAfter {
+            run_id,
+            started_after_ms,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM _smithers_attempts WHERE run_id = ?1 AND started_at_ms > ?2",
+            )?
+            .execute(params![run_id, started_after_ms])?;
+            conn.prepare_cached(
+                "DELETE FROM _smithers_approvals WHERE run_id = ?1 AND COALESCE(decided_at_ms, requested_at_ms, 0) > ?2",
+            )?
+            .execute(params![run_id, started_after_ms])?;
+        }
         Write::InsertFrame(f) => {
             conn.prepare_cached(
                 "INSERT INTO _smithers_frames (run_id, frame_no, created_at_ms, xml_json, xml_hash, encoding,
