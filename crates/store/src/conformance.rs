@@ -84,6 +84,7 @@ macro_rules! store_conformance_tests {
             cron_update_run,
             cron_claim_compare_and_set,
             cron_claim_race_exactly_one_wins,
+            rewind_writes_remove_what_came_later,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1866,4 +1867,77 @@ pub async fn cron_claim_race_exactly_one_wins(store: &dyn Store) {
             .count();
         assert_eq!(wins, 1, "round {round}: exactly one claim wins");
     }
+}
+
+/// The writes a rewind uses: clearing a run's state, dropping later frames and snapshots, and
+/// dropping attempts and decisions after a time — for that run only.
+pub async fn rewind_writes_remove_what_came_later(store: &dyn Store) {
+    let out = |run: &str, node_id: &str| OutputRow {
+        run_id: run.into(),
+        node_id: node_id.into(),
+        iteration: 0,
+        output_table: "".into(),
+        payload_json: "1".into(),
+        created_at_ms: 1,
+    };
+    let mut setup = Vec::new();
+    for run in ["r1", "r2"] {
+        for n in 1..=3 {
+            setup.push(Write::InsertFrame(frame(run, n)));
+            setup.push(Write::InsertSnapshot(snapshot(run, n)));
+        }
+        setup.push(Write::UpsertNode(node(run, "a", 0, "finished")));
+        setup.push(Write::UpsertOutput(out(run, "a")));
+        setup.push(Write::UpsertAttempt(attempt(run, "a", 0, 1, 10)));
+        setup.push(Write::UpsertAttempt(attempt(run, "b", 0, 1, 50)));
+        setup.push(Write::UpsertApproval(approval(
+            run, "early", 0, "approved", 5,
+        )));
+        setup.push(Write::UpsertApproval(approval(
+            run,
+            "late",
+            0,
+            "requested",
+            60,
+        )));
+    }
+    apply(store, setup).await;
+    apply(
+        store,
+        vec![
+            Write::ClearRunState {
+                run_id: "r1".into(),
+            },
+            Write::DeleteFramesAfter {
+                run_id: "r1".into(),
+                frame_no: 1,
+            },
+            Write::DeleteAttemptsAfter {
+                run_id: "r1".into(),
+                started_after_ms: 20,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(ok(store.last_frame_no("r1").await, "last_frame_no"), 1);
+    assert_eq!(
+        ok(store.snapshots_between("r1", 0, 10).await, "snapshots").len(),
+        1
+    );
+    assert!(ok(store.list_nodes("r1").await, "nodes").is_empty());
+    assert!(ok(store.list_outputs("r1").await, "outputs").is_empty());
+    let attempts = ok(store.list_attempts("r1").await, "attempts");
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| a.node_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    assert!(ok(store.get_approval("r1", "early", 0).await, "approval").is_some());
+    assert!(ok(store.get_approval("r1", "late", 0).await, "approval").is_none());
+    // the other run is untouched
+    assert_eq!(ok(store.last_frame_no("r2").await, "last_frame_no"), 3);
+    assert_eq!(ok(store.list_attempts("r2").await, "attempts").len(), 2);
+    assert_eq!(ok(store.list_outputs("r2").await, "outputs").len(), 1);
 }
