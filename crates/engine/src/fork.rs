@@ -5,7 +5,7 @@ use crate::frames::snapshot;
 use crate::{Engine, RunHandle, events, now_ms};
 use serde_json::{Value, json};
 use smithers_core::{Code, Result, SmithersError, Workflow, bounds};
-use smithers_store::{Batch, LoopRow, NodeRow, OutputRow, RunRow, Write, node_state, status};
+use smithers_store::{Batch, RunRow, Write, node_state, status};
 use std::sync::Arc;
 
 impl Engine {
@@ -31,21 +31,7 @@ impl Engine {
                 format!("run `{run_id}` has frames 1 to {last}; frame {frame_no} cannot be forked"),
             ));
         }
-        let rows = store
-            .snapshots_between(
-                run_id,
-                (frame_no - crate::frames::KEYFRAME_INTERVAL).max(0),
-                frame_no,
-            )
-            .await?;
-        let snap = snapshot::inflate(&rows).map_err(|why| {
-            SmithersError::new(
-                Code::DbCorrupt,
-                format!(
-                    "the snapshot of run `{run_id}` at frame {frame_no} cannot be rebuilt ({why})"
-                ),
-            )
-        })?;
+        let snap = snapshot::at_frame(store.as_ref(), run_id, frame_no).await?;
         let input = match input {
             Some(i) => i,
             None => snap.input.clone(),
@@ -81,56 +67,14 @@ impl Engine {
             run_id: id.clone(),
             payload_json: input.to_string(),
         });
-        for (key, node) in &snap.nodes {
-            let st = node.get("state").and_then(Value::as_str).unwrap_or("");
-            let keep = st == node_state::SKIPPED
-                || (st == node_state::FINISHED && snap.outputs.contains_key(key));
-            if !keep {
-                continue;
-            }
-            let node_id = node
-                .get("nodeId")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let iteration = node.get("iteration").and_then(Value::as_i64).unwrap_or(0);
-            let table = node
-                .get("outputTable")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            batch.push(Write::UpsertNode(NodeRow {
-                run_id: id.clone(),
-                node_id: node_id.clone(),
-                iteration,
-                state: st.to_string(),
-                last_attempt: None,
-                updated_at_ms: now,
-                output_table: table.clone(),
-                label: node
-                    .get("label")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            }));
-            if let Some(out) = snap.outputs.get(key) {
-                batch.push(Write::UpsertOutput(OutputRow {
-                    run_id: id.clone(),
-                    node_id,
-                    iteration,
-                    output_table: table,
-                    payload_json: out.to_string(),
-                    created_at_ms: now,
-                }));
-            }
-        }
-        for (loop_id, l) in &snap.ralph {
-            batch.push(Write::UpsertLoop(LoopRow {
-                run_id: id.clone(),
-                ralph_id: loop_id.clone(),
-                iteration: l.get("iteration").and_then(Value::as_i64).unwrap_or(0),
-                done: l.get("done").and_then(Value::as_bool).unwrap_or(false),
-                updated_at_ms: now,
-            }));
+        // a fork keeps what had finished (or been skipped) by then; the rest runs anew
+        let restore = snapshot::restore_writes(&snap, &id, now, |st, has_output| match st {
+            node_state::SKIPPED => Some(node_state::SKIPPED),
+            node_state::FINISHED if has_output => Some(node_state::FINISHED),
+            _ => None,
+        });
+        for w in restore {
+            batch.push(w);
         }
         let ev = events::make(
             &id,

@@ -4,9 +4,9 @@
 
 use crate::frames::snapshot;
 use crate::{Engine, events, now_ms, owner};
-use serde_json::{Value, json};
+use serde_json::json;
 use smithers_core::{Code, Result, SmithersError};
-use smithers_store::{Batch, LoopRow, NodeRow, OutputRow, RunPatch, Write, node_state, status};
+use smithers_store::{Batch, RunPatch, Write, node_state, status};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,21 +86,7 @@ impl Engine {
                 format!("frame {frame_no} of run `{run_id}` does not exist"),
             )
         })?;
-        let rows = store
-            .snapshots_between(
-                run_id,
-                (frame_no - crate::frames::KEYFRAME_INTERVAL).max(0),
-                frame_no,
-            )
-            .await?;
-        let snap = snapshot::inflate(&rows).map_err(|why| {
-            SmithersError::new(
-                Code::DbCorrupt,
-                format!(
-                    "the snapshot of run `{run_id}` at frame {frame_no} cannot be rebuilt ({why})"
-                ),
-            )
-        })?;
+        let snap = snapshot::at_frame(store.as_ref(), run_id, frame_no).await?;
         let now = now_ms();
         let mut b = Batch::new();
         b.push(Write::ClearRunState {
@@ -114,62 +100,17 @@ impl Engine {
             run_id: run_id.to_string(),
             started_after_ms: frame.created_at_ms,
         });
-        for (key, node) in &snap.nodes {
-            let st = node
-                .get("state")
-                .and_then(Value::as_str)
-                .unwrap_or(node_state::PENDING);
-            let st = match st {
-                node_state::FINISHED if !snap.outputs.contains_key(key) => node_state::PENDING,
-                node_state::FINISHED | node_state::SKIPPED | node_state::FAILED => st,
-                // anything that was moving at that frame is asked again
+        // finished, skipped and failed steps stay as they were; anything in motion is asked again
+        let restore = snapshot::restore_writes(&snap, run_id, now, |st, has_output| {
+            Some(match st {
+                node_state::FINISHED if has_output => node_state::FINISHED,
+                node_state::SKIPPED => node_state::SKIPPED,
+                node_state::FAILED => node_state::FAILED,
                 _ => node_state::PENDING,
-            };
-            let node_id = node
-                .get("nodeId")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let iteration = node.get("iteration").and_then(Value::as_i64).unwrap_or(0);
-            let table = node
-                .get("outputTable")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            b.push(Write::UpsertNode(NodeRow {
-                run_id: run_id.to_string(),
-                node_id: node_id.clone(),
-                iteration,
-                state: st.to_string(),
-                last_attempt: node.get("lastAttempt").and_then(Value::as_i64),
-                updated_at_ms: now,
-                output_table: table.clone(),
-                label: node
-                    .get("label")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            }));
-            if st == node_state::FINISHED
-                && let Some(out) = snap.outputs.get(key)
-            {
-                b.push(Write::UpsertOutput(OutputRow {
-                    run_id: run_id.to_string(),
-                    node_id,
-                    iteration,
-                    output_table: table,
-                    payload_json: out.to_string(),
-                    created_at_ms: now,
-                }));
-            }
-        }
-        for (id, l) in &snap.ralph {
-            b.push(Write::UpsertLoop(LoopRow {
-                run_id: run_id.to_string(),
-                ralph_id: id.clone(),
-                iteration: l.get("iteration").and_then(Value::as_i64).unwrap_or(0),
-                done: l.get("done").and_then(Value::as_bool).unwrap_or(false),
-                updated_at_ms: now,
-            }));
+            })
+        });
+        for w in restore {
+            b.push(w);
         }
         b.push(Write::UpdateRun {
             run_id: run_id.to_string(),

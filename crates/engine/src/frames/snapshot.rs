@@ -242,27 +242,99 @@ pub fn inflate(rows: &[SnapshotRow]) -> Result<FullSnapshot, String> {
     Ok(snap)
 }
 
-/// The latest snapshot of a run, rebuilt from the nearest keyframe (None when it has none).
+/// The snapshot of a run at a frame, rebuilt from the keyframe before it.
+pub async fn at_frame(
+    store: &dyn smithers_store::Store,
+    run_id: &str,
+    frame_no: i64,
+) -> smithers_core::Result<FullSnapshot> {
+    let rows = store
+        .snapshots_between(run_id, (frame_no - KEYFRAME_INTERVAL).max(0), frame_no)
+        .await?;
+    inflate(&rows).map_err(|why| {
+        smithers_core::SmithersError::new(
+            smithers_core::Code::DbCorrupt,
+            format!("the snapshot of run `{run_id}` at frame {frame_no} cannot be rebuilt ({why}); restore the database from a backup"),
+        )
+    })
+}
+
+/// The latest snapshot of a run (None when it has no frame).
 pub async fn latest(
     store: &dyn smithers_store::Store,
     run_id: &str,
 ) -> smithers_core::Result<Option<FullSnapshot>> {
     let last = store.last_frame_no(run_id).await?;
-    if last == 0 {
+    if last == 0 || store.get_snapshot(run_id, last).await?.is_none() {
         return Ok(None);
     }
-    let rows = store
-        .snapshots_between(run_id, (last - KEYFRAME_INTERVAL).max(0), last)
-        .await?;
-    if rows.is_empty() {
-        return Ok(None);
+    at_frame(store, run_id, last).await.map(Some)
+}
+
+/// Writes that put `run_id`'s nodes, outputs and loops to a snapshot's state (for a fork or a
+/// rewind). `state_of(state, has_output)` gives each node's state, or `None` to leave it out;
+/// outputs are written for the nodes that end up finished.
+pub fn restore_writes(
+    snap: &FullSnapshot,
+    run_id: &str,
+    now_ms: i64,
+    state_of: impl Fn(&str, bool) -> Option<&'static str>,
+) -> Vec<smithers_store::Write> {
+    use smithers_store::{LoopRow, NodeRow, OutputRow, Write, node_state};
+    let mut out = Vec::new();
+    for (key, node) in &snap.nodes {
+        let output = snap.outputs.get(key);
+        let Some(st) = state_of(
+            node.get("state").and_then(Value::as_str).unwrap_or(""),
+            output.is_some(),
+        ) else {
+            continue;
+        };
+        let node_id = node
+            .get("nodeId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let iteration = node.get("iteration").and_then(Value::as_i64).unwrap_or(0);
+        let table = node
+            .get("outputTable")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        out.push(Write::UpsertNode(NodeRow {
+            run_id: run_id.to_string(),
+            node_id: node_id.clone(),
+            iteration,
+            state: st.to_string(),
+            last_attempt: node.get("lastAttempt").and_then(Value::as_i64),
+            updated_at_ms: now_ms,
+            output_table: table.clone(),
+            label: node
+                .get("label")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }));
+        if let (node_state::FINISHED, Some(o)) = (st, output) {
+            out.push(Write::UpsertOutput(OutputRow {
+                run_id: run_id.to_string(),
+                node_id,
+                iteration,
+                output_table: table,
+                payload_json: o.to_string(),
+                created_at_ms: now_ms,
+            }));
+        }
     }
-    inflate(&rows).map(Some).map_err(|why| {
-        smithers_core::SmithersError::new(
-            smithers_core::Code::DbCorrupt,
-            format!("the snapshot of run `{run_id}` cannot be rebuilt ({why}); restore the database from a backup"),
-        )
-    })
+    for (id, l) in &snap.ralph {
+        out.push(Write::UpsertLoop(LoopRow {
+            run_id: run_id.to_string(),
+            ralph_id: id.clone(),
+            iteration: l.get("iteration").and_then(Value::as_i64).unwrap_or(0),
+            done: l.get("done").and_then(Value::as_bool).unwrap_or(false),
+            updated_at_ms: now_ms,
+        }));
+    }
+    out
 }
 
 /// Differences between two snapshots, in the `runs.diff` shape: nodes (keyed `nodeId::iteration`)
