@@ -85,6 +85,8 @@ macro_rules! store_conformance_tests {
             cron_claim_compare_and_set,
             cron_claim_race_exactly_one_wins,
             rewind_writes_remove_what_came_later,
+            audit_rows_upsert_and_filter,
+            node_diffs_cache_and_rewind,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1940,4 +1942,90 @@ pub async fn rewind_writes_remove_what_came_later(store: &dyn Store) {
     assert_eq!(ok(store.last_frame_no("r2").await, "last_frame_no"), 3);
     assert_eq!(ok(store.list_attempts("r2").await, "attempts").len(), 2);
     assert_eq!(ok(store.list_outputs("r2").await, "outputs").len(), 1);
+}
+
+fn audit(id: &str, run: &str, result: &str, ts: i64) -> AuditRow {
+    AuditRow {
+        id: id.into(),
+        run_id: run.into(),
+        from_frame_no: -1,
+        to_frame_no: 2,
+        caller: "alice".into(),
+        timestamp_ms: ts,
+        result: result.into(),
+        duration_ms: 0,
+    }
+}
+
+pub async fn audit_rows_upsert_and_filter(store: &dyn Store) {
+    apply(
+        store,
+        vec![
+            Write::UpsertAudit(audit("a1", "r1", audit_result::IN_PROGRESS, 10)),
+            Write::UpsertAudit(audit("a2", "r1", audit_result::FAILED, 5)),
+            Write::UpsertAudit(audit("a3", "r2", audit_result::IN_PROGRESS, 7)),
+        ],
+    )
+    .await;
+    // updated in place: frames, result and duration change, identity and time stay
+    let mut done = audit("a1", "other-run", audit_result::SUCCESS, 99);
+    done.from_frame_no = 5;
+    done.duration_ms = 12;
+    apply(store, vec![Write::UpsertAudit(done)]).await;
+    let r1 = ok(store.list_audits(Some("r1"), None).await, "list_audits");
+    assert_eq!(
+        r1.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        vec!["a2", "a1"],
+        "oldest first"
+    );
+    assert_eq!(r1[1].result, audit_result::SUCCESS);
+    assert_eq!((r1[1].from_frame_no, r1[1].duration_ms), (5, 12));
+    assert_eq!((r1[1].run_id.as_str(), r1[1].timestamp_ms), ("r1", 10));
+    let open = ok(
+        store
+            .list_audits(None, Some(audit_result::IN_PROGRESS))
+            .await,
+        "list_audits",
+    );
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, "a3");
+}
+
+pub async fn node_diffs_cache_and_rewind(store: &dyn Store) {
+    let row = |node: &str, attempt: i64, started: i64| NodeDiffRow {
+        run_id: "r1".into(),
+        node_id: node.into(),
+        iteration: 0,
+        base_ref: "base".into(),
+        attempt,
+        attempt_started_at_ms: started,
+        bundle_json: format!("{{\"seq\":{attempt}}}"),
+        created_at_ms: 1,
+    };
+    apply(
+        store,
+        vec![
+            Write::UpsertNodeDiff(row("a", 1, 10)),
+            Write::UpsertNodeDiff(row("a", 2, 30)),
+            Write::UpsertNodeDiff(row("b", 1, 40)),
+        ],
+    )
+    .await;
+    let got = ok(
+        store.get_node_diff("r1", "a", 0, 2, "base").await,
+        "get_node_diff",
+    );
+    assert_eq!(got.map(|r| r.bundle_json), Some("{\"seq\":2}".to_string()));
+    assert!(ok(store.get_node_diff("r1", "a", 0, 2, "other").await, "get").is_none());
+    assert_eq!(ok(store.count_node_diffs_after("r1", 20).await, "count"), 2);
+    apply(
+        store,
+        vec![Write::DeleteNodeDiffsAfter {
+            run_id: "r1".into(),
+            started_after_ms: 20,
+        }],
+    )
+    .await;
+    assert_eq!(ok(store.count_node_diffs_after("r1", 0).await, "count"), 1);
+    assert!(ok(store.get_node_diff("r1", "a", 0, 1, "base").await, "get").is_some());
 }

@@ -64,6 +64,14 @@ pub enum Write {
     },
     UpsertLoop(LoopRow),
     UpsertApproval(ApprovalRow),
+    /// Inserts a time-travel audit row, or updates its frames, result and duration.
+    UpsertAudit(AuditRow),
+    UpsertNodeDiff(NodeDiffRow),
+    /// Rewind: deletes cached node diffs of attempts started after `started_after_ms`.
+    DeleteNodeDiffsAfter {
+        run_id: String,
+        started_after_ms: i64,
+    },
 }
 
 /// Writes applied atomically. With a guard, the batch commits only if the run is still owned
@@ -253,6 +261,26 @@ pub trait Store: Send + Sync + 'static {
         correlation_id: Option<&str>,
         received_after_ms: i64,
     ) -> Result<Vec<SignalRow>>;
+
+    /// Time-travel audit rows, oldest first: of one run (or all runs), optionally only those
+    /// with one result.
+    async fn list_audits(
+        &self,
+        run_id: Option<&str>,
+        result: Option<&str>,
+    ) -> Result<Vec<AuditRow>>;
+
+    /// The cached diff of one attempt against `base_ref`.
+    async fn get_node_diff(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+        attempt: i64,
+        base_ref: &str,
+    ) -> Result<Option<NodeDiffRow>>;
+    /// How many cached diffs belong to attempts started after `started_after_ms`.
+    async fn count_node_diffs_after(&self, run_id: &str, started_after_ms: i64) -> Result<i64>;
 
     /// Inserts a cron, or on an existing `cron_id` updates only `pattern`, `workflow_path`,
     /// `enabled` and `next_run_at_ms` (creation time, last run and error are kept).

@@ -225,3 +225,44 @@ pub struct CronRow {
     pub next_run_at_ms: Option<i64>,
     pub error_json: Option<String>,
 }
+
+/// Outcomes of a time-travel (rewind) request in the audit table.
+pub mod audit_result {
+    pub const IN_PROGRESS: &str = "in_progress";
+    pub const SUCCESS: &str = "success";
+    pub const FAILED: &str = "failed";
+    /// The rewind started changing state and did not finish; the run needs attention.
+    pub const PARTIAL: &str = "partial";
+}
+
+/// One rewind request (`_smithers_time_travel_audit`). The row is written `in_progress` before
+/// anything changes and updated in place with the outcome, so a crash leaves a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRow {
+    pub id: String,
+    pub run_id: String,
+    /// -1 when the request failed before the run's latest frame was known.
+    pub from_frame_no: i64,
+    pub to_frame_no: i64,
+    pub caller: String,
+    pub timestamp_ms: i64,
+    /// One of [`audit_result`].
+    pub result: String,
+    pub duration_ms: i64,
+}
+
+/// A cached node diff (`_smithers_node_diffs`): the serialized diff bundle of one attempt
+/// against `base_ref`. Rows of attempts removed by a rewind are removed with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDiffRow {
+    pub run_id: String,
+    pub node_id: String,
+    pub iteration: i64,
+    pub base_ref: String,
+    pub attempt: i64,
+    pub attempt_started_at_ms: i64,
+    pub bundle_json: String,
+    pub created_at_ms: i64,
+}

@@ -30,7 +30,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(30_000);
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Never edit an
 /// entry that has shipped: append a new one.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -196,6 +196,33 @@ CREATE TABLE IF NOT EXISTS _smithers_cron (
     next_run_at_ms INTEGER,
     error_json TEXT
 );
+"#;
+
+const MIGRATION_3: &str = r#"
+CREATE TABLE IF NOT EXISTS _smithers_time_travel_audit (
+    id TEXT PRIMARY KEY NOT NULL,
+    run_id TEXT NOT NULL,
+    from_frame_no INTEGER NOT NULL,
+    to_frame_no INTEGER NOT NULL,
+    caller TEXT NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS _smithers_time_travel_audit_run_idx ON _smithers_time_travel_audit (run_id, caller, timestamp_ms);
+CREATE INDEX IF NOT EXISTS _smithers_time_travel_audit_result_idx ON _smithers_time_travel_audit (result);
+
+CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
+    run_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    iteration INTEGER NOT NULL,
+    base_ref TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    attempt_started_at_ms INTEGER NOT NULL,
+    bundle_json TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
+) WITHOUT ROWID;
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -1207,6 +1234,55 @@ fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
             .execute(params![run_id, seq, timestamp_ms, event_type, payload_json])?;
             return Ok(Some(seq));
         }
+        Write::UpsertAudit(a) => {
+            conn.prepare_cached(
+                "INSERT INTO _smithers_time_travel_audit (id, run_id, from_frame_no, to_frame_no, caller,
+                    timestamp_ms, result, duration_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET
+                    from_frame_no = excluded.from_frame_no, to_frame_no = excluded.to_frame_no,
+                    result = excluded.result, duration_ms = excluded.duration_ms",
+            )?
+            .execute(params![
+                a.id,
+                a.run_id,
+                a.from_frame_no,
+                a.to_frame_no,
+                a.caller,
+                a.timestamp_ms,
+                a.result,
+                a.duration_ms
+            ])?;
+        }
+        Write::UpsertNodeDiff(d) => {
+            conn.prepare_cached(
+                "INSERT INTO _smithers_node_diffs (run_id, node_id, iteration, base_ref, attempt,
+                    attempt_started_at_ms, bundle_json, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (run_id, node_id, iteration, attempt, base_ref) DO UPDATE SET
+                    attempt_started_at_ms = excluded.attempt_started_at_ms,
+                    bundle_json = excluded.bundle_json, created_at_ms = excluded.created_at_ms",
+            )?
+            .execute(params![
+                d.run_id,
+                d.node_id,
+                d.iteration,
+                d.base_ref,
+                d.attempt,
+                d.attempt_started_at_ms,
+                d.bundle_json,
+                d.created_at_ms
+            ])?;
+        }
+        Write::DeleteNodeDiffsAfter {
+            run_id,
+            started_after_ms,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM _smithers_node_diffs WHERE run_id = ?1 AND attempt_started_at_ms > ?2",
+            )?
+            .execute(params![run_id, started_after_ms])?;
+        }
         Write::UpsertLoop(l) => {
             conn.prepare_cached(
                 "INSERT INTO _smithers_ralph (run_id, ralph_id, iteration, done, updated_at_ms)
@@ -1595,6 +1671,38 @@ fn event_row(row: &Row) -> Result<EventRow, DbErr> {
         timestamp_ms: c.get("timestamp_ms")?,
         event_type: c.get("type")?,
         payload_json: c.get("payload_json")?,
+    })
+}
+
+fn audit_row(row: &Row) -> Result<AuditRow, DbErr> {
+    let c = Cols::new(row, "_smithers_time_travel_audit", &["id"]);
+    Ok(AuditRow {
+        id: c.get("id")?,
+        run_id: c.get("run_id")?,
+        from_frame_no: c.get("from_frame_no")?,
+        to_frame_no: c.get("to_frame_no")?,
+        caller: c.get("caller")?,
+        timestamp_ms: c.get("timestamp_ms")?,
+        result: c.get("result")?,
+        duration_ms: c.get("duration_ms")?,
+    })
+}
+
+fn node_diff_row(row: &Row) -> Result<NodeDiffRow, DbErr> {
+    let c = Cols::new(
+        row,
+        "_smithers_node_diffs",
+        &["run_id", "node_id", "iteration", "attempt", "base_ref"],
+    );
+    Ok(NodeDiffRow {
+        run_id: c.get("run_id")?,
+        node_id: c.get("node_id")?,
+        iteration: c.get("iteration")?,
+        base_ref: c.get("base_ref")?,
+        attempt: c.get("attempt")?,
+        attempt_started_at_ms: c.get("attempt_started_at_ms")?,
+        bundle_json: c.get("bundle_json")?,
+        created_at_ms: c.get("created_at_ms")?,
     })
 }
 
@@ -2253,6 +2361,65 @@ impl Store for SqliteStore {
             Out::Flag(_) => Ok(()),
             _ => Err(unexpected("upsert_cron")),
         }
+    }
+
+    async fn list_audits(
+        &self,
+        run_id: Option<&str>,
+        result: Option<&str>,
+    ) -> Result<Vec<AuditRow>> {
+        let run = run_id.map(str::to_string);
+        let result = result.map(str::to_string);
+        self.read("list_audits", move |c| {
+            query_all(
+                c,
+                "SELECT id, run_id, from_frame_no, to_frame_no, caller, timestamp_ms, result, duration_ms
+                 FROM _smithers_time_travel_audit
+                 WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR result = ?2)
+                 ORDER BY timestamp_ms ASC, id ASC",
+                params![run, result],
+                audit_row,
+            )
+        })
+        .await
+    }
+
+    async fn get_node_diff(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        iteration: i64,
+        attempt: i64,
+        base_ref: &str,
+    ) -> Result<Option<NodeDiffRow>> {
+        let (run, node, base) = (
+            run_id.to_string(),
+            node_id.to_string(),
+            base_ref.to_string(),
+        );
+        self.read("get_node_diff", move |c| {
+            query_one(
+                c,
+                "SELECT run_id, node_id, iteration, base_ref, attempt, attempt_started_at_ms,
+                    bundle_json, created_at_ms
+                 FROM _smithers_node_diffs
+                 WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3 AND attempt = ?4 AND base_ref = ?5",
+                params![run, node, iteration, attempt, base],
+                node_diff_row,
+            )
+        })
+        .await
+    }
+
+    async fn count_node_diffs_after(&self, run_id: &str, started_after_ms: i64) -> Result<i64> {
+        let run = run_id.to_string();
+        self.read("count_node_diffs_after", move |c| {
+            Ok(c.prepare_cached(
+                "SELECT COUNT(*) FROM _smithers_node_diffs WHERE run_id = ?1 AND attempt_started_at_ms > ?2",
+            )?
+            .query_row(params![run, started_after_ms], |r| r.get::<_, i64>(0))?)
+        })
+        .await
     }
 
     async fn list_crons(&self) -> Result<Vec<CronRow>> {
