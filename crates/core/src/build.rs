@@ -1,10 +1,11 @@
 //! Building workflows in Rust: a render function from context to tree, plus small
 //! constructors for the common node kinds. The YAML loader produces the same tree type.
 
+use crate::agent::AgentDef;
 use crate::error::Result;
 use crate::render::{RenderCtx, Workflow};
 use crate::tree::{
-    Command, LoopNode, Node, NodeRef, OnMaxReached, OutputSpec, RunSpec, Task, TaskKind,
+    AgentSpec, Command, LoopNode, Node, NodeRef, OnMaxReached, OutputSpec, RunSpec, Task, TaskKind,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ pub struct FnWorkflow {
     render: Box<RenderFn>,
     input_schema: Option<Value>,
     subflows: BTreeMap<String, Arc<dyn Workflow>>,
+    agents: BTreeMap<String, AgentDef>,
 }
 
 impl FnWorkflow {
@@ -30,6 +32,7 @@ impl FnWorkflow {
             render: Box::new(render),
             input_schema: None,
             subflows: BTreeMap::new(),
+            agents: BTreeMap::new(),
         }
     }
 
@@ -44,6 +47,12 @@ impl FnWorkflow {
         self.subflows.insert(key.to_string(), wf);
         self
     }
+
+    /// Declares an agent that agent tasks ([`agent_task`]) can name.
+    pub fn with_agent(mut self, def: AgentDef) -> Self {
+        self.agents.insert(def.name.clone(), def);
+        self
+    }
 }
 
 impl Workflow for FnWorkflow {
@@ -55,6 +64,9 @@ impl Workflow for FnWorkflow {
     }
     fn input_schema(&self) -> Option<&Value> {
         self.input_schema.as_ref()
+    }
+    fn agent(&self, name: &str) -> Option<AgentDef> {
+        self.agents.get(name).cloned()
     }
     fn subflow(&self, reference: &str) -> Result<Arc<dyn Workflow>> {
         self.subflows.get(reference).cloned().ok_or_else(|| {
@@ -112,6 +124,22 @@ pub fn shell(id: &str, command: &str) -> Task {
             env: BTreeMap::new(),
         }),
     )
+}
+
+/// A task that calls the agent `agent` (declared with [`FnWorkflow::with_agent`]) with a
+/// prompt. Agent tasks retry twice by default, like YAML ones: agents fail transiently.
+pub fn agent_task(id: &str, agent: &str, prompt: &str) -> Task {
+    let mut t = Task::new(
+        id,
+        TaskKind::Agent(AgentSpec {
+            agent: agent.to_string(),
+            prompt: prompt.to_string(),
+            cwd: None,
+            env: BTreeMap::new(),
+        }),
+    );
+    t.retries = 2;
+    t
 }
 
 impl Task {

@@ -56,6 +56,9 @@ codes! {
     StorageError => "STORAGE_ERROR",
     InvalidUrl => "INVALID_URL",
     GatewayUnreachable => "GATEWAY_UNREACHABLE",
+    AgentCliError => "AGENT_CLI_ERROR",
+    AgentConfigInvalid => "AGENT_CONFIG_INVALID",
+    AgentHttpError => "AGENT_HTTP_ERROR",
     Internal => "INTERNAL_ERROR",
 }
 

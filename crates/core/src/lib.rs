@@ -1,5 +1,6 @@
 //! Smithers core: the types every other crate shares.
 
+pub mod agent;
 pub mod bounds;
 pub mod build;
 pub mod duration;
@@ -9,6 +10,7 @@ pub mod render;
 pub mod tree;
 pub mod yaml;
 
+pub use agent::AgentDef;
 pub use error::{Code, Problem, Result, SmithersError};
 pub use render::{OutputsView, RenderCtx, Workflow};
 pub use tree::{Node, NodeRef, Task, TaskKind};

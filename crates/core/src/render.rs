@@ -79,6 +79,13 @@ pub trait Workflow: Send + Sync {
         None
     }
 
+    /// The agent named `name` under the workflow's agents, for agent tasks. Workflows that
+    /// declare no agents keep the default (every agent task then fails with a clear error).
+    fn agent(&self, name: &str) -> Option<crate::agent::AgentDef> {
+        let _ = name;
+        None
+    }
+
     /// Resolves a `subflow` reference (a key or a path relative to this workflow).
     fn subflow(&self, reference: &str) -> Result<Arc<dyn Workflow>> {
         Err(crate::err!(

@@ -474,6 +474,58 @@ fn prompt_file_and_subflow_resolution() {
 }
 
 #[test]
+fn agents_reach_the_engine_through_the_workflow_trait() {
+    use smithers_core::agent::{AgentKind, Preset, PromptMode, Provider};
+    let wf = load(
+        "name: a\nagents:\n  c: {preset: claude-code, model: sonnet, allow_tools: [Read, Edit], bin: [sh, fake.sh]}\n  x: {preset: codex, allow_tools: []}\n  g: {preset: gemini}\n  l: {command: ./agent --json, prompt: arg}\n  o: {provider: openai-compatible, base_url: 'http://127.0.0.1:1/v1', model: m, api_key_env: KEY}\n  n: {provider: anthropic, model: claude, max_tokens: 512}\nsteps: []\n",
+    );
+    let c = wf.agent("c").unwrap();
+    assert_eq!(
+        c.kind,
+        AgentKind::Preset {
+            preset: Preset::ClaudeCode,
+            bin: Some(vec!["sh".into(), "fake.sh".into()])
+        }
+    );
+    assert_eq!(c.model.as_deref(), Some("sonnet"));
+    assert_eq!(c.allow_tools, Some(vec!["Read".into(), "Edit".into()]));
+    assert_eq!(c.engine(), "claude-code");
+    // an empty list (no tools) differs from no list (the CLI's own defaults)
+    assert_eq!(wf.agent("x").unwrap().allow_tools, Some(vec![]));
+    assert_eq!(wf.agent("g").unwrap().allow_tools, None);
+    assert_eq!(
+        wf.agent("l").unwrap().kind,
+        AgentKind::Command {
+            argv: vec!["./agent".into(), "--json".into()],
+            prompt: PromptMode::Arg
+        }
+    );
+    match wf.agent("o").unwrap().kind {
+        AgentKind::Provider {
+            provider,
+            base_url,
+            api_key_env,
+            max_tokens,
+        } => {
+            assert_eq!(provider, Provider::OpenAiCompatible);
+            assert_eq!(base_url.as_deref(), Some("http://127.0.0.1:1/v1"));
+            assert_eq!(api_key_env.as_deref(), Some("KEY"));
+            assert_eq!(max_tokens, None);
+        }
+        k => panic!("{k:?}"),
+    }
+    assert!(matches!(
+        wf.agent("n").unwrap().kind,
+        AgentKind::Provider {
+            provider: Provider::Anthropic,
+            max_tokens: Some(512),
+            ..
+        }
+    ));
+    assert!(wf.agent("missing").is_none());
+}
+
+#[test]
 fn input_schema_is_exposed() {
     let wf = load("name: i\ninput: {type: object, required: [repo]}\nsteps: []\n");
     assert_eq!(

@@ -224,6 +224,44 @@ fn agents() {
         &wf("  - task: {id: a, agent: x, prompt_file: missing-prompt.md}\n"),
         "cannot read",
     );
+    let ps = assert_problem(
+        "name: t\nagents:\n  x:\n    preset: claud-code\nsteps: []\n",
+        "unknown preset `claud-code`",
+    );
+    assert_eq!(ps[0].line, Some(4));
+    assert!(
+        ps[0].message.contains("did you mean `claude-code`"),
+        "{}",
+        ps[0]
+    );
+    assert_problem(
+        "name: t\nagents: {x: {command: [a], bin: b}}\nsteps: []\n",
+        "`bin` only applies to preset agents",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {preset: codex, bin: []}}\nsteps: []\n",
+        "`bin` must not be empty",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {preset: codex, max_tokens: 10}}\nsteps: []\n",
+        "`max_tokens` only applies to provider agents",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {provider: anthropic, model: m, max_tokens: 0}}\nsteps: []\n",
+        "an integer from 1",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {provider: openai-compatible, model: m, base_url: localhost:1}}\nsteps: []\n",
+        "not an http:// or https:// URL",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {provider: gpt, model: m}}\nsteps: []\n",
+        "unknown provider `gpt`",
+    );
+    assert_problem(
+        "name: t\nagents: {x: {preset: gemini, allow_tools: read}}\nsteps: []\n",
+        "a list of strings",
+    );
 }
 
 #[test]

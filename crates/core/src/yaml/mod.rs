@@ -24,41 +24,9 @@ use std::sync::Arc;
 pub use parse::{MAX_NAME_LEN, MAX_NODE_ID_LEN};
 pub use time::parse_rfc3339_ms;
 
-/// An agent declared under `agents:`. Executed by the agent layer; here it is only checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentDef {
-    pub name: String,
-    pub kind: AgentKind,
-    /// Model name passed to the agent, if set.
-    pub model: Option<String>,
-    /// Tools the agent may use (CLI agents that support an allow-list).
-    pub allow_tools: Vec<String>,
-}
-
-/// How an agent is reached.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AgentKind {
-    /// A built-in CLI preset such as `claude-code`, `codex` or `gemini`.
-    Preset(String),
-    /// A generic CLI agent: the argv to run and how it receives the prompt.
-    Command {
-        argv: Vec<String>,
-        prompt: PromptMode,
-    },
-    /// An HTTP API (`openai-compatible` or `anthropic`).
-    Provider {
-        provider: String,
-        base_url: Option<String>,
-        api_key_env: Option<String>,
-    },
-}
-
-/// How a command agent receives its prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PromptMode {
-    Stdin,
-    Arg,
-}
+/// Agent definitions moved to [`crate::agent`] (Rust workflows declare them too); re-exported
+/// here so existing `yaml::AgentDef` paths keep working.
+pub use crate::agent::{AgentDef, AgentKind, PromptMode};
 
 /// A workflow loaded from a YAML or JSON file.
 #[derive(Debug)]
@@ -125,6 +93,10 @@ impl Workflow for YamlWorkflow {
 
     fn source_hash(&self) -> Option<&str> {
         Some(&self.source_hash)
+    }
+
+    fn agent(&self, name: &str) -> Option<AgentDef> {
+        self.agents.get(name).cloned()
     }
 
     fn subflow(&self, reference: &str) -> Result<Arc<dyn Workflow>> {

@@ -2,7 +2,7 @@
 
 use super::defs::{Body, Cond, Def, DefKind, TCmd, TJson, TStr, TaskDef};
 use super::value::{Y, YV};
-use super::{AgentDef, AgentKind, PromptMode};
+use crate::agent::{AgentDef, AgentKind, Preset, PromptMode, Provider};
 use crate::duration::parse_duration_ms;
 use crate::error::Problem;
 use crate::expr::{ExprEnv, NameTable, SCOPE_NAMES, single_expression};
@@ -49,12 +49,14 @@ const TASK_FIELDS: &[&str] = &[
 ];
 const AGENT_FIELDS: &[&str] = &[
     "preset",
+    "bin",
     "command",
     "prompt",
     "provider",
     "base_url",
     "model",
     "api_key_env",
+    "max_tokens",
     "allow_tools",
 ];
 /// Longest workflow name accepted.
@@ -646,12 +648,14 @@ impl<'a> Parser<'a> {
         }
         self.check_fields(a, AGENT_FIELDS, &node, "an agent");
         let model = self.string(a, "model", &node);
-        let allow_tools = self
-            .string_list(a, "allow_tools", &node)
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let allow_tools = a.get("allow_tools").map(|_| {
+            self.string_list(a, "allow_tools", &node)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>()
+        });
         let has = |k: &str| a.get(k).is_some();
+        let line_of = |k: &str| a.get(k).and_then(|y| y.line);
         let count = ["preset", "command", "provider"]
             .iter()
             .filter(|k| has(k))
@@ -666,29 +670,30 @@ impl<'a> Parser<'a> {
             return None;
         }
         let kind = if has("preset") {
-            AgentKind::Preset(self.string(a, "preset", &node)?)
-        } else if let Some(c) = a.get("command") {
-            let argv = match &c.v {
-                YV::Str(s) => s.split_whitespace().map(str::to_string).collect::<Vec<_>>(),
-                YV::Seq(_) => self
-                    .string_list(a, "command", &node)
-                    .into_iter()
-                    .map(|(s, _)| s)
-                    .collect(),
-                _ => {
-                    self.wrong_type(c, &node, "command", "a string or a list of strings");
-                    return None;
-                }
-            };
-            if argv.is_empty() {
+            let preset_name = self.string(a, "preset", &node)?;
+            let Some(preset) = Preset::parse(&preset_name) else {
+                let known: Vec<&str> = Preset::ALL.iter().map(|p| p.as_str()).collect();
+                let hint = suggest(&preset_name, &known)
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
                 self.problem(
-                    c.line,
+                    line_of("preset"),
                     Some(&node),
-                    Some("command"),
-                    "the command must not be empty",
+                    Some("preset"),
+                    format!(
+                        "unknown preset `{preset_name}` (known: {}){hint}",
+                        known.join(", ")
+                    ),
                 );
                 return None;
-            }
+            };
+            let bin = match a.get("bin") {
+                None => None,
+                Some(b) => Some(self.argv(a, b, "bin", &node, false)?),
+            };
+            AgentKind::Preset { preset, bin }
+        } else if let Some(c) = a.get("command") {
+            let argv = self.argv(a, c, "command", &node, true)?;
             let prompt = self.one_of(
                 a,
                 "prompt",
@@ -698,14 +703,15 @@ impl<'a> Parser<'a> {
             );
             AgentKind::Command { argv, prompt }
         } else {
-            let provider = self.string(a, "provider", &node)?;
-            if !matches!(provider.as_str(), "openai-compatible" | "anthropic") {
+            let provider_name = self.string(a, "provider", &node)?;
+            let provider = Provider::parse(&provider_name);
+            if provider.is_none() {
                 self.problem(
-                    a.get("provider").and_then(|p| p.line),
+                    line_of("provider"),
                     Some(&node),
                     Some("provider"),
                     format!(
-                        "unknown provider `{provider}`; expected openai-compatible or anthropic"
+                        "unknown provider `{provider_name}`; expected openai-compatible or anthropic"
                     ),
                 );
             }
@@ -718,7 +724,7 @@ impl<'a> Parser<'a> {
                 );
             }
             let base_url = self.string(a, "base_url", &node);
-            if provider == "openai-compatible" && base_url.is_none() {
+            if provider == Some(Provider::OpenAiCompatible) && base_url.is_none() {
                 self.problem(
                     a.line,
                     Some(&node),
@@ -726,16 +732,42 @@ impl<'a> Parser<'a> {
                     "an openai-compatible agent needs `base_url`",
                 );
             }
+            if let Some(u) = &base_url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                self.problem(
+                    line_of("base_url"),
+                    Some(&node),
+                    Some("base_url"),
+                    format!("`{u}` is not an http:// or https:// URL"),
+                );
+            }
+            let api_key_env = self.string(a, "api_key_env", &node);
+            if let Some(k) = &api_key_env
+                && (k.is_empty() || k.contains('=') || k.contains('\0'))
+            {
+                self.problem(
+                    line_of("api_key_env"),
+                    Some(&node),
+                    Some("api_key_env"),
+                    format!("`{k}` is not an environment variable name"),
+                );
+            }
+            let max_tokens = self
+                .uint(a, "max_tokens", &node, 1, u32::MAX as u64)
+                .map(|n| n as u32);
             AgentKind::Provider {
-                provider,
+                provider: provider?,
                 base_url,
-                api_key_env: self.string(a, "api_key_env", &node),
+                api_key_env,
+                max_tokens,
             }
         };
-        for k in ["base_url", "api_key_env"] {
+        let provider_only = ["base_url", "api_key_env", "max_tokens"];
+        for k in provider_only {
             if has(k) && !matches!(kind, AgentKind::Provider { .. }) {
                 self.problem(
-                    a.get(k).and_then(|y| y.line),
+                    line_of(k),
                     Some(&node),
                     Some(k),
                     format!("`{k}` only applies to provider agents"),
@@ -744,10 +776,18 @@ impl<'a> Parser<'a> {
         }
         if has("prompt") && !matches!(kind, AgentKind::Command { .. }) {
             self.problem(
-                a.get("prompt").and_then(|y| y.line),
+                line_of("prompt"),
                 Some(&node),
                 Some("prompt"),
                 "`prompt` (stdin|arg) only applies to command agents",
+            );
+        }
+        if has("bin") && !matches!(kind, AgentKind::Preset { .. }) {
+            self.problem(
+                line_of("bin"),
+                Some(&node),
+                Some("bin"),
+                "`bin` only applies to preset agents (it replaces the preset's program)",
             );
         }
         Some(AgentDef {
@@ -756,6 +796,35 @@ impl<'a> Parser<'a> {
             model,
             allow_tools,
         })
+    }
+
+    /// A program with arguments: a string (split on whitespace when `split`, else one path) or
+    /// a non-empty list of strings.
+    fn argv(&mut self, a: &Y, y: &Y, key: &str, node: &str, split: bool) -> Option<Vec<String>> {
+        let argv = match &y.v {
+            YV::Str(s) if split => s.split_whitespace().map(str::to_string).collect::<Vec<_>>(),
+            YV::Str(s) if s.trim().is_empty() => Vec::new(),
+            YV::Str(s) => vec![s.clone()],
+            YV::Seq(_) => self
+                .string_list(a, key, node)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect(),
+            _ => {
+                self.wrong_type(y, node, key, "a string or a list of strings");
+                return None;
+            }
+        };
+        if argv.is_empty() {
+            self.problem(
+                y.line,
+                Some(node),
+                Some(key),
+                format!("`{key}` must not be empty"),
+            );
+            return None;
+        }
+        Some(argv)
     }
 
     // ---- steps ----------------------------------------------------------------------------
