@@ -7,6 +7,7 @@
 //! instead of waiting for a whole batch, so a parallel branch never waits for its slowest
 //! sibling.
 
+use crate::agents;
 use crate::events::{self, PendingEvent, kind};
 use crate::frames::{FrameWriter, snapshot::SnapshotState};
 use crate::outputs::OutputStore;
@@ -57,6 +58,10 @@ struct TaskRt {
     heartbeat_ms: i64,
     /// The running attempt's metadata (kept so heartbeats rewrite it unchanged).
     attempt_meta: Option<String>,
+    /// The running attempt's last heartbeat data (an agent's session checkpoint).
+    heartbeat_data: Option<String>,
+    /// The running attempt's final agent reply.
+    response_text: Option<String>,
     output_table: String,
     label: Option<String>,
     /// The node this instance was last rendered from.
@@ -79,6 +84,8 @@ impl TaskRt {
             started_ms: 0,
             heartbeat_ms: 0,
             attempt_meta: None,
+            heartbeat_data: None,
+            response_text: None,
             output_table: String::new(),
             label: None,
             node: None,
@@ -100,6 +107,22 @@ pub(crate) enum Msg {
         rt: usize,
         attempt: i64,
         result: TaskResult,
+    },
+    /// A running attempt is alive; `data` (an agent's session checkpoint) is stored at once.
+    Heartbeat {
+        rt: usize,
+        attempt: i64,
+        data: Option<Value>,
+    },
+    /// What an agent attempt leaves on its row; sent just before its `Done`.
+    AttemptDetails {
+        rt: usize,
+        attempt: i64,
+        /// Merged into the attempt's metadata.
+        meta: serde_json::Map<String, Value>,
+        response_text: Option<String>,
+        /// `TokenUsageReported` fields, when the agent reported usage.
+        usage: Option<Value>,
     },
 }
 
@@ -304,10 +327,10 @@ impl Driver {
             started_at_ms: started,
             finished_at_ms: finished,
             heartbeat_at_ms: Some(r.heartbeat_ms).filter(|h| *h > 0),
-            heartbeat_data_json: None,
+            heartbeat_data_json: r.heartbeat_data.clone(),
             error_json: None,
             jj_pointer: None,
-            response_text: None,
+            response_text: r.response_text.clone(),
             jj_cwd: Some(self.cwd.display().to_string()),
             cached: false,
             meta_json: None,
@@ -761,26 +784,17 @@ impl Driver {
                     json!({"attempt": attempt, "stream": stream, "text": text}),
                 );
                 self.event(kind::NODE_OUTPUT, f);
-                // output is a sign of life: record a heartbeat at most every 500 ms
-                let now = now_ms();
-                if now - self.rts[rt].heartbeat_ms >= HEARTBEAT_EVERY_MS
-                    && self.rts[rt].state == TState::InProgress
-                {
-                    let interval = now - self.rts[rt].heartbeat_ms.max(self.rts[rt].started_ms);
-                    self.rts[rt].heartbeat_ms = now;
-                    let started = self.rts[rt].started_ms;
-                    let mut a =
-                        self.attempt_row(rt, attempt, node_state::IN_PROGRESS, started, None);
-                    a.heartbeat_at_ms = Some(now);
-                    a.meta_json = self.rts[rt].attempt_meta.clone();
-                    self.batch.push(Write::UpsertAttempt(a));
-                    let f = Self::with(
-                        self.node_fields(rt),
-                        json!({"attempt": attempt, "hasData": false, "dataSizeBytes": 0, "intervalMs": interval}),
-                    );
-                    self.event(kind::TASK_HEARTBEAT, f);
-                }
+                // output is a sign of life
+                self.task_heartbeat(rt, attempt, None);
             }
+            Msg::Heartbeat { rt, attempt, data } => self.task_heartbeat(rt, attempt, data),
+            Msg::AttemptDetails {
+                rt,
+                attempt,
+                meta,
+                response_text,
+                usage,
+            } => self.attempt_details(rt, attempt, meta, response_text, usage),
             Msg::Done {
                 rt,
                 attempt,
@@ -827,6 +841,69 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Records a heartbeat of the running attempt: at most every 500 ms, except that data (a
+    /// checkpoint) is stored at once. Stale attempts are ignored.
+    fn task_heartbeat(&mut self, rt: usize, attempt: i64, data: Option<Value>) {
+        let now = now_ms();
+        let r = &self.rts[rt];
+        if r.state != TState::InProgress
+            || r.attempts != attempt
+            || (data.is_none() && now - r.heartbeat_ms < HEARTBEAT_EVERY_MS)
+        {
+            return;
+        }
+        let interval = now - r.heartbeat_ms.max(r.started_ms);
+        let data = data.map(|d| d.to_string());
+        let r = &mut self.rts[rt];
+        r.heartbeat_ms = now;
+        if let Some(d) = &data {
+            r.heartbeat_data = Some(d.clone());
+        }
+        let started = r.started_ms;
+        let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, started, None);
+        a.heartbeat_at_ms = Some(now);
+        a.meta_json = self.rts[rt].attempt_meta.clone();
+        self.batch.push(Write::UpsertAttempt(a));
+        let size = data.as_ref().map_or(0, String::len);
+        let f = Self::with(
+            self.node_fields(rt),
+            json!({"attempt": attempt, "hasData": data.is_some(), "dataSizeBytes": size, "intervalMs": interval}),
+        );
+        self.event(kind::TASK_HEARTBEAT, f);
+    }
+
+    /// Keeps an agent attempt's metadata, reply text and usage for the row its `Done` writes.
+    fn attempt_details(
+        &mut self,
+        rt: usize,
+        attempt: i64,
+        meta: serde_json::Map<String, Value>,
+        response_text: Option<String>,
+        usage: Option<Value>,
+    ) {
+        if self.rts[rt].attempts != attempt {
+            return;
+        }
+        let mut m = match self.rts[rt]
+            .attempt_meta
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        m.extend(meta);
+        self.rts[rt].attempt_meta = Some(Value::Object(m).to_string());
+        self.rts[rt].response_text = response_text;
+        if let Some(u) = usage {
+            let f = Self::with(
+                Self::with(self.node_fields(rt), json!({"attempt": attempt})),
+                u,
+            );
+            self.event(kind::TOKEN_USAGE_REPORTED, f);
         }
     }
 
@@ -897,6 +974,8 @@ impl Driver {
         r.attempts += 1;
         r.started_ms = now;
         r.heartbeat_ms = 0;
+        r.heartbeat_data = None;
+        r.response_text = None;
         r.retry_at_ms = None;
         let attempt = r.attempts;
         let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, now, None);
@@ -990,15 +1069,45 @@ impl Driver {
                 Ok(Started::Spawned)
             }
             TaskKind::Agent(a) => {
-                let attempt = self.begin_attempt(rt, json!({"kind": "agent", "agentId": a.agent}));
-                let started = self.rts[rt].started_ms;
-                let e = SmithersError::new(
-                    Code::TaskFailed,
-                    format!("task `{}` uses agent `{}`, but agent runners are not available in this build", task.id, a.agent),
-                )
-                .terminal();
-                self.record_failure(rt, attempt, started, e);
-                Ok(Started::Changed)
+                let def = self.wf.agent(&a.agent);
+                let meta = agents::start_meta(&a.agent, def.as_ref(), task.timeout_ms);
+                let attempt = self.begin_attempt(rt, meta);
+                let Some(def) = def else {
+                    let started = self.rts[rt].started_ms;
+                    let e = SmithersError::new(
+                        Code::AgentConfigInvalid,
+                        format!(
+                            "task `{}` uses agent `{}`, which the workflow does not declare",
+                            task.id, a.agent
+                        ),
+                    )
+                    .terminal();
+                    self.record_failure(rt, attempt, started, e);
+                    return Ok(Started::Changed);
+                };
+                // the start must be durable before the agent runs
+                self.flush().await?;
+                let cwd = match &a.cwd {
+                    Some(c) => self.cwd.join(c),
+                    None => self.cwd.clone(),
+                };
+                let job = agents::AgentJob {
+                    run_id: self.run_id.to_string(),
+                    node_id: self.rts[rt].key.0.clone(),
+                    iteration: self.rts[rt].key.1,
+                    rt,
+                    attempt,
+                    def,
+                    prompt: a.prompt.clone(),
+                    env: a.env.clone(),
+                    cwd,
+                    base_dir: self.cwd.clone(),
+                    output: task.output.clone(),
+                    timeout_ms: task.timeout_ms,
+                };
+                self.in_flight += 1;
+                agents::spawn(self.sh.clone(), self.tx.clone(), self.cancel.clone(), job);
+                Ok(Started::Spawned)
             }
             TaskKind::Approval(spec) => match self.approval(rt, spec).await? {
                 Gate::Waiting(changed) => Ok(if changed {

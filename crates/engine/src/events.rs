@@ -76,6 +76,7 @@ pub mod kind {
     pub const NODE_WAITING_TIMER: &str = "NodeWaitingTimer";
     pub const NODE_OUTPUT: &str = "NodeOutput";
     pub const TASK_HEARTBEAT: &str = "TaskHeartbeat";
+    pub const TOKEN_USAGE_REPORTED: &str = "TokenUsageReported";
     pub const APPROVAL_REQUESTED: &str = "ApprovalRequested";
     pub const APPROVAL_GRANTED: &str = "ApprovalGranted";
     pub const APPROVAL_DENIED: &str = "ApprovalDenied";

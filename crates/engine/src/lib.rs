@@ -3,6 +3,7 @@
 //! Data flows one way: callers (CLI, gateway) call [`Engine`] methods; the engine writes the
 //! store; committed events go out on a broadcast bus ([`Engine::subscribe`]).
 
+pub mod agents;
 mod clock;
 mod driver;
 pub mod events;

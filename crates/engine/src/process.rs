@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 /// Largest stdout a task may produce (bytes); more fails the attempt.
@@ -39,14 +39,68 @@ pub struct Chunk {
     pub text: String,
 }
 
+/// What a process left behind, whatever its exit status (agents read stdout even when the
+/// CLI failed: the error is often reported there).
+#[derive(Debug)]
+pub struct RawOutput {
+    pub stdout: String,
+    /// The last bytes of stderr, for error messages.
+    pub stderr_tail: String,
+    pub status: std::process::ExitStatus,
+    /// Stdout went past [`MAX_STDOUT_BYTES`]; `stdout` holds the first part only.
+    pub too_big: bool,
+    /// Process group id (= pid of the leader).
+    pub pgid: i32,
+}
+
 /// Runs one attempt. `cancel` turning true kills the process group (TASK_ABORTED); the
 /// timeout does the same (TASK_TIMEOUT). `started` receives the pgid as soon as it exists.
 pub async fn run(
     spec: ProcSpec,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
     chunks: mpsc::UnboundedSender<Chunk>,
     started: impl FnOnce(i32),
 ) -> Result<ProcOutput, SmithersError> {
+    let raw = run_raw(&spec, None, cancel, chunks, started).await?;
+    if !raw.status.success() {
+        let code = raw
+            .status
+            .code()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "a signal".into());
+        let mut msg = format!("`{}` exited with {code}", describe(&spec.command));
+        if !raw.stderr_tail.is_empty() {
+            msg.push_str(&format!("; stderr: {}", raw.stderr_tail));
+        }
+        return Err(SmithersError::new(Code::ProcessFailed, msg));
+    }
+    if raw.too_big {
+        return Err(SmithersError::new(
+            Code::OutputTooLarge,
+            format!(
+                "`{}` wrote more than {MAX_STDOUT_BYTES} bytes to stdout",
+                describe(&spec.command)
+            ),
+        ));
+    }
+    Ok(ProcOutput {
+        stdout: raw.stdout,
+        exit_code: raw.status.code().unwrap_or(0),
+        pgid: raw.pgid,
+    })
+}
+
+/// Runs a process to its end and reports how it ended without judging the exit status.
+/// `stdin`, when given, is written to the process and then closed; otherwise stdin is empty.
+/// Errors only when the process cannot start, times out or is cancelled (in the last two cases
+/// the whole process group is killed first).
+pub async fn run_raw(
+    spec: &ProcSpec,
+    stdin: Option<Vec<u8>>,
+    mut cancel: watch::Receiver<bool>,
+    chunks: mpsc::UnboundedSender<Chunk>,
+    started: impl FnOnce(i32),
+) -> Result<RawOutput, SmithersError> {
     let mut cmd = match &spec.command {
         Cmd::Shell(s) => {
             let mut c = tokio::process::Command::new("sh");
@@ -66,7 +120,11 @@ pub async fn run(
     };
     cmd.current_dir(&spec.cwd)
         .envs(&spec.env)
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -92,6 +150,14 @@ pub async fn run(
     })?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     started(pid);
+    if let (Some(bytes), Some(mut input)) = (stdin, child.stdin.take()) {
+        // a child that exits without reading its input is not an error here: its exit status
+        // tells what happened
+        tokio::spawn(async move {
+            let _ = input.write_all(&bytes).await;
+            let _ = input.shutdown().await;
+        });
+    }
     let out = child.stdout.take();
     let err = child.stderr.take();
     let tx_out = chunks.clone();
@@ -178,32 +244,14 @@ pub async fn run(
             format!("waiting for the task failed: {e}"),
         )
     })?;
-    let tail_text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..])
+    let stderr_tail = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..])
         .trim()
         .to_string();
-    if !status.success() {
-        let code = status
-            .code()
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "a signal".into());
-        let mut msg = format!("`{}` exited with {code}", describe(&spec.command));
-        if !tail_text.is_empty() {
-            msg.push_str(&format!("; stderr: {tail_text}"));
-        }
-        return Err(SmithersError::new(Code::ProcessFailed, msg));
-    }
-    if too_big {
-        return Err(SmithersError::new(
-            Code::OutputTooLarge,
-            format!(
-                "`{}` wrote more than {MAX_STDOUT_BYTES} bytes to stdout",
-                describe(&spec.command)
-            ),
-        ));
-    }
-    Ok(ProcOutput {
+    Ok(RawOutput {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        exit_code: status.code().unwrap_or(0),
+        stderr_tail,
+        status,
+        too_big,
         pgid: pid,
     })
 }
@@ -281,6 +329,20 @@ mod tests {
         tx.send(true).unwrap();
         let e = h.await.unwrap().unwrap_err();
         assert_eq!(e.code, Code::TaskAborted);
+    }
+
+    #[tokio::test]
+    async fn raw_run_feeds_stdin_and_keeps_stdout_of_a_failure() {
+        let (_tx, rx) = watch::channel(false);
+        let (ctx, _crx) = mpsc::unbounded_channel();
+        let s = spec("tr a-z A-Z; echo oops >&2; exit 4", None);
+        let o = run_raw(&s, Some(b"hello".to_vec()), rx, ctx, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(o.stdout, "HELLO");
+        assert_eq!(o.stderr_tail, "oops");
+        assert_eq!(o.status.code(), Some(4));
+        assert!(!o.too_big);
     }
 
     #[tokio::test]
