@@ -6,7 +6,7 @@ use crate::frames::snapshot;
 use crate::{Engine, events, now_ms, owner};
 use serde_json::json;
 use smithers_core::{Code, Result, SmithersError};
-use smithers_store::{Batch, RunPatch, Write, node_state, status};
+use smithers_store::{AuditRow, Batch, RunPatch, Write, audit_result, node_state, status};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ pub struct Rewound {
     pub from_frame_no: i64,
     pub to_frame_no: i64,
     pub deleted_frames: i64,
+    pub deleted_attempts: i64,
+    /// Cached node diffs of the removed attempts.
+    pub invalidated_diffs: i64,
     /// False when the run already was at that frame (nothing changed).
     pub changed: bool,
 }
@@ -24,6 +27,19 @@ impl Engine {
     /// Rewinds `run_id` to `frame_no`. A run driven by this engine is stopped first; a run
     /// driven by another live engine is refused (`RUN_STILL_RUNNING`).
     pub async fn rewind(&self, run_id: &str, frame_no: i64, caller: &str) -> Result<Rewound> {
+        self.rewind_with(run_id, frame_no, caller, |_| Vec::new())
+            .await
+    }
+
+    /// [`Engine::rewind`], committing `extra(&outcome)` (e.g. the audit row's final state) in
+    /// the same transaction as the rewind itself, so the two cannot disagree after a crash.
+    pub async fn rewind_with(
+        &self,
+        run_id: &str,
+        frame_no: i64,
+        caller: &str,
+        extra: impl FnOnce(&Rewound) -> Vec<Write>,
+    ) -> Result<Rewound> {
         let store = self.store().clone();
         let run = store.get_run(run_id).await?.ok_or_else(|| {
             SmithersError::new(Code::RunNotFound, format!("run `{run_id}` not found"))
@@ -46,6 +62,8 @@ impl Engine {
                 from_frame_no: latest,
                 to_frame_no: frame_no,
                 deleted_frames: 0,
+                deleted_attempts: 0,
+                invalidated_diffs: 0,
                 changed: false,
             });
         }
@@ -87,6 +105,39 @@ impl Engine {
             )
         })?;
         let snap = snapshot::at_frame(store.as_ref(), run_id, frame_no).await?;
+        // the run is stopped, so nothing adds attempts or diffs between these reads and the
+        // commit. An attempt belongs to the future when the frame's snapshot does not know it:
+        // started after the frame, or in the same millisecond but after the render.
+        let cutoff = frame.created_at_ms;
+        let known = |node: &str, iteration: i64| {
+            snap.nodes
+                .get(&format!("{node}::{iteration}"))
+                .and_then(|n| n.get("lastAttempt"))
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(0)
+        };
+        let doomed: Vec<(String, i64, i64)> = store
+            .list_attempts(run_id)
+            .await?
+            .into_iter()
+            .filter(|a| a.started_at_ms > cutoff || a.attempt > known(&a.node_id, a.iteration))
+            .map(|a| (a.node_id, a.iteration, a.attempt))
+            .collect();
+        let deleted_attempts = doomed.len() as i64;
+        let invalidated_diffs = store
+            .list_node_diff_attempts(run_id)
+            .await?
+            .iter()
+            .filter(|k| doomed.contains(k))
+            .count() as i64;
+        let outcome = Rewound {
+            from_frame_no: latest,
+            to_frame_no: frame_no,
+            deleted_frames: latest - frame_no,
+            deleted_attempts,
+            invalidated_diffs,
+            changed: true,
+        };
         let now = now_ms();
         let mut b = Batch::new();
         b.push(Write::ClearRunState {
@@ -96,9 +147,17 @@ impl Engine {
             run_id: run_id.to_string(),
             frame_no,
         });
+        for (node_id, iteration, attempt) in doomed {
+            b.push(Write::DeleteAttempt {
+                run_id: run_id.to_string(),
+                node_id,
+                iteration,
+                attempt,
+            });
+        }
         b.push(Write::DeleteAttemptsAfter {
             run_id: run_id.to_string(),
-            started_after_ms: frame.created_at_ms,
+            started_after_ms: cutoff,
         });
         // finished, skipped and failed steps stay as they were; anything in motion is asked again
         let restore = snapshot::restore_writes(&snap, run_id, now, |st, has_output| {
@@ -136,15 +195,67 @@ impl Engine {
             event_type: ev.event_type.to_string(),
             payload_json: ev.payload.to_string(),
         });
+        for w in extra(&outcome) {
+            b.push(w);
+        }
         let applied = store.apply(b).await?;
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(run_id), *seq, ev);
         }
-        Ok(Rewound {
-            from_frame_no: latest,
-            to_frame_no: frame_no,
-            deleted_frames: latest - frame_no,
-            changed: true,
-        })
+        Ok(outcome)
+    }
+
+    /// Writes a time-travel audit row (insert, or update of the same id).
+    pub async fn record_audit(&self, row: AuditRow) -> Result<()> {
+        let mut b = Batch::new();
+        b.push(Write::UpsertAudit(row));
+        self.store().apply(b).await.map(|_| ())
+    }
+
+    /// Marks a run `needs-attention` after a rewind that changed it but did not finish: it is
+    /// neither resumed automatically nor treated as ended, so a person looks at it.
+    pub async fn mark_needs_attention(&self, run_id: &str, message: &str) -> Result<()> {
+        let now = now_ms();
+        let mut b = Batch::new();
+        b.push(Write::UpdateRun {
+            run_id: run_id.to_string(),
+            patch: RunPatch {
+                status: Some(status::NEEDS_ATTENTION.into()),
+                runtime_owner_id: Some(None),
+                error_json: Some(Some(
+                    json!({
+                        "code": "RewindFailed",
+                        "needsAttention": true,
+                        "message": message,
+                        "timestampMs": now,
+                    })
+                    .to_string(),
+                )),
+                ..Default::default()
+            },
+        });
+        self.store().apply(b).await.map(|_| ())
+    }
+
+    /// At startup: audit rows left `in_progress` by a crash become `partial`, and their runs
+    /// `needs-attention`. Returns the affected run ids.
+    pub async fn recover_interrupted_rewinds(&self) -> Result<Vec<String>> {
+        let open = self
+            .store()
+            .list_audits(None, Some(audit_result::IN_PROGRESS))
+            .await?;
+        let mut runs = Vec::new();
+        for mut a in open {
+            a.result = audit_result::PARTIAL.into();
+            a.duration_ms = (now_ms() - a.timestamp_ms).max(0);
+            let run_id = a.run_id.clone();
+            self.record_audit(a).await?;
+            if self.store().get_run(&run_id).await?.is_some() {
+                self.mark_needs_attention(&run_id, "Rewind was in_progress at startup.")
+                    .await?;
+                runs.push(run_id);
+            }
+        }
+        Ok(runs)
     }
 }

@@ -220,19 +220,13 @@ pub fn tree(frame: &Value) -> Value {
     b.node(frame, &fragment(frame), 0)
 }
 
-fn valid_run_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 /// `getDevToolsSnapshot {runId, frameNo?}`.
 pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Value, RpcError> {
     let run_id = match p.get("runId").and_then(Value::as_str) {
         Some(r) if !r.is_empty() => r,
         _ => return Err(RpcError::new("InvalidRunId", "runId is required")),
     };
-    if !valid_run_id(run_id) {
+    if !crate::stream::valid_run_id(run_id) {
         return Err(RpcError::new(
             "InvalidRunId",
             "runId must match /^[a-z0-9_-]{1,64}$/.",
@@ -250,23 +244,8 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
             }
         },
     };
-    if let Some(c) = caller.conn {
-        let allowed = c
-            .filter
-            .read()
-            .map(|f| {
-                f.as_ref()
-                    .is_none_or(|set| set.is_empty() || set.contains(run_id))
-            })
-            .unwrap_or(true);
-        if !allowed {
-            return Err(RpcError::new(
-                "Unauthorized",
-                "Connection is not subscribed to this runId.",
-            ));
-        }
-    }
-    let Some(run) = gw.store.get_run(run_id).await? else {
+    check_subscribed(caller, run_id)?;
+    if gw.store.get_run(run_id).await?.is_none() {
         return Err(RpcError::new(
             "RunNotFound",
             format!("Run not found: {run_id}"),
@@ -302,6 +281,41 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
         let v: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
         (n, tree(&v))
     };
+    let state = run_state_of(gw, run_id).await?;
+    Ok(
+        json!({"version": 1, "runId": run_id, "frameNo": no, "seq": no, "root": root, "runState": state}),
+    )
+}
+
+/// A connection that narrowed its subscriptions may only look at those runs.
+pub fn check_subscribed(caller: &Caller<'_>, run_id: &str) -> Result<(), RpcError> {
+    if let Some(c) = caller.conn {
+        let allowed = c
+            .filter
+            .read()
+            .map(|f| {
+                f.as_ref()
+                    .is_none_or(|set| set.is_empty() || set.contains(run_id))
+            })
+            .unwrap_or(true);
+        if !allowed {
+            return Err(RpcError::new(
+                "Unauthorized",
+                "Connection is not subscribed to this runId.",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `runState` view appended to snapshots (gateway-protocol §1.11).
+pub async fn run_state_of(gw: &Gateway, run_id: &str) -> Result<Value, RpcError> {
+    let Some(run) = gw.store.get_run(run_id).await? else {
+        return Err(RpcError::new(
+            "RunNotFound",
+            format!("Run not found: {run_id}"),
+        ));
+    };
     let nodes = gw.store.list_nodes(run_id).await?;
     let approvals = gw.store.list_approvals(run_id).await?;
     let timer = if run.status == "waiting-timer" {
@@ -309,11 +323,13 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
     } else {
         None
     };
-    let state =
-        crate::shapes::run_state(&run, &nodes, &approvals, timer, smithers_engine::now_ms());
-    Ok(
-        json!({"version": 1, "runId": run_id, "frameNo": no, "seq": no, "root": root, "runState": state}),
-    )
+    Ok(crate::shapes::run_state(
+        &run,
+        &nodes,
+        &approvals,
+        timer,
+        smithers_engine::now_ms(),
+    ))
 }
 
 #[cfg(test)]

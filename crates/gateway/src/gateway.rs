@@ -65,6 +65,13 @@ pub enum Outbound {
         payload_json: Arc<str>,
         state_version: u64,
     },
+    /// A stream event whose bytes count toward the connection's unsent total until written
+    /// (DevTools streams hold back while it is over their high-water mark).
+    Counted {
+        event: &'static str,
+        payload_json: Arc<str>,
+        state_version: u64,
+    },
     /// Event with an owned name (devtools and other dynamic events).
     NamedEvent {
         event: String,
@@ -82,6 +89,8 @@ pub struct ConnShared {
     /// `None` = every run; `Some(set)` = only these runs (an empty set means every run too).
     pub filter: RwLock<Option<HashSet<String>>>,
     pub tx: mpsc::UnboundedSender<Outbound>,
+    /// Bytes of [`Outbound::Counted`] events queued and not yet written to the socket.
+    pub queued_bytes: Arc<AtomicUsize>,
 }
 
 impl ConnShared {
@@ -123,6 +132,10 @@ pub struct Gateway {
     conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
     /// Workflow key of each run driven through this gateway (for metric labels).
     run_keys: Mutex<HashMap<String, String>>,
+    /// Runs with a `jumpToFrame` in flight (the per-run rewind lock).
+    pub(crate) rewinding: Mutex<HashSet<String>>,
+    /// Open `streamDevTools` streams.
+    pub streams: crate::stream::Registry,
     /// The hello snapshot read shared by concurrent `connect`s.
     pub(crate) hello_snapshots: crate::ws::SharedSnapshot,
 }
@@ -155,6 +168,8 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
+            rewinding: Mutex::new(HashSet::new()),
+            streams: Default::default(),
             hello_snapshots: Default::default(),
         })
     }
@@ -167,7 +182,11 @@ impl Gateway {
         self.started.elapsed().as_millis() as u64
     }
 
-    pub fn register_conn(&self, tx: mpsc::UnboundedSender<Outbound>) -> Arc<ConnShared> {
+    pub fn register_conn(
+        &self,
+        tx: mpsc::UnboundedSender<Outbound>,
+        queued_bytes: Arc<AtomicUsize>,
+    ) -> Arc<ConnShared> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let c = Arc::new(ConnShared {
             id,
@@ -175,6 +194,7 @@ impl Gateway {
             grant: RwLock::new(None),
             filter: RwLock::new(None),
             tx,
+            queued_bytes,
         });
         if let Ok(mut m) = self.conns.write() {
             m.insert(id, c.clone());
@@ -463,6 +483,10 @@ pub fn map_event(
         "RunCancelled" => (
             "run.completed",
             json!({"runId": run_id, "status": "cancelled"}),
+        ),
+        "TimeTravelJumped" => (
+            "run.time_travel_jumped",
+            json!({"runId": run_id, "fromFrameNo": field("fromFrameNo"), "toFrameNo": field("toFrameNo"), "caller": field("caller")}),
         ),
         _ => return None,
     };

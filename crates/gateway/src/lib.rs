@@ -11,13 +11,16 @@ pub mod webhook;
 pub mod config;
 pub mod cron_loop;
 pub mod devtools;
+pub mod devtools_diff;
 pub mod frames;
 pub mod gateway;
 pub mod http;
+pub mod jump;
 pub mod node_output;
 pub mod rpc;
 pub mod serve;
 pub mod shapes;
+pub mod stream;
 pub mod webhooks;
 pub mod ws;
 

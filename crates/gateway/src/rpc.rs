@@ -268,6 +268,8 @@ pub async fn call(
         }
         "getNodeOutput" | "devtools.getNodeOutput" => crate::node_output::get(gw, &p).await,
         "getDevToolsSnapshot" => crate::devtools::snapshot(gw, caller, &p).await,
+        "streamDevTools" => crate::stream::start(gw, caller, transport == Transport::Ws, &p).await,
+        "jumpToFrame" | "devtools.jumpToFrame" => crate::jump::jump_to_frame(gw, caller, &p).await,
         "runs.fork" => {
             let id = req_str(&p, "runId", "runId is required")?;
             let frame = non_negative(p.get("frameNo"), "frameNo")?

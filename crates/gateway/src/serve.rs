@@ -53,6 +53,17 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
             }
         }));
     }
+    // a rewind cut short by a crash: its run waits for a person instead of being resumed
+    match gw.engine.recover_interrupted_rewinds().await {
+        Ok(runs) => {
+            for r in runs {
+                eprintln!(
+                    "smithers: run {r} was being rewound when the server stopped; it is now needs-attention (inspect it, then `smithers resume {r}`)"
+                );
+            }
+        }
+        Err(e) => eprintln!("smithers: could not check for interrupted rewinds: {e}"),
+    }
     // runs orphaned by a dead engine (ours before a restart, or another node's)
     {
         let g = gw.clone();

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use smithers_store::status;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -53,9 +53,10 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
         1.0,
     );
     let (tx, rx) = mpsc::unbounded_channel();
-    let conn = gw.register_conn(tx.clone());
+    let queued = Arc::new(AtomicUsize::new(0));
+    let conn = gw.register_conn(tx.clone(), queued.clone());
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx));
+    let writer = tokio::spawn(write_loop(sink, rx, queued));
     let _ = tx.send(Outbound::Event {
         event: "connect.challenge",
         payload: Arc::new(
@@ -102,6 +103,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
         hb.abort();
     }
     gw.unregister_conn(conn.id);
+    gw.streams.close_conn(conn.id);
     drop(tx);
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -124,7 +126,11 @@ type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 /// hold its worker for long.
 const WRITE_BATCH: usize = 64;
 
-async fn write_loop(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+async fn write_loop(
+    mut sink: Sink,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+) {
     use futures_util::SinkExt;
     let mut seq: u64 = 0;
     'outer: while let Some(first) = rx.recv().await {
@@ -157,6 +163,17 @@ async fn write_loop(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Outbound>) {
                 } => {
                     seq += 1;
                     frames::event(&event, &payload, seq, state_version)
+                }
+                Outbound::Counted {
+                    event,
+                    payload_json,
+                    state_version,
+                } => {
+                    seq += 1;
+                    let text = frames::event_json(event, &payload_json, seq, state_version);
+                    // handed to the socket once fed; the sink applies its own backpressure
+                    queued.fetch_sub(payload_json.len(), Ordering::AcqRel);
+                    text
                 }
                 Outbound::Close(code, why) => {
                     let _ = sink

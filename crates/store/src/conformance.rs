@@ -2028,4 +2028,34 @@ pub async fn node_diffs_cache_and_rewind(store: &dyn Store) {
     .await;
     assert_eq!(ok(store.count_node_diffs_after("r1", 0).await, "count"), 1);
     assert!(ok(store.get_node_diff("r1", "a", 0, 1, "base").await, "get").is_some());
+    // deleting one attempt takes its diffs with it
+    apply(
+        store,
+        vec![
+            Write::UpsertAttempt(attempt("r1", "a", 0, 1, 10)),
+            Write::UpsertAttempt(attempt("r1", "a", 0, 2, 30)),
+            Write::UpsertNodeDiff(row("a", 2, 30)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ok(store.list_node_diff_attempts("r1").await, "list"),
+        vec![("a".to_string(), 0, 1), ("a".to_string(), 0, 2)]
+    );
+    apply(
+        store,
+        vec![Write::DeleteAttempt {
+            run_id: "r1".into(),
+            node_id: "a".into(),
+            iteration: 0,
+            attempt: 2,
+        }],
+    )
+    .await;
+    assert_eq!(
+        ok(store.list_node_diff_attempts("r1").await, "list"),
+        vec![("a".to_string(), 0, 1)]
+    );
+    let left = ok(store.list_attempts("r1").await, "attempts");
+    assert_eq!(left.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![1]);
 }

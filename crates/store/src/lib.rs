@@ -67,6 +67,13 @@ pub enum Write {
     /// Inserts a time-travel audit row, or updates its frames, result and duration.
     UpsertAudit(AuditRow),
     UpsertNodeDiff(NodeDiffRow),
+    /// Rewind: deletes one attempt and its cached node diffs.
+    DeleteAttempt {
+        run_id: String,
+        node_id: String,
+        iteration: i64,
+        attempt: i64,
+    },
     /// Rewind: deletes cached node diffs of attempts started after `started_after_ms`.
     DeleteNodeDiffsAfter {
         run_id: String,
@@ -281,6 +288,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<NodeDiffRow>>;
     /// How many cached diffs belong to attempts started after `started_after_ms`.
     async fn count_node_diffs_after(&self, run_id: &str, started_after_ms: i64) -> Result<i64>;
+    /// `(node_id, iteration, attempt)` of every cached diff of a run (one entry per diff row).
+    async fn list_node_diff_attempts(&self, run_id: &str) -> Result<Vec<(String, i64, i64)>>;
 
     /// Inserts a cron, or on an existing `cron_id` updates only `pattern`, `workflow_path`,
     /// `enabled` and `next_run_at_ms` (creation time, last run and error are kept).

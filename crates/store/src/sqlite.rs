@@ -1274,6 +1274,21 @@ fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
                 d.created_at_ms
             ])?;
         }
+        Write::DeleteAttempt {
+            run_id,
+            node_id,
+            iteration,
+            attempt,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM _smithers_attempts WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3 AND attempt = ?4",
+            )?
+            .execute(params![run_id, node_id, iteration, attempt])?;
+            conn.prepare_cached(
+                "DELETE FROM _smithers_node_diffs WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3 AND attempt = ?4",
+            )?
+            .execute(params![run_id, node_id, iteration, attempt])?;
+        }
         Write::DeleteNodeDiffsAfter {
             run_id,
             started_after_ms,
@@ -2418,6 +2433,19 @@ impl Store for SqliteStore {
                 "SELECT COUNT(*) FROM _smithers_node_diffs WHERE run_id = ?1 AND attempt_started_at_ms > ?2",
             )?
             .query_row(params![run, started_after_ms], |r| r.get::<_, i64>(0))?)
+        })
+        .await
+    }
+
+    async fn list_node_diff_attempts(&self, run_id: &str) -> Result<Vec<(String, i64, i64)>> {
+        let run = run_id.to_string();
+        self.read("list_node_diff_attempts", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT node_id, iteration, attempt FROM _smithers_node_diffs WHERE run_id = ?1
+                 ORDER BY node_id, iteration, attempt",
+            )?;
+            let rows = st.query_map(params![run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

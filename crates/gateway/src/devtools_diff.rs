@@ -1,0 +1,242 @@
+//! DevTools deltas (gateway-protocol §1.12): the operations that turn one DevTools tree into
+//! the next, so a client watching a run receives only what changed.
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+
+struct Info<'a> {
+    parent: Option<u64>,
+    index: usize,
+    depth: u64,
+    node: &'a Value,
+}
+
+fn id_of(n: &Value) -> u64 {
+    n.get("id").and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn shape(n: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
+    (n.get("type"), n.get("name"), n.get("depth"))
+}
+
+fn children(n: &Value) -> &[Value] {
+    n.get("children")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn index<'a>(root: &'a Value) -> (HashMap<u64, Info<'a>>, Vec<u64>) {
+    let mut map = HashMap::new();
+    let mut order = Vec::new();
+    let mut stack = vec![(root, None, 0usize, 0u64)];
+    while let Some((n, parent, i, depth)) = stack.pop() {
+        let id = id_of(n);
+        order.push(id);
+        map.insert(
+            id,
+            Info {
+                parent,
+                index: i,
+                depth,
+                node: n,
+            },
+        );
+        for (ci, c) in children(n).iter().enumerate().rev() {
+            stack.push((c, Some(id), ci, depth + 1));
+        }
+    }
+    (map, order)
+}
+
+/// Operations turning tree `a` into tree `b` (both DevToolsNode roots): removals deepest
+/// first, then additions of whole subtrees shallowest first, then prop and task updates.
+pub fn ops(a: &Value, b: &Value) -> Vec<Value> {
+    if id_of(a) != id_of(b) || shape(a) != shape(b) {
+        return vec![json!({"op": "replaceRoot", "node": b})];
+    }
+    let (ia, order_a) = index(a);
+    let (ib, order_b) = index(b);
+    let moved = |x: &Info, y: &Info| {
+        x.parent != y.parent || x.index != y.index || shape(x.node) != shape(y.node)
+    };
+    let mut removed: Vec<(u64, u64)> = Vec::new();
+    for id in &order_a {
+        let x = &ia[id];
+        match ib.get(id) {
+            Some(y) if !moved(x, y) => {}
+            _ => removed.push((x.depth, *id)),
+        }
+    }
+    // stable: among equal depths keep document order
+    removed.sort_by_key(|p| std::cmp::Reverse(p.0));
+    let mut added = std::collections::HashSet::new();
+    for id in &order_b {
+        let y = &ib[id];
+        match ia.get(id) {
+            Some(x) if !moved(x, y) => {}
+            _ => {
+                added.insert(*id);
+            }
+        }
+    }
+    let mut out: Vec<Value> = removed
+        .iter()
+        .map(|(_, id)| json!({"op": "removeNode", "id": id}))
+        .collect();
+    let mut adds: Vec<(u64, u64)> = order_b
+        .iter()
+        .filter(|id| added.contains(id))
+        .filter(|id| ib[id].parent.is_none_or(|p| !added.contains(&p)))
+        .map(|id| (ib[id].depth, *id))
+        .collect();
+    adds.sort_by_key(|p| p.0);
+    for (_, id) in adds {
+        let y = &ib[&id];
+        out.push(json!({"op": "addNode", "parentId": y.parent, "index": y.index, "node": y.node}));
+    }
+    for id in &order_b {
+        if added.contains(id) {
+            continue;
+        }
+        let (Some(x), Some(y)) = (ia.get(id), ib.get(id)) else {
+            continue;
+        };
+        if x.node.get("props") != y.node.get("props") {
+            out.push(json!({"op": "updateProps", "id": id, "props": y.node.get("props").cloned().unwrap_or(json!({}))}));
+        }
+        if x.node.get("task") != y.node.get("task") {
+            out.push(json!({"op": "updateTask", "id": id, "task": y.node.get("task").cloned().unwrap_or(Value::Null)}));
+        }
+    }
+    out
+}
+
+/// Applies operations to a tree (what a client does); used to check [`ops`] round-trips.
+pub fn apply(root: &Value, ops: &[Value]) -> Result<Value, String> {
+    let mut root = root.clone();
+    for op in ops {
+        match op.get("op").and_then(Value::as_str) {
+            Some("replaceRoot") => {
+                root = op.get("node").cloned().ok_or("replaceRoot without node")?;
+            }
+            Some("removeNode") => {
+                let id = op
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .ok_or("removeNode id")?;
+                remove(&mut root, id);
+            }
+            Some("addNode") => {
+                let parent = op
+                    .get("parentId")
+                    .and_then(Value::as_u64)
+                    .ok_or("addNode parentId")?;
+                let index = op
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .ok_or("addNode index")? as usize;
+                let node = op.get("node").cloned().ok_or("addNode node")?;
+                let p = find_mut(&mut root, parent).ok_or(format!("no parent {parent}"))?;
+                let kids = p
+                    .get_mut("children")
+                    .and_then(Value::as_array_mut)
+                    .ok_or("parent without children")?;
+                if index > kids.len() {
+                    return Err(format!("index {index} past {} children", kids.len()));
+                }
+                kids.insert(index, node);
+            }
+            Some(k @ ("updateProps" | "updateTask")) => {
+                let id = op.get("id").and_then(Value::as_u64).ok_or("update id")?;
+                let field = if k == "updateProps" { "props" } else { "task" };
+                let n = find_mut(&mut root, id).ok_or(format!("no node {id}"))?;
+                let v = op.get(field).cloned().unwrap_or(Value::Null);
+                if let Some(o) = n.as_object_mut() {
+                    if v.is_null() {
+                        o.remove(field);
+                    } else {
+                        o.insert(field.into(), v);
+                    }
+                }
+            }
+            other => return Err(format!("unknown op {other:?}")),
+        }
+    }
+    Ok(root)
+}
+
+fn remove(n: &mut Value, id: u64) -> bool {
+    let Some(kids) = n.get_mut("children").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    if let Some(i) = kids.iter().position(|c| id_of(c) == id) {
+        kids.remove(i);
+        return true;
+    }
+    kids.iter_mut().any(|c| remove(c, id))
+}
+
+fn find_mut(n: &mut Value, id: u64) -> Option<&mut Value> {
+    if id_of(n) == id {
+        return Some(n);
+    }
+    n.get_mut("children")?
+        .as_array_mut()?
+        .iter_mut()
+        .find_map(|c| find_mut(c, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devtools::tree;
+
+    fn task(id: &str, label: &str) -> Value {
+        json!({"kind": "element", "tag": "smithers:task", "props": {"id": id, "label": label}, "children": []})
+    }
+    fn wf(children: Vec<Value>) -> Value {
+        json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "w"}, "children": children})
+    }
+
+    #[test]
+    fn identical_trees_have_no_ops() {
+        let t = tree(&wf(vec![task("a::0", "x")]));
+        assert!(ops(&t, &t).is_empty());
+    }
+
+    #[test]
+    fn label_change_is_a_prop_and_task_update() {
+        let a = tree(&wf(vec![task("a::0", "x")]));
+        let b = tree(&wf(vec![task("a::0", "y")]));
+        let d = ops(&a, &b);
+        let kinds: Vec<&str> = d.iter().filter_map(|o| o["op"].as_str()).collect();
+        assert_eq!(kinds, vec!["updateProps", "updateTask"]);
+        assert_eq!(apply(&a, &d).unwrap(), b);
+    }
+
+    #[test]
+    fn removals_come_first_and_additions_carry_subtrees() {
+        let seq = |kids: Vec<Value>| json!({"kind": "element", "tag": "smithers:sequence", "props": {"id": "s"}, "children": kids});
+        let a = tree(&wf(vec![task("a::0", "x"), task("b::0", "x")]));
+        let b = tree(&wf(vec![
+            task("b::0", "x"),
+            seq(vec![task("c::0", "x"), task("d::0", "x")]),
+        ]));
+        let d = ops(&a, &b);
+        let kinds: Vec<&str> = d.iter().filter_map(|o| o["op"].as_str()).collect();
+        // a removed; b moved from index 1 to 0 (remove + add); the sequence added with its kids
+        assert_eq!(
+            kinds,
+            vec!["removeNode", "removeNode", "addNode", "addNode"]
+        );
+        assert_eq!(apply(&a, &d).unwrap(), b);
+    }
+
+    #[test]
+    fn a_different_root_is_replaced() {
+        let a = tree(&wf(vec![]));
+        let b = crate::devtools::empty_root();
+        assert_eq!(ops(&a, &b), vec![json!({"op": "replaceRoot", "node": b})]);
+    }
+}

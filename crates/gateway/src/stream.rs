@@ -1,0 +1,519 @@
+//! `streamDevTools` (gateway-protocol §1.13): a live DevTools tree of one run over a WebSocket,
+//! as a snapshot followed by one delta per frame, re-baselined with a fresh snapshot after 49
+//! deltas in a row, when a delta would not be smaller, and after a rewind.
+//!
+//! Each stream owns a bounded queue. Events leave it for the socket only while the
+//! connection's unsent bytes stay under the high-water mark, so a client that stops reading
+//! ends its streams (`BackpressureDisconnect`) instead of growing the server's memory; the
+//! socket and the connection's other streams carry on.
+
+use crate::devtools;
+use crate::error::RpcError;
+use crate::gateway::{Caller, ConnShared, Gateway, Outbound};
+use crate::metrics::names;
+use serde_json::{Value, json};
+use sha1::{Digest, Sha1};
+use smithers_store::FrameRow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// How often a stream looks for new frames.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// How often a stream blocked on a full socket retries.
+pub const BLOCKED_RETRY: Duration = Duration::from_millis(10);
+/// Events a stream may hold while its socket is above the high-water mark.
+pub const QUEUE_LIMIT: usize = 1000;
+/// Unsent bytes on a connection above which streams hold their events back.
+pub const HIGH_WATER_BYTES: usize = 8 * 1024 * 1024;
+/// At most this many events in a row without a snapshot (the 50th is a snapshot).
+pub const REBASELINE_INTERVAL: u32 = 50;
+const MAX_FROM_SEQ: f64 = 9_007_199_254_740_991.0;
+
+/// One open stream, as the registry sees it.
+pub struct StreamCtl {
+    pub id: String,
+    pub run_id: String,
+    pub conn_id: u64,
+    invalidated: AtomicBool,
+    /// Frame a rewind went back to (-1: none pending): the next event is its snapshot.
+    rebase_to: AtomicI64,
+    stopped: AtomicBool,
+    wake: Notify,
+}
+
+/// Open streams of every connection: for subscriber gauges, rewind re-baselines and closing
+/// the streams of a socket that went away.
+#[derive(Default)]
+pub struct Registry {
+    streams: Mutex<HashMap<String, Arc<StreamCtl>>>,
+}
+
+/// The gauge label of a run: the first 12 hex digits of sha1(runId), as upstream.
+pub fn run_label(run_id: &str) -> String {
+    let d = Sha1::digest(run_id.as_bytes());
+    hex::encode(d)[..12].to_string()
+}
+
+impl Registry {
+    fn count(&self, run_id: &str) -> usize {
+        self.streams
+            .lock()
+            .map(|m| m.values().filter(|s| s.run_id == run_id).count())
+            .unwrap_or(0)
+    }
+
+    fn add(&self, gw: &Gateway, ctl: Arc<StreamCtl>) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.insert(ctl.id.clone(), ctl.clone());
+        }
+        self.publish_count(gw, &ctl.run_id);
+    }
+
+    fn remove(&self, gw: &Gateway, ctl: &StreamCtl) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.remove(&ctl.id);
+        }
+        self.publish_count(gw, &ctl.run_id);
+    }
+
+    fn publish_count(&self, gw: &Gateway, run_id: &str) {
+        let n = self.count(run_id);
+        gw.metrics.set_gauge(
+            names::DEVTOOLS_ACTIVE_SUBSCRIBERS,
+            &[("runId", &run_label(run_id))],
+            n as f64,
+        );
+    }
+
+    /// After a rewind to `frame_no`: every open stream of the run sends that frame's snapshot
+    /// next, then carries on from there.
+    pub fn invalidate(&self, run_id: &str, frame_no: i64) {
+        if let Ok(m) = self.streams.lock() {
+            for s in m.values().filter(|s| s.run_id == run_id) {
+                s.invalidated.store(true, Ordering::Release);
+                s.rebase_to.store(frame_no, Ordering::Release);
+                s.wake.notify_one();
+            }
+        }
+    }
+
+    /// The socket closed: its streams end.
+    pub fn close_conn(&self, conn_id: u64) {
+        if let Ok(m) = self.streams.lock() {
+            for s in m.values().filter(|s| s.conn_id == conn_id) {
+                s.stopped.store(true, Ordering::Release);
+                s.wake.notify_one();
+            }
+        }
+    }
+
+    /// Open streams of a run (for tests and metrics).
+    pub fn active(&self, run_id: &str) -> usize {
+        self.count(run_id)
+    }
+}
+
+pub(crate) fn valid_run_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `streamDevTools {runId, fromSeq?}`: validates, starts the stream and returns its id.
+pub async fn start(
+    gw: &Arc<Gateway>,
+    caller: &Caller<'_>,
+    ws: bool,
+    p: &Value,
+) -> Result<Value, RpcError> {
+    let r = validate(gw, caller, ws, p).await;
+    let outcome = if r.is_ok() { "ok" } else { "error" };
+    gw.metrics
+        .inc(names::DEVTOOLS_SUBSCRIBE_TOTAL, &[("result", outcome)]);
+    let (run_id, from_seq, conn) = r?;
+    let ctl = Arc::new(StreamCtl {
+        id: uuid::Uuid::new_v4().to_string(),
+        run_id: run_id.clone(),
+        conn_id: conn.id,
+        invalidated: AtomicBool::new(false),
+        rebase_to: AtomicI64::new(-1),
+        stopped: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    gw.streams.add(gw, ctl.clone());
+    let reply = json!({"streamId": ctl.id, "runId": run_id, "fromSeq": from_seq});
+    let producer = Producer {
+        gw: gw.clone(),
+        conn,
+        ctl,
+        queue: VecDeque::new(),
+        last_seen: 0,
+        last_tree: None,
+        doc: None,
+        in_a_row: 0,
+    };
+    tokio::spawn(producer.run(from_seq));
+    Ok(reply)
+}
+
+async fn validate(
+    gw: &Arc<Gateway>,
+    caller: &Caller<'_>,
+    ws: bool,
+    p: &Value,
+) -> Result<(String, Option<i64>, Arc<ConnShared>), RpcError> {
+    let conn = match (ws, caller.conn) {
+        (true, Some(c)) => c.clone(),
+        _ => {
+            return Err(RpcError::new(
+                "INVALID_REQUEST",
+                "streamDevTools is only supported over websocket connections",
+            ));
+        }
+    };
+    let run_id = match p.get("runId").and_then(Value::as_str) {
+        Some(r) if !r.is_empty() => r.to_string(),
+        _ => return Err(RpcError::new("InvalidRunId", "runId is required")),
+    };
+    if !valid_run_id(&run_id) {
+        return Err(RpcError::new(
+            "InvalidRunId",
+            "runId must match /^[a-z0-9_-]{1,64}$/.",
+        ));
+    }
+    let from_seq = match p.get("fromSeq") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(n) if n.fract() == 0.0 && (0.0..=MAX_FROM_SEQ).contains(&n) => Some(n as i64),
+            _ => {
+                return Err(RpcError::new(
+                    "SeqOutOfRange",
+                    "fromSeq must be a non-negative integer.",
+                ));
+            }
+        },
+    };
+    devtools::check_subscribed(caller, &run_id)?;
+    if gw.store.get_run(&run_id).await?.is_none() {
+        return Err(RpcError::new(
+            "RunNotFound",
+            format!("Run not found: {run_id}"),
+        ));
+    }
+    if let Some(f) = from_seq {
+        let latest = gw.store.last_frame_no(&run_id).await?;
+        if f > latest {
+            return Err(RpcError::new(
+                "SeqOutOfRange",
+                format!("fromSeq {f} is newer than current seq {latest}"),
+            ));
+        }
+    }
+    Ok((run_id, from_seq, conn))
+}
+
+/// Why a stream ended early.
+enum End {
+    /// The socket closed or went away: nothing to tell anyone.
+    Closed,
+    /// Report to the client as `devtools.error`.
+    Error(RpcError),
+}
+
+impl From<smithers_core::SmithersError> for End {
+    fn from(e: smithers_core::SmithersError) -> Self {
+        End::Error(RpcError::new(
+            "SERVER_ERROR",
+            format!("stream failed: {}", e.message),
+        ))
+    }
+}
+
+impl From<RpcError> for End {
+    fn from(e: RpcError) -> Self {
+        End::Error(e)
+    }
+}
+
+struct Producer {
+    gw: Arc<Gateway>,
+    conn: Arc<ConnShared>,
+    ctl: Arc<StreamCtl>,
+    /// Serialized `devtools.event` payloads not yet handed to the socket.
+    queue: VecDeque<Arc<str>>,
+    /// Frame number of the last event produced.
+    last_seen: i64,
+    /// Tree of that frame (the base of the next delta).
+    last_tree: Option<Value>,
+    /// Inflated frame JSON of the last frame read, to apply the next stored delta to.
+    doc: Option<(i64, Value)>,
+    /// Events since the last snapshot.
+    in_a_row: u32,
+}
+
+impl Producer {
+    async fn run(mut self, from_seq: Option<i64>) {
+        let end = self.drive(from_seq).await;
+        if let Err(End::Error(e)) = end {
+            let payload = json!({
+                "streamId": self.ctl.id,
+                "runId": self.ctl.run_id,
+                "error": {"code": e.code, "message": e.message},
+            });
+            let _ = self.conn.tx.send(Outbound::Event {
+                event: "devtools.error",
+                payload: Arc::new(payload),
+                state_version: self.gw.state_version(),
+            });
+        }
+        self.gw.streams.remove(&self.gw, &self.ctl);
+    }
+
+    async fn drive(&mut self, from_seq: Option<i64>) -> Result<(), End> {
+        self.initial(from_seq).await?;
+        loop {
+            self.flush()?;
+            if self.ctl.stopped.load(Ordering::Acquire) || self.conn.tx.is_closed() {
+                return Err(End::Closed);
+            }
+            let wait = if self.queue.is_empty() {
+                POLL_INTERVAL
+            } else {
+                BLOCKED_RETRY
+            };
+            tokio::select! {
+                _ = self.ctl.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.ctl.stopped.load(Ordering::Acquire) {
+                return Err(End::Closed);
+            }
+            self.poll().await?;
+        }
+    }
+
+    async fn initial(&mut self, from_seq: Option<i64>) -> Result<(), End> {
+        let latest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
+        if latest == 0 {
+            return self.snapshot_of(0).await;
+        }
+        let Some(f) = from_seq else {
+            return self.snapshot_of(latest).await;
+        };
+        let base = (f / i64::from(REBASELINE_INTERVAL)) * i64::from(REBASELINE_INTERVAL);
+        let initial = base.min(latest);
+        if initial > 0 && self.frame(initial).await?.is_none() {
+            // the base frame is gone: start from the newest instead of replaying a gap
+            return self.snapshot_of(latest).await;
+        }
+        self.snapshot_of(initial).await?;
+        self.advance_to(latest).await
+    }
+
+    /// One poll of the live loop.
+    async fn poll(&mut self) -> Result<(), End> {
+        let rebase = self.ctl.rebase_to.swap(-1, Ordering::AcqRel);
+        if rebase >= 0 {
+            self.doc = None;
+            self.snapshot_of(rebase).await?;
+        }
+        let latest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
+        if latest < self.last_seen {
+            // frames were removed (a rewind): start again from what is there now
+            self.doc = None;
+            return self.snapshot_of(latest).await;
+        }
+        if self.ctl.invalidated.load(Ordering::Acquire) && latest == self.last_seen {
+            return self.snapshot_of(latest).await;
+        }
+        self.advance_to(latest).await
+    }
+
+    /// Produces one event per frame after `last_seen` up to `latest`.
+    async fn advance_to(&mut self, latest: i64) -> Result<(), End> {
+        let mut n = self.last_seen + 1;
+        while n <= latest {
+            // read in bounded pages so a long replay does not load every frame at once
+            let to = (n + 63).min(latest);
+            let rows = self
+                .gw
+                .store
+                .frames_between(&self.ctl.run_id, n, to)
+                .await?;
+            for row in rows {
+                if row.frame_no != n {
+                    // a gap: re-baseline on the newest frame and stop replaying
+                    let newest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
+                    return self.snapshot_of(newest).await;
+                }
+                let doc = self.inflate(row).await?;
+                self.event_for(n, &doc).await?;
+                n += 1;
+                self.flush()?;
+            }
+            if n <= to {
+                let newest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
+                return self.snapshot_of(newest).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The full frame JSON of a stored row, applying it to the previous frame if it is a delta.
+    async fn inflate(&mut self, row: FrameRow) -> Result<Value, End> {
+        let n = row.frame_no;
+        let doc = if row.encoding == "delta" {
+            match self.doc.take() {
+                Some((prev, base)) if prev == n - 1 => {
+                    let d: Value = serde_json::from_str(&row.xml_json).unwrap_or(Value::Null);
+                    smithers_engine::frames::delta::apply(&base, &d).map_err(|e| {
+                        RpcError::new("SERVER_ERROR", format!("stream failed: frame {n}: {e}"))
+                    })?
+                }
+                _ => self.read_full(n).await?.unwrap_or(Value::Null),
+            }
+        } else {
+            serde_json::from_str(&row.xml_json).unwrap_or(Value::Null)
+        };
+        self.doc = Some((n, doc.clone()));
+        Ok(doc)
+    }
+
+    async fn read_full(&self, n: i64) -> Result<Option<Value>, End> {
+        let row = smithers_engine::frames::read_frame(self.gw.store.as_ref(), &self.ctl.run_id, n)
+            .await?;
+        Ok(row.map(|r| serde_json::from_str(&r.xml_json).unwrap_or(Value::Null)))
+    }
+
+    async fn frame(&mut self, n: i64) -> Result<Option<Value>, End> {
+        let doc = self.read_full(n).await?;
+        if let Some(d) = &doc {
+            self.doc = Some((n, d.clone()));
+        }
+        Ok(doc)
+    }
+
+    /// Emits a snapshot of frame `n` (0 = the empty tree).
+    async fn snapshot_of(&mut self, n: i64) -> Result<(), End> {
+        let doc = if n == 0 {
+            None
+        } else {
+            match &self.doc {
+                Some((m, d)) if *m == n => Some(d.clone()),
+                _ => self.frame(n).await?,
+            }
+        };
+        let t0 = Instant::now();
+        let root = match &doc {
+            Some(d) => devtools::tree(d),
+            None => devtools::empty_root(),
+        };
+        self.emit_snapshot(n, root, t0).await
+    }
+
+    async fn emit_snapshot(&mut self, n: i64, root: Value, t0: Instant) -> Result<(), End> {
+        let state = devtools::run_state_of(&self.gw, &self.ctl.run_id).await?;
+        let snapshot = json!({"version": 1, "runId": self.ctl.run_id, "frameNo": n, "seq": n,
+            "root": root, "runState": state});
+        self.gw.metrics.observe(
+            names::DEVTOOLS_SNAPSHOT_BUILD_MS,
+            &[],
+            t0.elapsed().as_secs_f64() * 1000.0,
+        );
+        self.push(
+            "snapshot",
+            json!({"version": 1, "kind": "snapshot", "snapshot": snapshot}),
+        );
+        self.ctl.invalidated.store(false, Ordering::Release);
+        self.last_seen = n;
+        self.last_tree = Some(root);
+        self.in_a_row = 0;
+        Ok(())
+    }
+
+    /// The event for frame `n`: a delta against the previous event's tree, or a snapshot when
+    /// the rules say so.
+    async fn event_for(&mut self, n: i64, doc: &Value) -> Result<(), End> {
+        let t0 = Instant::now();
+        let root = devtools::tree(doc);
+        let must_snapshot = self.ctl.invalidated.load(Ordering::Acquire)
+            || self.in_a_row + 1 >= REBASELINE_INTERVAL;
+        let Some(prev) = self.last_tree.as_ref().filter(|_| !must_snapshot) else {
+            return self.emit_snapshot(n, root, t0).await;
+        };
+        let ops = crate::devtools_diff::ops(prev, &root);
+        let delta = json!({"version": 1, "kind": "delta",
+            "delta": {"version": 1, "baseSeq": self.last_seen, "seq": n, "ops": ops}});
+        self.gw.metrics.observe(
+            names::DEVTOOLS_DELTA_BUILD_MS,
+            &[],
+            t0.elapsed().as_secs_f64() * 1000.0,
+        );
+        // a delta is only worth sending when it is smaller than the tree it describes
+        let delta_len = delta.to_string().len();
+        let snapshot_len = root.to_string().len() + 64;
+        if delta_len >= snapshot_len {
+            return self.emit_snapshot(n, root, t0).await;
+        }
+        self.push("delta", delta);
+        self.last_seen = n;
+        self.last_tree = Some(root);
+        self.in_a_row += 1;
+        Ok(())
+    }
+
+    fn push(&mut self, kind: &'static str, event: Value) {
+        let payload = json!({"streamId": self.ctl.id, "runId": self.ctl.run_id, "event": event});
+        let text: Arc<str> = payload.to_string().into();
+        self.gw
+            .metrics
+            .inc(names::DEVTOOLS_EVENT_TOTAL, &[("kind", kind)]);
+        self.gw
+            .metrics
+            .observe(names::DEVTOOLS_EVENT_BYTES, &[], text.len() as f64);
+        self.queue.push_back(text);
+    }
+
+    /// Hands queued events to the socket while it is under the high-water mark.
+    fn flush(&mut self) -> Result<(), End> {
+        while let Some(front) = self.queue.front() {
+            if self.conn.queued_bytes.load(Ordering::Acquire) >= HIGH_WATER_BYTES {
+                break;
+            }
+            let len = front.len();
+            let out = Outbound::Counted {
+                event: "devtools.event",
+                payload_json: front.clone(),
+                state_version: self.gw.state_version(),
+            };
+            self.conn.queued_bytes.fetch_add(len, Ordering::AcqRel);
+            if self.conn.tx.send(out).is_err() {
+                return Err(End::Closed);
+            }
+            self.queue.pop_front();
+        }
+        if self.queue.len() > QUEUE_LIMIT {
+            self.gw
+                .metrics
+                .inc(names::DEVTOOLS_BACKPRESSURE_DISCONNECT_TOTAL, &[]);
+            return Err(End::Error(RpcError::new(
+                "BackpressureDisconnect",
+                format!("Subscriber outbound queue exceeded {QUEUE_LIMIT} events."),
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauge_label_is_sha1_prefix() {
+        assert_eq!(run_label("run-stream-3"), "78f44d0d2ef8");
+    }
+}
