@@ -13,7 +13,7 @@ use crate::frames::{FrameWriter, snapshot::SnapshotState};
 use crate::outputs::OutputStore;
 use crate::plan::{Plan, SchedView, TState, TaskKey, key_string};
 use crate::process::{self, ProcSpec};
-use crate::{RunOutcome, Shared, clock::now_ms};
+use crate::{RunOutcome, Shared, clock::now_ms, vcs};
 use serde_json::{Value, json};
 use smithers_core::tree::{
     ApprovalMode, ApprovalSpec, OnDeny, OnMaxReached, OnTimeout, TimerSpec, WaitSpec,
@@ -62,6 +62,8 @@ struct TaskRt {
     heartbeat_data: Option<String>,
     /// The running attempt's final agent reply.
     response_text: Option<String>,
+    /// The running attempt's work-tree snapshots (tasks that ran in a git work tree).
+    vcs: Option<vcs::Captured>,
     output_table: String,
     label: Option<String>,
     /// The node this instance was last rendered from.
@@ -86,6 +88,7 @@ impl TaskRt {
             attempt_meta: None,
             heartbeat_data: None,
             response_text: None,
+            vcs: None,
             output_table: String::new(),
             label: None,
             node: None,
@@ -123,6 +126,12 @@ pub(crate) enum Msg {
         response_text: Option<String>,
         /// `TokenUsageReported` fields, when the agent reported usage.
         usage: Option<Value>,
+    },
+    /// The work tree before and after an attempt; sent just before its `Done`.
+    Vcs {
+        rt: usize,
+        attempt: i64,
+        captured: vcs::Captured,
     },
 }
 
@@ -199,15 +208,20 @@ impl SchedView for Driver {
     }
 }
 
+/// Where a run's tasks start: the workflow file's directory, else the engine's default, else
+/// the process's working directory.
+pub(crate) fn run_cwd(workflow: &dyn Workflow, config: &crate::EngineConfig) -> PathBuf {
+    workflow
+        .path()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+        .or_else(|| config.default_cwd.clone())
+        .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))
+}
+
 impl Driver {
     pub(crate) fn new(init: DriverInit) -> Self {
         let (tx, rx) = init.messages;
-        let cwd = init
-            .workflow
-            .path()
-            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-            .or_else(|| init.shared.config.default_cwd.clone())
-            .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")));
+        let cwd = run_cwd(&*init.workflow, &init.shared.config);
         Driver {
             snap: SnapshotState::new(init.input.clone()),
             sh: init.shared,
@@ -329,9 +343,12 @@ impl Driver {
             heartbeat_at_ms: Some(r.heartbeat_ms).filter(|h| *h > 0),
             heartbeat_data_json: r.heartbeat_data.clone(),
             error_json: None,
-            jj_pointer: None,
+            jj_pointer: r.vcs.as_ref().and_then(|v| v.after.clone()),
             response_text: r.response_text.clone(),
-            jj_cwd: Some(self.cwd.display().to_string()),
+            jj_cwd: Some(match &r.vcs {
+                Some(v) => v.root.clone(),
+                None => self.cwd.display().to_string(),
+            }),
             cached: false,
             meta_json: None,
         }
@@ -795,6 +812,11 @@ impl Driver {
                 response_text,
                 usage,
             } => self.attempt_details(rt, attempt, meta, response_text, usage),
+            Msg::Vcs {
+                rt,
+                attempt,
+                captured,
+            } => self.attempt_vcs(rt, attempt, captured),
             Msg::Done {
                 rt,
                 attempt,
@@ -907,6 +929,31 @@ impl Driver {
         }
     }
 
+    /// Keeps an attempt's work-tree snapshots for the row its `Done` writes: `jj_cwd` = the
+    /// work-tree root, `jj_pointer` = the tree after, `meta_json.vcsBefore` = the tree before
+    /// (and `vcsError` when a snapshot failed).
+    fn attempt_vcs(&mut self, rt: usize, attempt: i64, captured: vcs::Captured) {
+        if self.rts[rt].attempts != attempt {
+            return;
+        }
+        let mut m = match self.rts[rt]
+            .attempt_meta
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        if let Some(b) = &captured.before {
+            m.insert("vcsBefore".into(), json!(b));
+        }
+        if let Some(e) = &captured.error {
+            m.insert("vcsError".into(), json!(e));
+        }
+        self.rts[rt].attempt_meta = Some(Value::Object(m).to_string());
+        self.rts[rt].vcs = Some(captured);
+    }
+
     fn advance_loop(&mut self, li: usize) -> Result<(), SmithersError> {
         let Some(plan) = &self.plan else {
             return Ok(());
@@ -976,6 +1023,7 @@ impl Driver {
         r.heartbeat_ms = 0;
         r.heartbeat_data = None;
         r.response_text = None;
+        r.vcs = None;
         r.retry_at_ms = None;
         let attempt = r.attempts;
         let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, now, None);
@@ -1154,9 +1202,15 @@ impl Driver {
         self.in_flight += 1;
         let tx = self.tx.clone();
         let cancel = self.cancel.clone();
-        let sem = self.sh.semaphore.clone();
+        let sh = self.sh.clone();
+        let key = vcs::RefKey {
+            run_id: self.run_id.to_string(),
+            node_id: self.rts[rt].key.0.clone(),
+            iteration: self.rts[rt].key.1,
+            attempt,
+        };
         tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await;
+            let _permit = sh.semaphore.clone().acquire_owned().await;
             let (ctx, mut crx) = mpsc::unbounded_channel::<process::Chunk>();
             let fwd_tx = tx.clone();
             let fwd = tokio::spawn(async move {
@@ -1169,8 +1223,17 @@ impl Driver {
                     });
                 }
             });
-            let res = process::run(spec, cancel, ctx, |_| {}).await;
+            let cwd = spec.cwd.clone();
+            let run = process::run(spec, cancel, ctx, |_| {});
+            let (res, captured) = vcs::around(&sh.work_trees, &cwd, &key, run).await;
             let _ = fwd.await;
+            if let Some(captured) = captured {
+                let _ = tx.send(Msg::Vcs {
+                    rt,
+                    attempt,
+                    captured,
+                });
+            }
             let result = match res {
                 Ok(out) if parse_json => match serde_json::from_str::<Value>(out.stdout.trim()) {
                     Ok(v) => TaskResult::Ok(v),

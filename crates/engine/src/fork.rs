@@ -39,6 +39,7 @@ impl Engine {
         bounds::check_run_input(&input)?;
         let id = new_run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         bounds::check_run_id(&id)?;
+        let vcs = self.run_vcs(&*workflow).await;
         let now = now_ms();
         let config = json!({"fork": {"parentRunId": run_id, "frameNo": frame_no}});
         let mut batch = Batch::new();
@@ -57,9 +58,9 @@ impl Engine {
             cancel_requested_at_ms: None,
             hijack_requested_at_ms: None,
             hijack_target: None,
-            vcs_type: None,
-            vcs_root: None,
-            vcs_revision: None,
+            vcs_type: vcs.as_ref().map(|_| crate::vcs::GIT.to_string()),
+            vcs_root: vcs.as_ref().map(|v| v.root.clone()),
+            vcs_revision: vcs.and_then(|v| v.revision),
             error_json: None,
             config_json: Some(config.to_string()),
         }));

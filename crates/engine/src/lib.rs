@@ -9,12 +9,14 @@ mod driver;
 pub mod events;
 mod fork;
 pub mod frames;
+pub mod node_diff;
 pub mod ops;
 pub mod outputs;
 pub mod owner;
 pub mod plan;
 pub mod process;
 mod rewind;
+pub mod vcs;
 
 pub use clock::now_ms;
 pub use events::EngineEvent;
@@ -123,6 +125,10 @@ pub(crate) struct Shared {
     active: Mutex<HashMap<String, ActiveRun>>,
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) schemas: outputs::SchemaCache,
+    /// Git work-tree roots by directory (probed once per directory).
+    pub(crate) work_trees: vcs::WorkTrees,
+    /// Node-diff computations in flight (identical requests share one).
+    pub(crate) node_diffs: node_diff::InFlight,
 }
 
 impl Shared {
@@ -190,6 +196,8 @@ impl Engine {
             bus,
             active: Mutex::new(HashMap::new()),
             schemas: outputs::SchemaCache::default(),
+            work_trees: vcs::WorkTrees::default(),
+            node_diffs: node_diff::InFlight::default(),
         });
         let weak = Arc::downgrade(&sh);
         tokio::spawn(async move {
@@ -268,6 +276,7 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         bounds::check_run_id(&run_id)?;
+        let vcs = self.run_vcs(&*workflow).await;
         let now = now_ms();
         let mut config = json!({});
         if let (Some(Value::Object(extra)), Value::Object(c)) = (opts.config.clone(), &mut config) {
@@ -288,9 +297,9 @@ impl Engine {
             cancel_requested_at_ms: None,
             hijack_requested_at_ms: None,
             hijack_target: None,
-            vcs_type: None,
-            vcs_root: None,
-            vcs_revision: None,
+            vcs_type: vcs.as_ref().map(|_| vcs::GIT.to_string()),
+            vcs_root: vcs.as_ref().map(|v| v.root.clone()),
+            vcs_revision: vcs.and_then(|v| v.revision),
             error_json: None,
             config_json: Some(config.to_string()),
         };
@@ -318,6 +327,12 @@ impl Engine {
             self.sh.publish(&Arc::from(run_id.as_str()), *seq, ev);
         }
         Ok(self.spawn_driver(workflow, run_id, input, false, depth))
+    }
+
+    /// The git work tree and `HEAD` of a run of `workflow` (None outside git).
+    pub(crate) async fn run_vcs(&self, workflow: &dyn Workflow) -> Option<vcs::RunVcs> {
+        let cwd = driver::run_cwd(workflow, &self.sh.config);
+        self.sh.work_trees.run_info(&cwd).await
     }
 
     fn spawn_driver(

@@ -158,7 +158,8 @@ pub(crate) fn start_meta(agent: &str, def: Option<&AgentDef>, timeout_ms: Option
 }
 
 /// Runs one agent attempt on its own task. The driver receives its output, heartbeats and
-/// checkpoints while it runs, then `AttemptDetails` and `Done`, in that order.
+/// checkpoints while it runs, then `Vcs` (in a git work tree), `AttemptDetails` and `Done`, in
+/// that order.
 pub(crate) fn spawn(
     sh: Arc<Shared>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -182,9 +183,24 @@ pub(crate) fn spawn(
                 beat.heartbeat(None);
             }
         });
-        let fin = run_attempt(&sh, &job, &rep, cancel).await;
+        // what the agent changed on disk, when it works in a git work tree
+        let key = crate::vcs::RefKey {
+            run_id: job.run_id.clone(),
+            node_id: job.node_id.clone(),
+            iteration: job.iteration,
+            attempt: job.attempt,
+        };
+        let run = run_attempt(&sh, &job, &rep, cancel);
+        let (fin, captured) = crate::vcs::around(&sh.work_trees, &job.cwd, &key, run).await;
         ticker.abort();
         let _ = ticker.await;
+        if let Some(captured) = captured {
+            let _ = tx.send(Msg::Vcs {
+                rt: job.rt,
+                attempt: job.attempt,
+                captured,
+            });
+        }
         let _ = tx.send(Msg::AttemptDetails {
             rt: job.rt,
             attempt: job.attempt,
