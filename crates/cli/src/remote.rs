@@ -609,6 +609,7 @@ async fn inspect(gw: &Gateway, run_id: &str, as_json: bool) -> Result<u8, Remote
     for ((node, iteration), a) in latest {
         lines.push(runs::node_line(node, iteration, &a.state, &attempts));
     }
+    lines.extend(runs::agent_lines(&attempts));
     if !pending.is_empty() {
         lines.push("\napprovals:".into());
         for a in &pending {

@@ -116,6 +116,7 @@ pub async fn inspect(db: &str, run_id: &str, as_json: bool) -> Result<u8, Smithe
     for n in &nodes {
         lines.push(node_line(&n.node_id, n.iteration, &n.state, &attempts));
     }
+    lines.extend(agent_lines(&attempts));
     if !approvals.is_empty() {
         lines.push("\napprovals:".into());
         for a in &approvals {
@@ -213,6 +214,62 @@ pub fn node_line(node_id: &str, iteration: i64, state: &str, attempts: &[Attempt
         state,
         tries.len()
     )
+}
+
+/// The `agents:` section of `inspect`: one line per agent attempt with its engine, repair
+/// turns, tokens and cost (when the agent reported them). Empty when the run called no agent.
+pub fn agent_lines(attempts: &[AttemptRow]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for a in attempts {
+        let m = parse(&a.meta_json);
+        if m["kind"] != "agent" {
+            continue;
+        }
+        if lines.is_empty() {
+            lines.push("\nagents:".to_string());
+        }
+        let engine = m["agentEngine"].as_str().unwrap_or("?");
+        let mut line = format!(
+            "  {:<24} iter {:<3} attempt {:<3} {engine} `{}`",
+            a.node_id,
+            a.iteration,
+            a.attempt,
+            m["agentId"].as_str().unwrap_or("?")
+        );
+        if let Some(model) = m["agentModel"].as_str() {
+            line.push_str(&format!(" ({model})"));
+        }
+        let u = &m["usage"];
+        if u.is_object() {
+            let n = |k: &str| u[k].as_u64();
+            line.push_str(&format!(
+                " tokens in {} out {}",
+                n("inputTokens").unwrap_or(0),
+                n("outputTokens").unwrap_or(0)
+            ));
+            for (k, label) in [
+                ("cacheReadTokens", "cache-read"),
+                ("cacheWriteTokens", "cache-write"),
+                ("reasoningTokens", "reasoning"),
+            ] {
+                if let Some(v) = n(k) {
+                    line.push_str(&format!(" {label} {v}"));
+                }
+            }
+            if let Some(c) = u["costUsd"].as_f64() {
+                line.push_str(&format!(" ${c:.4}"));
+            }
+        } else {
+            line.push_str(" tokens not reported");
+        }
+        match m["repairTurns"].as_u64() {
+            Some(1) => line.push_str(", 1 repair turn"),
+            Some(n) if n > 1 => line.push_str(&format!(", {n} repair turns")),
+            _ => {}
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 /// One approval of `inspect`.

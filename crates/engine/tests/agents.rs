@@ -582,6 +582,10 @@ async fn command_agents_get_stdin_or_an_argument_and_a_flattened_repair() {
     let e = env().await;
     let fake = Fake::new();
     fake.replies(&["approved, I think", "{\"approved\": true}"]);
+    fake.write(
+        "usage",
+        r#"{"input_tokens": 7, "output_tokens": 2, "cost_usd": 0.001}"#,
+    );
     let o = e
         .run(&one_task(
             &command("", ", model: local-1, allow_tools: [read]"),
@@ -610,6 +614,10 @@ async fn command_agents_get_stdin_or_an_argument_and_a_flattened_repair() {
         );
     }
     assert!(fake.read("env-2").contains("SMITHERS_TURN=1"));
+    let m = meta(&e.attempts(&o.run_id, "review").await[0]);
+    assert_eq!(m["usage"]["inputTokens"], 14);
+    assert_eq!(m["usage"]["outputTokens"], 4);
+    assert!((m["usage"]["costUsd"].as_f64().unwrap() - 0.002).abs() < 1e-9);
 
     // prompt as the last argument; a task without an output schema gets the text
     let fake = Fake::new();

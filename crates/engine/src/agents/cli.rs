@@ -5,6 +5,7 @@
 
 use super::presets::{self, CallArgs, CliKind};
 use super::prompt::{self, Role};
+use super::usage::{Usage, count};
 use super::{AgentJob, Reply, TurnIo};
 use crate::process::{self, ProcSpec};
 use serde_json::Value;
@@ -138,6 +139,13 @@ impl CliSession {
         let timeout_ms = io.remaining_ms(&self.agent)?;
         let mut env = self.env.clone();
         env.insert("SMITHERS_TURN".into(), io.turn.to_string());
+        // a generic command agent may report its usage in this file (see `read_usage_file`)
+        let usage_file = matches!(self.kind, CliKind::Command(_)).then(|| {
+            std::env::temp_dir().join(format!("smithers-usage-{}.json", uuid::Uuid::new_v4()))
+        });
+        if let Some(f) = &usage_file {
+            env.insert("SMITHERS_USAGE_FILE".into(), f.display().to_string());
+        }
         let spec = ProcSpec {
             command: Cmd::Argv(inv.argv),
             cwd: self.cwd.clone(),
@@ -181,11 +189,15 @@ impl CliSession {
             let _ = std::fs::remove_file(p);
             text
         });
+        let reported = usage_file.as_deref().and_then(read_usage_file);
         let raw = match res {
             Ok(raw) => raw,
             Err(e) => return Err(self.process_error(e, io)),
         };
-        let parsed = presets::parse_output(self.kind, &raw.stdout, last);
+        let mut parsed = presets::parse_output(self.kind, &raw.stdout, last);
+        if parsed.reply.usage.is_none() {
+            parsed.reply.usage = reported;
+        }
         if raw.too_big {
             return Err(SmithersError::new(
                 Code::OutputTooLarge,
@@ -273,6 +285,27 @@ impl CliSession {
             _ => e,
         }
     }
+}
+
+/// Reads (and removes) the usage a command agent wrote to `SMITHERS_USAGE_FILE`: a JSON object
+/// with `input_tokens`, `output_tokens` and optionally `cache_read_tokens`,
+/// `cache_write_tokens`, `reasoning_tokens`, `cost_usd`. A missing or malformed file means no
+/// usage was reported.
+fn read_usage_file(path: &std::path::Path) -> Option<Usage> {
+    let text = std::fs::read_to_string(path).ok();
+    let _ = std::fs::remove_file(path);
+    let v: Value = serde_json::from_str(&text?).ok()?;
+    if !v.is_object() {
+        return None;
+    }
+    Some(Usage {
+        input: count(&v, "input_tokens").unwrap_or(0),
+        output: count(&v, "output_tokens").unwrap_or(0),
+        cache_read: count(&v, "cache_read_tokens"),
+        cache_write: count(&v, "cache_write_tokens"),
+        reasoning: count(&v, "reasoning_tokens"),
+        cost_usd: v.get("cost_usd").and_then(Value::as_f64),
+    })
 }
 
 /// The last part of a long text (errors are usually at the end).
