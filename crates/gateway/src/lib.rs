@@ -16,6 +16,7 @@ pub mod frames;
 pub mod gateway;
 pub mod http;
 pub mod jump;
+pub mod node_diff;
 pub mod node_output;
 pub mod rpc;
 pub mod serve;

@@ -8,13 +8,13 @@ use serde_json::{Map, Value, json};
 /// Largest output returned (bytes of JSON).
 pub const MAX_OUTPUT_BYTES: usize = 104_857_600;
 
-fn valid_run_id(s: &str) -> bool {
+pub(crate) fn valid_run_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-fn valid_node_id(s: &str) -> bool {
+pub(crate) fn valid_node_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))

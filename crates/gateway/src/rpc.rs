@@ -267,6 +267,7 @@ pub async fn call(
             )
         }
         "getNodeOutput" | "devtools.getNodeOutput" => crate::node_output::get(gw, &p).await,
+        "getNodeDiff" | "devtools.getNodeDiff" => crate::node_diff::get(gw, &p).await,
         "getDevToolsSnapshot" => crate::devtools::snapshot(gw, caller, &p).await,
         "streamDevTools" => crate::stream::start(gw, caller, transport == Transport::Ws, &p).await,
         "jumpToFrame" | "devtools.jumpToFrame" => crate::jump::jump_to_frame(gw, caller, &p).await,
