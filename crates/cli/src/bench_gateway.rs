@@ -20,8 +20,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-type R<T> = Result<T, String>;
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type R<T> = Result<T, String>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Workload sizes.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ impl Sizes {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
+pub(crate) fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
@@ -82,12 +82,18 @@ struct Figure {
 }
 
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     rows: Vec<Figure>,
 }
 
 impl Table {
-    fn add(&mut self, name: impl Into<String>, value: String, target: &str, pass: Option<bool>) {
+    pub(crate) fn add(
+        &mut self,
+        name: impl Into<String>,
+        value: String,
+        target: &str,
+        pass: Option<bool>,
+    ) {
         let f = Figure {
             name: name.into(),
             value,
@@ -104,7 +110,7 @@ impl Table {
         self.rows.push(f);
     }
 
-    fn print(&self) {
+    pub(crate) fn print(&self) {
         println!(
             "\n{:<66} {:>16}  {:<10} result",
             "figure", "measured", "target"
@@ -177,10 +183,10 @@ fn now_ms_f64() -> f64 {
 // the server process
 
 /// A `smithers serve` child process.
-struct ServerProc {
+pub(crate) struct ServerProc {
     child: tokio::process::Child,
-    pid: u32,
-    addr: SocketAddr,
+    pub(crate) pid: u32,
+    pub(crate) addr: SocketAddr,
     /// From spawning the process to the first `200` from `GET /health`.
     start_to_health: Duration,
 }
@@ -191,7 +197,7 @@ pub fn parse_listen_line(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
+pub(crate) async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
     let t0 = Instant::now();
     // For profiling: SMITHERS_BENCH_SERVER_PREFIX="heaptrack -o /tmp/h" runs the server under
     // another program (memory and CPU figures then describe that program, not the server).
@@ -265,11 +271,11 @@ async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
 }
 
 impl ServerProc {
-    fn rss_kib(&self) -> R<u64> {
+    pub(crate) fn rss_kib(&self) -> R<u64> {
         rss_kib(self.pid)
     }
 
-    async fn stop(mut self) -> R<()> {
+    pub(crate) async fn stop(mut self) -> R<()> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
@@ -494,7 +500,7 @@ const CONNECT_FRAME: &str = r#"{"type":"req","id":"c","method":"connect","params
 
 /// One handshake: TCP connect, WebSocket upgrade, `connect.challenge` received, `connect` sent,
 /// hello received. Returns the socket and the number of runs in the hello snapshot.
-async fn handshake(addr: SocketAddr) -> R<(Ws, usize)> {
+pub(crate) async fn handshake(addr: SocketAddr) -> R<(Ws, usize)> {
     let tcp = TcpStream::connect(addr).await.map_err(err)?;
     tcp.set_nodelay(true).map_err(err)?;
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(
@@ -938,14 +944,14 @@ pub enum Part {
 }
 
 /// CPU time used by the server and by this process (the load generator) during a phase.
-struct Cpu {
+pub(crate) struct Cpu {
     pid: u32,
     server0: f64,
     client0: f64,
 }
 
 impl Cpu {
-    fn start(pid: u32) -> Cpu {
+    pub(crate) fn start(pid: u32) -> Cpu {
         Cpu {
             pid,
             server0: cpu_ms(pid).unwrap_or(0.0),
@@ -954,7 +960,7 @@ impl Cpu {
     }
 
     /// (server, client) CPU ms since `start`.
-    fn used(&self) -> (f64, f64) {
+    pub(crate) fn used(&self) -> (f64, f64) {
         (
             cpu_ms(self.pid).unwrap_or(0.0) - self.server0,
             cpu_ms(std::process::id()).unwrap_or(0.0) - self.client0,
@@ -974,7 +980,7 @@ impl Cpu {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| {

@@ -2,6 +2,7 @@
 
 mod act;
 mod bench;
+mod bench_devtools;
 mod bench_gateway;
 mod cron_cmd;
 mod progress;
@@ -216,6 +217,13 @@ enum BenchTarget {
         #[arg(long, value_delimiter = ',')]
         only: Vec<bench_gateway::Part>,
     },
+    /// Measure DevTools: snapshot and delta of a 1,000-node tree, and 100 live stream
+    /// subscribers on one busy run (`smithers serve` in a separate process).
+    Devtools {
+        /// Smaller workloads, for a smoke check.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -342,6 +350,10 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             target: Some(BenchTarget::Gateway { quick, only }),
             ..
         } => bench_gateway::bench_gateway(quick, &only).await,
+        Cmd::Bench {
+            target: Some(BenchTarget::Devtools { quick }),
+            ..
+        } => bench_devtools::bench_devtools(quick).await,
         Cmd::Bench {
             runs,
             quick,

@@ -3,6 +3,7 @@
 
 use crate::error::RpcError;
 use crate::gateway::{Caller, Gateway};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, HashSet};
 
@@ -20,9 +21,9 @@ pub fn fnv31(s: &str) -> u32 {
     h & 0x7fff_ffff
 }
 
-/// The empty tree of a run with no frames.
+/// The empty tree of a run with no frames, as JSON.
 pub fn empty_root() -> Value {
-    json!({"id": 0, "type": "workflow", "name": "(empty)", "props": {}, "children": [], "depth": 0})
+    empty_node().to_json()
 }
 
 fn node_type(tag: &str) -> &'static str {
@@ -78,8 +79,63 @@ fn parse_prop(s: &str) -> Value {
     Value::String(s.to_string())
 }
 
+/// A DevTools node (gateway-protocol §1.12). Typed rather than a JSON map so building, diffing
+/// and serializing a large tree stay cheap, and fields serialize in the reference order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DevNode {
+    pub id: u32,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub name: String,
+    pub props: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskInfo>,
+    pub children: Vec<DevNode>,
+    pub depth: usize,
+}
+
+/// The `task` field of task nodes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskInfo {
+    pub node_id: String,
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_table_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<i64>,
+}
+
+impl DevNode {
+    /// The tree as JSON.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// The empty tree of a run with no frames.
+pub fn empty_node() -> DevNode {
+    DevNode {
+        id: 0,
+        kind: "workflow",
+        name: "(empty)".into(),
+        props: Map::new(),
+        task: None,
+        children: Vec::new(),
+        depth: 0,
+    }
+}
+
 struct Builder {
     used: HashSet<u32>,
+}
+
+fn str_prop(props: &Map<String, Value>, k: &str) -> Option<String> {
+    props.get(k).and_then(Value::as_str).map(str::to_string)
 }
 
 impl Builder {
@@ -94,16 +150,13 @@ impl Builder {
         id
     }
 
-    fn node(&mut self, el: &Value, path: &str, depth: usize) -> Value {
+    fn node(&mut self, el: &Value, path: &str, depth: usize) -> DevNode {
         let tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
         let ty = node_type(tag);
-        let raw_props = el
-            .get("props")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
+        let empty = Map::new();
+        let raw_props = el.get("props").and_then(Value::as_object).unwrap_or(&empty);
         let mut props = Map::new();
-        for (k, v) in &raw_props {
+        for (k, v) in raw_props {
             props.insert(
                 k.clone(),
                 v.as_str().map(parse_prop).unwrap_or_else(|| v.clone()),
@@ -118,13 +171,7 @@ impl Builder {
                 .to_string(),
         };
         let id = self.id_for(path);
-        let mut out = Map::new();
-        out.insert("id".into(), json!(id));
-        out.insert("type".into(), json!(ty));
-        out.insert("name".into(), json!(name));
-        if ty == "task" {
-            out.insert("props".into(), Value::Object(props.clone()));
-            let mut task = Map::new();
+        let task = (ty == "task").then(|| {
             let node_id = raw_props
                 .get("id")
                 .or_else(|| raw_props.get("nodeId"))
@@ -136,40 +183,28 @@ impl Builder {
                 }
                 _ => (node_id, None),
             };
-            task.insert("nodeId".into(), json!(node_id));
             let kind = match props.get("kind").and_then(Value::as_str) {
                 Some("agent") => "agent",
                 Some("run") | Some("compute") => "compute",
                 _ => "static",
             };
-            task.insert("kind".into(), json!(kind));
-            if let Some(a) = props.get("agent").and_then(Value::as_str) {
-                task.insert("agent".into(), json!(a));
+            TaskInfo {
+                node_id: node_id.to_string(),
+                kind,
+                agent: str_prop(&props, "agent"),
+                label: str_prop(&props, "label"),
+                output_table_name: str_prop(&props, "outputTableName")
+                    .or_else(|| str_prop(&props, "output")),
+                iteration: props.get("iteration").and_then(Value::as_i64).or(iteration),
             }
-            if let Some(l) = props.get("label").and_then(Value::as_str) {
-                task.insert("label".into(), json!(l));
-            }
-            if let Some(o) = props
-                .get("outputTableName")
-                .or_else(|| props.get("output"))
-                .and_then(Value::as_str)
-            {
-                task.insert("outputTableName".into(), json!(o));
-            }
-            if let Some(i) = props.get("iteration").and_then(Value::as_i64).or(iteration) {
-                task.insert("iteration".into(), json!(i));
-            }
-            out.insert("task".into(), Value::Object(task));
-        } else {
-            out.insert("props".into(), Value::Object(props));
-        }
+        });
         let mut children = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
-        let kids = el
+        let kids: &[Value] = el
             .get("children")
             .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         for (index, c) in kids
             .iter()
             .filter(|c| c.get("kind").and_then(Value::as_str) == Some("element"))
@@ -177,8 +212,13 @@ impl Builder {
         {
             if depth + 1 > MAX_DEPTH {
                 let p = format!("{path}/__maxdepth__{index}");
-                let id = self.id_for(&p);
-                children.push(json!({"id": id, "type": "unknown", "name": "[MaxDepth]", "props": {"value": "[MaxDepth]"}, "children": [], "depth": MAX_DEPTH + 1}));
+                let mut marker = empty_node();
+                marker.id = self.id_for(&p);
+                marker.kind = "unknown";
+                marker.name = "[MaxDepth]".into();
+                marker.props.insert("value".into(), json!("[MaxDepth]"));
+                marker.depth = MAX_DEPTH + 1;
+                children.push(marker);
                 continue;
             }
             let frag = fragment(c);
@@ -191,9 +231,15 @@ impl Builder {
             *k += 1;
             children.push(self.node(c, &child_path, depth + 1));
         }
-        out.insert("children".into(), Value::Array(children));
-        out.insert("depth".into(), json!(depth));
-        Value::Object(out)
+        DevNode {
+            id,
+            kind: ty,
+            name,
+            props,
+            task,
+            children,
+            depth,
+        }
     }
 }
 
@@ -210,14 +256,19 @@ fn fragment(el: &Value) -> String {
 }
 
 /// Builds the DevTools tree of a frame's tree JSON.
-pub fn tree(frame: &Value) -> Value {
+pub fn build(frame: &Value) -> DevNode {
     if frame.get("kind").and_then(Value::as_str) != Some("element") {
-        return empty_root();
+        return empty_node();
     }
     let mut b = Builder {
         used: HashSet::new(),
     };
     b.node(frame, &fragment(frame), 0)
+}
+
+/// [`build`], as JSON.
+pub fn tree(frame: &Value) -> Value {
+    build(frame).to_json()
 }
 
 /// `getDevToolsSnapshot {runId, frameNo?}`.

@@ -1,76 +1,90 @@
 //! DevTools deltas (gateway-protocol §1.12): the operations that turn one DevTools tree into
 //! the next, so a client watching a run receives only what changed.
 
-use serde_json::{Value, json};
-use std::collections::HashMap;
+use crate::devtools::{DevNode, TaskInfo};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
+
+/// One delta operation, serialized as `{"op": "removeNode", ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Op<'a> {
+    RemoveNode {
+        id: u32,
+    },
+    #[serde(rename_all = "camelCase")]
+    AddNode {
+        parent_id: u32,
+        index: usize,
+        node: &'a DevNode,
+    },
+    UpdateProps {
+        id: u32,
+        props: &'a Map<String, Value>,
+    },
+    UpdateTask {
+        id: u32,
+        task: Option<&'a TaskInfo>,
+    },
+    ReplaceRoot {
+        node: &'a DevNode,
+    },
+}
 
 struct Info<'a> {
-    parent: Option<u64>,
+    parent: Option<u32>,
     index: usize,
-    depth: u64,
-    node: &'a Value,
+    node: &'a DevNode,
 }
 
-fn id_of(n: &Value) -> u64 {
-    n.get("id").and_then(Value::as_u64).unwrap_or(0)
+fn shape(n: &DevNode) -> (&str, &str, usize) {
+    (n.kind, &n.name, n.depth)
 }
 
-fn shape(n: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
-    (n.get("type"), n.get("name"), n.get("depth"))
-}
-
-fn children(n: &Value) -> &[Value] {
-    n.get("children")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-fn index<'a>(root: &'a Value) -> (HashMap<u64, Info<'a>>, Vec<u64>) {
+fn index(root: &DevNode) -> (HashMap<u32, Info<'_>>, Vec<u32>) {
     let mut map = HashMap::new();
     let mut order = Vec::new();
-    let mut stack = vec![(root, None, 0usize, 0u64)];
-    while let Some((n, parent, i, depth)) = stack.pop() {
-        let id = id_of(n);
-        order.push(id);
+    let mut stack = vec![(root, None, 0usize)];
+    while let Some((n, parent, i)) = stack.pop() {
+        order.push(n.id);
         map.insert(
-            id,
+            n.id,
             Info {
                 parent,
                 index: i,
-                depth,
                 node: n,
             },
         );
-        for (ci, c) in children(n).iter().enumerate().rev() {
-            stack.push((c, Some(id), ci, depth + 1));
+        for (ci, c) in n.children.iter().enumerate().rev() {
+            stack.push((c, Some(n.id), ci));
         }
     }
     (map, order)
 }
 
-/// Operations turning tree `a` into tree `b` (both DevToolsNode roots): removals deepest
-/// first, then additions of whole subtrees shallowest first, then prop and task updates.
-pub fn ops(a: &Value, b: &Value) -> Vec<Value> {
-    if id_of(a) != id_of(b) || shape(a) != shape(b) {
-        return vec![json!({"op": "replaceRoot", "node": b})];
+/// Operations turning tree `a` into tree `b`: removals deepest first, then additions of whole
+/// subtrees shallowest first, then prop and task updates (gateway-protocol §1.12).
+pub fn ops<'b>(a: &DevNode, b: &'b DevNode) -> Vec<Op<'b>> {
+    if a.id != b.id || shape(a) != shape(b) {
+        return vec![Op::ReplaceRoot { node: b }];
     }
     let (ia, order_a) = index(a);
     let (ib, order_b) = index(b);
     let moved = |x: &Info, y: &Info| {
         x.parent != y.parent || x.index != y.index || shape(x.node) != shape(y.node)
     };
-    let mut removed: Vec<(u64, u64)> = Vec::new();
+    let mut removed: Vec<(usize, u32)> = Vec::new();
     for id in &order_a {
         let x = &ia[id];
         match ib.get(id) {
             Some(y) if !moved(x, y) => {}
-            _ => removed.push((x.depth, *id)),
+            _ => removed.push((x.node.depth, *id)),
         }
     }
     // stable: among equal depths keep document order
     removed.sort_by_key(|p| std::cmp::Reverse(p.0));
-    let mut added = std::collections::HashSet::new();
+    let mut added = HashSet::new();
     for id in &order_b {
         let y = &ib[id];
         match ia.get(id) {
@@ -80,20 +94,26 @@ pub fn ops(a: &Value, b: &Value) -> Vec<Value> {
             }
         }
     }
-    let mut out: Vec<Value> = removed
+    let mut out: Vec<Op<'b>> = removed
         .iter()
-        .map(|(_, id)| json!({"op": "removeNode", "id": id}))
+        .map(|(_, id)| Op::RemoveNode { id: *id })
         .collect();
-    let mut adds: Vec<(u64, u64)> = order_b
+    let mut adds: Vec<(usize, u32)> = order_b
         .iter()
         .filter(|id| added.contains(id))
         .filter(|id| ib[id].parent.is_none_or(|p| !added.contains(&p)))
-        .map(|id| (ib[id].depth, *id))
+        .map(|id| (ib[id].node.depth, *id))
         .collect();
     adds.sort_by_key(|p| p.0);
     for (_, id) in adds {
         let y = &ib[&id];
-        out.push(json!({"op": "addNode", "parentId": y.parent, "index": y.index, "node": y.node}));
+        if let Some(parent_id) = y.parent {
+            out.push(Op::AddNode {
+                parent_id,
+                index: y.index,
+                node: y.node,
+            });
+        }
     }
     for id in &order_b {
         if added.contains(id) {
@@ -102,14 +122,24 @@ pub fn ops(a: &Value, b: &Value) -> Vec<Value> {
         let (Some(x), Some(y)) = (ia.get(id), ib.get(id)) else {
             continue;
         };
-        if x.node.get("props") != y.node.get("props") {
-            out.push(json!({"op": "updateProps", "id": id, "props": y.node.get("props").cloned().unwrap_or(json!({}))}));
+        if x.node.props != y.node.props {
+            out.push(Op::UpdateProps {
+                id: *id,
+                props: &y.node.props,
+            });
         }
-        if x.node.get("task") != y.node.get("task") {
-            out.push(json!({"op": "updateTask", "id": id, "task": y.node.get("task").cloned().unwrap_or(Value::Null)}));
+        if x.node.task != y.node.task {
+            out.push(Op::UpdateTask {
+                id: *id,
+                task: y.node.task.as_ref(),
+            });
         }
     }
     out
+}
+
+fn id_of(n: &Value) -> u64 {
+    n.get("id").and_then(Value::as_u64).unwrap_or(0)
 }
 
 /// Applies operations to a tree (what a client does); used to check [`ops`] round-trips.
@@ -190,7 +220,8 @@ fn find_mut(n: &mut Value, id: u64) -> Option<&mut Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devtools::tree;
+    use crate::devtools::build;
+    use serde_json::json;
 
     fn task(id: &str, label: &str) -> Value {
         json!({"kind": "element", "tag": "smithers:task", "props": {"id": id, "label": label}, "children": []})
@@ -199,44 +230,53 @@ mod tests {
         json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "w"}, "children": children})
     }
 
+    fn js(ops: &[Op]) -> Vec<Value> {
+        ops.iter()
+            .map(|o| serde_json::to_value(o).unwrap())
+            .collect()
+    }
+
     #[test]
     fn identical_trees_have_no_ops() {
-        let t = tree(&wf(vec![task("a::0", "x")]));
+        let t = build(&wf(vec![task("a::0", "x")]));
         assert!(ops(&t, &t).is_empty());
     }
 
     #[test]
     fn label_change_is_a_prop_and_task_update() {
-        let a = tree(&wf(vec![task("a::0", "x")]));
-        let b = tree(&wf(vec![task("a::0", "y")]));
-        let d = ops(&a, &b);
+        let a = build(&wf(vec![task("a::0", "x")]));
+        let b = build(&wf(vec![task("a::0", "y")]));
+        let d = js(&ops(&a, &b));
         let kinds: Vec<&str> = d.iter().filter_map(|o| o["op"].as_str()).collect();
         assert_eq!(kinds, vec!["updateProps", "updateTask"]);
-        assert_eq!(apply(&a, &d).unwrap(), b);
+        assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
     }
 
     #[test]
     fn removals_come_first_and_additions_carry_subtrees() {
         let seq = |kids: Vec<Value>| json!({"kind": "element", "tag": "smithers:sequence", "props": {"id": "s"}, "children": kids});
-        let a = tree(&wf(vec![task("a::0", "x"), task("b::0", "x")]));
-        let b = tree(&wf(vec![
+        let a = build(&wf(vec![task("a::0", "x"), task("b::0", "x")]));
+        let b = build(&wf(vec![
             task("b::0", "x"),
             seq(vec![task("c::0", "x"), task("d::0", "x")]),
         ]));
-        let d = ops(&a, &b);
+        let d = js(&ops(&a, &b));
         let kinds: Vec<&str> = d.iter().filter_map(|o| o["op"].as_str()).collect();
         // a removed; b moved from index 1 to 0 (remove + add); the sequence added with its kids
         assert_eq!(
             kinds,
             vec!["removeNode", "removeNode", "addNode", "addNode"]
         );
-        assert_eq!(apply(&a, &d).unwrap(), b);
+        assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
     }
 
     #[test]
     fn a_different_root_is_replaced() {
-        let a = tree(&wf(vec![]));
-        let b = crate::devtools::empty_root();
-        assert_eq!(ops(&a, &b), vec![json!({"op": "replaceRoot", "node": b})]);
+        let a = build(&wf(vec![]));
+        let b = crate::devtools::empty_node();
+        assert_eq!(
+            js(&ops(&a, &b)),
+            vec![json!({"op": "replaceRoot", "node": b.to_json()})]
+        );
     }
 }

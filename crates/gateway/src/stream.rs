@@ -7,7 +7,7 @@
 //! ends its streams (`BackpressureDisconnect`) instead of growing the server's memory; the
 //! socket and the connection's other streams carry on.
 
-use crate::devtools;
+use crate::devtools::{self, DevNode};
 use crate::error::RpcError;
 use crate::gateway::{Caller, ConnShared, Gateway, Outbound};
 use crate::metrics::names;
@@ -44,11 +44,47 @@ pub struct StreamCtl {
     wake: Notify,
 }
 
+/// A frame made ready for streaming: its full JSON, DevTools tree and serialized tree.
+pub struct Built {
+    pub doc: Arc<Value>,
+    pub root: DevNode,
+    pub root_json: String,
+}
+
+impl Built {
+    /// Builds the tree of a frame document (`null` = the empty tree).
+    pub fn new(doc: Arc<Value>) -> Built {
+        let root = if doc.is_null() {
+            devtools::empty_node()
+        } else {
+            devtools::build(&doc)
+        };
+        let root_json = serde_json::to_string(&root).unwrap_or_else(|_| "null".into());
+        Built {
+            doc,
+            root,
+            root_json,
+        }
+    }
+}
+
+/// Work shared by all streams: trees keyed by the frame's content hash (so a rewind that
+/// reuses frame numbers cannot serve a stale tree) and deltas keyed by both trees and seqs.
+/// Bounded; cleared when full.
+#[derive(Default)]
+struct Shared {
+    trees: HashMap<String, Arc<Built>>,
+    deltas: HashMap<(usize, usize, i64, i64), Arc<str>>,
+}
+
+const SHARED_LIMIT: usize = 256;
+
 /// Open streams of every connection: for subscriber gauges, rewind re-baselines and closing
-/// the streams of a socket that went away.
+/// the streams of a socket that went away; and the work the streams share.
 #[derive(Default)]
 pub struct Registry {
     streams: Mutex<HashMap<String, Arc<StreamCtl>>>,
+    shared: Mutex<Shared>,
 }
 
 /// The gauge label of a run: the first 12 hex digits of sha1(runId), as upstream.
@@ -57,7 +93,48 @@ pub fn run_label(run_id: &str) -> String {
     hex::encode(d)[..12].to_string()
 }
 
+fn key(b: &Arc<Built>) -> usize {
+    Arc::as_ptr(b) as usize
+}
+
 impl Registry {
+    fn cached(&self, hash: &str) -> Option<Arc<Built>> {
+        self.shared.lock().ok()?.trees.get(hash).cloned()
+    }
+
+    fn share(&self, hash: &str, b: Arc<Built>) {
+        if let Ok(mut s) = self.shared.lock() {
+            if s.trees.len() >= SHARED_LIMIT {
+                s.trees.clear();
+            }
+            s.trees.insert(hash.to_string(), b);
+        }
+    }
+
+    fn cached_delta(
+        &self,
+        a: &Arc<Built>,
+        b: &Arc<Built>,
+        base: i64,
+        seq: i64,
+    ) -> Option<Arc<str>> {
+        self.shared
+            .lock()
+            .ok()?
+            .deltas
+            .get(&(key(a), key(b), base, seq))
+            .cloned()
+    }
+
+    fn share_delta(&self, a: &Arc<Built>, b: &Arc<Built>, base: i64, seq: i64, d: Arc<str>) {
+        if let Ok(mut s) = self.shared.lock() {
+            if s.deltas.len() >= SHARED_LIMIT {
+                s.deltas.clear();
+            }
+            s.deltas.insert((key(a), key(b), base, seq), d);
+        }
+    }
+
     fn count(&self, run_id: &str) -> usize {
         self.streams
             .lock()
@@ -247,9 +324,9 @@ struct Producer {
     /// Frame number of the last event produced.
     last_seen: i64,
     /// Tree of that frame (the base of the next delta).
-    last_tree: Option<Value>,
+    last_tree: Option<Arc<Built>>,
     /// Inflated frame JSON of the last frame read, to apply the next stored delta to.
-    doc: Option<(i64, Value)>,
+    doc: Option<(i64, Arc<Value>)>,
     /// Events since the last snapshot.
     in_a_row: u32,
 }
@@ -305,7 +382,14 @@ impl Producer {
         };
         let base = (f / i64::from(REBASELINE_INTERVAL)) * i64::from(REBASELINE_INTERVAL);
         let initial = base.min(latest);
-        if initial > 0 && self.frame(initial).await?.is_none() {
+        if initial > 0
+            && self
+                .gw
+                .store
+                .get_frame(&self.ctl.run_id, initial)
+                .await?
+                .is_none()
+        {
             // the base frame is gone: start from the newest instead of replaying a gap
             return self.snapshot_of(latest).await;
         }
@@ -349,8 +433,8 @@ impl Producer {
                     let newest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
                     return self.snapshot_of(newest).await;
                 }
-                let doc = self.inflate(row).await?;
-                self.event_for(n, &doc).await?;
+                let built = self.built(row).await?;
+                self.event_for(n, built).await?;
                 n += 1;
                 self.flush()?;
             }
@@ -362,9 +446,14 @@ impl Producer {
         Ok(())
     }
 
-    /// The full frame JSON of a stored row, applying it to the previous frame if it is a delta.
-    async fn inflate(&mut self, row: FrameRow) -> Result<Value, End> {
+    /// The tree of a stored frame: from the run's shared cache, or built here (applying a
+    /// delta row to the previous frame) and shared.
+    async fn built(&mut self, row: FrameRow) -> Result<Arc<Built>, End> {
         let n = row.frame_no;
+        if let Some(b) = self.gw.streams.cached(&row.xml_hash) {
+            self.doc = Some((n, b.doc.clone()));
+            return Ok(b);
+        }
         let doc = if row.encoding == "delta" {
             match self.doc.take() {
                 Some((prev, base)) if prev == n - 1 => {
@@ -378,8 +467,16 @@ impl Producer {
         } else {
             serde_json::from_str(&row.xml_json).unwrap_or(Value::Null)
         };
-        self.doc = Some((n, doc.clone()));
-        Ok(doc)
+        let t0 = Instant::now();
+        let b = Arc::new(Built::new(Arc::new(doc)));
+        self.gw.metrics.observe(
+            names::DEVTOOLS_SNAPSHOT_BUILD_MS,
+            &[],
+            t0.elapsed().as_secs_f64() * 1000.0,
+        );
+        self.gw.streams.share(&row.xml_hash, b.clone());
+        self.doc = Some((n, b.doc.clone()));
+        Ok(b)
     }
 
     async fn read_full(&self, n: i64) -> Result<Option<Value>, End> {
@@ -388,86 +485,98 @@ impl Producer {
         Ok(row.map(|r| serde_json::from_str(&r.xml_json).unwrap_or(Value::Null)))
     }
 
-    async fn frame(&mut self, n: i64) -> Result<Option<Value>, End> {
-        let doc = self.read_full(n).await?;
-        if let Some(d) = &doc {
-            self.doc = Some((n, d.clone()));
-        }
-        Ok(doc)
-    }
-
     /// Emits a snapshot of frame `n` (0 = the empty tree).
     async fn snapshot_of(&mut self, n: i64) -> Result<(), End> {
-        let doc = if n == 0 {
-            None
+        let built = if n == 0 {
+            Arc::new(Built::new(Arc::new(Value::Null)))
         } else {
-            match &self.doc {
-                Some((m, d)) if *m == n => Some(d.clone()),
-                _ => self.frame(n).await?,
+            let row = self.gw.store.get_frame(&self.ctl.run_id, n).await?;
+            match row {
+                Some(row) if row.encoding != "delta" => self.built(row).await?,
+                Some(row) => match self.gw.streams.cached(&row.xml_hash) {
+                    Some(b) => b,
+                    None => {
+                        let doc = self.read_full(n).await?.unwrap_or(Value::Null);
+                        let b = Arc::new(Built::new(Arc::new(doc)));
+                        self.gw.streams.share(&row.xml_hash, b.clone());
+                        b
+                    }
+                },
+                None => Arc::new(Built::new(Arc::new(Value::Null))),
             }
         };
-        let t0 = Instant::now();
-        let root = match &doc {
-            Some(d) => devtools::tree(d),
-            None => devtools::empty_root(),
-        };
-        self.emit_snapshot(n, root, t0).await
+        self.doc = (n > 0).then(|| (n, built.doc.clone()));
+        self.emit_snapshot(n, built).await
     }
 
-    async fn emit_snapshot(&mut self, n: i64, root: Value, t0: Instant) -> Result<(), End> {
+    async fn emit_snapshot(&mut self, n: i64, built: Arc<Built>) -> Result<(), End> {
         let state = devtools::run_state_of(&self.gw, &self.ctl.run_id).await?;
-        let snapshot = json!({"version": 1, "runId": self.ctl.run_id, "frameNo": n, "seq": n,
-            "root": root, "runState": state});
-        self.gw.metrics.observe(
-            names::DEVTOOLS_SNAPSHOT_BUILD_MS,
-            &[],
-            t0.elapsed().as_secs_f64() * 1000.0,
+        let event = format!(
+            r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"runId":{},"frameNo":{n},"seq":{n},"root":{},"runState":{}}}}}"#,
+            Value::String(self.ctl.run_id.clone()),
+            built.root_json,
+            state
         );
-        self.push(
-            "snapshot",
-            json!({"version": 1, "kind": "snapshot", "snapshot": snapshot}),
-        );
+        self.push("snapshot", &event);
         self.ctl.invalidated.store(false, Ordering::Release);
         self.last_seen = n;
-        self.last_tree = Some(root);
+        self.last_tree = Some(built);
         self.in_a_row = 0;
         Ok(())
     }
 
     /// The event for frame `n`: a delta against the previous event's tree, or a snapshot when
     /// the rules say so.
-    async fn event_for(&mut self, n: i64, doc: &Value) -> Result<(), End> {
-        let t0 = Instant::now();
-        let root = devtools::tree(doc);
+    async fn event_for(&mut self, n: i64, built: Arc<Built>) -> Result<(), End> {
         let must_snapshot = self.ctl.invalidated.load(Ordering::Acquire)
             || self.in_a_row + 1 >= REBASELINE_INTERVAL;
-        let Some(prev) = self.last_tree.as_ref().filter(|_| !must_snapshot) else {
-            return self.emit_snapshot(n, root, t0).await;
+        let Some(prev) = self.last_tree.clone().filter(|_| !must_snapshot) else {
+            return self.emit_snapshot(n, built).await;
         };
-        let ops = crate::devtools_diff::ops(prev, &root);
-        let delta = json!({"version": 1, "kind": "delta",
-            "delta": {"version": 1, "baseSeq": self.last_seen, "seq": n, "ops": ops}});
-        self.gw.metrics.observe(
-            names::DEVTOOLS_DELTA_BUILD_MS,
-            &[],
-            t0.elapsed().as_secs_f64() * 1000.0,
-        );
+        let base = self.last_seen;
+        let delta = match self.gw.streams.cached_delta(&prev, &built, base, n) {
+            Some(d) => d,
+            None => {
+                let t0 = Instant::now();
+                let ops = if Arc::ptr_eq(&prev, &built) || prev.root_json == built.root_json {
+                    "[]".to_string()
+                } else {
+                    serde_json::to_string(&crate::devtools_diff::ops(&prev.root, &built.root))
+                        .unwrap_or_else(|_| "[]".into())
+                };
+                let d: Arc<str> = format!(
+                    r#"{{"version":1,"kind":"delta","delta":{{"version":1,"baseSeq":{base},"seq":{n},"ops":{ops}}}}}"#
+                )
+                .into();
+                self.gw.metrics.observe(
+                    names::DEVTOOLS_DELTA_BUILD_MS,
+                    &[],
+                    t0.elapsed().as_secs_f64() * 1000.0,
+                );
+                self.gw
+                    .streams
+                    .share_delta(&prev, &built, base, n, d.clone());
+                d
+            }
+        };
         // a delta is only worth sending when it is smaller than the tree it describes
-        let delta_len = delta.to_string().len();
-        let snapshot_len = root.to_string().len() + 64;
-        if delta_len >= snapshot_len {
-            return self.emit_snapshot(n, root, t0).await;
+        if delta.len() >= built.root_json.len() + 100 {
+            return self.emit_snapshot(n, built).await;
         }
-        self.push("delta", delta);
+        self.push("delta", &delta);
         self.last_seen = n;
-        self.last_tree = Some(root);
+        self.last_tree = Some(built);
         self.in_a_row += 1;
         Ok(())
     }
 
-    fn push(&mut self, kind: &'static str, event: Value) {
-        let payload = json!({"streamId": self.ctl.id, "runId": self.ctl.run_id, "event": event});
-        let text: Arc<str> = payload.to_string().into();
+    fn push(&mut self, kind: &'static str, event: &str) {
+        let text: Arc<str> = format!(
+            r#"{{"streamId":{},"runId":{},"event":{event}}}"#,
+            Value::String(self.ctl.id.clone()),
+            Value::String(self.ctl.run_id.clone())
+        )
+        .into();
         self.gw
             .metrics
             .inc(names::DEVTOOLS_EVENT_TOTAL, &[("kind", kind)]);
