@@ -76,6 +76,8 @@ enum Cmd {
         new_run_id: Option<String>,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Put a run back to the state it had at a frame (later frames, attempts and decisions are
     /// deleted); continue it with `smithers resume`.
@@ -88,6 +90,8 @@ enum Cmd {
         yes: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Manage schedules: list, add, remove, trigger.
     Cron {
@@ -279,12 +283,14 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             input,
             new_run_id,
             db,
+            ..
         } => up::fork(&run_id, frame, input.as_deref(), new_run_id, &db).await,
         Cmd::Rewind {
             run_id,
             frame,
             yes,
             db,
+            ..
         } => act::rewind(&db, &run_id, frame, yes).await,
         Cmd::Cron { action, db, remote } => cron_cmd::run(&action, &db, &remote).await,
         Cmd::Resume {

@@ -461,7 +461,9 @@ pub async fn dispatch(cmd: &Cmd) -> Option<Result<u8, SmithersError>> {
         | Cmd::Approve { remote, .. }
         | Cmd::Deny { remote, .. }
         | Cmd::Signal { remote, .. }
-        | Cmd::Cancel { remote, .. } => remote,
+        | Cmd::Cancel { remote, .. }
+        | Cmd::Rewind { remote, .. }
+        | Cmd::Fork { remote, .. } => remote,
         _ => return None,
     };
     let url = remote.url.as_deref()?;
@@ -528,6 +530,16 @@ async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
             ..
         } => signal(gw, run_id, name, data.as_deref(), correlation_id.as_deref()).await,
         Cmd::Cancel { run_id, .. } => cancel(gw, run_id).await,
+        Cmd::Rewind {
+            run_id, frame, yes, ..
+        } => rewind(gw, run_id, *frame, *yes).await,
+        Cmd::Fork {
+            run_id,
+            frame,
+            input,
+            new_run_id,
+            ..
+        } => fork(gw, run_id, *frame, input.as_deref(), new_run_id.as_deref()).await,
         _ => Err(RemoteError::new(
             Code::InvalidInput,
             "this command has no remote mode",
@@ -706,6 +718,46 @@ async fn cancel(gw: &Gateway, run_id: &str) -> Result<u8, RemoteError> {
             "run {run_id} is running on the gateway; its engine has been asked to cancel it"
         ),
         _ => eprintln!("run {run_id} cancelled"),
+    }
+    Ok(0)
+}
+
+/// `jumpToFrame`: the gateway stops the run, rewinds it and resumes it.
+async fn rewind(gw: &Gateway, run_id: &str, frame: i64, yes: bool) -> Result<u8, RemoteError> {
+    let r = gw
+        .call(
+            "jumpToFrame",
+            json!({"runId": run_id, "frameNo": frame, "confirm": yes}),
+        )
+        .await?;
+    println!("{r}");
+    if r.get("deletedFrames").and_then(Value::as_i64) == Some(0) {
+        eprintln!("run {run_id} already is at frame {frame}; nothing changed");
+    } else {
+        eprintln!("run {run_id} is back at frame {frame} and runs again on the gateway");
+    }
+    Ok(0)
+}
+
+/// `runs.fork`: a new run on the gateway from the state at a frame.
+async fn fork(
+    gw: &Gateway,
+    run_id: &str,
+    frame: i64,
+    input: Option<&str>,
+    new_run_id: Option<&str>,
+) -> Result<u8, RemoteError> {
+    let mut params = json!({"runId": run_id, "frameNo": frame});
+    if let Some(i) = input {
+        params["input"] = crate::json_arg("--input", i)?;
+    }
+    if let Some(n) = new_run_id {
+        params["newRunId"] = json!(n);
+    }
+    let r = gw.call("runs.fork", params).await?;
+    println!("{r}");
+    if let Some(id) = r.get("runId").and_then(Value::as_str) {
+        eprintln!("forked {run_id} at frame {frame} as {id}; it runs on the gateway");
     }
     Ok(0)
 }

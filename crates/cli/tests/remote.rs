@@ -415,6 +415,65 @@ async fn cancel_a_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_and_fork_on_the_gateway() {
+    let s = start(token_auth()).await;
+    let url = s.url();
+    let id = create(&s, "hello", json!({"x": 1}), Some("op-secret")).await;
+    wait_status(&s, &id, "finished", Some("op-secret")).await;
+    // without --yes the gateway refuses (ConfirmationRequired)
+    let o = cli(
+        &["rewind", &id, "--frame", "1", "--url", &url],
+        Some("op-secret"),
+    )
+    .await;
+    assert_error(&o, "ConfirmationRequired");
+    // only the owner (ann) or an admin may rewind
+    let o = cli(
+        &["rewind", &id, "--frame", "1", "--yes", "--url", &url],
+        Some("read-secret"),
+    )
+    .await;
+    assert_error(&o, "FORBIDDEN");
+    let o = cli(
+        &["rewind", &id, "--frame", "1", "--yes", "--url", &url],
+        Some("op-secret"),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(
+        (r["ok"].clone(), r["newFrameNo"].clone()),
+        (json!(true), json!(1))
+    );
+    assert!(o.stderr.contains("back at frame 1"), "{}", o.stderr);
+    wait_status(&s, &id, "finished", Some("op-secret")).await;
+
+    let o = cli(
+        &[
+            "fork",
+            &id,
+            "--frame",
+            "1",
+            "--input",
+            r#"{"x": 2}"#,
+            "--new-run-id",
+            "forked-1",
+            "--url",
+            &url,
+        ],
+        Some("op-secret"),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(
+        (r["runId"].as_str(), r["parentRunId"].as_str()),
+        (Some("forked-1"), Some(id.as_str()))
+    );
+    wait_status(&s, "forked-1", "finished", Some("op-secret")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_addresses() {
     // nothing listening
     let port = {
