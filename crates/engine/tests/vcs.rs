@@ -87,6 +87,9 @@ async fn snapshots_leave_the_index_head_and_branches_alone() {
     std::fs::write(root.join("a.txt"), "alpha worktree\n").unwrap();
     std::fs::write(root.join("u.txt"), "untracked\n").unwrap();
     std::fs::write(root.join("noise.log"), "ignored\n").unwrap();
+    // the engine's own database, served from inside the work tree and not ignored
+    std::fs::create_dir(root.join(".smithers")).unwrap();
+    std::fs::write(root.join(".smithers/smithers.db"), "db").unwrap();
     let before_state = user_state(&root);
     let index_mtime = std::fs::metadata(root.join(".git/index"))
         .unwrap()

@@ -337,7 +337,7 @@ impl Engine {
         let o = result?;
         Ok(NodeDiff {
             bundle: o.bundle.clone(),
-            cached: !computed_here || o.compute_ms.is_none(),
+            cached: !computed_here,
             bytes: o.bytes,
             compute_ms: if computed_here { o.compute_ms } else { None },
         })

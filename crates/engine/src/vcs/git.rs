@@ -36,6 +36,8 @@ const STDERR_KEEP: usize = 16 * 1024;
 pub enum GitError {
     /// git could not be started (not installed, or the directory is gone).
     Spawn(String),
+    /// A local file operation around git failed.
+    Io(String),
     /// git ran and exited non-zero.
     Failed { command: String, stderr: String },
     /// The command ran longer than allowed and was killed.
@@ -48,6 +50,7 @@ impl std::fmt::Display for GitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             GitError::Spawn(e) => write!(f, "could not run git: {e}"),
+            GitError::Io(e) => write!(f, "{e}"),
             GitError::Failed { command, stderr } if stderr.is_empty() => {
                 write!(f, "`{command}` failed")
             }

@@ -4,6 +4,8 @@
 //! A snapshot is `git add -A` (which honours `.gitignore`) into a temporary index seeded from
 //! `HEAD`, then `git write-tree`. The only things written to the repository are objects and the
 //! refs under `refs/smithers/` that keep them from being garbage-collected (see [`RefKey`]).
+//! Files under `.smithers/` directories (the engine's own database when it is served from the
+//! work tree) are left out.
 
 use super::git::{self, GitError, Opts};
 use sha2::{Digest, Sha256};
@@ -13,6 +15,10 @@ use std::time::Duration;
 /// A git command of a snapshot may take this long (a first `git add -A` hashes every file of a
 /// large work tree).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Left out of every snapshot: the engine's own state (`.smithers/smithers.db` and its WAL change
+/// all the time when `smithers` runs inside the work tree).
+const EXCLUDE: &str = ":(top,exclude,glob)**/.smithers/**";
 
 /// Namespace of the refs that keep snapshots alive. Never under `refs/heads` or `refs/tags`:
 /// branch and tag listings, `git log --all` (the refs point at trees, not commits), fetch and
@@ -75,7 +81,7 @@ impl TempIndex {
         let dir =
             std::env::temp_dir().join(format!("smithers-git-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(|e| {
-            GitError::Spawn(format!(
+            GitError::Io(format!(
                 "cannot create a temporary index in {}: {e}",
                 dir.display()
             ))
@@ -130,7 +136,14 @@ impl Snapshotter {
         }
         git::run(
             &self.root,
-            &["-c", "advice.addEmbeddedRepo=false", "add", "-A"],
+            &[
+                "-c",
+                "advice.addEmbeddedRepo=false",
+                "add",
+                "-A",
+                "--",
+                EXCLUDE,
+            ],
             self.opts(),
         )
         .await?;
