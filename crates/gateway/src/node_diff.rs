@@ -74,6 +74,11 @@ async fn diff(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
         .observe(names::NODE_DIFF_BYTES, &[], d.bytes as f64);
     if let Some(ms) = d.compute_ms {
         gw.metrics.observe(names::NODE_DIFF_COMPUTE_MS, &[], ms);
+        // a miss added a row
+        if let Ok(rows) = gw.store.count_all_node_diffs().await {
+            gw.metrics
+                .set_gauge(names::NODE_DIFF_CACHE_ROWS, &[], rows as f64);
+        }
     }
     serde_json::to_value(&d.bundle)
         .map_err(|e| RpcError::new("SERVER_ERROR", format!("cannot encode the diff: {e}")))

@@ -292,6 +292,10 @@ async fn a_task_diff_with_every_kind_of_change_and_the_user_repo_untouched() {
         text.contains("smithers_node_diff_cache_total{result=\"hit\"} 3\n"),
         "{text}"
     );
+    assert!(
+        text.contains("smithers_node_diff_cache_rows 1\n"),
+        "one cached bundle: {text}"
+    );
 }
 
 #[tokio::test]

@@ -2018,6 +2018,7 @@ pub async fn node_diffs_cache_and_rewind(store: &dyn Store) {
     assert_eq!(got.map(|r| r.bundle_json), Some("{\"seq\":2}".to_string()));
     assert!(ok(store.get_node_diff("r1", "a", 0, 2, "other").await, "get").is_none());
     assert_eq!(ok(store.count_node_diffs_after("r1", 20).await, "count"), 2);
+    assert_eq!(ok(store.count_all_node_diffs().await, "count all"), 3);
     apply(
         store,
         vec![Write::DeleteNodeDiffsAfter {

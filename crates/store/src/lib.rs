@@ -288,6 +288,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<NodeDiffRow>>;
     /// How many cached diffs belong to attempts started after `started_after_ms`.
     async fn count_node_diffs_after(&self, run_id: &str, started_after_ms: i64) -> Result<i64>;
+    /// Cached diffs across all runs (the `smithers_node_diff_cache_rows` gauge).
+    async fn count_all_node_diffs(&self) -> Result<i64>;
     /// `(node_id, iteration, attempt)` of every cached diff of a run (one entry per diff row).
     async fn list_node_diff_attempts(&self, run_id: &str) -> Result<Vec<(String, i64, i64)>>;
 

@@ -2437,6 +2437,16 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn count_all_node_diffs(&self) -> Result<i64> {
+        self.read("count_all_node_diffs", |c| {
+            Ok(
+                c.prepare_cached("SELECT COUNT(*) FROM _smithers_node_diffs")?
+                    .query_row([], |r| r.get::<_, i64>(0))?,
+            )
+        })
+        .await
+    }
+
     async fn list_node_diff_attempts(&self, run_id: &str) -> Result<Vec<(String, i64, i64)>> {
         let run = run_id.to_string();
         self.read("list_node_diff_attempts", move |c| {
