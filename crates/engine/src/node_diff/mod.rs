@@ -10,7 +10,6 @@
 //! Bundles are cached in `_smithers_node_diffs` per (run, node, iteration, attempt, base): a
 //! cache hit never runs git, and identical requests arriving together compute once.
 
-mod base64;
 mod patch;
 
 use crate::{Engine, now_ms, vcs};

@@ -4,6 +4,7 @@
 
 use super::{FilePatch, MAX_BYTES, Operation};
 use crate::vcs::git::{self, GitError, Opts};
+use base64::Engine as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -146,7 +147,7 @@ pub(crate) async fn patches(
                 },
             )
             .await?;
-            let encoded = super::base64::encode(&blob);
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&blob);
             budget = budget.saturating_sub(encoded.len());
             Some(encoded)
         } else {
