@@ -46,6 +46,8 @@ pub struct StreamCtl {
 
 /// A frame made ready for streaming: its full JSON, DevTools tree and serialized tree.
 pub struct Built {
+    /// Content hash of the frame (`xml_hash`); empty for the empty tree.
+    pub hash: String,
     pub doc: Arc<Value>,
     pub root: DevNode,
     pub root_json: String,
@@ -53,7 +55,7 @@ pub struct Built {
 
 impl Built {
     /// Builds the tree of a frame document (`null` = the empty tree).
-    pub fn new(doc: Arc<Value>) -> Built {
+    pub fn new(hash: &str, doc: Arc<Value>) -> Built {
         let root = if doc.is_null() {
             devtools::empty_node()
         } else {
@@ -61,6 +63,7 @@ impl Built {
         };
         let root_json = serde_json::to_string(&root).unwrap_or_else(|_| "null".into());
         Built {
+            hash: hash.to_string(),
             doc,
             root,
             root_json,
@@ -74,10 +77,15 @@ impl Built {
 #[derive(Default)]
 struct Shared {
     trees: HashMap<String, Arc<Built>>,
-    deltas: HashMap<(usize, usize, i64, i64), Arc<str>>,
+    deltas: HashMap<(String, String, i64, i64), Arc<str>>,
+    /// Rough size of what `trees` and `deltas` hold.
+    bytes: usize,
 }
 
+/// Most entries of each kind kept.
 const SHARED_LIMIT: usize = 256;
+/// Most bytes kept (a 1,000-node frame is a few hundred KiB as document, tree and text).
+const SHARED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Open streams of every connection: for subscriber gauges, rewind re-baselines and closing
 /// the streams of a socket that went away; and the work the streams share.
@@ -93,10 +101,6 @@ pub fn run_label(run_id: &str) -> String {
     hex::encode(d)[..12].to_string()
 }
 
-fn key(b: &Arc<Built>) -> usize {
-    Arc::as_ptr(b) as usize
-}
-
 impl Registry {
     fn cached(&self, hash: &str) -> Option<Arc<Built>> {
         self.shared.lock().ok()?.trees.get(hash).cloned()
@@ -104,9 +108,14 @@ impl Registry {
 
     fn share(&self, hash: &str, b: Arc<Built>) {
         if let Ok(mut s) = self.shared.lock() {
-            if s.trees.len() >= SHARED_LIMIT {
+            // the document, the tree and its text are each about as large as the text
+            let size = b.root_json.len() * 3;
+            if s.trees.len() >= SHARED_LIMIT || s.bytes + size > SHARED_BYTES {
                 s.trees.clear();
+                s.deltas.clear();
+                s.bytes = 0;
             }
+            s.bytes += size;
             s.trees.insert(hash.to_string(), b);
         }
     }
@@ -122,16 +131,20 @@ impl Registry {
             .lock()
             .ok()?
             .deltas
-            .get(&(key(a), key(b), base, seq))
+            .get(&(a.hash.clone(), b.hash.clone(), base, seq))
             .cloned()
     }
 
     fn share_delta(&self, a: &Arc<Built>, b: &Arc<Built>, base: i64, seq: i64, d: Arc<str>) {
         if let Ok(mut s) = self.shared.lock() {
-            if s.deltas.len() >= SHARED_LIMIT {
+            if s.deltas.len() >= SHARED_LIMIT || s.bytes + d.len() > SHARED_BYTES {
+                s.trees.clear();
                 s.deltas.clear();
+                s.bytes = 0;
             }
-            s.deltas.insert((key(a), key(b), base, seq), d);
+            s.bytes += d.len();
+            s.deltas
+                .insert((a.hash.clone(), b.hash.clone(), base, seq), d);
         }
     }
 
@@ -468,7 +481,7 @@ impl Producer {
             serde_json::from_str(&row.xml_json).unwrap_or(Value::Null)
         };
         let t0 = Instant::now();
-        let b = Arc::new(Built::new(Arc::new(doc)));
+        let b = Arc::new(Built::new(&row.xml_hash, Arc::new(doc)));
         self.gw.metrics.observe(
             names::DEVTOOLS_SNAPSHOT_BUILD_MS,
             &[],
@@ -488,7 +501,7 @@ impl Producer {
     /// Emits a snapshot of frame `n` (0 = the empty tree).
     async fn snapshot_of(&mut self, n: i64) -> Result<(), End> {
         let built = if n == 0 {
-            Arc::new(Built::new(Arc::new(Value::Null)))
+            Arc::new(Built::new("", Arc::new(Value::Null)))
         } else {
             let row = self.gw.store.get_frame(&self.ctl.run_id, n).await?;
             match row {
@@ -497,12 +510,12 @@ impl Producer {
                     Some(b) => b,
                     None => {
                         let doc = self.read_full(n).await?.unwrap_or(Value::Null);
-                        let b = Arc::new(Built::new(Arc::new(doc)));
+                        let b = Arc::new(Built::new(&row.xml_hash, Arc::new(doc)));
                         self.gw.streams.share(&row.xml_hash, b.clone());
                         b
                     }
                 },
-                None => Arc::new(Built::new(Arc::new(Value::Null))),
+                None => Arc::new(Built::new("", Arc::new(Value::Null))),
             }
         };
         self.doc = (n > 0).then(|| (n, built.doc.clone()));
