@@ -815,7 +815,9 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
     wait_status(s.addr, "bp-big", "finished").await;
     wait_status(s.addr, "bp-quiet", "waiting-approval").await;
 
-    let mut w = ws(s.addr).await;
+    // a small receive buffer, so what the kernel holds for this client does not depend on the
+    // machine's TCP autotuning
+    let mut w = ws_small_receive_buffer(s.addr).await;
     connect(&mut w, hello_params()).await;
     let (quiet, mut pending) = stream(&mut w, "q", json!({"runId": "bp-quiet"})).await;
     let quiet_id = quiet["payload"]["streamId"].as_str().unwrap().to_string();
@@ -871,4 +873,17 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
         "{metrics}"
     );
     assert_eq!(s.gw.streams.active("bp-quiet"), 1);
+}
+
+async fn ws_small_receive_buffer(addr: std::net::SocketAddr) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (w, _) = tokio_tungstenite::client_async(
+        format!("ws://{addr}/"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    w
 }
