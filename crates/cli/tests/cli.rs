@@ -795,7 +795,11 @@ fn inspect_and_frames() {
 
     let fr = env.sm(&["frames", &id, "--frame", "1"]).ok().json();
     assert_eq!(fr["frameNo"], 1);
-    assert_eq!(fr["tree"]["tag"], "smithers:sequence", "{fr:#}");
+    assert_eq!(fr["tree"]["tag"], "smithers:workflow", "{fr:#}");
+    assert_eq!(
+        fr["tree"]["children"][0]["tag"], "smithers:sequence",
+        "{fr:#}"
+    );
 
     env.sm(&["frames", &id, "--frame", "9999"])
         .error("NODE_NOT_FOUND");

@@ -222,6 +222,7 @@ impl Driver {
     pub(crate) fn new(init: DriverInit) -> Self {
         let (tx, rx) = init.messages;
         let cwd = run_cwd(&*init.workflow, &init.shared.config);
+        let frames = FrameWriter::new(&init.workflow_name);
         Driver {
             snap: SnapshotState::new(init.input.clone()),
             sh: init.shared,
@@ -237,7 +238,7 @@ impl Driver {
             rts: Vec::new(),
             rt_index: HashMap::new(),
             plan: None,
-            frames: FrameWriter::default(),
+            frames,
             frame_no: 0,
             batch: Batch::new(),
             events: Vec::new(),

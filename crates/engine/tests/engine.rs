@@ -118,7 +118,8 @@ async fn value_chain_finishes_with_frames_and_ordered_events() {
             .unwrap()
             .unwrap();
         let tree: Value = serde_json::from_str(&fr.xml_json).unwrap();
-        assert_eq!(tree["tag"], "smithers:sequence");
+        assert_eq!(tree["tag"], "smithers:workflow");
+        assert_eq!(tree["children"][0]["tag"], "smithers:sequence");
     }
 }
 

@@ -242,7 +242,9 @@ async fn runs_over_http() {
         "newest first"
     );
     let tree: Value = serde_json::from_str(frames[0]["xmlJson"].as_str().unwrap()).unwrap();
-    assert_eq!(tree["tag"], "smithers:sequence");
+    assert_eq!(tree["tag"], "smithers:workflow");
+    assert_eq!(tree["props"]["name"], "hello");
+    assert_eq!(tree["children"][0]["tag"], "smithers:sequence");
     let f1 = rpc(
         s.addr,
         "frames.get",
@@ -1441,8 +1443,20 @@ async fn devtools_snapshot_of_a_frame() {
     let p = snap.json()["payload"].clone();
     assert_eq!(p["version"], 1);
     assert_eq!(p["seq"], p["frameNo"]);
-    assert_eq!(p["root"]["type"], "sequence");
-    assert_eq!(p["root"]["children"][0]["task"]["nodeId"], "a");
+    // the root is the workflow, named and with the upstream id of `smithers:workflow`
+    assert_eq!(
+        (
+            p["root"]["type"].clone(),
+            p["root"]["name"].clone(),
+            p["root"]["id"].clone()
+        ),
+        (json!("workflow"), json!("hello"), json!(1_753_301_139))
+    );
+    assert_eq!(p["root"]["children"][0]["type"], "sequence");
+    assert_eq!(
+        p["root"]["children"][0]["children"][0]["task"]["nodeId"],
+        "a"
+    );
     assert_eq!(p["runState"]["state"], "succeeded");
     let first = rpc(
         s.addr,

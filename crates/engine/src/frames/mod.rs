@@ -21,8 +21,11 @@ pub fn sha256_hex(s: &str) -> String {
 }
 
 /// Per-run frame encoder: remembers the previous tree so an unchanged render costs nothing.
+/// Every frame's root is a `smithers:workflow` element named after the workflow, holding the
+/// rendered steps, as upstream's frames do (so DevTools clients see the same root and ids).
 #[derive(Default)]
 pub struct FrameWriter {
+    workflow_name: String,
     last_tree: Option<NodeRef>,
     last_json: Option<Value>,
     last_text: Option<String>,
@@ -37,6 +40,14 @@ pub struct EncodedFrame {
 }
 
 impl FrameWriter {
+    /// An encoder for the frames of a run of workflow `name`.
+    pub fn new(name: &str) -> FrameWriter {
+        FrameWriter {
+            workflow_name: name.to_string(),
+            ..Default::default()
+        }
+    }
+
     /// Encodes `tree` as frame `frame_no`.
     pub fn encode(&mut self, frame_no: i64, tree: &NodeRef) -> EncodedFrame {
         let force_key = frame_no % KEYFRAME_INTERVAL == 0 || self.last_json.is_none();
@@ -59,7 +70,12 @@ impl FrameWriter {
                 encoding: "delta",
             };
         }
-        let json = tree.to_frame_json();
+        let json = serde_json::json!({
+            "kind": "element",
+            "tag": "smithers:workflow",
+            "props": {"name": self.workflow_name},
+            "children": [tree.to_frame_json()],
+        });
         let text = json.to_string();
         let hash = sha256_hex(&text);
         let out = match (&self.last_json, force_key) {
