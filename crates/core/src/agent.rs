@@ -17,7 +17,13 @@ pub struct AgentDef {
     /// permission prompts; `Some(list)` restricts a CLI that has an allow-list to that list
     /// (`Some(vec![])`: no tools).
     pub allow_tools: Option<Vec<String>>,
+    /// A CLI agent that prints nothing for this long is considered hung: its process group is
+    /// killed and the attempt fails (`TASK_IDLE_TIMEOUT`, retried). None: [`DEFAULT_IDLE_TIMEOUT_MS`].
+    pub idle_timeout_ms: Option<u64>,
 }
+
+/// How long a CLI agent may stay silent before it is considered hung (10 minutes).
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 600_000;
 
 impl AgentDef {
     /// A built-in CLI preset with the CLI's default model and tools.
@@ -27,6 +33,7 @@ impl AgentDef {
             kind: AgentKind::Preset { preset, bin: None },
             model: None,
             allow_tools: None,
+            idle_timeout_ms: None,
         }
     }
 
@@ -37,12 +44,19 @@ impl AgentDef {
             kind: AgentKind::Command { argv, prompt },
             model: None,
             allow_tools: None,
+            idle_timeout_ms: None,
         }
     }
 
     /// Sets the model.
     pub fn with_model(mut self, model: impl Into<String>) -> Self {
         self.model = Some(model.into());
+        self
+    }
+
+    /// Sets how long the agent may stay silent before it is considered hung.
+    pub fn with_idle_timeout_ms(mut self, ms: u64) -> Self {
+        self.idle_timeout_ms = Some(ms);
         self
     }
 

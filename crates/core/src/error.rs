@@ -28,6 +28,7 @@ codes! {
     InvalidDuration => "INVALID_DURATION",
     TaskFailed => "TASK_FAILED",
     TaskTimeout => "TASK_TIMEOUT",
+    TaskIdleTimeout => "TASK_IDLE_TIMEOUT",
     TaskAborted => "TASK_ABORTED",
     ProcessSpawnFailed => "PROCESS_SPAWN_FAILED",
     ProcessFailed => "PROCESS_FAILED",

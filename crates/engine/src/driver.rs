@@ -1112,6 +1112,7 @@ impl Driver {
                     cwd,
                     env: spec.env.clone(),
                     timeout_ms: task.timeout_ms,
+                    idle_timeout_ms: None,
                 };
                 let parse_json = task.output.is_some();
                 self.spawn_process(rt, attempt, ps, parse_json);

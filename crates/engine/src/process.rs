@@ -8,6 +8,8 @@ use smithers_core::{Code, SmithersError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -22,6 +24,8 @@ pub struct ProcSpec {
     pub cwd: PathBuf,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: Option<u64>,
+    /// Kill the process group when it prints nothing (stdout or stderr) for this long.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -161,6 +165,10 @@ pub async fn run_raw(
     let out = child.stdout.take();
     let err = child.stderr.take();
     let tx_out = chunks.clone();
+    // when output was last seen, in ms since `t0`, for the idle timeout
+    let t0 = std::time::Instant::now();
+    let last_output = Arc::new(AtomicU64::new(0));
+    let (seen_out, seen_err) = (last_output.clone(), last_output.clone());
     let out_task = tokio::spawn(async move {
         let mut buf = Vec::new();
         let mut too_big = false;
@@ -170,6 +178,7 @@ pub async fn run_raw(
                 match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        seen_out.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
                         let _ = tx_out.send(Chunk {
                             stream: "stdout",
                             text: String::from_utf8_lossy(&chunk[..n]).into_owned(),
@@ -193,6 +202,7 @@ pub async fn run_raw(
                 match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        seen_err.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
                         let _ = chunks.send(Chunk {
                             stream: "stderr",
                             text: String::from_utf8_lossy(&chunk[..n]).into_owned(),
@@ -214,6 +224,19 @@ pub async fn run_raw(
             None => std::future::pending::<()>().await,
         }
     };
+    let idle = async {
+        let Some(limit) = spec.idle_timeout_ms else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let quiet_for = (t0.elapsed().as_millis() as u64)
+                .saturating_sub(last_output.load(Ordering::Relaxed));
+            if quiet_for >= limit {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(limit - quiet_for)).await;
+        }
+    };
     let cancelled = async {
         loop {
             if *cancel.borrow() {
@@ -231,6 +254,10 @@ pub async fn run_raw(
             format!("`{}` did not finish within {} ms; its process group was killed", describe(&spec.command), spec.timeout_ms.unwrap_or(0)),
         )),
         _ = cancelled => Err(SmithersError::new(Code::TaskAborted, "task was cancelled; its process group was killed")),
+        _ = idle => Err(SmithersError::new(
+            Code::TaskIdleTimeout,
+            format!("`{}` printed nothing for {} ms; its process group was killed", describe(&spec.command), spec.idle_timeout_ms.unwrap_or(0)),
+        )),
     };
     // kill whatever is left in the group (background children, or everything on timeout/cancel)
     kill_group(pid);
@@ -285,6 +312,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: BTreeMap::new(),
             timeout_ms,
+            idle_timeout_ms: None,
         }
     }
 
@@ -352,6 +380,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: BTreeMap::new(),
             timeout_ms: None,
+            idle_timeout_ms: None,
         };
         let e = go(s).await.unwrap_err();
         assert_eq!(e.code, Code::ProcessSpawnFailed);

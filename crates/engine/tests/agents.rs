@@ -446,6 +446,63 @@ async fn timeout_kills_the_agents_whole_process_group() {
 }
 
 #[tokio::test]
+async fn a_hung_agent_is_killed_after_its_idle_timeout_and_retried() {
+    let e = env().await;
+    let fake = Fake::new();
+    // call 1 prints one line and then nothing; call 2 answers
+    fake.mode(1, "hang");
+    fake.replies(&["{\"approved\": true, \"notes\": \"ok\"}"]);
+    let t0 = Instant::now();
+    let o = e
+        .run(&one_task(
+            &command("", ", idle_timeout: 400ms"),
+            "      retries: 1\n      backoff: 10ms\n",
+            &fake,
+        ))
+        .await;
+    assert_eq!(o.status, "finished", "{:?}", o.error);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let attempts = e.attempts(&o.run_id, "review").await;
+    assert_eq!(attempts.len(), 2);
+    let first = attempts.iter().find(|a| a.attempt == 1).unwrap();
+    let err = error(first);
+    assert_eq!(err["code"], "TASK_IDLE_TIMEOUT", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("printed nothing for 400 ms"),
+        "{err}"
+    );
+    // the agent's child (it would write the file after 1 s) died with its group
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(
+        !fake.survivor().exists(),
+        "a child of the hung agent outlived the idle timeout"
+    );
+}
+
+#[test]
+fn idle_timeout_is_for_cli_agents_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = "name: w\nagents:\n  p: {provider: anthropic, model: m, idle_timeout: 5m}\nsteps:\n  - task: {id: t, agent: p, prompt: hi}\n";
+    let e = format!(
+        "{:?}",
+        smithers_core::yaml::load_str(bad, "w.yaml", dir.path()).unwrap_err()
+    );
+    assert!(
+        e.contains("`idle_timeout` only applies to CLI agents"),
+        "{e}"
+    );
+    let bad = "name: w\nagents:\n  c: {command: [x], idle_timeout: soon}\nsteps:\n  - task: {id: t, agent: c, prompt: hi}\n";
+    let e = format!(
+        "{:?}",
+        smithers_core::yaml::load_str(bad, "w.yaml", dir.path()).unwrap_err()
+    );
+    assert!(e.contains("idle_timeout"), "{e}");
+}
+
+#[tokio::test]
 async fn cancelling_the_run_kills_a_running_agent() {
     let e = env().await;
     let fake = Fake::new();

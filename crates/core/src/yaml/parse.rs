@@ -58,6 +58,7 @@ const AGENT_FIELDS: &[&str] = &[
     "api_key_env",
     "max_tokens",
     "allow_tools",
+    "idle_timeout",
 ];
 /// Longest workflow name accepted.
 pub const MAX_NAME_LEN: usize = 256;
@@ -654,6 +655,7 @@ impl<'a> Parser<'a> {
                 .map(|(s, _)| s)
                 .collect::<Vec<_>>()
         });
+        let idle_timeout_ms = self.duration(a, "idle_timeout", &node);
         let has = |k: &str| a.get(k).is_some();
         let line_of = |k: &str| a.get(k).and_then(|y| y.line);
         let count = ["preset", "command", "provider"]
@@ -774,6 +776,14 @@ impl<'a> Parser<'a> {
                 );
             }
         }
+        if has("idle_timeout") && matches!(kind, AgentKind::Provider { .. }) {
+            self.problem(
+                line_of("idle_timeout"),
+                Some(&node),
+                Some("idle_timeout"),
+                "`idle_timeout` only applies to CLI agents (presets and commands); a provider request is bounded by the task's `timeout`",
+            );
+        }
         if has("prompt") && !matches!(kind, AgentKind::Command { .. }) {
             self.problem(
                 line_of("prompt"),
@@ -795,6 +805,7 @@ impl<'a> Parser<'a> {
             kind,
             model,
             allow_tools,
+            idle_timeout_ms,
         })
     }
 

@@ -51,6 +51,8 @@ pub(crate) struct CliSession {
     history: Vec<(Role, String)>,
     env: BTreeMap<String, String>,
     cwd: PathBuf,
+    /// Silence after which the CLI is considered hung.
+    idle_timeout_ms: u64,
 }
 
 impl CliSession {
@@ -70,6 +72,10 @@ impl CliSession {
             program,
             model: job.def.model.clone(),
             allow_tools: job.def.allow_tools.clone(),
+            idle_timeout_ms: job
+                .def
+                .idle_timeout_ms
+                .unwrap_or(smithers_core::agent::DEFAULT_IDLE_TIMEOUT_MS),
             resume_untested: resume.is_some(),
             checkpointed: resume.clone(),
             resume,
@@ -151,6 +157,7 @@ impl CliSession {
             cwd: self.cwd.clone(),
             env,
             timeout_ms,
+            idle_timeout_ms: Some(self.idle_timeout_ms),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<process::Chunk>();
         let run = process::run_raw(
@@ -274,6 +281,13 @@ impl CliSession {
                 )
                 .terminal()
             }
+            Code::TaskIdleTimeout => SmithersError::new(
+                Code::TaskIdleTimeout,
+                format!(
+                    "agent `{}` printed nothing for {} ms (its `idle_timeout`) and was considered hung; its process group was killed",
+                    self.agent, self.idle_timeout_ms
+                ),
+            ),
             Code::TaskTimeout => SmithersError::new(
                 Code::TaskTimeout,
                 format!(
