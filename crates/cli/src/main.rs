@@ -5,6 +5,7 @@ mod bench;
 mod bench_devtools;
 mod bench_gateway;
 mod cron_cmd;
+mod diff_cmd;
 mod progress;
 mod remote;
 mod runs;
@@ -131,6 +132,24 @@ enum Cmd {
         frame: Option<i64>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
+    /// Show what a task changed on disk: the files its attempt added, modified, deleted or
+    /// renamed in the git work tree it ran in, as a patch (`git apply` takes it).
+    Diff {
+        run_id: String,
+        /// The task's node id.
+        #[arg(long)]
+        node: String,
+        /// Loop iteration (0 outside loops).
+        #[arg(long, default_value_t = 0)]
+        iteration: i64,
+        /// Print the bundle as JSON (`{seq, baseRef, patches}`) instead of the patch.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         #[command(flatten)]
@@ -351,6 +370,14 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             .await
         }
         Cmd::Cancel { run_id, db, .. } => act::cancel(&db, &run_id).await,
+        Cmd::Diff {
+            run_id,
+            node,
+            iteration,
+            json,
+            db,
+            ..
+        } => diff_cmd::diff(&db, &run_id, &node, iteration, json).await,
         Cmd::Validate { workflow } => validate(&workflow),
         Cmd::Bench {
             target: Some(BenchTarget::Gateway { quick, only }),

@@ -463,6 +463,7 @@ pub async fn dispatch(cmd: &Cmd) -> Option<Result<u8, SmithersError>> {
         | Cmd::Signal { remote, .. }
         | Cmd::Cancel { remote, .. }
         | Cmd::Rewind { remote, .. }
+        | Cmd::Diff { remote, .. }
         | Cmd::Fork { remote, .. } => remote,
         _ => return None,
     };
@@ -533,6 +534,13 @@ async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
         Cmd::Rewind {
             run_id, frame, yes, ..
         } => rewind(gw, run_id, *frame, *yes).await,
+        Cmd::Diff {
+            run_id,
+            node,
+            iteration,
+            json,
+            ..
+        } => crate::diff_cmd::diff_remote(gw, run_id, node, *iteration, *json).await,
         Cmd::Fork {
             run_id,
             frame,

@@ -1010,3 +1010,87 @@ fn default_db_is_created_in_cwd() {
     let ps = run(c);
     assert!(ps.ok().stdout.contains(&run_id(&o)));
 }
+
+fn git(dir: &Path, args: &[&str]) {
+    let o = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("git is needed for this test: {e}"));
+    assert!(o.status.success(), "git {args:?}: {o:?}");
+}
+
+#[test]
+fn diff_shows_what_a_task_changed_in_its_work_tree() {
+    let env = Env::new();
+    let repo = env.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["config", "user.email", "t@example.com"]);
+    git(&repo, &["config", "user.name", "t"]);
+    std::fs::write(repo.join("keep.txt"), "one\n").unwrap();
+    std::fs::write(repo.join("gone.txt"), "bye\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "start"]);
+    let wf = repo.join("wf.yaml");
+    std::fs::write(
+        &wf,
+        "name: edits\nsteps:\n  - task: {id: edit, run: \"echo two >> keep.txt && rm gone.txt && echo new > new.txt\"}\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join(".gitignore"), "wf.yaml\n").unwrap();
+    let db = env.db();
+    let o = env.sm(&["up", wf.to_str().unwrap()]);
+    o.ok();
+    let id = run_id(&o);
+
+    let o = env.sm(&["diff", &id, "--node", "edit", "--db", &db]);
+    o.ok();
+    assert!(
+        o.stdout.contains("diff --git a/keep.txt b/keep.txt"),
+        "{o:#?}"
+    );
+    assert!(o.stdout.contains("+two"), "{o:#?}");
+    assert!(
+        o.stdout.contains("diff --git a/new.txt b/new.txt"),
+        "{o:#?}"
+    );
+    o.err_has("changed 3 files").err_has("delete  gone.txt");
+
+    let j = env
+        .sm(&["diff", &id, "--node", "edit", "--json", "--db", &db])
+        .ok()
+        .json();
+    let ops: Vec<(String, String)> = j["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_string(),
+                p["operation"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        ops.contains(&("gone.txt".into(), "delete".into())),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&("new.txt".into(), "add".into())), "{ops:?}");
+    assert!(
+        ops.contains(&("keep.txt".into(), "modify".into())),
+        "{ops:?}"
+    );
+    assert_eq!(j["seq"], 1);
+
+    // the patch applies to the original tree
+    let patch = env.write(
+        "edit.patch",
+        &env.sm(&["diff", &id, "--node", "edit", "--db", &db]).stdout,
+    );
+    git(&repo, &["stash", "-u", "-q"]);
+    git(&repo, &["apply", "--check", &patch]);
+
+    let e = env.sm(&["diff", &id, "--node", "nope", "--db", &db]);
+    e.error("NodeNotFound");
+}

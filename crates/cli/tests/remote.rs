@@ -474,6 +474,20 @@ async fn rewind_and_fork_on_the_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_asks_the_gateway() {
+    let s = start(AuthConfig::None).await;
+    let url = s.url();
+    let id = create(&s, "slow", json!({}), None).await;
+    wait_status(&s, &id, "running", None).await;
+    // the task is still running: its attempt has no diff yet
+    let o = cli(&["diff", &id, "--node", "s", "--url", &url], None).await;
+    assert_error(&o, "AttemptNotFinished");
+    let o = cli(&["diff", &id, "--node", "nope", "--url", &url], None).await;
+    assert_error(&o, "NodeNotFound");
+    let _ = rpc(s.addr, "runs.cancel", json!({"runId": id}), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_addresses() {
     // nothing listening
     let port = {
