@@ -178,6 +178,9 @@ pub(crate) struct Driver {
     events: Vec<PendingEvent>,
     dirty: bool,
     in_flight: usize,
+    /// Agents that failed with a login or configuration error in this run: later tasks using
+    /// them fail at once instead of calling the agent again (cleared by a resume).
+    broken_agents: HashMap<String, SmithersError>,
     fatal: Option<SmithersError>,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -244,6 +247,7 @@ impl Driver {
             events: Vec::new(),
             dirty: true,
             in_flight: 0,
+            broken_agents: HashMap::new(),
             fatal: None,
             tx,
             rx,
@@ -852,7 +856,14 @@ impl Driver {
                         );
                         self.event(kind::NODE_CANCELLED, f);
                     }
-                    TaskResult::Err(e) => self.record_failure(rt, attempt, started, e),
+                    TaskResult::Err(e) => {
+                        if e.code == Code::AgentConfigInvalid
+                            && let Some(TaskKind::Agent(a)) = self.task_of(rt).map(|t| &t.kind)
+                        {
+                            self.broken_agents.insert(a.agent.clone(), e.clone());
+                        }
+                        self.record_failure(rt, attempt, started, e)
+                    }
                     TaskResult::Parked(st) => {
                         let s = match st {
                             status::WAITING_APPROVAL => TState::WaitingApproval,
@@ -1135,6 +1146,19 @@ impl Driver {
                     self.record_failure(rt, attempt, started, e);
                     return Ok(Started::Changed);
                 };
+                if let Some(earlier) = self.broken_agents.get(&a.agent) {
+                    let started = self.rts[rt].started_ms;
+                    let e = SmithersError::new(
+                        Code::AgentConfigInvalid,
+                        format!(
+                            "agent `{}` was not called: it already failed in this run with a login or configuration error ({}); fix that, then resume the run",
+                            a.agent, earlier.message
+                        ),
+                    )
+                    .terminal();
+                    self.record_failure(rt, attempt, started, e);
+                    return Ok(Started::Changed);
+                }
                 // the start must be durable before the agent runs
                 self.flush().await?;
                 let cwd = match &a.cwd {

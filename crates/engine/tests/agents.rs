@@ -416,6 +416,32 @@ async fn login_and_key_errors_are_terminal() {
 }
 
 #[tokio::test]
+async fn after_a_login_error_the_agent_is_not_called_again_in_the_run() {
+    let e = env().await;
+    let fake = Fake::new();
+    fake.mode(1, "auth");
+    fake.mode(2, "auth");
+    let yaml = format!(
+        "name: breaker\nagents:\n  a: {}\nsteps:\n  - task: {{id: first, agent: a, prompt: one, continue_on_fail: true, env: {{FAKE_DIR: {dir}}}}}\n  - task: {{id: second, agent: a, prompt: two, env: {{FAKE_DIR: {dir}}}}}\n",
+        claude(""),
+        dir = q(&fake.path())
+    );
+    let o = e.run(&yaml).await;
+    assert_eq!(o.status, "failed");
+    assert_eq!(fake.calls(), 1, "the second task did not call the agent");
+    let second = e.attempts(&o.run_id, "second").await;
+    let err = error(&second[0]);
+    assert_eq!(err["code"], "AGENT_CONFIG_INVALID", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("already failed in this run"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn timeout_kills_the_agents_whole_process_group() {
     let e = env().await;
     let fake = Fake::new();
