@@ -442,6 +442,30 @@ async fn after_a_login_error_the_agent_is_not_called_again_in_the_run() {
 }
 
 #[tokio::test]
+async fn a_prompt_too_long_for_one_argument_is_a_task_error_not_a_broken_agent() {
+    let e = env().await;
+    let fake = Fake::new();
+    let long = "x".repeat(200 * 1024);
+    let yaml = format!(
+        "name: long\nagents:\n  a: {}\nsteps:\n  - task: {{id: big, agent: a, prompt: \"{long}\", continue_on_fail: true, env: {{FAKE_DIR: {dir}}}}}\n  - task: {{id: small, agent: a, prompt: short, env: {{FAKE_DIR: {dir}}}}}\n",
+        claude(""),
+        dir = q(&fake.path())
+    );
+    fake.replies(&["{\"approved\": true}"]);
+    let o = e.run(&yaml).await;
+    let big = e.attempts(&o.run_id, "big").await;
+    let err = error(&big[0]);
+    assert_eq!(err["code"], "INVALID_INPUT", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("128 KiB"),
+        "{err}"
+    );
+    // the agent itself is fine: the next task calls it
+    assert_eq!(o.status, "finished", "{:?}", o.error);
+    assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test]
 async fn timeout_kills_the_agents_whole_process_group() {
     let e = env().await;
     let fake = Fake::new();

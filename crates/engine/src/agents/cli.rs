@@ -270,6 +270,17 @@ impl CliSession {
                     .next()
                     .unwrap_or_default()
                     .to_string();
+                if cause.contains("Argument list too long") {
+                    // the task's prompt, not the agent, is the problem
+                    return SmithersError::new(
+                        Code::InvalidInput,
+                        format!(
+                            "cannot start agent `{}`: its prompt is passed as one argument and is longer than the system allows (128 KiB on Linux); shorten the task's prompt or use an agent that reads it from stdin (codex, or a command agent with `prompt: stdin`)",
+                            self.agent
+                        ),
+                    )
+                    .terminal();
+                }
                 SmithersError::new(
                     Code::AgentConfigInvalid,
                     format!(
