@@ -1,0 +1,169 @@
+//! The real `smithers` binary on PostgreSQL (`--db postgres://…`), against a temporary
+//! cluster started by this test binary (see `crates/store/tests/support/pg_cluster.rs`).
+
+#[path = "../../store/tests/support/pg_cluster.rs"]
+mod pg_cluster;
+
+use smithers_store::Store;
+use smithers_store::postgres::PgStore;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn smithers(dir: &Path, args: &[&str]) -> std::process::Output {
+    match Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!("run smithers {args:?}: {e}"),
+    }
+}
+
+fn wait_for(path: &Path, needle: &str, limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "timed out waiting for `{needle}` in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    if let Err(e) = std::fs::write(path, text) {
+        panic!("write {}: {e}", path.display());
+    }
+}
+
+async fn store(url: &str) -> PgStore {
+    match PgStore::open(url).await {
+        Ok(s) => s,
+        Err(e) => panic!("open {url}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_workflow_on_postgres() {
+    let db = pg_cluster::fresh_database_url().await;
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
+    write(
+        &dir.join("wf.yaml"),
+        "name: pg-hello\nsteps:\n  - task: {id: a, run: \"echo '{\\\"n\\\": 1}'\", output: {type: object}}\n  - task: {id: b, run: \"echo '{\\\"n\\\": 2}'\", output: {type: object}}\n",
+    );
+    let out = {
+        let (dir, db) = (dir.clone(), db.clone());
+        tokio::task::spawn_blocking(move || {
+            smithers(&dir, &["up", "wf.yaml", "--run-id", "pg-1", "--db", &db])
+        })
+        .await
+    };
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let s = store(&db).await;
+    let run = s.get_run("pg-1").await.ok().flatten();
+    assert_eq!(
+        run.as_ref().map(|r| r.status.as_str()),
+        Some("finished"),
+        "{run:?}"
+    );
+    assert_eq!(run.and_then(|r| r.runtime_owner_id), None, "lease released");
+    let outputs = s.list_outputs("pg-1").await.ok().unwrap_or_default();
+    let ids: Vec<&str> = outputs.iter().map(|o| o.node_id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "b"]);
+    let events = s
+        .list_events("pg-1", None, 10_000)
+        .await
+        .ok()
+        .unwrap_or_default();
+    assert!(!events.is_empty());
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..events.len() as i64).collect::<Vec<_>>());
+
+    // The CLI reads it back from the same database.
+    let ps = smithers(&dir, &["ps", "--db", &db]);
+    assert_eq!(ps.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&ps.stdout).contains("pg-1"));
+}
+
+/// Two processes on one database: the first `smithers up` is SIGKILLed mid-run, and
+/// `smithers resume --orphans` from another process takes the run over through the lease and
+/// finishes it without re-running finished tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_engine_is_taken_over_by_another_process() {
+    let db = pg_cluster::fresh_database_url().await;
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
+    let log = dir.join("log");
+    write(
+        &dir.join("wf.yaml"),
+        &format!(
+            "name: pg-orphan\nsteps:\n  - task: {{id: a, run: \"echo a >> {l}\"}}\n  - task: {{id: slow, run: \"echo slow >> {l}; sleep 0.5\"}}\n  - task: {{id: b, run: \"echo b >> {l}\"}}\n",
+            l = log.display()
+        ),
+    );
+    let (dir2, db2, log2) = (dir.clone(), db.clone(), log.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        let (dir, db, log) = (dir2, db2, log2);
+        let mut child = match Command::new(env!("CARGO_BIN_EXE_smithers"))
+            .current_dir(&dir)
+            .args(["up", "wf.yaml", "--run-id", "orphan-pg", "--db", &db])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!("spawn: {e}"),
+        };
+        wait_for(&log, "slow", Duration::from_secs(30));
+        // SIGKILL: no cleanup, the lease stays with the dead process.
+        let _ = child.kill();
+        let _ = child.wait();
+        let out = smithers(&dir, &["resume", "--orphans", "--db", &db]);
+        let again = smithers(&dir, &["resume", "--orphans", "--db", &db]);
+        (out, again)
+    })
+    .await;
+    let (out, again) = match result {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("taking over run orphan-pg"), "{stderr}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(text.lines().filter(|l| *l == "a").count(), 1, "{text}");
+    assert_eq!(text.lines().filter(|l| *l == "b").count(), 1, "{text}");
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no orphaned runs"));
+
+    let s = store(&db).await;
+    let run = s.get_run("orphan-pg").await.ok().flatten();
+    assert_eq!(run.map(|r| r.status), Some("finished".to_string()));
+}
