@@ -169,7 +169,8 @@ async fn takeover_fences_the_old_owner() {
         let a = a.clone();
         tokio::spawn(async move {
             let mut committed = Vec::new();
-            for i in 0..400 {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            for i in 0.. {
                 let mut batch = Batch::guarded("r", "node-a");
                 batch.push(event("r", i));
                 match a.apply(batch).await {
@@ -177,11 +178,19 @@ async fn takeover_fences_the_old_owner() {
                     Err(e) if e.code == Code::RunLeaseLost => return (committed, true),
                     Err(e) => panic!("apply: {e}"),
                 }
+                if std::time::Instant::now() > deadline {
+                    break;
+                }
             }
             (committed, false)
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Take over while the old owner is busy writing.
+    let t0 = std::time::Instant::now();
+    while b.last_event_seq("r").await.unwrap_or(-1) < 20 {
+        assert!(t0.elapsed().as_secs() < 30, "the old owner never wrote");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let claimed = b.claim_run("r", "node-b", 10, 5, Some("node-a")).await;
     assert_eq!(claimed.ok(), Some(true));
     let mut batch = Batch::guarded("r", "node-b");

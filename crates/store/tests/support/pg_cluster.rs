@@ -181,9 +181,16 @@ fn prepare(cmd: &mut Command, user: Option<(Uid, Gid)>, deathsig: Option<Signal>
 fn start() -> Result<Cluster, String> {
     let bin_dir = find_bin_dir()?;
     let user = run_as();
+    // As root the server runs as `nobody`, which must be able to reach the directory: use /tmp
+    // rather than a $TMPDIR that may sit under a private home.
+    let parent = if user.is_some() && Path::new("/tmp").is_dir() {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
     let dir = tempfile::Builder::new()
         .prefix("smithers-pg-test-")
-        .tempdir()
+        .tempdir_in(&parent)
         .map_err(|e| format!("tempdir: {e}"))?
         .keep();
     let data = dir.join("data");
