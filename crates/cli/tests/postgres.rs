@@ -167,3 +167,175 @@ async fn killed_engine_is_taken_over_by_another_process() {
     let run = s.get_run("orphan-pg").await.ok().flatten();
     assert_eq!(run.map(|r| r.status), Some("finished".to_string()));
 }
+
+// ----- smithers serve with [storage] url = "postgres://…" ----------------------------------------
+
+struct Served {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    /// A test that fails half-way must not leave a server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path, config: &str) -> Served {
+    use std::io::BufRead;
+    let child = match Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["serve", "--config", config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("spawn serve: {e}"),
+    };
+    let mut served = Served {
+        child,
+        addr: String::new(),
+    };
+    let Some(stderr) = served.child.stderr.take() else {
+        panic!("no stderr pipe");
+    };
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => panic!("serve exited before listening:\n{seen}"),
+        };
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            served.addr = rest.split_whitespace().next().unwrap_or("").to_string();
+            std::thread::spawn(move || for _ in lines {});
+            return served;
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+}
+
+fn rpc(addr: &str, method: &str, params: serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({"id": "1", "method": method, "params": params}).to_string();
+    let mut s = match std::net::TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => panic!("connect {addr}: {e}"),
+    };
+    let req = format!(
+        "POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        panic!("write: {e}");
+    }
+    let mut text = String::new();
+    if let Err(e) = s.read_to_string(&mut text) {
+        panic!("read: {e}");
+    }
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn wait_status(addr: &str, run: &str, want: &str) {
+    let t0 = Instant::now();
+    loop {
+        let r = rpc(addr, "runs.get", serde_json::json!({"runId": run}));
+        if r["payload"]["status"] == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "run never became {want}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(mut s: Served) -> i32 {
+    let pid = nix::unistd::Pid::from_raw(s.child.id() as i32);
+    if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+        panic!("kill: {e}");
+    }
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(st)) = s.child.try_wait() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two `smithers serve` nodes on one PostgreSQL database: a run created on one is visible on
+/// the other, survives a restart of its node, and an approval decided there finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_nodes_share_a_postgres_database() {
+    let db = pg_cluster::fresh_database_url().await;
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
+    write(
+        &dir.join("gated.yaml"),
+        "name: gated\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: ok?}\n  - task: {id: b, value: 2}\n",
+    );
+    write(
+        &dir.join("smithers.toml"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"{db}\"\n[[workflows]]\nkey = \"gate\"\npath = \"gated.yaml\"\n"
+        ),
+    );
+    let result = tokio::task::spawn_blocking(move || {
+        let a = serve(&dir, "smithers.toml");
+        let b = serve(&dir, "smithers.toml");
+        let created = rpc(
+            &a.addr,
+            "runs.create",
+            serde_json::json!({"workflow": "gate"}),
+        );
+        let run = created["payload"]["runId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("runs.create: {created}"))
+            .to_string();
+        wait_status(&a.addr, &run, "waiting-approval");
+        // The other node reads the same database.
+        wait_status(&b.addr, &run, "waiting-approval");
+        assert_eq!(sigterm(a), 0, "a clean stop");
+        let a = serve(&dir, "smithers.toml");
+        let d = rpc(
+            &a.addr,
+            "approvals.decide",
+            serde_json::json!({"runId": run, "nodeId": "gate", "approved": true}),
+        );
+        assert_eq!(d["ok"], true, "{d}");
+        wait_status(&a.addr, &run, "finished");
+        wait_status(&b.addr, &run, "finished");
+        sigterm(a);
+        sigterm(b);
+        run
+    })
+    .await;
+    let run = match result {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let s = store(&db).await;
+    let outputs = s.list_outputs(&run).await.ok().unwrap_or_default();
+    let ids: Vec<&str> = outputs.iter().map(|o| o.node_id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "b", "gate"]);
+    for node in ["a", "b"] {
+        let attempts = s
+            .list_node_attempts(&run, node, 0)
+            .await
+            .ok()
+            .map(|v| v.len());
+        assert_eq!(attempts, Some(1), "{node} ran once");
+    }
+}
