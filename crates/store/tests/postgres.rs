@@ -369,3 +369,45 @@ async fn open_by_url_and_errors() {
         .map(|e| e.code);
     assert_eq!(e, Some(Code::StorageError));
 }
+
+/// The server drops every connection of the store (as on a restart or an idle-connection
+/// killer): reads and writes right after succeed on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_recovers_when_the_server_drops_its_connections() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    apply(&*store, vec![Write::InsertRun(run_row("r1", "wf", 1))]).await;
+    // Several pooled connections.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.get_run("r1").await.map(|r| r.is_some())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.ok().and_then(|r| r.ok()), Some(true));
+    }
+    let db = url.rsplit('/').next().unwrap_or_default().to_string();
+    let admin = support::pg_cluster::admin_client(support::pg_cluster::cluster()).await;
+    for round in 0..3 {
+        let killed = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .await
+            .map(|rows| rows.len());
+        assert!(
+            matches!(killed, Ok(n) if n > 0),
+            "round {round}: {killed:?}"
+        );
+        let read = store.get_run("r1").await;
+        assert!(matches!(read, Ok(Some(_))), "round {round}: {read:?}");
+        let mut b = Batch::new();
+        b.push(event("r1", round));
+        let written = store.apply(b).await.map(|a| a.event_seqs);
+        assert_eq!(written.ok(), Some(vec![round as i64]), "round {round}");
+    }
+}

@@ -37,8 +37,11 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 /// Connections per store (each node keeps at most this many open).
 const POOL_SIZE: usize = 8;
-/// Attempts of a write transaction that hit a serialization failure or deadlock.
+/// Attempts of a write transaction that hit a serialization failure, a deadlock or a lost
+/// connection (before its commit was sent).
 const WRITE_ATTEMPTS: u32 = 8;
+/// Attempts of a read whose connection was lost.
+const READ_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
@@ -80,6 +83,23 @@ impl DbErr {
             self.sql_state(),
             Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED)
         )
+    }
+
+    /// The connection broke (server restart, backend terminated, network): the statement may
+    /// be retried on a fresh connection when it is known not to have committed.
+    fn is_connection_lost(&self) -> bool {
+        match self {
+            DbErr::Pg(e) => {
+                e.is_closed()
+                    || matches!(
+                        e.code(),
+                        Some(&SqlState::ADMIN_SHUTDOWN)
+                            | Some(&SqlState::CRASH_SHUTDOWN)
+                            | Some(&SqlState::CANNOT_CONNECT_NOW)
+                    )
+            }
+            DbErr::App(_) => false,
+        }
     }
 
     pub(crate) fn is_unique_violation(&self) -> bool {
@@ -302,7 +322,16 @@ impl Pool {
         })
     }
 
-    async fn get(self: &Arc<Self>, what: &str) -> Result<Pooled> {
+    /// Closes every idle connection: after one connection was lost (server restart, backends
+    /// terminated), the others most likely were too.
+    fn clear_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// A connection for `what`; failing to connect reports `code`.
+    async fn get(self: &Arc<Self>, what: &str, code: Code) -> Result<Pooled> {
         let permit =
             self.permits.clone().acquire_owned().await.map_err(|_| {
                 SmithersError::new(Code::StorageError, "the PostgreSQL pool is closed")
@@ -319,11 +348,6 @@ impl Pool {
         let conn = match reused {
             Some(c) => c,
             None => self.connect().await.map_err(|e| {
-                let code = if what == "apply" {
-                    Code::DbWriteFailed
-                } else {
-                    Code::DbQueryFailed
-                };
                 e.into_smithers(code, &format!("{what}: cannot connect to {}", self.target))
             })?,
         };
@@ -402,35 +426,48 @@ impl PgStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut conn = self.pool.get(what).await?;
+            let mut conn = self.pool.get(what, Code::DbWriteFailed).await?;
             match run_in_tx(&mut conn, &op).await {
                 Ok(out) => return Ok(out),
-                Err(e) if e.is_transient() && attempt < WRITE_ATTEMPTS => {
+                Err((e, committing)) => {
+                    // A connection lost while committing leaves the outcome unknown: never
+                    // retried (the caller gets a retryable DB_WRITE_FAILED).
+                    let retry = e.is_transient() || (e.is_connection_lost() && !committing);
+                    if e.is_connection_lost() {
+                        self.pool.clear_idle();
+                    }
+                    if !retry || attempt >= WRITE_ATTEMPTS {
+                        return Err(e.into_smithers(Code::DbWriteFailed, what));
+                    }
                     drop(conn);
                     let backoff = 5u64 << attempt.min(6);
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                 }
-                Err(e) => return Err(e.into_smithers(Code::DbWriteFailed, what)),
             }
         }
     }
 
     /// A checked-out connection for reads.
     async fn reader(&self, what: &str) -> Result<Pooled> {
-        self.pool.get(what).await
+        self.pool.get(what, Code::DbQueryFailed).await
     }
 }
 
-async fn run_in_tx(conn: &mut Conn, op: &claims::Op<'_>) -> Result<claims::Out, DbErr> {
-    conn.begin().await?;
+/// Runs `op` in a transaction. On failure, also says whether the error came from the commit
+/// itself (then whether it committed is unknown).
+async fn run_in_tx(
+    conn: &mut Conn,
+    op: &claims::Op<'_>,
+) -> std::result::Result<claims::Out, (DbErr, bool)> {
+    conn.begin().await.map_err(|e| (e, false))?;
     match claims::exec_op(conn, op).await {
         Ok(out) => {
-            conn.commit().await?;
+            conn.commit().await.map_err(|e| (e, true))?;
             Ok(out)
         }
         Err(e) => {
             conn.rollback().await;
-            Err(e)
+            Err((e, false))
         }
     }
 }
@@ -442,8 +479,26 @@ fn unexpected(what: &str) -> SmithersError {
     )
 }
 
-fn q(what: &str) -> impl Fn(DbErr) -> SmithersError + '_ {
-    move |e| e.into_smithers(Code::DbQueryFailed, what)
+/// Runs a read on a pooled connection; a read that failed because the connection was lost
+/// (server restart, idle connection killed) is run again on a fresh one.
+macro_rules! read {
+    ($self:ident, $what:literal, |$c:ident| $body:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut $c = $self.reader($what).await?;
+            let $c = &mut *$c;
+            let result = $body.await;
+            match result {
+                Ok(v) => break Ok(v),
+                Err(e) if e.is_connection_lost() && attempt < READ_ATTEMPTS => {
+                    $self.pool.clear_idle();
+                    continue;
+                }
+                Err(e) => break Err(e.into_smithers(Code::DbQueryFailed, $what)),
+            }
+        }
+    }};
 }
 
 use claims::{Op, Out};
@@ -502,36 +557,27 @@ impl Store for PgStore {
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>> {
-        let mut c = self.reader("get_run").await?;
-        reads::get_run(&mut c, run_id).await.map_err(q("get_run"))
+        read!(self, "get_run", |c| reads::get_run(c, run_id))
     }
 
     async fn list_runs(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunRow>> {
-        let mut c = self.reader("list_runs").await?;
-        reads::list_runs(&mut c, status, limit)
-            .await
-            .map_err(q("list_runs"))
+        read!(self, "list_runs", |c| reads::list_runs(c, status, limit))
     }
 
     async fn list_stale_runs(&self, stale_before_ms: i64, limit: usize) -> Result<Vec<RunRow>> {
-        let mut c = self.reader("list_stale_runs").await?;
-        reads::list_stale_runs(&mut c, stale_before_ms, limit)
-            .await
-            .map_err(q("list_stale_runs"))
+        read!(self, "list_stale_runs", |c| reads::list_stale_runs(
+            c,
+            stale_before_ms,
+            limit
+        ))
     }
 
     async fn get_input(&self, run_id: &str) -> Result<Option<String>> {
-        let mut c = self.reader("get_input").await?;
-        reads::get_input(&mut c, run_id)
-            .await
-            .map_err(q("get_input"))
+        read!(self, "get_input", |c| reads::get_input(c, run_id))
     }
 
     async fn list_nodes(&self, run_id: &str) -> Result<Vec<NodeRow>> {
-        let mut c = self.reader("list_nodes").await?;
-        reads::list_nodes(&mut c, run_id)
-            .await
-            .map_err(q("list_nodes"))
+        read!(self, "list_nodes", |c| reads::list_nodes(c, run_id))
     }
 
     async fn get_node(
@@ -540,17 +586,13 @@ impl Store for PgStore {
         node_id: &str,
         iteration: i64,
     ) -> Result<Option<NodeRow>> {
-        let mut c = self.reader("get_node").await?;
-        reads::get_node(&mut c, run_id, node_id, iteration)
-            .await
-            .map_err(q("get_node"))
+        read!(self, "get_node", |c| reads::get_node(
+            c, run_id, node_id, iteration
+        ))
     }
 
     async fn list_attempts(&self, run_id: &str) -> Result<Vec<AttemptRow>> {
-        let mut c = self.reader("list_attempts").await?;
-        reads::list_attempts(&mut c, run_id)
-            .await
-            .map_err(q("list_attempts"))
+        read!(self, "list_attempts", |c| reads::list_attempts(c, run_id))
     }
 
     async fn list_node_attempts(
@@ -559,10 +601,9 @@ impl Store for PgStore {
         node_id: &str,
         iteration: i64,
     ) -> Result<Vec<AttemptRow>> {
-        let mut c = self.reader("list_node_attempts").await?;
-        reads::list_node_attempts(&mut c, run_id, node_id, iteration)
-            .await
-            .map_err(q("list_node_attempts"))
+        read!(self, "list_node_attempts", |c| reads::list_node_attempts(
+            c, run_id, node_id, iteration
+        ))
     }
 
     async fn get_attempt(
@@ -572,17 +613,13 @@ impl Store for PgStore {
         iteration: i64,
         attempt: i64,
     ) -> Result<Option<AttemptRow>> {
-        let mut c = self.reader("get_attempt").await?;
-        reads::get_attempt(&mut c, run_id, node_id, iteration, attempt)
-            .await
-            .map_err(q("get_attempt"))
+        read!(self, "get_attempt", |c| reads::get_attempt(
+            c, run_id, node_id, iteration, attempt
+        ))
     }
 
     async fn list_outputs(&self, run_id: &str) -> Result<Vec<OutputRow>> {
-        let mut c = self.reader("list_outputs").await?;
-        reads::list_outputs(&mut c, run_id)
-            .await
-            .map_err(q("list_outputs"))
+        read!(self, "list_outputs", |c| reads::list_outputs(c, run_id))
     }
 
     async fn get_output(
@@ -591,27 +628,20 @@ impl Store for PgStore {
         node_id: &str,
         iteration: i64,
     ) -> Result<Option<OutputRow>> {
-        let mut c = self.reader("get_output").await?;
-        reads::get_output(&mut c, run_id, node_id, iteration)
-            .await
-            .map_err(q("get_output"))
+        read!(self, "get_output", |c| reads::get_output(
+            c, run_id, node_id, iteration
+        ))
     }
 
     async fn last_frame_no(&self, run_id: &str) -> Result<i64> {
-        let mut c = self.reader("last_frame_no").await?;
-        c.query_i64(
+        read!(self, "last_frame_no", |c| c.query_i64(
             "SELECT COALESCE(MAX(frame_no), 0)::BIGINT FROM _smithers_frames WHERE run_id = $1",
             &[&run_id],
-        )
-        .await
-        .map_err(q("last_frame_no"))
+        ))
     }
 
     async fn get_frame(&self, run_id: &str, frame_no: i64) -> Result<Option<FrameRow>> {
-        let mut c = self.reader("get_frame").await?;
-        reads::get_frame(&mut c, run_id, frame_no)
-            .await
-            .map_err(q("get_frame"))
+        read!(self, "get_frame", |c| reads::get_frame(c, run_id, frame_no))
     }
 
     async fn list_frames(
@@ -620,24 +650,24 @@ impl Store for PgStore {
         after_frame_no: i64,
         limit: usize,
     ) -> Result<Vec<FrameRow>> {
-        let mut c = self.reader("list_frames").await?;
-        reads::list_frames(&mut c, run_id, after_frame_no, limit)
-            .await
-            .map_err(q("list_frames"))
+        read!(self, "list_frames", |c| reads::list_frames(
+            c,
+            run_id,
+            after_frame_no,
+            limit
+        ))
     }
 
     async fn frames_between(&self, run_id: &str, from: i64, to: i64) -> Result<Vec<FrameRow>> {
-        let mut c = self.reader("frames_between").await?;
-        reads::frames_between(&mut c, run_id, from, to)
-            .await
-            .map_err(q("frames_between"))
+        read!(self, "frames_between", |c| reads::frames_between(
+            c, run_id, from, to
+        ))
     }
 
     async fn get_snapshot(&self, run_id: &str, frame_no: i64) -> Result<Option<SnapshotRow>> {
-        let mut c = self.reader("get_snapshot").await?;
-        reads::get_snapshot(&mut c, run_id, frame_no)
-            .await
-            .map_err(q("get_snapshot"))
+        read!(self, "get_snapshot", |c| reads::get_snapshot(
+            c, run_id, frame_no
+        ))
     }
 
     async fn snapshots_between(
@@ -646,10 +676,9 @@ impl Store for PgStore {
         from: i64,
         to: i64,
     ) -> Result<Vec<SnapshotRow>> {
-        let mut c = self.reader("snapshots_between").await?;
-        reads::snapshots_between(&mut c, run_id, from, to)
-            .await
-            .map_err(q("snapshots_between"))
+        read!(self, "snapshots_between", |c| reads::snapshots_between(
+            c, run_id, from, to
+        ))
     }
 
     async fn list_events(
@@ -658,27 +687,20 @@ impl Store for PgStore {
         after_seq: Option<i64>,
         limit: usize,
     ) -> Result<Vec<EventRow>> {
-        let mut c = self.reader("list_events").await?;
-        reads::list_events(&mut c, run_id, after_seq, limit)
-            .await
-            .map_err(q("list_events"))
+        read!(self, "list_events", |c| reads::list_events(
+            c, run_id, after_seq, limit
+        ))
     }
 
     async fn last_event_seq(&self, run_id: &str) -> Result<i64> {
-        let mut c = self.reader("last_event_seq").await?;
-        c.query_i64(
+        read!(self, "last_event_seq", |c| c.query_i64(
             "SELECT COALESCE(MAX(seq), -1)::BIGINT FROM _smithers_events WHERE run_id = $1",
             &[&run_id],
-        )
-        .await
-        .map_err(q("last_event_seq"))
+        ))
     }
 
     async fn list_loops(&self, run_id: &str) -> Result<Vec<LoopRow>> {
-        let mut c = self.reader("list_loops").await?;
-        reads::list_loops(&mut c, run_id)
-            .await
-            .map_err(q("list_loops"))
+        read!(self, "list_loops", |c| reads::list_loops(c, run_id))
     }
 
     async fn get_approval(
@@ -687,24 +709,19 @@ impl Store for PgStore {
         node_id: &str,
         iteration: i64,
     ) -> Result<Option<ApprovalRow>> {
-        let mut c = self.reader("get_approval").await?;
-        reads::get_approval(&mut c, run_id, node_id, iteration)
-            .await
-            .map_err(q("get_approval"))
+        read!(self, "get_approval", |c| reads::get_approval(
+            c, run_id, node_id, iteration
+        ))
     }
 
     async fn list_approvals(&self, run_id: &str) -> Result<Vec<ApprovalRow>> {
-        let mut c = self.reader("list_approvals").await?;
-        reads::list_approvals(&mut c, run_id)
-            .await
-            .map_err(q("list_approvals"))
+        read!(self, "list_approvals", |c| reads::list_approvals(c, run_id))
     }
 
     async fn list_pending_approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>> {
-        let mut c = self.reader("list_pending_approvals").await?;
-        reads::list_pending_approvals(&mut c, limit)
-            .await
-            .map_err(q("list_pending_approvals"))
+        read!(self, "list_pending_approvals", |c| {
+            reads::list_pending_approvals(c, limit)
+        })
     }
 
     async fn approval_history(
@@ -714,10 +731,13 @@ impl Store for PgStore {
         exclude_run_id: &str,
         limit: usize,
     ) -> Result<Vec<ApprovalRow>> {
-        let mut c = self.reader("approval_history").await?;
-        reads::approval_history(&mut c, workflow_name, node_id, exclude_run_id, limit)
-            .await
-            .map_err(q("approval_history"))
+        read!(self, "approval_history", |c| reads::approval_history(
+            c,
+            workflow_name,
+            node_id,
+            exclude_run_id,
+            limit
+        ))
     }
 
     async fn list_signals(
@@ -727,16 +747,13 @@ impl Store for PgStore {
         correlation_id: Option<&str>,
         received_after_ms: i64,
     ) -> Result<Vec<SignalRow>> {
-        let mut c = self.reader("list_signals").await?;
-        reads::list_signals(
-            &mut c,
+        read!(self, "list_signals", |c| reads::list_signals(
+            c,
             run_id,
             signal_name,
             correlation_id,
             received_after_ms,
-        )
-        .await
-        .map_err(q("list_signals"))
+        ))
     }
 
     async fn list_audits(
@@ -744,10 +761,9 @@ impl Store for PgStore {
         run_id: Option<&str>,
         result: Option<&str>,
     ) -> Result<Vec<AuditRow>> {
-        let mut c = self.reader("list_audits").await?;
-        reads::list_audits(&mut c, run_id, result)
-            .await
-            .map_err(q("list_audits"))
+        read!(self, "list_audits", |c| reads::list_audits(
+            c, run_id, result
+        ))
     }
 
     async fn get_node_diff(
@@ -758,34 +774,29 @@ impl Store for PgStore {
         attempt: i64,
         base_ref: &str,
     ) -> Result<Option<NodeDiffRow>> {
-        let mut c = self.reader("get_node_diff").await?;
-        reads::get_node_diff(&mut c, run_id, node_id, iteration, attempt, base_ref)
-            .await
-            .map_err(q("get_node_diff"))
+        read!(self, "get_node_diff", |c| reads::get_node_diff(
+            c, run_id, node_id, iteration, attempt, base_ref
+        ))
     }
 
     async fn count_node_diffs_after(&self, run_id: &str, started_after_ms: i64) -> Result<i64> {
-        let mut c = self.reader("count_node_diffs_after").await?;
-        c.query_i64(
-            "SELECT COUNT(*)::BIGINT FROM _smithers_node_diffs WHERE run_id = $1 AND attempt_started_at_ms > $2",
-            &[&run_id, &started_after_ms],
-        )
-        .await
-        .map_err(q("count_node_diffs_after"))
+        const SQL: &str = "SELECT COUNT(*)::BIGINT FROM _smithers_node_diffs
+                           WHERE run_id = $1 AND attempt_started_at_ms > $2";
+        read!(self, "count_node_diffs_after", |c| c
+            .query_i64(SQL, &[&run_id, &started_after_ms]))
     }
 
     async fn count_all_node_diffs(&self) -> Result<i64> {
-        let mut c = self.reader("count_all_node_diffs").await?;
-        c.query_i64("SELECT COUNT(*)::BIGINT FROM _smithers_node_diffs", &[])
-            .await
-            .map_err(q("count_all_node_diffs"))
+        read!(self, "count_all_node_diffs", |c| c.query_i64(
+            "SELECT COUNT(*)::BIGINT FROM _smithers_node_diffs",
+            &[]
+        ))
     }
 
     async fn list_node_diff_attempts(&self, run_id: &str) -> Result<Vec<(String, i64, i64)>> {
-        let mut c = self.reader("list_node_diff_attempts").await?;
-        reads::list_node_diff_attempts(&mut c, run_id)
-            .await
-            .map_err(q("list_node_diff_attempts"))
+        read!(self, "list_node_diff_attempts", |c| {
+            reads::list_node_diff_attempts(c, run_id)
+        })
     }
 
     async fn upsert_cron(&self, row: CronRow) -> Result<()> {
@@ -796,15 +807,11 @@ impl Store for PgStore {
     }
 
     async fn list_crons(&self) -> Result<Vec<CronRow>> {
-        let mut c = self.reader("list_crons").await?;
-        reads::list_crons(&mut c).await.map_err(q("list_crons"))
+        read!(self, "list_crons", |c| reads::list_crons(c))
     }
 
     async fn get_cron(&self, cron_id: &str) -> Result<Option<CronRow>> {
-        let mut c = self.reader("get_cron").await?;
-        reads::get_cron(&mut c, cron_id)
-            .await
-            .map_err(q("get_cron"))
+        read!(self, "get_cron", |c| reads::get_cron(c, cron_id))
     }
 
     async fn delete_cron(&self, cron_id: &str) -> Result<bool> {
