@@ -9,9 +9,9 @@
 //!   lock, so concurrent batches from several processes get gapless, unique seqs;
 //! * `claim_run` and `claim_due_cron` are single conditional `UPDATE`s (compare-and-set).
 //!
-//! Serialization failures and deadlocks are retried a bounded number of times. Connections
-//! are plain TCP or Unix sockets without TLS (`NoTls`): reach a TLS-only server through a
-//! local proxy.
+//! Serialization failures, deadlocks and connections lost before a commit are retried a
+//! bounded number of times. Connections are plain TCP or Unix sockets without TLS (`NoTls`):
+//! reach a TLS-only server through a local proxy.
 
 mod claims;
 mod reads;
@@ -419,8 +419,8 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
-    /// Runs one write operation in its own transaction, retrying serialization failures and
-    /// deadlocks.
+    /// Runs one write operation in its own transaction, retrying serialization failures,
+    /// deadlocks and connections lost before the commit.
     async fn write(&self, op: claims::Op<'_>) -> Result<claims::Out> {
         let what = op.name();
         let mut attempt = 0;
