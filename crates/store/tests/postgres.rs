@@ -411,3 +411,45 @@ async fn store_recovers_when_the_server_drops_its_connections() {
         assert_eq!(written.ok(), Some(vec![round as i64]), "round {round}");
     }
 }
+
+/// Throughput check, run by hand:
+/// `cargo test -p smithers-store --release --test postgres -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_small_batches() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..100 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{w}");
+            for i in 0..100 {
+                let mut b = Batch::new();
+                b.push(event(&run, i))
+                    .push(Write::UpsertNode(smithers_store::NodeRow {
+                        run_id: run.clone(),
+                        node_id: "n".into(),
+                        iteration: 0,
+                        state: "in-progress".into(),
+                        last_attempt: Some(1),
+                        updated_at_ms: i as i64,
+                        output_table: "t".into(),
+                        label: None,
+                    }));
+                if let Err(e) = store.apply(b).await {
+                    panic!("{e}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.is_ok());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "10000 batches in {secs:.2}s = {:.0} batches/s",
+        10_000.0 / secs
+    );
+}
