@@ -339,3 +339,71 @@ async fn serve_nodes_share_a_postgres_database() {
         assert_eq!(attempts, Some(1), "{node} ran once");
     }
 }
+
+/// Two `smithers serve` nodes on one database with a schedule due every second: the schedule
+/// fires, and never more than once per second in total. (Whether two nodes whose ticks
+/// coincide both fire is a race this test rarely provokes; the compare-and-set that prevents
+/// it is raced directly in the store tests, `two_stores_race_claim_due_cron_exactly_one_wins`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_fires_from_serve_nodes_sharing_postgres() {
+    let db = pg_cluster::fresh_database_url().await;
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
+    write(
+        &dir.join("hello.yaml"),
+        "name: hello\nsteps:\n  - task: {id: a, value: 1}\n",
+    );
+    write(
+        &dir.join("smithers.toml"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nheartbeat_ms = 1000\n[storage]\nurl = \"{db}\"\n[[workflows]]\nkey = \"hello\"\npath = \"hello.yaml\"\n"
+        ),
+    );
+    let (dir2, db2) = (dir.clone(), db.clone());
+    let elapsed = tokio::task::spawn_blocking(move || {
+        let (dir, db) = (dir2, db2);
+        let add = smithers(
+            &dir,
+            &[
+                "cron",
+                "add",
+                "hello",
+                "* * * * * *",
+                "--cron-id",
+                "every-second",
+                "--db",
+                &db,
+            ],
+        );
+        assert_eq!(
+            add.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&add.stderr)
+        );
+        let t0 = Instant::now();
+        let a = serve(&dir, "smithers.toml");
+        let b = serve(&dir, "smithers.toml");
+        std::thread::sleep(Duration::from_millis(4_500));
+        assert_eq!(sigterm(a), 0);
+        assert_eq!(sigterm(b), 0);
+        t0.elapsed()
+    })
+    .await;
+    let elapsed = match elapsed {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    };
+    let s = store(&db).await;
+    let runs = s.list_runs(None, 1000).await.ok().unwrap_or_default();
+    let fired = runs.iter().filter(|r| r.workflow_name == "hello").count();
+    let bound = elapsed.as_secs() as usize + 1;
+    assert!(
+        (2..=bound).contains(&fired),
+        "{fired} runs in {elapsed:?} (at most one per second); runs: {:?}; cron: {:?}",
+        runs.iter()
+            .map(|r| (&r.workflow_name, &r.status))
+            .collect::<Vec<_>>(),
+        s.get_cron("every-second").await
+    );
+}
