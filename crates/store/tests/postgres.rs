@@ -155,61 +155,72 @@ async fn stores_on_one_database_append_gapless_seqs() {
 }
 
 /// A takeover by another node is never interleaved with the old owner's guarded batches: once
-/// the claim has returned, no batch of the old owner commits.
+/// the claim has returned, no batch of the old owner commits. Several rounds, each with two
+/// concurrent writers of the old owner, to give an unfenced implementation a chance to fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn takeover_fences_the_old_owner() {
     let url = fresh_database_url().await;
     let a = Arc::new(open(&url).await);
     let b = Arc::new(open(&url).await);
-    let mut r = run_row("r", "wf", 1);
-    r.runtime_owner_id = Some("node-a".into());
-    r.heartbeat_at_ms = Some(1);
-    apply(&*a, vec![Write::InsertRun(r)]).await;
-    let writer = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            let mut committed = Vec::new();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            for i in 0.. {
-                let mut batch = Batch::guarded("r", "node-a");
-                batch.push(event("r", i));
-                match a.apply(batch).await {
-                    Ok(applied) => committed.extend(applied.event_seqs),
-                    Err(e) if e.code == Code::RunLeaseLost => return (committed, true),
-                    Err(e) => panic!("apply: {e}"),
+    for round in 0..6 {
+        let run = format!("r{round}");
+        let mut r = run_row(&run, "wf", 1);
+        r.runtime_owner_id = Some("node-a".into());
+        r.heartbeat_at_ms = Some(1);
+        apply(&*a, vec![Write::InsertRun(r)]).await;
+        let mut writers = Vec::new();
+        for _ in 0..2 {
+            let (a, run) = (a.clone(), run.clone());
+            writers.push(tokio::spawn(async move {
+                let mut committed = Vec::new();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                for i in 0.. {
+                    let mut batch = Batch::guarded(&run, "node-a");
+                    batch.push(event(&run, i));
+                    match a.apply(batch).await {
+                        Ok(applied) => committed.extend(applied.event_seqs),
+                        Err(e) if e.code == Code::RunLeaseLost => return (committed, true),
+                        Err(e) => panic!("apply: {e}"),
+                    }
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
                 }
-                if std::time::Instant::now() > deadline {
-                    break;
-                }
-            }
-            (committed, false)
-        })
-    };
-    // Take over while the old owner is busy writing.
-    let t0 = std::time::Instant::now();
-    while b.last_event_seq("r").await.unwrap_or(-1) < 20 {
-        assert!(t0.elapsed().as_secs() < 30, "the old owner never wrote");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                (committed, false)
+            }));
+        }
+        // Take over while the old owner is busy writing.
+        let t0 = std::time::Instant::now();
+        while b.last_event_seq(&run).await.unwrap_or(-1) < 10 {
+            assert!(t0.elapsed().as_secs() < 30, "the old owner never wrote");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let claimed = b.claim_run(&run, "node-b", 10, 5, Some("node-a")).await;
+        assert_eq!(claimed.ok(), Some(true));
+        // Everything the old owner will ever commit is visible once the claim returned.
+        let seq_at_claim = b.last_event_seq(&run).await.unwrap_or(-2);
+        let mut batch = Batch::guarded(&run, "node-b");
+        batch.push(event(&run, 9999));
+        let b_seq = match b.apply(batch).await {
+            Ok(a) => a.event_seqs[0],
+            Err(e) => panic!("new owner's batch: {e}"),
+        };
+        for w in writers {
+            let (committed, lost) = match w.await {
+                Ok(v) => v,
+                Err(e) => panic!("writer: {e}"),
+            };
+            assert!(lost, "round {round}: the old owner must see RUN_LEASE_LOST");
+            assert!(
+                committed.iter().all(|s| *s <= seq_at_claim),
+                "round {round}: a batch of the old owner committed after the claim returned \
+                 (seq_at_claim={seq_at_claim}, a max={:?})",
+                committed.iter().max()
+            );
+        }
+        assert_eq!(b_seq, seq_at_claim + 1, "round {round}");
+        assert_eq!(b.last_event_seq(&run).await.ok(), Some(b_seq));
     }
-    let claimed = b.claim_run("r", "node-b", 10, 5, Some("node-a")).await;
-    assert_eq!(claimed.ok(), Some(true));
-    let mut batch = Batch::guarded("r", "node-b");
-    batch.push(event("r", 9999));
-    let b_seq = match b.apply(batch).await {
-        Ok(a) => a.event_seqs[0],
-        Err(e) => panic!("new owner's batch: {e}"),
-    };
-    let (committed, lost) = match writer.await {
-        Ok(v) => v,
-        Err(e) => panic!("writer: {e}"),
-    };
-    assert!(lost, "the old owner must see RUN_LEASE_LOST");
-    assert!(
-        committed.iter().all(|s| *s < b_seq),
-        "no batch of the old owner committed after the takeover (b_seq={b_seq}, a max={:?})",
-        committed.iter().max()
-    );
-    assert_eq!(b.last_event_seq("r").await.ok(), Some(b_seq));
 }
 
 async fn schema_versions(url: &str) -> Vec<i64> {
