@@ -1,11 +1,12 @@
-//! Storage for Smithers. The engine talks to a [`Store`]; backends (SQLite now, PostgreSQL
-//! later) implement it and must pass the shared conformance suite in `conformance`.
+//! Storage for Smithers. The engine talks to a [`Store`]; backends (SQLite and PostgreSQL)
+//! implement it and must pass the shared conformance suite in `conformance`.
 //!
 //! Writes are data: the engine collects [`Write`]s into a [`Batch`] and the backend applies the
 //! whole batch in one transaction, so a state change and the events describing it are committed
 //! together, before anything acts on them.
 
 pub mod conformance;
+pub mod postgres;
 pub mod rows;
 pub mod sqlite;
 
@@ -323,8 +324,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool>;
 }
 
-/// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`); the error says which
-/// schemes are supported.
+/// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`,
+/// `postgres://user:password@host:port/dbname`); the error says which schemes are supported.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = sqlite::SqliteStore::open(std::path::Path::new(path))?;
@@ -334,17 +335,12 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         return Ok(Arc::new(sqlite::SqliteStore::open_memory()?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(SmithersError::new(
-            Code::InvalidUrl,
-            format!(
-                "storage url `{url}`: the PostgreSQL backend is not available in this build; use sqlite://PATH"
-            ),
-        ));
+        return Ok(Arc::new(postgres::PgStore::open(url).await?));
     }
     Err(SmithersError::new(
         Code::InvalidUrl,
         format!(
-            "storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db)"
+            "storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db) or postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         ),
     ))
 }

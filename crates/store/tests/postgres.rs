@@ -1,0 +1,466 @@
+//! PostgreSQL backend: the shared conformance suite against a real temporary cluster started by
+//! this test binary, plus PostgreSQL-specific behaviour (several stores on one database as
+//! several nodes would be, migrations, corruption, URLs).
+
+mod support;
+
+use smithers_core::Code;
+use smithers_store::conformance::run_row;
+use smithers_store::postgres::{PgStore, SCHEMA_VERSION};
+use smithers_store::{Batch, Store, Write};
+use std::sync::Arc;
+use support::pg_cluster::{fresh_database_url, raw_client};
+
+async fn open(url: &str) -> PgStore {
+    match PgStore::open(url).await {
+        Ok(s) => s,
+        Err(e) => panic!("open {url}: {e}"),
+    }
+}
+
+async fn pg_store() -> Arc<dyn Store> {
+    let url = fresh_database_url().await;
+    Arc::new(open(&url).await)
+}
+
+mod conformance {
+    use super::*;
+    smithers_store::store_conformance_tests!(pg_store());
+}
+
+fn event(run: &str, i: usize) -> Write {
+    Write::AppendEvent {
+        run_id: run.into(),
+        timestamp_ms: i as i64,
+        event_type: "E".into(),
+        payload_json: format!("{{\"i\":{i}}}"),
+    }
+}
+
+async fn apply(store: &dyn Store, writes: Vec<Write>) {
+    let mut b = Batch::new();
+    for w in writes {
+        b.push(w);
+    }
+    if let Err(e) = store.apply(b).await {
+        panic!("apply: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_race_claim_run_exactly_one_wins() {
+    let url = fresh_database_url().await;
+    let a = Arc::new(open(&url).await);
+    let b = Arc::new(open(&url).await);
+    for round in 0..20 {
+        let run = format!("race{round}");
+        apply(&*a, vec![Write::InsertRun(run_row(&run, "wf", 1))]).await;
+        let (ra, rb) = {
+            let (a, b, run1, run2) = (a.clone(), b.clone(), run.clone(), run.clone());
+            let ta =
+                tokio::spawn(async move { a.claim_run(&run1, "owner-a", 1_000, 500, None).await });
+            let tb =
+                tokio::spawn(async move { b.claim_run(&run2, "owner-b", 1_000, 500, None).await });
+            (ta.await, tb.await)
+        };
+        let (ra, rb) = match (ra, rb) {
+            (Ok(Ok(x)), Ok(Ok(y))) => (x, y),
+            other => panic!("claim failed: {other:?}"),
+        };
+        assert!(ra ^ rb, "round {round}: exactly one wins (a={ra}, b={rb})");
+        let winner = if ra { "owner-a" } else { "owner-b" };
+        let row = b.get_run(&run).await.ok().flatten();
+        assert_eq!(
+            row.and_then(|r| r.runtime_owner_id).as_deref(),
+            Some(winner)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_race_claim_due_cron_exactly_one_wins() {
+    let url = fresh_database_url().await;
+    let a = Arc::new(open(&url).await);
+    let b = Arc::new(open(&url).await);
+    for round in 0..20 {
+        let id = format!("cron{round}");
+        let row = smithers_store::conformance::cron_row(&id, "wf", round);
+        let expected = row.next_run_at_ms;
+        assert!(a.upsert_cron(row).await.is_ok());
+        let (ra, rb) = {
+            let (a, b, id1, id2) = (a.clone(), b.clone(), id.clone(), id.clone());
+            let ta = tokio::spawn(async move { a.claim_due_cron(&id1, expected, 7, 5).await });
+            let tb = tokio::spawn(async move { b.claim_due_cron(&id2, expected, 8, 5).await });
+            (ta.await, tb.await)
+        };
+        let (ra, rb) = match (ra, rb) {
+            (Ok(Ok(x)), Ok(Ok(y))) => (x, y),
+            other => panic!("claim failed: {other:?}"),
+        };
+        assert!(ra ^ rb, "round {round}: exactly one wins (a={ra}, b={rb})");
+        let next = b
+            .get_cron(&id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.next_run_at_ms);
+        assert_eq!(next, Some(if ra { 7 } else { 8 }));
+    }
+}
+
+/// Several stores (as several nodes) append to the same runs at once: seqs stay unique and
+/// gapless per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_on_one_database_append_gapless_seqs() {
+    let url = fresh_database_url().await;
+    let stores: Vec<Arc<PgStore>> = vec![
+        Arc::new(open(&url).await),
+        Arc::new(open(&url).await),
+        Arc::new(open(&url).await),
+    ];
+    let mut tasks = Vec::new();
+    for w in 0..12 {
+        let store = stores[w % stores.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{}", w % 3);
+            let mut seqs = Vec::new();
+            for i in 0..15 {
+                let mut b = Batch::new();
+                b.push(event(&run, i)).push(event(&run, i));
+                match store.apply(b).await {
+                    Ok(a) => seqs.extend(a.event_seqs),
+                    Err(e) => panic!("apply: {e}"),
+                }
+            }
+            (run, seqs)
+        }));
+    }
+    let mut per_run: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for t in tasks {
+        match t.await {
+            Ok((run, seqs)) => per_run.entry(run).or_default().extend(seqs),
+            Err(e) => panic!("task: {e}"),
+        }
+    }
+    for (run, mut seqs) in per_run {
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..120).collect::<Vec<i64>>(), "{run}");
+        let listed = stores[0]
+            .list_events(&run, None, 1000)
+            .await
+            .map(|v| v.into_iter().map(|e| e.seq).collect::<Vec<_>>())
+            .ok();
+        assert_eq!(listed, Some((0..120).collect::<Vec<i64>>()));
+    }
+}
+
+/// A takeover by another node is never interleaved with the old owner's guarded batches: once
+/// the claim has returned, no batch of the old owner commits. Several rounds, each with two
+/// concurrent writers of the old owner, to give an unfenced implementation a chance to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_fences_the_old_owner() {
+    let url = fresh_database_url().await;
+    let a = Arc::new(open(&url).await);
+    let b = Arc::new(open(&url).await);
+    for round in 0..6 {
+        let run = format!("r{round}");
+        let mut r = run_row(&run, "wf", 1);
+        r.runtime_owner_id = Some("node-a".into());
+        r.heartbeat_at_ms = Some(1);
+        apply(&*a, vec![Write::InsertRun(r)]).await;
+        let mut writers = Vec::new();
+        for _ in 0..2 {
+            let (a, run) = (a.clone(), run.clone());
+            writers.push(tokio::spawn(async move {
+                let mut committed = Vec::new();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                for i in 0.. {
+                    let mut batch = Batch::guarded(&run, "node-a");
+                    batch.push(event(&run, i));
+                    match a.apply(batch).await {
+                        Ok(applied) => committed.extend(applied.event_seqs),
+                        Err(e) if e.code == Code::RunLeaseLost => return (committed, true),
+                        Err(e) => panic!("apply: {e}"),
+                    }
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                }
+                (committed, false)
+            }));
+        }
+        // Take over while the old owner is busy writing.
+        let t0 = std::time::Instant::now();
+        while b.last_event_seq(&run).await.unwrap_or(-1) < 10 {
+            assert!(t0.elapsed().as_secs() < 30, "the old owner never wrote");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let claimed = b.claim_run(&run, "node-b", 10, 5, Some("node-a")).await;
+        assert_eq!(claimed.ok(), Some(true));
+        // Everything the old owner will ever commit is visible once the claim returned.
+        let seq_at_claim = b.last_event_seq(&run).await.unwrap_or(-2);
+        let mut batch = Batch::guarded(&run, "node-b");
+        batch.push(event(&run, 9999));
+        let b_seq = match b.apply(batch).await {
+            Ok(a) => a.event_seqs[0],
+            Err(e) => panic!("new owner's batch: {e}"),
+        };
+        for w in writers {
+            let (committed, lost) = match w.await {
+                Ok(v) => v,
+                Err(e) => panic!("writer: {e}"),
+            };
+            assert!(lost, "round {round}: the old owner must see RUN_LEASE_LOST");
+            assert!(
+                committed.iter().all(|s| *s <= seq_at_claim),
+                "round {round}: a batch of the old owner committed after the claim returned \
+                 (seq_at_claim={seq_at_claim}, a max={:?})",
+                committed.iter().max()
+            );
+        }
+        assert_eq!(b_seq, seq_at_claim + 1, "round {round}");
+        assert_eq!(b.last_event_seq(&run).await.ok(), Some(b_seq));
+    }
+}
+
+async fn schema_versions(url: &str) -> Vec<i64> {
+    let c = raw_client(url).await;
+    match c
+        .query(
+            "SELECT version FROM _smithers_schema_version ORDER BY version",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, i64>(0)).collect(),
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_opens_migrate_once() {
+    let url = fresh_database_url().await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(
+            async move { PgStore::open(&url).await.map(drop) },
+        ));
+    }
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("concurrent open failed: {e}"),
+            Err(e) => panic!("open task: {e}"),
+        }
+    }
+    drop(open(&url).await);
+    assert_eq!(
+        schema_versions(&url).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused() {
+    let url = fresh_database_url().await;
+    drop(open(&url).await);
+    let c = raw_client(&url).await;
+    if let Err(e) = c
+        .batch_execute(
+            "INSERT INTO _smithers_schema_version (version, applied_at_ms) VALUES (9999, 0)",
+        )
+        .await
+    {
+        panic!("{e:?}");
+    }
+    match PgStore::open(&url).await {
+        Ok(_) => panic!("a newer schema must be refused"),
+        Err(e) => {
+            assert_eq!(e.code, Code::StorageError, "{e}");
+            assert!(e.message.contains("newer"), "{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_rows_give_db_corrupt() {
+    let url = fresh_database_url().await;
+    let store = open(&url).await;
+    apply(
+        &store,
+        vec![
+            Write::InsertRun(run_row("bad-status", "wf", 1)),
+            Write::InsertRun(run_row("ok", "wf", 1)),
+            Write::UpsertLoop(smithers_store::LoopRow {
+                run_id: "ok".into(),
+                ralph_id: "l".into(),
+                iteration: 0,
+                done: false,
+                updated_at_ms: 1,
+            }),
+        ],
+    )
+    .await;
+    let c = raw_client(&url).await;
+    for sql in [
+        "UPDATE _smithers_runs SET status = 'exploded' WHERE run_id = 'bad-status'",
+        "UPDATE _smithers_ralph SET done = 7 WHERE run_id = 'ok'",
+    ] {
+        if let Err(e) = c.batch_execute(sql).await {
+            panic!("{sql}: {e:?}");
+        }
+    }
+    let e = store
+        .get_run("bad-status")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("expected DB_CORRUPT for bad status"));
+    assert_eq!(e.code, Code::DbCorrupt, "{e}");
+    assert!(
+        e.message.contains("_smithers_runs")
+            && e.message.contains("bad-status")
+            && e.message.contains("exploded")
+            && e.message.contains("backup"),
+        "{e}"
+    );
+    let e = store.list_runs(None, 10).await.err().map(|e| e.code);
+    assert_eq!(e, Some(Code::DbCorrupt));
+    let e = store
+        .list_loops("ok")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("expected DB_CORRUPT for done = 7"));
+    assert_eq!(e.code, Code::DbCorrupt, "{e}");
+    assert!(
+        e.message.contains("_smithers_ralph") && e.message.contains("done"),
+        "{e}"
+    );
+    assert!(store.get_run("ok").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_by_url_and_errors() {
+    let url = fresh_database_url().await;
+    let store = match smithers_store::open(&url).await {
+        Ok(s) => s,
+        Err(e) => panic!("open {url}: {e}"),
+    };
+    apply(&*store, vec![Write::InsertRun(run_row("r1", "wf", 1))]).await;
+    // postgresql:// is accepted too, and a second store sees the same rows.
+    let alt = url.replacen("postgres://", "postgresql://", 1);
+    let other = match smithers_store::open(&alt).await {
+        Ok(s) => s,
+        Err(e) => panic!("open {alt}: {e}"),
+    };
+    assert!(other.get_run("r1").await.ok().flatten().is_some());
+
+    let bad = smithers_store::open("postgres://x@127.0.0.1:notaport/db")
+        .await
+        .err()
+        .map(|e| e.code);
+    assert_eq!(bad, Some(Code::InvalidUrl));
+
+    let c = support::pg_cluster::cluster();
+    let missing = format!("postgres://postgres@127.0.0.1:{}/no_such_database", c.port);
+    let e = smithers_store::open(&missing)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a missing database must fail"));
+    assert_eq!(e.code, Code::StorageError, "{e}");
+    assert!(e.message.contains("no_such_database"), "{e}");
+
+    let port = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l.local_addr().map(|a| a.port()).unwrap_or(1),
+        Err(e) => panic!("{e}"),
+    };
+    let e = smithers_store::open(&format!("postgres://u@127.0.0.1:{port}/db"))
+        .await
+        .err()
+        .map(|e| e.code);
+    assert_eq!(e, Some(Code::StorageError));
+}
+
+/// The server drops every connection of the store (as on a restart or an idle-connection
+/// killer): reads and writes right after succeed on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_recovers_when_the_server_drops_its_connections() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    apply(&*store, vec![Write::InsertRun(run_row("r1", "wf", 1))]).await;
+    // Several pooled connections.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.get_run("r1").await.map(|r| r.is_some())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.ok().and_then(|r| r.ok()), Some(true));
+    }
+    let db = url.rsplit('/').next().unwrap_or_default().to_string();
+    let admin = support::pg_cluster::admin_client(support::pg_cluster::cluster()).await;
+    for round in 0..3 {
+        let killed = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .await
+            .map(|rows| rows.len());
+        assert!(
+            matches!(killed, Ok(n) if n > 0),
+            "round {round}: {killed:?}"
+        );
+        let read = store.get_run("r1").await;
+        assert!(matches!(read, Ok(Some(_))), "round {round}: {read:?}");
+        let mut b = Batch::new();
+        b.push(event("r1", round));
+        let written = store.apply(b).await.map(|a| a.event_seqs);
+        assert_eq!(written.ok(), Some(vec![round as i64]), "round {round}");
+    }
+}
+
+/// Throughput check, run by hand:
+/// `cargo test -p smithers-store --release --test postgres -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_small_batches() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..100 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run{w}");
+            for i in 0..100 {
+                let mut b = Batch::new();
+                b.push(event(&run, i))
+                    .push(Write::UpsertNode(smithers_store::NodeRow {
+                        run_id: run.clone(),
+                        node_id: "n".into(),
+                        iteration: 0,
+                        state: "in-progress".into(),
+                        last_attempt: Some(1),
+                        updated_at_ms: i as i64,
+                        output_table: "t".into(),
+                        label: None,
+                    }));
+                if let Err(e) = store.apply(b).await {
+                    panic!("{e}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.is_ok());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "10000 batches in {secs:.2}s = {:.0} batches/s",
+        10_000.0 / secs
+    );
+}
