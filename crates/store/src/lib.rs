@@ -145,6 +145,15 @@ pub struct NewSignal {
     pub received_by: Option<String>,
 }
 
+/// Events another process committed to a run's log: seqs `first_seq..=last_seq` (one batch).
+/// Read them with [`Store::list_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef {
+    pub run_id: String,
+    pub first_seq: i64,
+    pub last_seq: i64,
+}
+
 /// Durable storage of runs. All methods are safe to call concurrently from many tasks and
 /// from several processes sharing the same database.
 #[async_trait]
@@ -322,6 +331,14 @@ pub trait Store: Send + Sync + 'static {
         new_next_run_at_ms: i64,
         now_ms: i64,
     ) -> Result<bool>;
+
+    /// A feed of events committed by other processes sharing this database (other nodes),
+    /// so a gateway can show runs it does not execute. `None` when the backend has no such
+    /// feed (SQLite). Delivery is best effort: notices sent while the feed was reconnecting
+    /// are lost, and a lagging receiver skips some; the log itself stays complete.
+    async fn foreign_events(&self) -> Option<tokio::sync::broadcast::Receiver<EventRef>> {
+        None
+    }
 }
 
 /// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`,

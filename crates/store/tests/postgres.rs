@@ -464,3 +464,55 @@ async fn throughput_small_batches() {
         10_000.0 / secs
     );
 }
+
+async fn next_ref(
+    rx: &mut tokio::sync::broadcast::Receiver<smithers_store::EventRef>,
+) -> smithers_store::EventRef {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
+        Ok(Ok(r)) => r,
+        other => panic!("no event notice: {other:?}"),
+    }
+}
+
+/// Events committed through one store reach the other store's `foreign_events` (one notice per
+/// batch and run, with its seqs), never the store that committed them, and a batch that rolled
+/// back announces nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_by_one_store_reach_the_other() {
+    use smithers_store::EventRef;
+    let url = fresh_database_url().await;
+    let a = open(&url).await;
+    let b = open(&url).await;
+    let (Some(mut from_b), Some(mut from_a)) = (a.foreign_events().await, b.foreign_events().await)
+    else {
+        panic!("PostgreSQL stores offer a feed");
+    };
+    apply(
+        &a,
+        vec![
+            Write::InsertRun(run_row("n1", "wf", 1)),
+            event("n1", 0),
+            event("n1", 1),
+        ],
+    )
+    .await;
+    // rolls back (the run exists): no notice
+    let mut dup = Batch::new();
+    dup.push(Write::InsertRun(run_row("n1", "wf", 1)));
+    dup.push(event("n1", 9));
+    assert!(a.apply(dup).await.is_err());
+    apply(&a, vec![event("n1", 2)]).await;
+    let want = |first_seq, last_seq| EventRef {
+        run_id: "n1".into(),
+        first_seq,
+        last_seq,
+    };
+    assert_eq!(next_ref(&mut from_a).await, want(0, 1));
+    assert_eq!(next_ref(&mut from_a).await, want(2, 2));
+
+    apply(&b, vec![event("n1", 3)]).await;
+    assert_eq!(next_ref(&mut from_b).await, want(3, 3));
+    // a heard nothing of its own batches, b nothing of its own
+    assert!(from_b.try_recv().is_err());
+    assert!(from_a.try_recv().is_err());
+}

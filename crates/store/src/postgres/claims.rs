@@ -6,7 +6,8 @@ use super::{Conn, DbErr, writes};
 use crate::{Applied, Batch, CronRow, Heartbeat, NewSignal};
 
 pub(crate) enum Op<'a> {
-    Apply(&'a Batch),
+    /// A batch, and the id this store signs its event notices with.
+    Apply(&'a Batch, &'a str),
     Claim {
         run_id: &'a str,
         owner: &'a str,
@@ -42,7 +43,7 @@ pub(crate) enum Op<'a> {
 impl Op<'_> {
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Op::Apply(_) => "apply",
+            Op::Apply(..) => "apply",
             Op::Claim { .. } => "claim_run",
             Op::Heartbeat { .. } => "heartbeat",
             Op::Cancel { .. } => "request_cancel",
@@ -87,7 +88,9 @@ pub(crate) async fn xact_lock(conn: &mut Conn, key: i64) -> Result<(), DbErr> {
 
 pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> {
     match op {
-        Op::Apply(batch) => writes::exec_batch(conn, batch).await.map(Out::Applied),
+        Op::Apply(batch, instance) => writes::exec_batch(conn, batch, instance)
+            .await
+            .map(Out::Applied),
         Op::Claim {
             run_id,
             owner,

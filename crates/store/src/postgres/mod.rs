@@ -14,6 +14,7 @@
 //! reach a TLS-only server through a local proxy.
 
 mod claims;
+mod feed;
 mod reads;
 pub mod schema;
 mod writes;
@@ -366,6 +367,7 @@ impl Pool {
 /// (nodes) may open the same database.
 pub struct PgStore {
     pool: Arc<Pool>,
+    feed: Arc<feed::Feed>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -397,6 +399,7 @@ impl PgStore {
             config.application_name("smithers");
         }
         let target = describe_target(&config);
+        let feed = Arc::new(feed::Feed::new(config.clone()));
         let pool = Arc::new(Pool {
             config,
             target: target.clone(),
@@ -416,7 +419,7 @@ impl PgStore {
         if let Ok(mut idle) = pool.idle.lock() {
             idle.push(conn);
         }
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, feed })
     }
 
     /// Runs one write operation in its own transaction, retrying serialization failures,
@@ -506,7 +509,7 @@ use claims::{Op, Out};
 #[async_trait]
 impl Store for PgStore {
     async fn apply(&self, batch: Batch) -> Result<Applied> {
-        match self.write(Op::Apply(&batch)).await? {
+        match self.write(Op::Apply(&batch, &self.feed.instance)).await? {
             Out::Applied(a) => Ok(a),
             _ => Err(unexpected("apply")),
         }
@@ -861,5 +864,9 @@ impl Store for PgStore {
             Out::Flag(f) => Ok(f),
             _ => Err(unexpected("claim_due_cron")),
         }
+    }
+
+    async fn foreign_events(&self) -> Option<tokio::sync::broadcast::Receiver<crate::EventRef>> {
+        Some(self.feed.subscribe().await)
     }
 }

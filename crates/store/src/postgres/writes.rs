@@ -58,7 +58,13 @@ async fn check_guard(conn: &mut Conn, g: &OwnerGuard) -> Result<(), DbErr> {
     ))
 }
 
-pub(crate) async fn exec_batch(conn: &mut Conn, batch: &Batch) -> Result<Applied, DbErr> {
+/// Applies a batch; the events it appends are announced to other nodes with a notice sent
+/// on commit (see [`super::feed`]), signed with `instance`.
+pub(crate) async fn exec_batch(
+    conn: &mut Conn,
+    batch: &Batch,
+    instance: &str,
+) -> Result<Applied, DbErr> {
     // Per-run event locks first, in a fixed order, so two batches touching the same runs
     // never wait on each other in opposite orders.
     let mut event_runs: Vec<&str> = batch
@@ -83,6 +89,7 @@ pub(crate) async fn exec_batch(conn: &mut Conn, batch: &Batch) -> Result<Applied
     if let Some(g) = &batch.guard {
         check_guard(conn, g).await?;
     }
+    let mut first_seq: HashMap<&str, i64> = HashMap::new();
     let mut next_seq: HashMap<&str, i64> = HashMap::new();
     let mut applied = Applied::default();
     for w in &batch.writes {
@@ -109,10 +116,17 @@ pub(crate) async fn exec_batch(conn: &mut Conn, batch: &Batch) -> Result<Applied
                 &[run_id, &seq, timestamp_ms, event_type, payload_json],
             )
             .await?;
+            first_seq.entry(run_id.as_str()).or_insert(seq);
             next_seq.insert(run_id.as_str(), seq + 1);
             applied.event_seqs.push(seq);
         } else {
             exec_write(conn, w).await?;
+        }
+    }
+    for (run_id, first) in first_seq {
+        let last = next_seq.get(run_id).map_or(first, |n| n - 1);
+        if let Some(notice) = super::feed::notice(instance, run_id, first, last) {
+            conn.execute(super::feed::NOTIFY_SQL, &[&notice]).await?;
         }
     }
     Ok(applied)

@@ -1,0 +1,205 @@
+//! Events across nodes. A batch that appends events also sends, on commit, a notice on the
+//! `smithers_events` channel (`pg_notify` inside the transaction, so a rolled-back batch
+//! announces nothing): `<store instance> <first seq> <last seq> <run id>`. Each store that
+//! was asked for [`crate::Store::foreign_events`] keeps one extra connection that `LISTEN`s on
+//! the channel and forwards the notices of other instances. The connection is opened again
+//! when it is lost; notices sent meanwhile are lost (the events stay in the log).
+
+use super::now_ms;
+use crate::EventRef;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{OnceCell, broadcast, oneshot};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{AsyncMessage, Config, Connection, NoTls, Socket};
+
+/// The channel notices travel on.
+const CHANNEL: &str = "smithers_events";
+/// Sends one notice (delivered when the transaction commits).
+pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify('smithers_events', $1)";
+/// PostgreSQL refuses payloads of 8000 bytes or more.
+const MAX_NOTICE: usize = 7900;
+/// Notices buffered per receiver before a slow one lags.
+const CAPACITY: usize = 4096;
+/// Pause before opening a lost listening connection again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// How long the first `foreign_events` call waits for `LISTEN` to be in place.
+const READY_WAIT: Duration = Duration::from_secs(3);
+/// How often an idle listener checks whether its store is gone.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// The notice for events `first..=last` of `run_id`; None when it would be too long to send
+/// (then other nodes do not hear of these events).
+pub(crate) fn notice(instance: &str, run_id: &str, first: i64, last: i64) -> Option<String> {
+    let s = format!("{instance} {first} {last} {run_id}");
+    (s.len() <= MAX_NOTICE).then_some(s)
+}
+
+/// The sender's instance and what it committed; None for a malformed notice.
+fn parse(payload: &str) -> Option<(&str, EventRef)> {
+    let mut parts = payload.splitn(4, ' ');
+    let instance = parts.next()?;
+    let first_seq = parts.next()?.parse().ok()?;
+    let last_seq = parts.next()?.parse().ok()?;
+    let run_id = parts.next()?.to_string();
+    Some((
+        instance,
+        EventRef {
+            run_id,
+            first_seq,
+            last_seq,
+        },
+    ))
+}
+
+/// One store's side of the channel.
+pub(crate) struct Feed {
+    /// Signs this store's notices so its own listener skips them.
+    pub(crate) instance: String,
+    config: Config,
+    tx: broadcast::Sender<EventRef>,
+    started: OnceCell<()>,
+}
+
+impl Feed {
+    pub(crate) fn new(config: Config) -> Self {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Feed {
+            instance: format!("{}-{}", now_ms(), uuid::Uuid::new_v4().simple()),
+            config,
+            tx,
+            started: OnceCell::new(),
+        }
+    }
+
+    /// A receiver of other instances' notices; the first call starts the listener and waits
+    /// (briefly) until it listens.
+    pub(crate) async fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<EventRef> {
+        let rx = self.tx.subscribe();
+        self.started.get_or_init(|| self.start()).await;
+        rx
+    }
+
+    async fn start(self: &Arc<Self>) {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(listen_loop(
+            Arc::downgrade(self),
+            self.config.clone(),
+            ready_tx,
+        ));
+        let _ = tokio::time::timeout(READY_WAIT, ready_rx).await;
+    }
+}
+
+/// Why a listening connection stopped.
+enum Ended {
+    StoreDropped,
+    Lost,
+}
+
+async fn listen_loop(feed: Weak<Feed>, config: Config, ready: oneshot::Sender<()>) {
+    let mut ready = Some(ready);
+    loop {
+        if let Ended::StoreDropped = listen_once(&feed, &config, &mut ready).await {
+            return;
+        }
+        tokio::time::sleep(RECONNECT_AFTER).await;
+        if feed.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
+/// One listening connection, until it is lost or the store is dropped.
+async fn listen_once(
+    feed: &Weak<Feed>,
+    config: &Config,
+    ready: &mut Option<oneshot::Sender<()>>,
+) -> Ended {
+    let Ok((client, mut connection)) = config.connect(NoTls).await else {
+        return Ended::Lost;
+    };
+    {
+        // The connection must be driven while LISTEN runs.
+        let listen = client.batch_execute("LISTEN smithers_events");
+        tokio::pin!(listen);
+        loop {
+            tokio::select! {
+                r = &mut listen => match r {
+                    Ok(()) => break,
+                    Err(_) => return Ended::Lost,
+                },
+                m = next_message(&mut connection) => {
+                    if let Some(end) = forward(feed, m) {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
+    }
+    loop {
+        match tokio::time::timeout(IDLE_CHECK, next_message(&mut connection)).await {
+            Ok(m) => {
+                if let Some(end) = forward(feed, m) {
+                    return end;
+                }
+            }
+            Err(_) if feed.strong_count() == 0 => return Ended::StoreDropped,
+            Err(_) => {}
+        }
+    }
+}
+
+/// The next message from the server; None when the connection is closed or broken.
+async fn next_message(connection: &mut Connection<Socket, NoTlsStream>) -> Option<AsyncMessage> {
+    std::future::poll_fn(|cx| connection.poll_message(cx))
+        .await
+        .and_then(Result::ok)
+}
+
+/// Passes a notice of another instance on; says why to stop, if the listener must.
+fn forward(feed: &Weak<Feed>, message: Option<AsyncMessage>) -> Option<Ended> {
+    let Some(message) = message else {
+        return Some(Ended::Lost);
+    };
+    let Some(feed) = feed.upgrade() else {
+        return Some(Ended::StoreDropped);
+    };
+    if let AsyncMessage::Notification(n) = message
+        && n.channel() == CHANNEL
+        && let Some((instance, event)) = parse(n.payload())
+        && instance != feed.instance
+    {
+        // No receiver is not an error: nobody is watching right now.
+        let _ = feed.tx.send(event);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_run_ids_may_contain_spaces() {
+        let n = notice("me", "run with spaces", 3, 5).unwrap_or_default();
+        let parsed = parse(&n);
+        assert_eq!(
+            parsed,
+            Some((
+                "me",
+                EventRef {
+                    run_id: "run with spaces".into(),
+                    first_seq: 3,
+                    last_seq: 5
+                }
+            ))
+        );
+        assert_eq!(parse("me x 5 run"), None);
+        assert_eq!(parse("me 1 2"), None);
+        assert_eq!(notice("me", &"r".repeat(8000), 0, 0), None);
+    }
+}
