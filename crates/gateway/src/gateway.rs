@@ -132,6 +132,8 @@ pub struct Gateway {
     conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
     /// Workflow key of each run driven through this gateway (for metric labels).
     run_keys: Mutex<HashMap<String, String>>,
+    /// The last event seq broadcast per run (so another node's events are broadcast once).
+    last_seqs: Mutex<crate::foreign::LastSeqs>,
     /// Runs with a `jumpToFrame` in flight (the per-run rewind lock).
     pub(crate) rewinding: Mutex<HashSet<String>>,
     /// Open `streamDevTools` streams.
@@ -168,6 +170,7 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
+            last_seqs: Mutex::new(crate::foreign::LastSeqs::default()),
             rewinding: Mutex::new(HashSet::new()),
             streams: Default::default(),
             hello_snapshots: Default::default(),
@@ -258,8 +261,33 @@ impl Gateway {
 
     /// Maps committed engine events to protocol broadcasts (gateway-protocol §1.8).
     pub fn on_engine_event(&self, ev: &EngineEvent) {
-        let Some((event, payload)) = map_event(ev.event_type, &ev.run_id, ev.seq, &ev.payload)
-        else {
+        self.advance_seq(&ev.run_id, ev.seq);
+        self.broadcast_event(ev.event_type, &ev.run_id, ev.seq, &ev.payload);
+    }
+
+    /// Broadcasts an event read from the run's log (committed by another node), unless an
+    /// event of that run with this seq or a later one was broadcast already.
+    pub fn on_stored_event(&self, run_id: &str, seq: i64, event_type: &str, payload: &Value) {
+        if self.advance_seq(run_id, seq) {
+            self.broadcast_event(event_type, run_id, seq, payload);
+        }
+    }
+
+    /// The last event seq of a run this gateway broadcast, if it remembers one.
+    pub fn last_broadcast_seq(&self, run_id: &str) -> Option<i64> {
+        self.last_seqs.lock().ok().and_then(|s| s.get(run_id))
+    }
+
+    /// Records a broadcast seq; false when it (or a later one) was recorded already.
+    fn advance_seq(&self, run_id: &str, seq: i64) -> bool {
+        self.last_seqs
+            .lock()
+            .map(|mut s| s.advance(run_id, seq))
+            .unwrap_or(true)
+    }
+
+    fn broadcast_event(&self, event_type: &str, run_id: &str, seq: i64, payload: &Value) {
+        let Some((event, payload)) = map_event(event_type, run_id, seq, payload) else {
             return;
         };
         if event == "run.completed" {
@@ -268,7 +296,7 @@ impl Gateway {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            self.count_completion(&ev.run_id, &st);
+            self.count_completion(run_id, &st);
         }
         self.broadcast(event, payload);
     }

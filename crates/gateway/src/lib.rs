@@ -12,6 +12,7 @@ pub mod config;
 pub mod cron_loop;
 pub mod devtools;
 pub mod devtools_diff;
+pub mod foreign;
 pub mod frames;
 pub mod gateway;
 pub mod http;

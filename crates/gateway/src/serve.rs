@@ -53,6 +53,10 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
             }
         }));
     }
+    // events of runs executed by other nodes on the same database
+    if let Some(feed) = gw.store.foreign_events().await {
+        background.push(tokio::spawn(crate::foreign::run(gw.clone(), feed)));
+    }
     // a rewind cut short by a crash: its run waits for a person instead of being resumed
     match gw.engine.recover_interrupted_rewinds().await {
         Ok(runs) => {
