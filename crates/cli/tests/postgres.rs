@@ -407,3 +407,137 @@ async fn cron_fires_from_serve_nodes_sharing_postgres() {
         s.get_cron("every-second").await
     );
 }
+
+// ----- events across nodes ------------------------------------------------------------------------
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next JSON text frame, or None when none came within `limit`.
+async fn next_frame(ws: &mut Ws, limit: Duration) -> Option<serde_json::Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(limit, ws.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Some(serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")));
+            }
+            Ok(Some(Ok(Message::Close(c)))) => panic!("socket closed: {c:?}"),
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+/// A WebSocket client past the handshake.
+async fn ws_client(addr: &str) -> Ws {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = match tokio_tungstenite::connect_async(format!("ws://{addr}/")).await {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("ws connect {addr}: {e}"),
+    };
+    let challenge = next_frame(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(
+        challenge.as_ref().map(|c| c["event"].clone()),
+        Some(serde_json::json!("connect.challenge"))
+    );
+    let hello = serde_json::json!({"type": "req", "id": "c", "method": "connect", "params": {
+        "minProtocol": 1, "maxProtocol": 1,
+        "client": {"id": "test", "version": "0", "platform": "rust"}}});
+    if let Err(e) = ws.send(Message::Text(hello.to_string().into())).await {
+        panic!("ws send: {e}");
+    }
+    loop {
+        let Some(f) = next_frame(&mut ws, Duration::from_secs(10)).await else {
+            panic!("no connect response");
+        };
+        if f["type"] == "res" {
+            assert_eq!(f["ok"], true, "{f}");
+            return ws;
+        }
+    }
+}
+
+/// Two `smithers serve` nodes on one database: a WebSocket client of node A sees, once each and
+/// with their log seqs, the events of a run created on and executed by node B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_on_one_node_sees_a_run_executed_on_another() {
+    let db = pg_cluster::fresh_database_url().await;
+    let tmp = tempdir();
+    let dir = tmp.path().to_path_buf();
+    write(
+        &dir.join("two.yaml"),
+        "name: two\nsteps:\n  - task: {id: a, value: 1}\n  - task: {id: b, value: 2}\n",
+    );
+    write(
+        &dir.join("smithers.toml"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"{db}\"\n[[workflows]]\nkey = \"two\"\npath = \"two.yaml\"\n"
+        ),
+    );
+    let nodes = tokio::task::spawn_blocking(move || {
+        (serve(&dir, "smithers.toml"), serve(&dir, "smithers.toml"))
+    })
+    .await;
+    let (a, b) = nodes.unwrap_or_else(|e| panic!("{e}"));
+    let mut ws = ws_client(&a.addr).await;
+    let b_addr = b.addr.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        rpc(
+            &b_addr,
+            "runs.create",
+            serde_json::json!({"workflow": "two"}),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let Some(run) = created["payload"]["runId"].as_str().map(str::to_string) else {
+        panic!("runs.create: {created}");
+    };
+
+    // Everything A broadcasts about the run until it completes, then a little longer (to see
+    // that nothing comes twice).
+    let mut seen: Vec<(String, String, i64)> = Vec::new();
+    // (Other frames, e.g. ticks, keep coming: the wait has a deadline.)
+    let mut deadline = Instant::now() + Duration::from_secs(15);
+    while let Some(f) =
+        next_frame(&mut ws, deadline.saturating_duration_since(Instant::now())).await
+    {
+        if f["type"] != "event" || f["payload"]["runId"] != run.as_str() {
+            continue;
+        }
+        let event = f["event"].as_str().unwrap_or("").to_string();
+        let node = f["payload"]["nodeId"].as_str().unwrap_or("").to_string();
+        let Some(seq) = f["payload"]["eventSeq"].as_i64() else {
+            panic!("no eventSeq: {f}");
+        };
+        if event == "run.completed" {
+            assert_eq!(f["payload"]["status"], "finished", "{f}");
+            deadline = Instant::now() + Duration::from_millis(500);
+        }
+        seen.push((event, node, seq));
+    }
+    let completed: Vec<&(String, String, i64)> =
+        seen.iter().filter(|e| e.0 == "run.completed").collect();
+    assert_eq!(completed.len(), 1, "run.completed once: {seen:?}");
+    for node in ["a", "b"] {
+        for event in ["node.started", "node.finished"] {
+            let n = seen.iter().filter(|e| e.0 == event && e.1 == node).count();
+            assert_eq!(n, 1, "{event} {node} once: {seen:?}");
+        }
+    }
+    let seqs: Vec<i64> = seen.iter().map(|e| e.2).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in log order: {seen:?}"
+    );
+
+    // The seqs are the log's.
+    let s = store(&db).await;
+    let events = s.list_events(&run, None, 1000).await.unwrap_or_default();
+    let finished = events.iter().find(|e| e.event_type == "RunFinished");
+    assert_eq!(finished.map(|e| e.seq), completed.first().map(|e| e.2));
+    drop((a, b));
+}
