@@ -516,3 +516,42 @@ async fn events_committed_by_one_store_reach_the_other() {
     assert!(from_b.try_recv().is_err());
     assert!(from_a.try_recv().is_err());
 }
+
+/// The listening connection is opened again after the server dropped it: notices of batches
+/// committed after that arrive again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_feed_survives_dropped_connections() {
+    let url = fresh_database_url().await;
+    let a = open(&url).await;
+    let b = open(&url).await;
+    let Some(mut feed) = b.foreign_events().await else {
+        panic!("PostgreSQL stores offer a feed");
+    };
+    apply(&a, vec![Write::InsertRun(run_row("f1", "wf", 1))]).await;
+    let db = url.rsplit('/').next().unwrap_or_default().to_string();
+    let admin = support::pg_cluster::admin_client(support::pg_cluster::cluster()).await;
+    let killed = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .map(|rows| rows.len());
+    assert!(matches!(killed, Ok(n) if n > 0), "{killed:?}");
+    // Notices sent before the listener is back are lost: keep writing until one arrives.
+    let t0 = std::time::Instant::now();
+    for i in 0.. {
+        apply(&a, vec![event("f1", i)]).await;
+        let got = tokio::time::timeout(std::time::Duration::from_millis(200), feed.recv()).await;
+        if let Ok(Ok(r)) = got {
+            assert_eq!(r.run_id, "f1");
+            assert!(r.first_seq == r.last_seq && r.last_seq <= i as i64, "{r:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no notice after the listener's connection was dropped: {got:?}"
+        );
+    }
+}
