@@ -271,18 +271,24 @@ pub fn tree(frame: &Value) -> Value {
     build(frame).to_json()
 }
 
-/// `getDevToolsSnapshot {runId, frameNo?}`.
-pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Value, RpcError> {
+/// The `runId` of a DevTools request: present, non-empty and matching the id pattern.
+pub fn run_id_param(p: &Value) -> Result<&str, RpcError> {
     let run_id = match p.get("runId").and_then(Value::as_str) {
         Some(r) if !r.is_empty() => r,
         _ => return Err(RpcError::new("InvalidRunId", "runId is required")),
     };
-    if !crate::stream::valid_run_id(run_id) {
+    if !crate::node_output::valid_run_id(run_id) {
         return Err(RpcError::new(
             "InvalidRunId",
             "runId must match /^[a-z0-9_-]{1,64}$/.",
         ));
     }
+    Ok(run_id)
+}
+
+/// `getDevToolsSnapshot {runId, frameNo?}`.
+pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Value, RpcError> {
+    let run_id = run_id_param(p)?;
     let frame_no = match p.get("frameNo") {
         None => None,
         Some(v) => match v.as_f64() {

@@ -166,7 +166,7 @@ pub async fn jump_to_frame(
         ));
     }
 
-    if !crate::stream::valid_run_id(run_id) {
+    if !crate::node_output::valid_run_id(run_id) {
         let e = RpcError::new("InvalidRunId", "runId must match /^[a-z0-9_-]{1,64}$/.");
         return Err(audit.fail("failed", e).await);
     }

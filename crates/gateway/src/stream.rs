@@ -206,12 +206,6 @@ impl Registry {
     }
 }
 
-pub(crate) fn valid_run_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 /// `streamDevTools {runId, fromSeq?}`: validates, starts the stream and returns its id.
 pub async fn start(
     gw: &Arc<Gateway>,
@@ -264,16 +258,7 @@ async fn validate(
             ));
         }
     };
-    let run_id = match p.get("runId").and_then(Value::as_str) {
-        Some(r) if !r.is_empty() => r.to_string(),
-        _ => return Err(RpcError::new("InvalidRunId", "runId is required")),
-    };
-    if !valid_run_id(&run_id) {
-        return Err(RpcError::new(
-            "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.",
-        ));
-    }
+    let run_id = devtools::run_id_param(p)?.to_string();
     let from_seq = match p.get("fromSeq") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_f64() {
