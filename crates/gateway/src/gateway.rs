@@ -134,6 +134,9 @@ pub struct Gateway {
     run_keys: Mutex<HashMap<String, String>>,
     /// The last event seq broadcast per run (so another node's events are broadcast once).
     last_seqs: Mutex<crate::foreign::LastSeqs>,
+    /// Whether other nodes' events are forwarded (PostgreSQL): only then is each broadcast seq
+    /// remembered, so a single-node gateway pays nothing for it per event.
+    pub(crate) forwards_foreign: AtomicBool,
     /// Runs with a `jumpToFrame` in flight (the per-run rewind lock).
     pub(crate) rewinding: Mutex<HashSet<String>>,
     /// Open `streamDevTools` streams.
@@ -171,6 +174,7 @@ impl Gateway {
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
             last_seqs: Mutex::new(crate::foreign::LastSeqs::default()),
+            forwards_foreign: AtomicBool::new(false),
             rewinding: Mutex::new(HashSet::new()),
             streams: Default::default(),
             hello_snapshots: Default::default(),
@@ -261,7 +265,9 @@ impl Gateway {
 
     /// Maps committed engine events to protocol broadcasts (gateway-protocol §1.8).
     pub fn on_engine_event(&self, ev: &EngineEvent) {
-        self.advance_seq(&ev.run_id, ev.seq);
+        if self.forwards_foreign.load(Ordering::Acquire) {
+            self.advance_seq(&ev.run_id, ev.seq);
+        }
         self.broadcast_event(ev.event_type, &ev.run_id, ev.seq, &ev.payload);
     }
 

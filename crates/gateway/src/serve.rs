@@ -39,6 +39,13 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
 
+    // events of runs executed by other nodes on the same database; known before the engine's
+    // own events flow, so those are remembered and never broadcast twice
+    let foreign = gw.store.foreign_events().await;
+    if foreign.is_some() {
+        gw.forwards_foreign
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
     // engine events → protocol broadcasts
     {
         let gw = gw.clone();
@@ -53,8 +60,7 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
             }
         }));
     }
-    // events of runs executed by other nodes on the same database
-    if let Some(feed) = gw.store.foreign_events().await {
+    if let Some(feed) = foreign {
         background.push(tokio::spawn(crate::foreign::run(gw.clone(), feed)));
     }
     // a rewind cut short by a crash: its run waits for a person instead of being resumed
