@@ -58,6 +58,18 @@ async fn create(s: &TestServer, who: &str, workflow: &str, run_id: &str, input: 
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// `runs.create` without credentials (servers with auth off).
+async fn create_anonymous(s: &TestServer, workflow: &str, run_id: &str) {
+    let r = rpc(
+        s.addr,
+        "runs.create",
+        json!({"workflow": workflow, "runId": run_id}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 async fn wait_for(s: &TestServer, who: &str, run_id: &str, want: &str) -> Value {
     let (k, v) = bearer(who);
     wait_status_auth(s.addr, run_id, want, &[(k, v.as_str())]).await
@@ -367,14 +379,7 @@ async fn jump_during_a_running_task_stops_it_and_runs_it_again() {
         ..Default::default()
     })
     .await;
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "slowstep", "runId": "tt-live"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    create_anonymous(&s, "slowstep", "tt-live").await;
     let pids = s.dir.path().join("pids");
     let first_pid = wait_pid(&pids, 1).await;
     let r = rpc(
@@ -551,14 +556,7 @@ async fn stream_devtools_validates_its_parameters() {
         ..Default::default()
     })
     .await;
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "steps", "runId": "sv-1"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    create_anonymous(&s, "steps", "sv-1").await;
     wait_status(s.addr, "sv-1", "finished").await;
     let latest = s.gw.store.last_frame_no("sv-1").await.unwrap();
     let r = rpc(s.addr, "streamDevTools", json!({"runId": "sv-1"}), &[]).await;
@@ -624,14 +622,7 @@ async fn stream_replays_then_follows_and_rebaselines_after_a_rewind() {
         ..Default::default()
     })
     .await;
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "flipper", "runId": "sl-1"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    create_anonymous(&s, "flipper", "sl-1").await;
     wait_status(s.addr, "sl-1", "finished").await;
     let latest = s.gw.store.last_frame_no("sl-1").await.unwrap();
     assert!(latest > 100, "a frame per iteration at least: {latest}");
@@ -745,14 +736,7 @@ async fn stream_follows_a_live_run() {
         ..Default::default()
     })
     .await;
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "gated", "runId": "sg-1"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    create_anonymous(&s, "gated", "sg-1").await;
     wait_status(s.addr, "sg-1", "waiting-approval").await;
     let mut w = ws(s.addr).await;
     connect(&mut w, hello_params()).await;
@@ -796,22 +780,8 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
     .await;
     // every other frame swaps a node with a 16 KiB label, so the replay is far larger than
     // the socket buffers and the high-water mark together
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "flipper", "runId": "bp-big"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = rpc(
-        s.addr,
-        "runs.create",
-        json!({"workflow": "gated", "runId": "bp-quiet"}),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    create_anonymous(&s, "flipper", "bp-big").await;
+    create_anonymous(&s, "gated", "bp-quiet").await;
     wait_status(s.addr, "bp-big", "finished").await;
     wait_status(s.addr, "bp-quiet", "waiting-approval").await;
 
