@@ -2,7 +2,7 @@
 //! runs are stored, how callers authenticate, and which workflows are served under which keys.
 
 use crate::auth::{AuthConfig, AuthSection};
-use crate::gateway::ServerConfig;
+use crate::gateway::{Limits, ServerConfig};
 use crate::webhook::WebhookConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,19 @@ struct ServerSection {
     max_connections: Option<usize>,
     max_body_bytes: Option<usize>,
     metrics_auth: Option<bool>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    max_tcp_connections: Option<usize>,
+    fd_reserve: Option<usize>,
+    max_unauthenticated_ws: Option<usize>,
+    max_unverified_webhook_bytes: Option<usize>,
+    webhook_dedupe_secs: Option<u64>,
+    max_outbound_frames: Option<usize>,
+    max_outbound_bytes: Option<usize>,
+    max_streams_per_connection: Option<usize>,
+    max_streams: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -79,28 +92,79 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         toml::from_str(text).map_err(|e| format!("{label}: {}", e.to_string().trim()))?;
     let d = ServerConfig::default();
     let s = file.server;
+    let auth = match file.auth {
+        Some(a) => a.build().map_err(|e| format!("{label}: auth: {e}"))?,
+        None => AuthConfig::None,
+    };
+    let l = Limits::default();
+    let limits = Limits {
+        header_timeout_ms: s.header_timeout_ms.unwrap_or(l.header_timeout_ms),
+        body_timeout_ms: s.body_timeout_ms.unwrap_or(l.body_timeout_ms),
+        idle_timeout_ms: s.idle_timeout_ms.unwrap_or(l.idle_timeout_ms),
+        connect_timeout_ms: s.connect_timeout_ms.unwrap_or(l.connect_timeout_ms),
+        max_tcp_connections: s.max_tcp_connections.or(l.max_tcp_connections),
+        fd_reserve: s.fd_reserve.unwrap_or(l.fd_reserve),
+        max_unauthenticated_ws: s.max_unauthenticated_ws.unwrap_or(l.max_unauthenticated_ws),
+        max_unverified_webhook_bytes: s
+            .max_unverified_webhook_bytes
+            .unwrap_or(l.max_unverified_webhook_bytes),
+        webhook_dedupe_secs: s.webhook_dedupe_secs.unwrap_or(l.webhook_dedupe_secs),
+        max_outbound_frames: s.max_outbound_frames.unwrap_or(l.max_outbound_frames),
+        max_outbound_bytes: s.max_outbound_bytes.unwrap_or(l.max_outbound_bytes),
+        max_streams_per_connection: s
+            .max_streams_per_connection
+            .unwrap_or(l.max_streams_per_connection),
+        max_streams: s.max_streams.unwrap_or(l.max_streams),
+    };
     let server = ServerConfig {
         listen: s.listen.unwrap_or(d.listen),
         heartbeat_ms: s.heartbeat_ms.unwrap_or(d.heartbeat_ms),
         max_connections: s.max_connections.unwrap_or(d.max_connections),
         max_body_bytes: s.max_body_bytes.unwrap_or(d.max_body_bytes),
-        metrics_auth: s.metrics_auth.unwrap_or(false),
+        // behind auth by default whenever there is auth (an operator may open it)
+        metrics_auth: s.metrics_auth.unwrap_or(!matches!(auth, AuthConfig::None)),
         features: d.features,
+        limits,
     };
-    if server.heartbeat_ms == 0 {
-        return Err(format!(
-            "{label}: server.heartbeat_ms must be greater than 0"
-        ));
+    // zero would disable a guard or refuse every client; neither is what anyone means
+    for (key, value) in [
+        ("heartbeat_ms", server.heartbeat_ms),
+        ("max_connections", server.max_connections as u64),
+        ("max_body_bytes", server.max_body_bytes as u64),
+        ("header_timeout_ms", server.limits.header_timeout_ms),
+        ("body_timeout_ms", server.limits.body_timeout_ms),
+        ("idle_timeout_ms", server.limits.idle_timeout_ms),
+        ("connect_timeout_ms", server.limits.connect_timeout_ms),
+        (
+            "max_tcp_connections",
+            server.limits.max_tcp_connections.unwrap_or(1) as u64,
+        ),
+        (
+            "max_unauthenticated_ws",
+            server.limits.max_unauthenticated_ws as u64,
+        ),
+        (
+            "max_unverified_webhook_bytes",
+            server.limits.max_unverified_webhook_bytes as u64,
+        ),
+        (
+            "max_outbound_frames",
+            server.limits.max_outbound_frames as u64,
+        ),
+        (
+            "max_outbound_bytes",
+            server.limits.max_outbound_bytes as u64,
+        ),
+        (
+            "max_streams_per_connection",
+            server.limits.max_streams_per_connection as u64,
+        ),
+        ("max_streams", server.limits.max_streams as u64),
+    ] {
+        if value == 0 {
+            return Err(format!("{label}: server.{key} must be greater than 0"));
+        }
     }
-    if server.max_body_bytes == 0 {
-        return Err(format!(
-            "{label}: server.max_body_bytes must be greater than 0"
-        ));
-    }
-    let auth = match file.auth {
-        Some(a) => a.build().map_err(|e| format!("{label}: auth: {e}"))?,
-        None => AuthConfig::None,
-    };
     let mut workflows = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, w) in file.workflows.into_iter().enumerate() {
