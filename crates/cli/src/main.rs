@@ -264,6 +264,7 @@ fn main() -> ExitCode {
             );
         }
     }
+    init_logging(matches!(cli.cmd, Cmd::Serve { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -282,6 +283,30 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Operator logs (`tracing` events) go to stderr. `SMITHERS_LOG` or `RUST_LOG` filter them
+/// (`SMITHERS_LOG=debug`, `RUST_LOG=smithers_gateway=debug`); without either, `serve` logs at
+/// `info` and every other command only warnings, so their own output stays readable.
+fn init_logging(serving: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("SMITHERS_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .filter(|v| !v.trim().is_empty());
+    let default = if serving { "info" } else { "warn" };
+    let filter = from_env
+        .as_deref()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color)
+        .with_target(false)
+        .try_init();
 }
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
