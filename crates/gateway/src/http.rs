@@ -6,7 +6,7 @@ use crate::bounds;
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, Gateway, PROTOCOL};
-use crate::rpc::{self, Transport};
+use crate::methods::{self, Transport};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Request, State};
@@ -248,7 +248,10 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
     }
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
-        &[("method", &method), ("transport", "http")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "http"),
+        ],
     );
     if !auth::has_scope(&grant.scopes, &method) {
         let e = RpcError::new("FORBIDDEN", format!("Missing scope for {method}"));
@@ -265,12 +268,15 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
             "INVALID_REQUEST",
             "streamDevTools is only supported over websocket connections",
         )),
-        m => rpc::call(&gw, &caller, Transport::Http, m, &params).await,
+        m => methods::call(&gw, &caller, Transport::Http, m, &params).await,
     };
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     gw.metrics.observe(
         "smithers_gateway_rpc_duration_ms",
-        &[("method", &method), ("transport", "http")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "http"),
+        ],
         ms,
     );
     match result {
@@ -291,7 +297,7 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
                 &[
                     ("code", &e.code),
                     ("kind", "rpc"),
-                    ("method", &method),
+                    ("method", methods::metric_label(&method)),
                     ("transport", "http"),
                 ],
             );

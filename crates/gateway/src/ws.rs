@@ -6,7 +6,7 @@ use crate::bounds;
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, ConnShared, Gateway, Outbound, PROTOCOL};
-use crate::rpc::{self, Transport};
+use crate::methods::{self, Transport};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -271,7 +271,10 @@ async fn handle_frame(
     let params = frame.get("params").cloned().unwrap_or(Value::Null);
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
-        &[("method", &method), ("transport", "ws")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "ws"),
+        ],
     );
     let t0 = Instant::now();
     if method == "connect" {
@@ -307,7 +310,7 @@ async fn handle_frame(
             grant: &grant,
             conn: Some(conn),
         };
-        rpc::call(gw, &caller, Transport::Ws, &method, &params).await
+        methods::call(gw, &caller, Transport::Ws, &method, &params).await
     };
     finish(gw, conn, &id, &method, t0, result);
     None
@@ -323,7 +326,10 @@ fn finish(
 ) {
     gw.metrics.observe(
         "smithers_gateway_rpc_duration_ms",
-        &[("method", method), ("transport", "ws")],
+        &[
+            ("method", methods::metric_label(method)),
+            ("transport", "ws"),
+        ],
         t0.elapsed().as_secs_f64() * 1000.0,
     );
     match result {
@@ -334,7 +340,7 @@ fn finish(
                 &[
                     ("code", &e.code),
                     ("kind", "rpc"),
-                    ("method", method),
+                    ("method", methods::metric_label(method)),
                     ("transport", "ws"),
                 ],
             );
@@ -570,20 +576,6 @@ async fn hello_snapshot(gw: &Arc<Gateway>) -> Result<Value, RpcError> {
         .iter()
         .map(|r| crate::shapes::run_json(r, gw.key_of(r)))
         .collect();
-    let approvals = rpc::call(
-        gw,
-        &Caller {
-            grant: &Grant {
-                role: "admin".into(),
-                scopes: vec!["*".into()],
-                user_id: None,
-            },
-            conn: None,
-        },
-        Transport::Ws,
-        "approvals.list",
-        &json!({}),
-    )
-    .await?;
+    let approvals = methods::pending_approvals(gw).await?;
     Ok(json!({"runs": runs, "approvals": approvals, "stateVersion": gw.state_version()}))
 }
