@@ -2,7 +2,7 @@
 //! WebSocket upgrade on any path, and the JSON 404 for everything else.
 
 use crate::auth;
-use crate::bounds;
+
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, Gateway, PROTOCOL};
@@ -12,7 +12,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -206,46 +206,11 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
         Ok(b) => b,
         Err(e) => return respond_err(&gw, &request_id, &e),
     };
-    let frame: Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        json!({})
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(_) => {
-                return respond_err(
-                    &gw,
-                    &request_id,
-                    &RpcError::new("INVALID_INPUT", "Gateway RPC payload must be valid JSON."),
-                );
-            }
-        }
-    };
-    // from here on the request's own id is echoed whenever it has one (DESIGN §5)
-    let own_id = frame
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|i| i.chars().count() <= 128)
-        .map(str::to_string);
-    let id = own_id.clone().unwrap_or_else(|| request_id.clone());
-    if !frame.is_object() {
-        return respond_err(
-            &gw,
-            &id,
-            &RpcError::new("INVALID_REQUEST", "RPC body must be a JSON object"),
-        );
-    }
-    if let Err(e) = bounds::check_frame_bounds(&frame) {
-        return respond_err(&gw, &id, &e);
-    }
-    let method = match bounds::check_method(frame.get("method")) {
-        Ok(m) => m,
-        Err(e) => return respond_err(&gw, &id, &e),
-    };
-    if let Some(Value::String(raw)) = frame.get("id")
-        && let Err(e) = bounds::check_id_len(raw)
-    {
-        return respond_err(&gw, &request_id, &e);
-    }
+    let crate::request::Request { id, method, params } =
+        match crate::request::parse_http(&bytes, &request_id) {
+            Ok(r) => r,
+            Err(r) => return respond_err(&gw, &r.id, &r.error),
+        };
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
         &[
@@ -257,7 +222,6 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
         let e = RpcError::new("FORBIDDEN", format!("Missing scope for {method}"));
         return respond_err(&gw, &id, &e);
     }
-    let params = frame.get("params").cloned().unwrap_or(Value::Null);
     let caller = Caller {
         grant: &grant,
         conn: None,

@@ -20,6 +20,7 @@ pub mod jump;
 pub mod methods;
 pub mod node_diff;
 pub mod node_output;
+pub mod request;
 pub mod run_view;
 pub mod serve;
 pub mod shapes;

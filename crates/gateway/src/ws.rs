@@ -226,49 +226,13 @@ async fn handle_frame(
         );
         respond(conn, gw, frames::err(id, &e), false);
     };
-    let frame: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(_) => {
-            fail(
-                "invalid",
-                RpcError::new("INVALID_INPUT", "Gateway RPC payload must be valid JSON."),
-            );
+    let (id, method, params) = match crate::request::parse_ws(text) {
+        Ok(r) => (r.id, r.method, r.params),
+        Err(r) => {
+            fail(&r.id, r.error);
             return None;
         }
     };
-    // echo the frame's own id whenever it has a usable one (DESIGN §5)
-    let own_id = frame
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|i| i.chars().count() <= 128)
-        .map(str::to_string);
-    let eid = own_id.clone().unwrap_or_else(|| "invalid".to_string());
-    if let Err(e) = bounds::check_frame_bounds(&frame) {
-        fail(&eid, e);
-        return None;
-    }
-    if !frame.is_object() || frame.get("type").and_then(Value::as_str) != Some("req") {
-        fail(
-            &eid,
-            RpcError::new("INVALID_INPUT", "Gateway frame must be a request object."),
-        );
-        return None;
-    }
-    let id = match bounds::check_frame_id(frame.get("id")) {
-        Ok(id) => id,
-        Err(e) => {
-            fail("invalid", e);
-            return None;
-        }
-    };
-    let method = match bounds::check_method(frame.get("method")) {
-        Ok(m) => m,
-        Err(e) => {
-            fail(&id, e);
-            return None;
-        }
-    };
-    let params = frame.get("params").cloned().unwrap_or(Value::Null);
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
         &[
