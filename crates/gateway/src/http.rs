@@ -115,11 +115,17 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET /metrics`: behind the same credentials as `/rpc` when `metrics_auth` is on (the default
+/// whenever an auth mode other than `none` is configured); a refusal is `401` with the
+/// protocol's error body.
 fn metrics(gw: &Gateway, headers: &HeaderMap) -> Response {
     if gw.config.metrics_auth {
         let token = auth::http_token(headers);
-        if let Err(e) = gw.auth.authenticate(token.as_deref(), headers, now_secs()) {
-            return json_response(401, json!({"error": e.to_json()}).to_string());
+        if let Err(e) = gw
+            .auth
+            .authenticate_on("metrics", token.as_deref(), headers, now_secs())
+        {
+            return json_response(e.status(), json!({"error": e.to_json()}).to_string());
         }
     }
     let mut r = Response::new(Body::from(gw.metrics.render()));

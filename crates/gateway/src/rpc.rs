@@ -526,11 +526,7 @@ async fn approvals_decide(
         ));
     }
     let scopes = strings("allowedScopes");
-    if !scopes.is_empty()
-        && !scopes
-            .iter()
-            .any(|s| crate::auth::has_scope(&caller.grant.scopes, s))
-    {
+    if !crate::auth::approval_scope_allows(&caller.grant.scopes, &scopes) {
         return Err(RpcError::new(
             "FORBIDDEN",
             "Connection is missing required approval scope",
