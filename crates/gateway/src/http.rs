@@ -115,16 +115,25 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `GET /metrics`: behind the same credentials as `/rpc` when `metrics_auth` is on (the default
-/// whenever an auth mode other than `none` is configured); a refusal is `401` with the
-/// protocol's error body.
+/// `GET /metrics`: when `metrics_auth` is on (the default whenever an auth mode other than
+/// `none` is configured) it needs the same credentials as `/rpc` and a `read`-level grant
+/// (`read` or higher, `*`, or the scope `metrics`): no credential is `401`, a grant without
+/// scopes `403`, each with the protocol's error body.
 fn metrics(gw: &Gateway, headers: &HeaderMap) -> Response {
     if gw.config.metrics_auth {
         let token = auth::http_token(headers);
-        if let Err(e) = gw
-            .auth
-            .authenticate_on("metrics", token.as_deref(), headers, now_secs())
-        {
+        let refusal =
+            match gw
+                .auth
+                .authenticate_on("metrics", token.as_deref(), headers, now_secs())
+            {
+                Err(e) => Some(e),
+                Ok(grant) if !auth::has_scope(&grant.scopes, "metrics") => {
+                    Some(RpcError::new("FORBIDDEN", "Missing scope for metrics"))
+                }
+                Ok(_) => None,
+            };
+        if let Some(e) = refusal {
             return json_response(e.status(), json!({"error": e.to_json()}).to_string());
         }
     }
