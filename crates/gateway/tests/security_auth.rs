@@ -680,3 +680,49 @@ fn auth_none_is_still_the_default() {
     assert!(matches!(cfg.auth, AuthConfig::None));
     assert!(!cfg.server.metrics_auth);
 }
+
+/// The awaiting variant (for call sites that can await): the first token of a rotated-in key
+/// passes at once, because the re-fetch it triggers is waited for.
+#[tokio::test]
+async fn rotated_jwks_key_passes_at_once_with_authenticate_async() {
+    let idp = JwksServer::start(jwks_doc(&[(Algorithm::RS256, "rsa-a.key.pem", "a")]), false);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = smithers_gateway::config::parse(
+        &url_config(&idp.url, "jwks_refresh_interval_seconds = 1\n"),
+        "smithers.toml",
+        dir.path(),
+    )
+    .unwrap();
+    let headers = axum::http::HeaderMap::new();
+    *idp.doc.lock().unwrap() = jwks_doc(&[(Algorithm::EdDSA, "ed25519.key.pem", "d")]);
+    let d = sign(Algorithm::EdDSA, "ed25519.key.pem", Some("d"), &claims());
+    // wait out the refresh interval that the start-up fetch opened (polled, not timed)
+    let mut grant = Err(String::new());
+    for _ in 0..50 {
+        let before = idp.hits();
+        grant = cfg
+            .auth
+            .authenticate_async("http", Some(&d), &headers, now())
+            .await
+            .map_err(|e| e.message);
+        if grant.is_ok() {
+            // the very call that triggered the re-fetch waited for it and passed
+            assert_eq!((before, idp.hits()), (1, 2));
+            break;
+        }
+        assert_eq!(idp.hits(), 1, "refused calls inside the interval fetch nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(grant.map(|g| g.user_id), Ok(Some("joe".to_string())));
+    // an unknown kid right after: refused without another fetch (rate limit)
+    let x = sign(Algorithm::EdDSA, "ed25519.key.pem", Some("x"), &claims());
+    let refused = cfg
+        .auth
+        .authenticate_async("http", Some(&x), &headers, now())
+        .await;
+    assert_eq!(
+        refused.map_err(|e| e.message),
+        Err("JWT kid matches no configured key".to_string())
+    );
+    assert_eq!(idp.hits(), 2);
+}
