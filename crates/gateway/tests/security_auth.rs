@@ -710,7 +710,11 @@ async fn rotated_jwks_key_passes_at_once_with_authenticate_async() {
             assert_eq!((before, idp.hits()), (1, 2));
             break;
         }
-        assert_eq!(idp.hits(), 1, "refused calls inside the interval fetch nothing");
+        assert_eq!(
+            idp.hits(),
+            1,
+            "refused calls inside the interval fetch nothing"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(grant.map(|g| g.user_id), Ok(Some("joe".to_string())));
