@@ -115,11 +115,26 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET /metrics`: when `metrics_auth` is on (the default whenever an auth mode other than
+/// `none` is configured) it needs the same credentials as `/rpc` and a `read`-level grant
+/// (`read` or higher, `*`, or the scope `metrics`): no credential is `401`, a grant without
+/// scopes `403`, each with the protocol's error body.
 fn metrics(gw: &Gateway, headers: &HeaderMap) -> Response {
     if gw.config.metrics_auth {
         let token = auth::http_token(headers);
-        if let Err(e) = gw.auth.authenticate(token.as_deref(), headers, now_secs()) {
-            return json_response(401, json!({"error": e.to_json()}).to_string());
+        let refusal =
+            match gw
+                .auth
+                .authenticate_on("metrics", token.as_deref(), headers, now_secs())
+            {
+                Err(e) => Some(e),
+                Ok(grant) if !auth::has_scope(&grant.scopes, "metrics") => {
+                    Some(RpcError::new("FORBIDDEN", "Missing scope for metrics"))
+                }
+                Ok(_) => None,
+            };
+        if let Some(e) = refusal {
+            return json_response(e.status(), json!({"error": e.to_json()}).to_string());
         }
     }
     let mut r = Response::new(Body::from(gw.metrics.render()));
@@ -174,7 +189,11 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
     );
     let mode = gw.auth.mode_name();
     let token = auth::http_token(&headers);
-    let grant = match gw.auth.authenticate(token.as_deref(), &headers, now_secs()) {
+    let grant = match gw
+        .auth
+        .authenticate_async("http", token.as_deref(), &headers, now_secs())
+        .await
+    {
         Ok(g) => {
             gw.metrics.inc(
                 "smithers_gateway_auth_events_total",

@@ -362,7 +362,8 @@ async fn connect(
     let mode = gw.auth.mode_name();
     let grant: Grant = match gw
         .auth
-        .authenticate(token, headers, crate::http::now_secs())
+        .authenticate_async("ws", token, headers, crate::http::now_secs())
+        .await
     {
         Ok(g) => {
             gw.metrics.inc(

@@ -84,11 +84,7 @@ pub async fn decide(c: &Call<'_>) -> Result<Value, RpcError> {
         ));
     }
     let scopes = strings("allowedScopes");
-    if !scopes.is_empty()
-        && !scopes
-            .iter()
-            .any(|s| crate::auth::has_scope(&caller.grant.scopes, s))
-    {
+    if !crate::auth::approval_scope_allows(&caller.grant.scopes, &scopes) {
         return Err(RpcError::new(
             "FORBIDDEN",
             "Connection is missing required approval scope",
