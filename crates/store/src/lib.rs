@@ -163,7 +163,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes ownership of a run: succeeds when the run has no owner, its heartbeat is older
     /// than `stale_before_ms` (or missing), or its owner is `dead_owner` (an owner the caller
-    /// has proven dead). Sets owner and heartbeat to `now_ms`. Returns false when not claimed.
+    /// has proven dead). Sets owner and heartbeat to `now_ms`. Returns false when not claimed,
+    /// also when another transaction holds the run's row at that moment (PostgreSQL: the claim
+    /// never waits behind a possibly frozen owner; the caller tries again later).
     async fn claim_run(
         &self,
         run_id: &str,
