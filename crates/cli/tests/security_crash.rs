@@ -136,6 +136,49 @@ fn sigkilled_engine_leaves_no_setsid_escapee_to_repeat_a_side_effect() {
     side_effect_happens_once_after_sigkill("setsid ");
 }
 
+#[test]
+fn cancelling_a_killed_engines_run_stops_its_leftover_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pids, effect) = (dir.join("pids"), dir.join("effect"));
+    let yaml = format!(
+        "name: leftover\nsteps:\n  - task:\n      id: side\n      run: |\n        bash -c 'echo $$ >> {pids}; sleep 4; echo x >> {effect}'; echo finished\n",
+        pids = pids.display(),
+        effect = effect.display(),
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    let mut engine = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["up", "wf.yaml", "--run-id", "leftover-2", "--db", &db])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the grandchild to start", Duration::from_secs(30), || {
+        read(&pids).lines().count() == 1
+    });
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+    let pid: i32 = read(&pids).trim().parse().unwrap();
+    let out = smithers(dir, &["cancel", "leftover-2", "--db", &db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the grandchild to end", Duration::from_secs(30), || {
+        !alive(pid)
+    });
+    assert_eq!(
+        read(&effect),
+        "",
+        "the cancelled run's task went on working"
+    );
+}
+
 // ----- smithers serve, with its log kept --------------------------------------------------------
 
 struct Served {

@@ -507,7 +507,7 @@ impl Driver {
         let all = store.list_attempts(&run_id).await?;
         // processes of attempts that did not finish may still run on this host: they must be
         // gone before anything runs again
-        self.kill_leftovers(&all).await;
+        leftovers::kill_for_attempts(&run_id, &all).await;
         for a in all {
             let k = (a.node_id.clone(), u32::try_from(a.iteration).unwrap_or(0));
             attempts.entry(k).or_default().push(a);
@@ -595,62 +595,6 @@ impl Driver {
         }
         self.frame_no = store.last_frame_no(&run_id).await?;
         Ok(())
-    }
-
-    /// Kills the live processes of this run's unfinished attempts (in progress when their
-    /// engine died, or cancelled) that ran on this boot of this host, and waits until they are
-    /// gone (at most [`leftovers::KILL_WAIT`]).
-    async fn kill_leftovers(&self, attempts: &[AttemptRow]) {
-        let mut owners: HashMap<String, &AttemptRow> = HashMap::new();
-        for a in attempts {
-            if a.state != node_state::IN_PROGRESS && a.state != node_state::CANCELLED {
-                continue;
-            }
-            let Some(meta) = a
-                .meta_json
-                .as_deref()
-                .and_then(|m| serde_json::from_str::<Value>(m).ok())
-            else {
-                continue;
-            };
-            if let Some(m) = leftovers::marker_on_this_boot(&meta) {
-                owners.insert(m.to_string(), a);
-            }
-        }
-        if owners.is_empty() {
-            return;
-        }
-        let markers: std::collections::HashSet<String> = owners.keys().cloned().collect();
-        let killed =
-            tokio::task::spawn_blocking(move || leftovers::kill(&markers, leftovers::KILL_WAIT))
-                .await
-                .unwrap_or_default();
-        for (marker, pids) in &killed.killed {
-            if let Some(a) = owners.get(marker) {
-                tracing::warn!(
-                    run_id = %self.run_id,
-                    workflow = %self.workflow_name,
-                    node_id = %a.node_id,
-                    iteration = a.iteration,
-                    attempt = a.attempt,
-                    pids = ?pids,
-                    "killed leftover processes of an earlier attempt before driving the run again"
-                );
-            }
-        }
-        for (marker, pids) in &killed.survivors {
-            if let Some(a) = owners.get(marker) {
-                tracing::error!(
-                    run_id = %self.run_id,
-                    workflow = %self.workflow_name,
-                    node_id = %a.node_id,
-                    iteration = a.iteration,
-                    attempt = a.attempt,
-                    pids = ?pids,
-                    "leftover processes of an earlier attempt survived SIGKILL (stuck in the kernel?); the run goes on without them"
-                );
-            }
-        }
     }
 
     fn refresh_loops_arc(&mut self) {

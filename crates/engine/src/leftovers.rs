@@ -10,7 +10,8 @@
 //! only the marker, read through a pidfd that pins the process, decides.
 
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashSet};
+use smithers_store::{AttemptRow, node_state};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,59 @@ pub fn marker_on_this_boot(meta: &Value) -> Option<&str> {
         return None;
     }
     p.get("marker").and_then(Value::as_str)
+}
+
+/// Kills the live processes of a run's unfinished attempts (in progress when their engine
+/// died, or cancelled) that ran on this boot of this host, waits until they are gone (at most
+/// [`KILL_WAIT`]) and logs what it killed.
+pub async fn kill_for_attempts(run_id: &str, attempts: &[AttemptRow]) {
+    let mut owners: HashMap<String, &AttemptRow> = HashMap::new();
+    for a in attempts {
+        if a.state != node_state::IN_PROGRESS && a.state != node_state::CANCELLED {
+            continue;
+        }
+        let Some(meta) = a
+            .meta_json
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        else {
+            continue;
+        };
+        if let Some(m) = marker_on_this_boot(&meta) {
+            owners.insert(m.to_string(), a);
+        }
+    }
+    if owners.is_empty() {
+        return;
+    }
+    let markers: HashSet<String> = owners.keys().cloned().collect();
+    let done = tokio::task::spawn_blocking(move || kill(&markers, KILL_WAIT))
+        .await
+        .unwrap_or_default();
+    for (marker, pids) in &done.killed {
+        if let Some(a) = owners.get(marker) {
+            tracing::warn!(
+                run_id,
+                node_id = %a.node_id,
+                iteration = a.iteration,
+                attempt = a.attempt,
+                pids = ?pids,
+                "killed leftover processes of an earlier attempt before the run goes on"
+            );
+        }
+    }
+    for (marker, pids) in &done.survivors {
+        if let Some(a) = owners.get(marker) {
+            tracing::error!(
+                run_id,
+                node_id = %a.node_id,
+                iteration = a.iteration,
+                attempt = a.attempt,
+                pids = ?pids,
+                "leftover processes of an earlier attempt survived SIGKILL (stuck in the kernel?); the run goes on without them"
+            );
+        }
+    }
 }
 
 /// What [`kill`] did, per marker.

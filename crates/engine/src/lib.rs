@@ -843,10 +843,10 @@ async fn heartbeat(sh: &Arc<Shared>) {
     // runs we drive but no longer own were taken over: stop them (their writes would fail)
     for id in active {
         if !hb.owned.contains(&id) && sh.cancel_local(&id) {
-            tracing::warn!(
+            tracing::info!(
                 run_id = %id,
                 owner = %sh.owner,
-                "lease lost: another node took the run over; stopping its tasks here"
+                "lease lost: the run is no longer owned by this node; stopping its tasks here"
             );
         }
     }
