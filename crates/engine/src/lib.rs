@@ -115,7 +115,8 @@ impl RunHandle {
 /// nodes.
 struct ActiveRun {
     cancel: watch::Sender<bool>,
-    wake: tokio::sync::mpsc::UnboundedSender<driver::Msg>,
+    /// The current driver's messages; None until the run is claimed.
+    wake: Option<tokio::sync::mpsc::UnboundedSender<driver::Msg>>,
     /// False while the run is reserved but not yet claimed (starting or resuming): the
     /// heartbeat must not take "not owned" for a lost lease then.
     claimed: bool,
@@ -175,7 +176,7 @@ impl Shared {
             .active
             .lock()
             .ok()
-            .and_then(|a| a.get(run_id).map(|a| a.wake.clone()))
+            .and_then(|a| a.get(run_id).and_then(|a| a.wake.clone()))
         else {
             return false;
         };
@@ -205,12 +206,11 @@ impl Shared {
             return None;
         }
         let (cancel, rx) = watch::channel(false);
-        let (wake, _) = tokio::sync::mpsc::unbounded_channel();
         a.insert(
             run_id.to_string(),
             ActiveRun {
                 cancel,
-                wake,
+                wake: None,
                 claimed: false,
             },
         );
@@ -226,7 +226,7 @@ impl Shared {
         if let Ok(mut a) = self.active.lock()
             && let Some(r) = a.get_mut(run_id)
         {
-            r.wake = wake;
+            r.wake = Some(wake);
             r.claimed = true;
         }
     }

@@ -278,6 +278,10 @@ impl DbErr {
                         "{ctx}: the database stayed locked by another connection or process ({e}); retry later"
                     ),
                 ),
+                // fails the same way every time: retrying (or driving the run again) cannot help
+                Some(
+                    ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch,
+                ) => SmithersError::new(code, format!("{ctx}: {e}")).terminal(),
                 _ => SmithersError::new(code, format!("{ctx}: {e}")),
             },
         }

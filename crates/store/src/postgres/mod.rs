@@ -156,6 +156,14 @@ impl DbErr {
                         code,
                         format!("{ctx}: lost the connection to PostgreSQL ({detail}); retry later"),
                     ),
+                    // data exceptions (a NUL byte in text, a value out of range), integrity
+                    // violations and rejected statements fail the same way every time: retrying
+                    // (or driving the run again) cannot help
+                    Some(state)
+                        if ["22", "23", "42"].iter().any(|c| state.code().starts_with(c)) =>
+                    {
+                        SmithersError::new(code, format!("{ctx}: {detail}")).terminal()
+                    }
                     _ => SmithersError::new(code, format!("{ctx}: {detail}")),
                 }
             }
