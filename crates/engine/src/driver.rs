@@ -10,6 +10,7 @@
 use crate::agents;
 use crate::events::{self, PendingEvent, kind};
 use crate::frames::{FrameWriter, snapshot::SnapshotState};
+use crate::leftovers;
 use crate::outputs::OutputStore;
 use crate::plan::{Plan, SchedView, TState, TaskKey, key_string};
 use crate::process::{self, ProcSpec};
@@ -127,6 +128,9 @@ pub(crate) enum Msg {
         /// `TokenUsageReported` fields, when the agent reported usage.
         usage: Option<Value>,
     },
+    /// A process of the attempt started (its group id, recorded so the attempt's metadata
+    /// names the group; the marker recorded before the start is what finds its processes).
+    ProcessStarted { rt: usize, attempt: i64, pgid: i32 },
     /// The work tree before and after an attempt; sent just before its `Done`.
     Vcs {
         rt: usize,
@@ -184,9 +188,33 @@ pub(crate) struct Driver {
     fatal: Option<SmithersError>,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
+    /// The run's cancel request (from a user, or from the heartbeat when the lease was lost).
     cancel: watch::Receiver<bool>,
+    /// Stops this driver's tasks (on cancel, on failure, and when the driver stops on a
+    /// storage error without the run being cancelled).
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
     depth: u32,
     cwd: PathBuf,
+}
+
+/// How a driver stopped.
+pub(crate) enum Drive {
+    /// The run ended, parked, or was lost to another engine.
+    Ended(RunOutcome),
+    /// The store failed with a retryable error; nothing was recorded about the stop. The run
+    /// is still owned here and is driven again once storage works.
+    Stalled(SmithersError),
+}
+
+/// Errors of the store that a later attempt may not see (disk full, a lock held by another
+/// process, a lost connection): the run is driven again instead of failing.
+pub(crate) fn is_storage_fault(e: &SmithersError) -> bool {
+    e.retryable
+        && matches!(
+            e.code,
+            Code::DbQueryFailed | Code::DbWriteFailed | Code::StorageError
+        )
 }
 
 /// Outcome of trying to start a task.
@@ -226,7 +254,10 @@ impl Driver {
         let (tx, rx) = init.messages;
         let cwd = run_cwd(&*init.workflow, &init.shared.config);
         let frames = FrameWriter::new(&init.workflow_name);
+        let (stop_tx, stop_rx) = watch::channel(false);
         Driver {
+            stop_tx,
+            stop_rx,
             snap: SnapshotState::new(init.input.clone()),
             sh: init.shared,
             wf: init.workflow,
@@ -473,7 +504,11 @@ impl Driver {
         }
         self.refresh_loops_arc();
         let mut attempts: HashMap<TaskKey, Vec<AttemptRow>> = HashMap::new();
-        for a in store.list_attempts(&run_id).await? {
+        let all = store.list_attempts(&run_id).await?;
+        // processes of attempts that did not finish may still run on this host: they must be
+        // gone before anything runs again
+        leftovers::kill_for_attempts(&run_id, &all).await;
+        for a in all {
             let k = (a.node_id.clone(), u32::try_from(a.iteration).unwrap_or(0));
             attempts.entry(k).or_default().push(a);
         }
@@ -692,21 +727,58 @@ impl Driver {
 
     // ----- the loop --------------------------------------------------------------------------
 
-    pub(crate) async fn run(mut self, resume: bool) -> RunOutcome {
+    pub(crate) async fn run(mut self, resume: bool) -> Drive {
         self.batch = self.guarded_batch();
         if resume && let Err(e) = self.load().await {
-            return self.fail(e).await;
+            return self.stop_on(e).await;
         }
         loop {
             match self.step().await {
-                Ok(Some(outcome)) => return outcome,
+                Ok(Some(outcome)) => return Drive::Ended(outcome),
                 Ok(None) => {}
-                Err(e) if e.code == Code::RunLeaseLost => {
-                    return RunOutcome::lease_lost(&self.run_id, e);
-                }
-                Err(e) => return self.fail(e).await,
+                Err(e) => return self.stop_on(e).await,
             }
         }
+    }
+
+    /// Stops the driver after an error: a lost lease ends it, a storage fault stalls it (the
+    /// run is driven again), anything else fails the run.
+    async fn stop_on(self, e: SmithersError) -> Drive {
+        if e.code == Code::RunLeaseLost {
+            self.fenced(&e);
+            return Drive::Ended(RunOutcome::lease_lost(&self.run_id, e));
+        }
+        if is_storage_fault(&e) {
+            return self.stall(e).await;
+        }
+        self.fail(e).await
+    }
+
+    fn fenced(&self, e: &SmithersError) {
+        tracing::warn!(
+            run_id = %self.run_id,
+            workflow = %self.workflow_name,
+            owner = %self.sh.owner,
+            error = %e.message,
+            "write fenced: this node no longer holds the run's lease, so it stops driving the run and writes nothing more for it"
+        );
+    }
+
+    /// Stops the tasks in flight (their processes are killed) without recording anything: the
+    /// store is failing, and the run is driven again from its committed state.
+    async fn stall(mut self, e: SmithersError) -> Drive {
+        if self.in_flight > 0 {
+            let _ = self.stop_tx.send(true);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.in_flight > 0 {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(Msg::Done { .. })) => self.in_flight -= 1,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        Drive::Stalled(e)
     }
 
     /// One turn of the loop. Returns the outcome when the run stops.
@@ -810,6 +882,7 @@ impl Driver {
                 self.task_heartbeat(rt, attempt, None);
             }
             Msg::Heartbeat { rt, attempt, data } => self.task_heartbeat(rt, attempt, data),
+            Msg::ProcessStarted { rt, attempt, pgid } => self.process_started(rt, attempt, pgid),
             Msg::AttemptDetails {
                 rt,
                 attempt,
@@ -838,7 +911,7 @@ impl Driver {
                             Err(e) => self.record_failure(rt, attempt, started, e.terminal()),
                         }
                     }
-                    TaskResult::Err(e) if e.code == Code::TaskAborted && *self.cancel.borrow() => {
+                    TaskResult::Err(e) if e.code == Code::TaskAborted && *self.stop_rx.borrow() => {
                         let now = now_ms();
                         let mut a = self.attempt_row(
                             rt,
@@ -907,6 +980,32 @@ impl Driver {
             json!({"attempt": attempt, "hasData": data.is_some(), "dataSizeBytes": size, "intervalMs": interval}),
         );
         self.event(kind::TASK_HEARTBEAT, f);
+    }
+
+    /// Records the process group of the running attempt's newest process in its metadata.
+    fn process_started(&mut self, rt: usize, attempt: i64, pgid: i32) {
+        let r = &self.rts[rt];
+        if r.state != TState::InProgress || r.attempts != attempt {
+            return;
+        }
+        let mut meta = match r
+            .attempt_meta
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let Some(Value::Object(p)) = meta.get_mut("process") else {
+            return;
+        };
+        p.insert("pgid".into(), json!(pgid));
+        let meta = Value::Object(meta).to_string();
+        self.rts[rt].attempt_meta = Some(meta.clone());
+        let started = self.rts[rt].started_ms;
+        let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, started, None);
+        a.meta_json = Some(meta);
+        self.batch.push(Write::UpsertAttempt(a));
     }
 
     /// Keeps an agent attempt's metadata, reply text and usage for the row its `Done` writes.
@@ -1110,18 +1209,25 @@ impl Driver {
                 Ok(Started::Changed)
             }
             TaskKind::Run(spec) => {
-                let attempt =
-                    self.begin_attempt(rt, json!({"kind": "run", "timeoutMs": task.timeout_ms}));
-                // the start must be durable before the command runs
+                let marker = leftovers::new_marker();
+                let mut meta = json!({"kind": "run", "timeoutMs": task.timeout_ms});
+                if let Some(p) = leftovers::meta_entry(&marker) {
+                    meta["process"] = p;
+                }
+                let attempt = self.begin_attempt(rt, meta);
+                // the start (with the marker that finds its processes after a crash) must be
+                // durable before the command runs
                 self.flush().await?;
                 let cwd = match &spec.cwd {
                     Some(c) => self.cwd.join(c),
                     None => self.cwd.clone(),
                 };
+                let mut env = spec.env.clone();
+                env.insert(leftovers::MARKER_ENV.into(), marker);
                 let ps = ProcSpec {
                     command: spec.command.clone(),
                     cwd,
-                    env: spec.env.clone(),
+                    env,
                     timeout_ms: task.timeout_ms,
                     idle_timeout_ms: None,
                 };
@@ -1131,7 +1237,13 @@ impl Driver {
             }
             TaskKind::Agent(a) => {
                 let def = self.wf.agent(&a.agent);
-                let meta = agents::start_meta(&a.agent, def.as_ref(), task.timeout_ms);
+                let mut meta = agents::start_meta(&a.agent, def.as_ref(), task.timeout_ms);
+                let marker = leftovers::new_marker();
+                if def.as_ref().is_some_and(agents::runs_processes)
+                    && let Some(p) = leftovers::meta_entry(&marker)
+                {
+                    meta["process"] = p;
+                }
                 let attempt = self.begin_attempt(rt, meta);
                 let Some(def) = def else {
                     let started = self.rts[rt].started_ms;
@@ -1178,9 +1290,10 @@ impl Driver {
                     base_dir: self.cwd.clone(),
                     output: task.output.clone(),
                     timeout_ms: task.timeout_ms,
+                    marker,
                 };
                 self.in_flight += 1;
-                agents::spawn(self.sh.clone(), self.tx.clone(), self.cancel.clone(), job);
+                agents::spawn(self.sh.clone(), self.tx.clone(), self.stop_rx.clone(), job);
                 Ok(Started::Spawned)
             }
             TaskKind::Approval(spec) => match self.approval(rt, spec).await? {
@@ -1227,7 +1340,7 @@ impl Driver {
     fn spawn_process(&mut self, rt: usize, attempt: i64, spec: ProcSpec, parse_json: bool) {
         self.in_flight += 1;
         let tx = self.tx.clone();
-        let cancel = self.cancel.clone();
+        let cancel = self.stop_rx.clone();
         let sh = self.sh.clone();
         let key = vcs::RefKey {
             run_id: self.run_id.to_string(),
@@ -1235,8 +1348,20 @@ impl Driver {
             iteration: self.rts[rt].key.1,
             attempt,
         };
+        // called right after the attempt's start was committed
+        let committed = std::time::Instant::now();
         tokio::spawn(async move {
-            let _permit = sh.semaphore.clone().acquire_owned().await;
+            let _permit = match sh.task_permit(&key.run_id, &cancel, committed).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Msg::Done {
+                        rt,
+                        attempt,
+                        result: TaskResult::Err(e),
+                    });
+                    return;
+                }
+            };
             let (ctx, mut crx) = mpsc::unbounded_channel::<process::Chunk>();
             let fwd_tx = tx.clone();
             let fwd = tokio::spawn(async move {
@@ -1250,7 +1375,10 @@ impl Driver {
                 }
             });
             let cwd = spec.cwd.clone();
-            let run = process::run(spec, cancel, ctx, |_| {});
+            let started = tx.clone();
+            let run = process::run(spec, cancel, ctx, move |pgid| {
+                let _ = started.send(Msg::ProcessStarted { rt, attempt, pgid });
+            });
             let (res, captured) = vcs::around(&sh.work_trees, &cwd, &key, run).await;
             let _ = fwd.await;
             if let Some(captured) = captured {
@@ -1292,7 +1420,7 @@ impl Driver {
             self.run_id, self.rts[rt].key.0, self.rts[rt].key.1
         );
         let parent_id = self.run_id.to_string();
-        let mut cancel = self.cancel.clone();
+        let mut cancel = self.stop_rx.clone();
         let depth = self.depth + 1;
         tokio::spawn(async move {
             let result = async {
@@ -1912,10 +2040,10 @@ impl Driver {
 
     /// Fails the run after an engine-level error (render, expression, storage). In-flight tasks
     /// are stopped first.
-    async fn fail(mut self, e: SmithersError) -> RunOutcome {
+    async fn fail(mut self, e: SmithersError) -> Drive {
         if self.in_flight > 0 {
             // stop what runs; their results are recorded as cancelled
-            self.sh.cancel_local(&self.run_id);
+            let _ = self.stop_tx.send(true);
             while self.in_flight > 0 {
                 if self.wait_for_message(None).await.is_err() {
                     break;
@@ -1931,9 +2059,15 @@ impl Driver {
             self.event(kind::NODE_FAILED, f);
         }
         match self.failed_terminal(e.clone()).await {
-            Ok(o) => o,
-            Err(e2) if e2.code == Code::RunLeaseLost => RunOutcome::lease_lost(&self.run_id, e2),
-            Err(e2) => RunOutcome {
+            Ok(o) => Drive::Ended(o),
+            Err(e2) if e2.code == Code::RunLeaseLost => {
+                self.fenced(&e2);
+                Drive::Ended(RunOutcome::lease_lost(&self.run_id, e2))
+            }
+            // the failure could not be recorded: drive the run again once storage works (it
+            // will meet the same error and record it then)
+            Err(e2) if is_storage_fault(&e2) => Drive::Stalled(e2),
+            Err(e2) => Drive::Ended(RunOutcome {
                 run_id: self.run_id.to_string(),
                 status: status::FAILED.into(),
                 output: None,
@@ -1944,12 +2078,13 @@ impl Driver {
                         e.message, e2.message
                     ),
                 )),
-            },
+            }),
         }
     }
 
     async fn cancelled(&mut self) -> Result<RunOutcome, SmithersError> {
-        // in-flight tasks see the same cancel signal, kill their processes and report back
+        // in-flight tasks are stopped: they kill their processes and report back
+        let _ = self.stop_tx.send(true);
         let deadline = now_ms() + 10_000;
         while self.in_flight > 0 && now_ms() < deadline {
             self.wait_for_message(Some(deadline)).await?;

@@ -39,6 +39,12 @@ impl Engine {
         bounds::check_run_input(&input)?;
         let id = new_run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         bounds::check_run_id(&id)?;
+        let reservation = self.sh.reserve(&id).ok_or_else(|| {
+            SmithersError::new(
+                Code::RunExists,
+                format!("run `{id}` is already being started or driven by this engine"),
+            )
+        })?;
         let vcs = self.run_vcs(&*workflow).await;
         let now = now_ms();
         let config = json!({"fork": {"parentRunId": run_id, "frameNo": frame_no}});
@@ -93,6 +99,6 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(id.as_str()), *seq, ev);
         }
-        Ok(self.spawn_driver(workflow, id, input, true, 0))
+        Ok(self.spawn_driver(reservation, workflow, input, true, 0))
     }
 }

@@ -9,6 +9,7 @@ mod driver;
 pub mod events;
 mod fork;
 pub mod frames;
+pub mod leftovers;
 pub mod node_diff;
 pub mod ops;
 pub mod outputs;
@@ -114,7 +115,27 @@ impl RunHandle {
 /// nodes.
 struct ActiveRun {
     cancel: watch::Sender<bool>,
-    wake: tokio::sync::mpsc::UnboundedSender<driver::Msg>,
+    /// The current driver's messages; None until the run is claimed.
+    wake: Option<tokio::sync::mpsc::UnboundedSender<driver::Msg>>,
+    /// False while the run is reserved but not yet claimed (starting or resuming): the
+    /// heartbeat must not take "not owned" for a lost lease then.
+    claimed: bool,
+}
+
+/// A run reserved in `Shared::active`: nobody else in this engine can drive it while this
+/// exists. Dropping it frees the run.
+pub(crate) struct Reservation {
+    sh: Arc<Shared>,
+    run_id: String,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.sh.active.lock() {
+            a.remove(&self.run_id);
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -155,7 +176,7 @@ impl Shared {
             .active
             .lock()
             .ok()
-            .and_then(|a| a.get(run_id).map(|a| a.wake.clone()))
+            .and_then(|a| a.get(run_id).and_then(|a| a.wake.clone()))
         else {
             return false;
         };
@@ -176,6 +197,113 @@ impl Shared {
             .map(|a| a.contains_key(run_id))
             .unwrap_or(false)
     }
+
+    /// Reserves a run for one driver of this engine, atomically: None when it is already
+    /// being started, resumed or driven here.
+    fn reserve(self: &Arc<Self>, run_id: &str) -> Option<Reservation> {
+        let mut a = self.active.lock().ok()?;
+        if a.contains_key(run_id) {
+            return None;
+        }
+        let (cancel, rx) = watch::channel(false);
+        a.insert(
+            run_id.to_string(),
+            ActiveRun {
+                cancel,
+                wake: None,
+                claimed: false,
+            },
+        );
+        Some(Reservation {
+            sh: self.clone(),
+            run_id: run_id.to_string(),
+            cancel: rx,
+        })
+    }
+
+    /// Marks a reserved run as claimed and points its wake-ups at the current driver.
+    fn driving(&self, run_id: &str, wake: tokio::sync::mpsc::UnboundedSender<driver::Msg>) {
+        if let Ok(mut a) = self.active.lock()
+            && let Some(r) = a.get_mut(run_id)
+        {
+            r.wake = Some(wake);
+            r.claimed = true;
+        }
+    }
+
+    /// A slot to run one task process. `committed` is when the attempt's start was committed
+    /// under the run's lease. The wait for a slot can be long, and the engine may have been
+    /// frozen meanwhile: a run that was stopped or lost its lease must start nothing, so unless
+    /// the commit is recent (well inside the lease, when no other engine can have claimed the
+    /// run), the lease is read again first.
+    pub(crate) async fn task_permit(
+        &self,
+        run_id: &str,
+        stop: &watch::Receiver<bool>,
+        committed: std::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let aborted =
+            || SmithersError::new(Code::TaskAborted, "task was stopped before it started");
+        let permit = match self.semaphore.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let mut stop = stop.clone();
+                tokio::select! {
+                    p = self.semaphore.clone().acquire_owned() => p.map_err(|_| aborted())?,
+                    _ = stop.wait_for(|v| *v) => return Err(aborted()),
+                }
+            }
+        };
+        if *stop.borrow() {
+            return Err(aborted());
+        }
+        let proof = std::time::Duration::from_millis(
+            (self.config.lease_timeout_ms / 4).clamp(0, 1_000) as u64,
+        );
+        if committed.elapsed() < proof {
+            return Ok(permit);
+        }
+        let owner = self
+            .store
+            .get_run(run_id)
+            .await?
+            .and_then(|r| r.runtime_owner_id);
+        if owner.as_deref() != Some(self.owner.as_str()) {
+            tracing::warn!(
+                run_id,
+                owner = %self.owner,
+                "task not started: while it waited for a slot, its run stopped being owned by this node (fenced)"
+            );
+            return Err(SmithersError::new(
+                Code::RunLeaseLost,
+                format!(
+                    "run `{run_id}` is no longer owned by this engine; the task was not started"
+                ),
+            )
+            .terminal());
+        }
+        Ok(permit)
+    }
+}
+
+/// Pause before the `n`th re-drive of a run stopped by a storage error: 1 s doubling to 60 s,
+/// with up to 25% jitter so many stalled runs do not retry in lockstep.
+fn redrive_delay(n: u32) -> std::time::Duration {
+    let base = 1_000u64
+        .saturating_mul(1 << n.saturating_sub(1).min(6))
+        .min(60_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    std::time::Duration::from_millis(base + nanos % (base / 4 + 1))
+}
+
+/// Whether a stalled run can be driven again here.
+enum Reclaim {
+    Yes,
+    /// It ended, parked or belongs to another engine now: the driver's task ends with this.
+    No(RunOutcome),
 }
 
 /// The engine. Cheap to clone; all clones share one owner id, bus and concurrency limit.
@@ -276,6 +404,12 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         bounds::check_run_id(&run_id)?;
+        let reservation = self.sh.reserve(&run_id).ok_or_else(|| {
+            SmithersError::new(
+                Code::RunExists,
+                format!("run `{run_id}` is already being started or driven by this engine"),
+            )
+        })?;
         let vcs = self.run_vcs(&*workflow).await;
         let now = now_ms();
         let mut config = json!({});
@@ -326,7 +460,7 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(run_id.as_str()), *seq, ev);
         }
-        Ok(self.spawn_driver(workflow, run_id, input, false, depth))
+        Ok(self.spawn_driver(reservation, workflow, input, false, depth))
     }
 
     /// The git work tree and `HEAD` of a run of `workflow` (None outside git).
@@ -335,46 +469,148 @@ impl Engine {
         self.sh.work_trees.run_info(&cwd).await
     }
 
-    fn spawn_driver(
+    /// Drives a reserved (and claimed) run on its own task. A driver stopped by a storage
+    /// fault is started again from the committed state, with backoff, for as long as the run is
+    /// still ours: the reservation is held throughout, so the run is never driven twice here.
+    pub(crate) fn spawn_driver(
         &self,
+        reservation: Reservation,
         workflow: Arc<dyn Workflow>,
-        run_id: String,
         input: Value,
         resume: bool,
         depth: u32,
     ) -> RunHandle {
-        let (tx, rx) = watch::channel(false);
-        let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel();
-        if let Ok(mut a) = self.sh.active.lock() {
-            a.insert(
-                run_id.clone(),
-                ActiveRun {
-                    cancel: tx,
-                    wake: msg_tx.clone(),
-                },
-            );
-        }
-        let init = driver::DriverInit {
-            shared: self.sh.clone(),
-            workflow_name: workflow.name().to_string(),
-            workflow_hash: workflow.source_hash().map(str::to_string),
-            workflow,
-            run_id: run_id.clone(),
-            input,
-            cancel: rx,
-            messages: (msg_tx, msg_rx),
-            depth,
-        };
         let sh = self.sh.clone();
-        let id = run_id.clone();
+        let run_id = reservation.run_id.clone();
         let join = tokio::spawn(async move {
-            let outcome = driver::Driver::new(init).run(resume).await;
-            if let Ok(mut a) = sh.active.lock() {
-                a.remove(&id);
+            let reservation = reservation;
+            let run_id = reservation.run_id.clone();
+            let mut resume = resume;
+            let mut stalls = 0u32;
+            loop {
+                let (msg_tx, msg_rx) = tokio::sync::mpsc::unbounded_channel();
+                sh.driving(&run_id, msg_tx.clone());
+                let init = driver::DriverInit {
+                    shared: sh.clone(),
+                    workflow_name: workflow.name().to_string(),
+                    workflow_hash: workflow.source_hash().map(str::to_string),
+                    workflow: workflow.clone(),
+                    run_id: run_id.clone(),
+                    input: input.clone(),
+                    cancel: reservation.cancel.clone(),
+                    messages: (msg_tx, msg_rx),
+                    depth,
+                };
+                let began = std::time::Instant::now();
+                let mut error = match driver::Driver::new(init).run(resume).await {
+                    driver::Drive::Ended(outcome) => return outcome,
+                    driver::Drive::Stalled(e) => e,
+                };
+                // a driver that ran a while before stalling starts the backoff afresh
+                if began.elapsed() > std::time::Duration::from_secs(60) {
+                    stalls = 0;
+                }
+                loop {
+                    stalls += 1;
+                    let delay = redrive_delay(stalls);
+                    tracing::warn!(
+                        run_id = %run_id,
+                        workflow = %workflow.name(),
+                        attempt = stalls,
+                        retry_in_ms = delay.as_millis() as u64,
+                        code = %error.code,
+                        error = %error.message,
+                        "the run's driver stopped on a storage error; the run stays owned by this node and is driven again once storage works"
+                    );
+                    let mut cancel = reservation.cancel.clone();
+                    if *cancel.borrow() {
+                        tokio::time::sleep(delay).await;
+                    } else {
+                        // a new cancel request is acted on at once (the next driver records it)
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.wait_for(|v| *v) => {}
+                        }
+                    }
+                    match Engine::from_shared(sh.clone()).reclaim(&run_id).await {
+                        Ok(Reclaim::Yes) => break,
+                        Ok(Reclaim::No(outcome)) => return outcome,
+                        Err(e) if driver::is_storage_fault(&e) => error = e,
+                        Err(e) => {
+                            tracing::error!(run_id = %run_id, code = %e.code, error = %e.message, "the run cannot be driven again after a storage error");
+                            return RunOutcome {
+                                run_id: run_id.clone(),
+                                status: status::FAILED.into(),
+                                output: None,
+                                error: Some(e),
+                            };
+                        }
+                    }
+                }
+                tracing::info!(
+                    run_id = %run_id,
+                    workflow = %workflow.name(),
+                    attempt = stalls,
+                    "driving the run again after a storage error"
+                );
+                resume = true;
             }
-            outcome
         });
         RunHandle { run_id, join }
+    }
+
+    /// Takes a run stalled by a storage fault back for another driver of this engine: it must
+    /// still be `running` and owned by this engine (the claim refreshes the lease).
+    async fn reclaim(&self, run_id: &str) -> Result<Reclaim> {
+        let store = &self.sh.store;
+        let lost = |row: Option<&RunRow>| {
+            let (st, owner) = row
+                .map(|r| (r.status.clone(), r.runtime_owner_id.clone()))
+                .unwrap_or_else(|| ("missing".into(), None));
+            tracing::warn!(
+                run_id,
+                status = %st,
+                owner = ?owner,
+                "a run stalled by a storage error is no longer this node's to drive (fenced); it is left alone"
+            );
+            let e = SmithersError::new(
+                Code::RunLeaseLost,
+                format!("run `{run_id}` is `{st}` and owned by {owner:?} now; this engine stopped driving it"),
+            )
+            .terminal();
+            if st == status::RUNNING {
+                RunOutcome::lease_lost(run_id, e)
+            } else {
+                RunOutcome {
+                    run_id: run_id.to_string(),
+                    status: st,
+                    output: None,
+                    error: None,
+                }
+            }
+        };
+        let row = store.get_run(run_id).await?;
+        let ours = row.as_ref().is_some_and(|r| {
+            r.status == status::RUNNING && r.runtime_owner_id.as_deref() == Some(&self.sh.owner)
+        });
+        if !ours {
+            return Ok(Reclaim::No(lost(row.as_ref())));
+        }
+        let now = now_ms();
+        let claimed = store
+            .claim_run(
+                run_id,
+                &self.sh.owner,
+                now,
+                now - self.sh.config.lease_timeout_ms,
+                Some(&self.sh.owner),
+            )
+            .await?;
+        if !claimed {
+            let row = store.get_run(run_id).await?;
+            return Ok(Reclaim::No(lost(row.as_ref())));
+        }
+        Ok(Reclaim::Yes)
     }
 
     /// Resumes a run that is not being driven: parked, cancelled, failed (failed tasks get a
@@ -403,12 +639,12 @@ impl Engine {
                 format!("run `{run_id}` not found; `smithers ps` lists runs"),
             )
         })?;
-        if self.sh.is_active(run_id) {
-            return Err(SmithersError::new(
+        let reservation = self.sh.reserve(run_id).ok_or_else(|| {
+            SmithersError::new(
                 Code::RunStillRunning,
                 format!("run `{run_id}` is already running in this process"),
-            ));
-        }
+            )
+        })?;
         if row.status == status::FINISHED || row.status == status::CONTINUED {
             return Err(SmithersError::new(
                 Code::RunNotResumable,
@@ -480,6 +716,19 @@ impl Engine {
                 ),
             ));
         }
+        if let Some(previous) = row
+            .runtime_owner_id
+            .as_deref()
+            .filter(|o| *o != self.sh.owner)
+        {
+            tracing::info!(
+                run_id,
+                workflow = %row.workflow_name,
+                previous_owner = previous,
+                owner = %self.sh.owner,
+                "took over a run whose engine died or stopped heart-beating"
+            );
+        }
         let input: Value = match store.get_input(run_id).await? {
             Some(text) => serde_json::from_str(&text).map_err(|e| {
                 SmithersError::new(Code::DbCorrupt, format!("stored input of run `{run_id}` is not valid JSON ({e}); restore from backup"))
@@ -514,7 +763,7 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(run_id), *seq, ev);
         }
-        Ok(self.spawn_driver(workflow, run_id.to_string(), input, true, depth))
+        Ok(self.spawn_driver(reservation, workflow, input, true, depth))
     }
 
     /// Cancels a run. A run driven here stops at once (its processes are killed); a parked or
@@ -575,7 +824,11 @@ impl Engine {
 
 async fn heartbeat(sh: &Arc<Shared>) {
     let active: Vec<String> = match sh.active.lock() {
-        Ok(a) => a.keys().cloned().collect(),
+        Ok(a) => a
+            .iter()
+            .filter(|(_, r)| r.claimed)
+            .map(|(k, _)| k.clone())
+            .collect(),
         Err(_) => return,
     };
     if active.is_empty() {
@@ -589,8 +842,12 @@ async fn heartbeat(sh: &Arc<Shared>) {
     }
     // runs we drive but no longer own were taken over: stop them (their writes would fail)
     for id in active {
-        if !hb.owned.contains(&id) {
-            sh.cancel_local(&id);
+        if !hb.owned.contains(&id) && sh.cancel_local(&id) {
+            tracing::info!(
+                run_id = %id,
+                owner = %sh.owner,
+                "lease lost: the run is no longer owned by this node; stopping its tasks here"
+            );
         }
     }
 }

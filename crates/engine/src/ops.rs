@@ -90,7 +90,10 @@ pub async fn cancel_run(
             json!({"nodeId": n.node_id, "iteration": n.iteration, "reason": "run-cancelled"}),
         );
     }
-    for a in store.list_attempts(run_id).await? {
+    let attempts = store.list_attempts(run_id).await?;
+    // the dead engine's task processes must not go on working for a cancelled run
+    crate::leftovers::kill_for_attempts(run_id, &attempts).await;
+    for a in attempts {
         if matches!(
             a.state.as_str(),
             node_state::IN_PROGRESS | node_state::WAITING_EVENT | node_state::WAITING_TIMER

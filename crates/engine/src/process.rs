@@ -1,5 +1,7 @@
 //! Shell tasks: one child process per attempt, in its own process group so a timeout or a
-//! cancellation kills everything it started. Output streams back while it runs.
+//! cancellation kills everything it started. Output streams back while it runs. What a killed
+//! engine leaves behind (the group outlives its leader's PDEATHSIG) is found again by the
+//! attempt's marker in the environment, see [`crate::leftovers`].
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -134,8 +136,8 @@ pub async fn run_raw(
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
-    // async-signal-safe. It makes the child die with the engine, so a killed engine leaves no
-    // task running behind it.
+    // async-signal-safe. It makes the child die with the engine; its descendants do not, and
+    // are killed by marker before the run is driven again (`leftovers`).
     unsafe {
         cmd.pre_exec(|| {
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);

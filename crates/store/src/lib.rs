@@ -163,7 +163,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes ownership of a run: succeeds when the run has no owner, its heartbeat is older
     /// than `stale_before_ms` (or missing), or its owner is `dead_owner` (an owner the caller
-    /// has proven dead). Sets owner and heartbeat to `now_ms`. Returns false when not claimed.
+    /// has proven dead). Sets owner and heartbeat to `now_ms`. Returns false when not claimed,
+    /// also when another transaction holds the run's row at that moment (PostgreSQL: the claim
+    /// never waits behind a possibly frozen owner; the caller tries again later).
     async fn claim_run(
         &self,
         run_id: &str,
@@ -344,8 +346,9 @@ pub trait Store: Send + Sync + 'static {
 /// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`,
 /// `postgres://user:password@host:port/dbname`); the error says which schemes are supported.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let store = sqlite::SqliteStore::open(std::path::Path::new(path))?;
+    if let Some(rest) = url.strip_prefix("sqlite://") {
+        let (path, busy) = sqlite_url(rest)?;
+        let store = sqlite::SqliteStore::open_with_busy_timeout(std::path::Path::new(path), busy)?;
         return Ok(Arc::new(store));
     }
     if url == "sqlite::memory:" {
@@ -360,4 +363,56 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             "storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db) or postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         ),
     ))
+}
+
+/// Default of `busy_timeout_ms` in `sqlite://PATH?busy_timeout_ms=N`.
+pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
+
+/// Splits `PATH[?busy_timeout_ms=N]` (the part of a sqlite URL after `sqlite://`).
+fn sqlite_url(rest: &str) -> Result<(&str, std::time::Duration)> {
+    let bad = |why: String| {
+        SmithersError::new(
+            Code::InvalidUrl,
+            format!("storage url `sqlite://{rest}`: {why}; the form is sqlite://PATH or sqlite://PATH?busy_timeout_ms=N"),
+        )
+        .terminal()
+    };
+    let Some((path, query)) = rest.rsplit_once('?') else {
+        return Ok((
+            rest,
+            std::time::Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
+        ));
+    };
+    let mut busy = SQLITE_BUSY_TIMEOUT_MS;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("busy_timeout_ms", v)) => {
+                busy = v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    bad(format!("busy_timeout_ms `{v}` is not a positive integer"))
+                })?;
+            }
+            _ => return Err(bad(format!("unknown parameter `{pair}`"))),
+        }
+    }
+    Ok((path, std::time::Duration::from_millis(busy)))
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_url_takes_an_optional_busy_timeout() {
+        let (p, b) = sqlite_url("/tmp/x.db").unwrap();
+        assert_eq!((p, b.as_millis()), ("/tmp/x.db", 30_000));
+        let (p, b) = sqlite_url("x.db?busy_timeout_ms=250").unwrap();
+        assert_eq!((p, b.as_millis()), ("x.db", 250));
+        for bad in [
+            "x.db?busy_timeout_ms=0",
+            "x.db?busy_timeout_ms=abc",
+            "x.db?mode=ro",
+        ] {
+            assert_eq!(sqlite_url(bad).unwrap_err().code, Code::InvalidUrl, "{bad}");
+        }
+    }
 }

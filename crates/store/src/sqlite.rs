@@ -278,6 +278,10 @@ impl DbErr {
                         "{ctx}: the database stayed locked by another connection or process ({e}); retry later"
                     ),
                 ),
+                // fails the same way every time: retrying (or driving the run again) cannot help
+                Some(
+                    ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch,
+                ) => SmithersError::new(code, format!("{ctx}: {e}")).terminal(),
                 _ => SmithersError::new(code, format!("{ctx}: {e}")),
             },
         }
@@ -329,7 +333,8 @@ fn validate_run_status(run_id: &str, s: &str) -> Result<(), DbErr> {
 /// Where the database lives; readers reopen it from here.
 #[derive(Debug, Clone)]
 enum Target {
-    File(PathBuf),
+    /// A file, and how long a statement waits for another connection's lock.
+    File(PathBuf, Duration),
     /// URI of a named shared-cache in-memory database.
     Memory(String),
 }
@@ -337,7 +342,7 @@ enum Target {
 impl Target {
     fn describe(&self) -> String {
         match self {
-            Target::File(p) => format!("`{}`", p.display()),
+            Target::File(p, _) => format!("`{}`", p.display()),
             Target::Memory(_) => "in-memory database".to_string(),
         }
     }
@@ -345,7 +350,7 @@ impl Target {
     fn connect(&self, writer: bool) -> rusqlite::Result<Connection> {
         let base = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         let conn = match self {
-            Target::File(p) => {
+            Target::File(p, _) => {
                 let mode = if writer {
                     OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
                 } else {
@@ -360,7 +365,10 @@ impl Target {
                     | OpenFlags::SQLITE_OPEN_SHARED_CACHE,
             )?,
         };
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.busy_timeout(match self {
+            Target::File(_, busy) => *busy,
+            Target::Memory(_) => BUSY_TIMEOUT,
+        })?;
         conn.set_prepared_statement_cache_capacity(128);
         if !writer {
             conn.execute_batch("PRAGMA query_only = ON")?;
@@ -552,6 +560,13 @@ static MEMORY_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl SqliteStore {
     /// Opens (creating if needed, with its parent directories) a database file and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_busy_timeout(path, BUSY_TIMEOUT)
+    }
+
+    /// Like [`SqliteStore::open`], with how long one statement waits for a lock held by
+    /// another connection before the write is retried (default 30 s; a write fails after 12
+    /// such waits). The URL form is `sqlite://PATH?busy_timeout_ms=N`.
+    pub fn open_with_busy_timeout(path: &Path, busy: Duration) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 SmithersError::new(
@@ -563,7 +578,7 @@ impl SqliteStore {
                 )
             })?;
         }
-        Self::start(Target::File(path.to_path_buf()))
+        Self::start(Target::File(path.to_path_buf(), busy))
     }
 
     /// Opens a fresh private in-memory database (gone when the store is dropped).
@@ -596,7 +611,7 @@ impl SqliteStore {
                 )
             })?;
         let (checkpoint_stop, checkpointer) = match &target {
-            Target::File(_) => spawn_checkpointer(&target),
+            Target::File(..) => spawn_checkpointer(&target),
             Target::Memory(_) => (None, None),
         };
         let readers = Arc::new(ReaderPool {

@@ -195,8 +195,17 @@ async fn takeover_fences_the_old_owner() {
             assert!(t0.elapsed().as_secs() < 30, "the old owner never wrote");
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let claimed = b.claim_run(&run, "node-b", 10, 5, Some("node-a")).await;
-        assert_eq!(claimed.ok(), Some(true));
+        // A claim does not wait for the row while a batch holds it (it reports false and is
+        // tried again), so it lands in a gap between the old owner's batches.
+        let t0 = std::time::Instant::now();
+        while !b
+            .claim_run(&run, "node-b", 10, 5, Some("node-a"))
+            .await
+            .unwrap_or_else(|e| panic!("claim: {e}"))
+        {
+            assert!(t0.elapsed().as_secs() < 30, "the claim never got the row");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         // Everything the old owner will ever commit is visible once the claim returned.
         let seq_at_claim = b.last_event_seq(&run).await.unwrap_or(-2);
         let mut batch = Batch::guarded(&run, "node-b");
@@ -575,4 +584,58 @@ async fn nul_byte_in_text_is_invalid_input_not_a_server_error() {
     // the store keeps working
     apply(&*store, vec![Write::InsertRun(run_row("clean", "wf", 1))]).await;
     assert!(store.get_run("clean").await.is_ok_and(|r| r.is_some()));
+}
+
+/// An owner frozen in the middle of a transaction (SIGSTOP, swap, partition) holds its run's
+/// row lock: a claim by another node must not queue behind it, and PostgreSQL ends the frozen
+/// session after `idle_in_transaction_session_timeout`, so the run can be claimed then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claim_does_not_wait_behind_a_frozen_owners_transaction() {
+    let base = fresh_database_url().await;
+    let b = open(&base).await;
+    let mut r = run_row("frozen", "wf", 1);
+    r.runtime_owner_id = Some("node-a".into());
+    r.heartbeat_at_ms = Some(1);
+    apply(&b, vec![Write::InsertRun(r)]).await;
+    // the frozen node: a session of the store's own kind, idle inside a transaction that holds
+    // the row (its idle timeout shortened so the test does not wait 10 s)
+    let frozen_url = format!(
+        "{base}?options=-c%20idle_in_transaction_session_timeout%3D1500&application_name=frozen"
+    );
+    let frozen = raw_client(&frozen_url).await;
+    frozen
+        .batch_execute("BEGIN; SELECT 1 FROM _smithers_runs WHERE run_id = 'frozen' FOR UPDATE")
+        .await
+        .unwrap_or_else(|e| panic!("lock: {e}"));
+    let t0 = std::time::Instant::now();
+    let first = b.claim_run("frozen", "node-b", 10, 5, None).await;
+    assert_eq!(first.ok(), Some(false), "a locked row is not claimed");
+    assert!(
+        // well below lock_timeout (5 s), which is what a claim that waited would take
+        t0.elapsed() < std::time::Duration::from_secs(3),
+        "the claim waited on the lock ({:?})",
+        t0.elapsed()
+    );
+    // once the server has ended the idle transaction, the claim succeeds
+    let t0 = std::time::Instant::now();
+    while !b
+        .claim_run("frozen", "node-b", 10, 5, None)
+        .await
+        .unwrap_or(false)
+    {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "the frozen session was never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let owner = b
+        .get_run("frozen")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.runtime_owner_id);
+    assert_eq!(owner.as_deref(), Some("node-b"));
+    // the thawed session cannot commit anything any more
+    assert!(frozen.batch_execute("COMMIT").await.is_err());
 }

@@ -165,7 +165,7 @@ impl CliSession {
             inv.stdin.map(String::into_bytes),
             io.cancel.clone(),
             tx,
-            |_| {},
+            |pgid| io.rep.process_started(pgid),
         );
         let kind = self.kind;
         let mut seen: Option<String> = self.checkpointed.clone();

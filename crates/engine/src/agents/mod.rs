@@ -77,6 +77,13 @@ pub(crate) struct AgentJob {
     pub base_dir: PathBuf,
     pub output: Option<OutputSpec>,
     pub timeout_ms: Option<u64>,
+    /// `SMITHERS_ATTEMPT_ID` of the attempt's processes (see [`crate::leftovers`]).
+    pub marker: String,
+}
+
+/// Whether an agent runs local processes (CLI agents do; HTTP providers do not).
+pub(crate) fn runs_processes(def: &AgentDef) -> bool {
+    !matches!(def.kind, AgentKind::Provider { .. })
 }
 
 /// Sends what an attempt does to the driver, which records it.
@@ -104,6 +111,15 @@ impl Reporter {
         self.heartbeat(Some(
             json!({"agentEngine": self.engine, "agentResume": session}),
         ));
+    }
+
+    /// A process of the attempt started in its own group `pgid`.
+    pub fn process_started(&self, pgid: i32) {
+        let _ = self.tx.send(Msg::ProcessStarted {
+            rt: self.rt,
+            attempt: self.attempt,
+            pgid,
+        });
     }
 
     fn heartbeat(&self, data: Option<Value>) {
@@ -166,8 +182,20 @@ pub(crate) fn spawn(
     cancel: watch::Receiver<bool>,
     job: AgentJob,
 ) {
+    // called right after the attempt's start was committed
+    let committed = std::time::Instant::now();
     tokio::spawn(async move {
-        let _permit = sh.semaphore.clone().acquire_owned().await;
+        let _permit = match sh.task_permit(&job.run_id, &cancel, committed).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Msg::Done {
+                    rt: job.rt,
+                    attempt: job.attempt,
+                    result: TaskResult::Err(e),
+                });
+                return;
+            }
+        };
         let rep = Reporter {
             tx: tx.clone(),
             rt: job.rt,
@@ -427,6 +455,7 @@ fn cli_env(job: &AgentJob) -> BTreeMap<String, String> {
     env.insert("SMITHERS_NODE_ID".into(), job.node_id.clone());
     env.insert("SMITHERS_ITERATION".into(), job.iteration.to_string());
     env.insert("SMITHERS_ATTEMPT".into(), job.attempt.to_string());
+    env.insert(crate::leftovers::MARKER_ENV.into(), job.marker.clone());
     env.insert("SMITHERS_AGENT".into(), job.def.name.clone());
     if let Some(m) = &job.def.model {
         env.insert("SMITHERS_MODEL".into(), m.clone());

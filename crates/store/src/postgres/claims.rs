@@ -98,12 +98,16 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
             stale_before_ms,
             dead_owner,
         } => {
-            // One conditional UPDATE: the row lock makes concurrent claims serialize, and the
-            // loser re-evaluates the condition against the winner's row and matches nothing.
+            // One conditional UPDATE of a row locked without waiting: a row locked by another
+            // transaction (a concurrent claim, or the batch or heartbeat of an owner that may be
+            // frozen with its transaction open) is not claimed now, and a later pass tries
+            // again, instead of this node queueing behind it. Concurrent claims of a free row
+            // serialize on the lock; the loser skips it.
             let n = conn
                 .execute(
                     "UPDATE _smithers_runs SET runtime_owner_id = $2, heartbeat_at_ms = $3
-                     WHERE run_id = $1
+                     WHERE run_id = (SELECT run_id FROM _smithers_runs WHERE run_id = $1
+                                     FOR UPDATE SKIP LOCKED)
                        AND (runtime_owner_id IS NULL
                             OR heartbeat_at_ms IS NULL
                             OR heartbeat_at_ms < $4
@@ -241,12 +245,14 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
             now_ms,
         } => {
             // Compare-and-set; `IS NOT DISTINCT FROM` compares NULL-safely, so a never-scheduled
-            // cron can be claimed once too. A concurrent claimer blocks on the row lock, then
-            // re-checks the condition against the committed row and updates nothing.
+            // cron can be claimed once too. A row locked by a concurrent claimer is skipped
+            // (that claimer fires it; if its transaction is rolled back, a later tick claims).
             let n = conn
                 .execute(
                     "UPDATE _smithers_cron SET next_run_at_ms = $3, last_run_at_ms = $4
-                     WHERE cron_id = $1 AND enabled = 1 AND next_run_at_ms IS NOT DISTINCT FROM $2",
+                     WHERE cron_id = (SELECT cron_id FROM _smithers_cron WHERE cron_id = $1
+                                      FOR UPDATE SKIP LOCKED)
+                       AND enabled = 1 AND next_run_at_ms IS NOT DISTINCT FROM $2",
                     &[cron_id, expected, new_next, now_ms],
                 )
                 .await?;

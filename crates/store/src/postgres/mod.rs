@@ -45,6 +45,33 @@ const WRITE_ATTEMPTS: u32 = 8;
 const READ_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Settings every session gets unless the URL's `options` parameter sets them already
+/// (`?options=-c%20lock_timeout%3D10s`). They keep a node that stops responding (frozen,
+/// swapped out, partitioned) from holding row locks that block the other nodes' takeovers:
+/// PostgreSQL ends its idle transactions, and no statement waits on a lock, or runs, forever.
+pub const SESSION_DEFAULTS: &[(&str, &str)] = &[
+    ("idle_in_transaction_session_timeout", "10s"),
+    ("lock_timeout", "5s"),
+    ("statement_timeout", "30s"),
+];
+
+/// The URL's `options` with [`SESSION_DEFAULTS`] added for every setting it does not name.
+fn session_options(given: Option<&str>) -> String {
+    let mut out = given.unwrap_or_default().trim().to_string();
+    for (name, value) in SESSION_DEFAULTS {
+        let named = out
+            .split(|c: char| c.is_whitespace() || c == '=')
+            .any(|w| w == *name || w.strip_prefix("--") == Some(name));
+        if !named {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&format!("-c {name}={value}"));
+        }
+    }
+    out
+}
+
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 // ---------------------------------------------------------------------------------------------
@@ -78,11 +105,14 @@ impl DbErr {
         }
     }
 
-    /// Worth running the whole transaction again.
+    /// Worth running the whole transaction again (a lock wait that ran past `lock_timeout`
+    /// included: the holder may be gone by now).
     fn is_transient(&self) -> bool {
         matches!(
             self.sql_state(),
-            Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+                | Some(&SqlState::T_R_DEADLOCK_DETECTED)
+                | Some(&SqlState::LOCK_NOT_AVAILABLE)
         )
     }
 
@@ -133,6 +163,14 @@ impl DbErr {
                         code,
                         format!("{ctx}: lost the connection to PostgreSQL ({detail}); retry later"),
                     ),
+                    // data exceptions (a NUL byte in text, a value out of range), integrity
+                    // violations and rejected statements fail the same way every time: retrying
+                    // (or driving the run again) cannot help
+                    Some(state)
+                        if ["22", "23", "42"].iter().any(|c| state.code().starts_with(c)) =>
+                    {
+                        SmithersError::new(code, format!("{ctx}: {detail}")).terminal()
+                    }
                     _ => SmithersError::new(code, format!("{ctx}: {detail}")),
                 }
             }
@@ -405,6 +443,8 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("smithers");
         }
+        let options = session_options(config.get_options());
+        config.options(options);
         let target = describe_target(&config);
         let feed = Arc::new(feed::Feed::new(config.clone()));
         let pool = Arc::new(Pool {
@@ -875,5 +915,22 @@ impl Store for PgStore {
 
     async fn foreign_events(&self) -> Option<tokio::sync::broadcast::Receiver<crate::EventRef>> {
         Some(self.feed.subscribe().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_options;
+
+    #[test]
+    fn session_defaults_fill_in_what_the_url_does_not_set() {
+        assert_eq!(
+            session_options(None),
+            "-c idle_in_transaction_session_timeout=10s -c lock_timeout=5s -c statement_timeout=30s"
+        );
+        assert_eq!(
+            session_options(Some("-c lock_timeout=1s --statement_timeout=0")),
+            "-c lock_timeout=1s --statement_timeout=0 -c idle_in_transaction_session_timeout=10s"
+        );
     }
 }

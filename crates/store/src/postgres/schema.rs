@@ -223,6 +223,11 @@ pub(super) async fn migrate(conn: &mut Conn) -> Result<(), DbErr> {
 }
 
 async fn migrate_in_tx(conn: &mut Conn) -> Result<(), DbErr> {
+    // nodes starting together wait for the one migrating, and a migration of a large database
+    // may run long: the session's lock and statement timeouts do not apply here
+    conn.client
+        .batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+        .await?;
     conn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     conn.client
