@@ -196,13 +196,20 @@ pub async fn read(
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     let mut stream = body.into_data_stream();
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // the usual body is one chunk: kept as is, no copy and no list
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     let mut reservation = Reservation::default();
+    // one timer for the whole body, polled only when a chunk is not there yet: a body that
+    // has already arrived (the usual small request) never touches the timer
+    let deadline = tokio::time::sleep_until(limits.deadline);
+    tokio::pin!(deadline);
     loop {
-        let next = match tokio::time::timeout_at(limits.deadline, stream.next()).await {
-            Ok(next) => next,
-            Err(_) => return Err(BodyError::Timeout { timeout_ms }),
+        let next = tokio::select! {
+            biased;
+            next = stream.next() => next,
+            () = &mut deadline => return Err(BodyError::Timeout { timeout_ms }),
         };
         let chunk = match next {
             None => break,
@@ -222,12 +229,22 @@ pub async fn read(
             }
         }
         total += chunk.len();
-        chunks.push(chunk);
+        match first {
+            None => first = Some(chunk),
+            Some(_) => more.push(chunk),
+        }
     }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => Bytes::from(chunks.concat()),
+    let bytes = match first {
+        None => Bytes::new(),
+        Some(only) if more.is_empty() => only,
+        Some(head) => {
+            let mut all = Vec::with_capacity(total);
+            all.extend_from_slice(&head);
+            for c in &more {
+                all.extend_from_slice(c);
+            }
+            Bytes::from(all)
+        }
     };
     Ok(ReadBody { bytes, reservation })
 }
