@@ -19,7 +19,8 @@ impl RpcError {
     }
 
     /// HTTP status for this code (gateway-protocol §1.9, with DESIGN §5's fixes:
-    /// `RUN_NOT_ACTIVE` is 409 and `PAYLOAD_TOO_LARGE` is 413).
+    /// `RUN_NOT_ACTIVE` is 409 and `PAYLOAD_TOO_LARGE` is 413; and the codes of issue 9's
+    /// limits: `REQUEST_TIMEOUT` 408, `SERVICE_UNAVAILABLE` 503, `DELIVERY_IN_PROGRESS` 409).
     pub fn status(&self) -> u16 {
         status_for(&self.code)
     }
@@ -54,10 +55,13 @@ pub fn status_for(code: &str) -> u16 {
         | "RUN_NOT_ACTIVE"
         | "NOT_WAITING_APPROVAL"
         | "RUN_STILL_RUNNING"
-        | "RUN_EXISTS" => 409,
+        | "RUN_EXISTS"
+        | "DELIVERY_IN_PROGRESS" => 409,
+        "REQUEST_TIMEOUT" => 408,
         "DiffTooLarge" | "PayloadTooLarge" | "PAYLOAD_TOO_LARGE" => 413,
         "RateLimited" | "BackpressureDisconnect" => 429,
         "UnsupportedSandbox" => 501,
+        "SERVICE_UNAVAILABLE" => 503,
         _ => 500,
     }
 }

@@ -204,6 +204,8 @@ pub struct Gateway {
     pub streams: crate::stream::Registry,
     /// The hello snapshot read shared by concurrent `connect`s.
     pub(crate) hello_snapshots: crate::ws::SharedSnapshot,
+    /// Webhook budgets and log throttles.
+    pub webhooks: crate::webhook::Shared,
 }
 
 /// Who asked for something (for run auth context and auto-subscribe).
@@ -221,6 +223,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Arc<Gateway> {
         let store = engine.store().clone();
+        let webhooks = crate::webhook::Shared::new(&config.limits);
         Arc::new(Gateway {
             engine,
             store,
@@ -239,6 +242,7 @@ impl Gateway {
             rewinding: Mutex::new(HashSet::new()),
             streams: Default::default(),
             hello_snapshots: Default::default(),
+            webhooks,
         })
     }
 

@@ -7,7 +7,7 @@ use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, Gateway, PROTOCOL};
 use crate::methods::{self, Transport};
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -90,7 +90,7 @@ async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 return not_found();
             }
             let key = percent_decode(key);
-            crate::webhooks::handle(gw, &key, parts.headers, body).await
+            crate::webhook::handle(gw, &key, parts.headers, body).await
         }
         _ => not_found(),
     }
@@ -155,27 +155,6 @@ pub fn now_secs() -> i64 {
     smithers_engine::now_ms() / 1000
 }
 
-/// Reads a body up to `limit` bytes; a larger one is `PAYLOAD_TOO_LARGE` (413).
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RpcError> {
-    let too_big = || {
-        RpcError::new(
-            "PAYLOAD_TOO_LARGE",
-            format!("Gateway request payload exceeds {limit} bytes."),
-        )
-    };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(too_big());
-    }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_big())
-}
-
 async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response {
     let t0 = Instant::now();
     let request_id = headers
@@ -221,9 +200,10 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
             return respond_err(&gw, &request_id, &e);
         }
     };
-    let bytes = match read_body(&headers, body, gw.config.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return respond_err(&gw, &request_id, &e),
+    let limits = crate::body::Limits::for_request(&gw.config, t0);
+    let bytes = match crate::body::read(&headers, body, limits).await {
+        Ok(b) => b.bytes,
+        Err(e) => return e.respond(respond_err(&gw, &request_id, &e.to_rpc())),
     };
     let crate::request::Request { id, method, params } =
         match crate::request::parse_http(&bytes, &request_id) {

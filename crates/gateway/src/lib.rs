@@ -2,6 +2,7 @@
 //! metrics, in front of the engine.
 
 pub mod auth;
+pub mod body;
 pub mod bounds;
 pub mod cron;
 pub mod error;
@@ -25,7 +26,6 @@ pub mod run_view;
 pub mod serve;
 pub mod shapes;
 pub mod stream;
-pub mod webhooks;
 pub mod ws;
 
 pub use error::RpcError;

@@ -101,7 +101,8 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
 }
 
 /// Resumes parked runs whose timer is due or whose event wait timed out, and takes over runs
-/// whose engine stopped heart-beating. Once a second.
+/// whose engine stopped heart-beating. Once a second; once a minute it also forgets expired
+/// webhook delivery ids.
 async fn wake_loop(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     let mut n: u64 = 0;
@@ -126,6 +127,9 @@ async fn wake_loop(gw: Arc<Gateway>) {
             let g = gw.clone();
             let resolve = move |row: &smithers_store::RunRow| g.workflow_of(row);
             let _ = gw.engine.take_over_orphans(&resolve).await;
+        }
+        if n.is_multiple_of(60) {
+            crate::webhook::prune_expired(&gw).await;
         }
     }
 }

@@ -768,7 +768,7 @@ async fn webhooks_verify_signatures_and_deliver_or_start() {
         s.addr,
         "POST",
         "/webhooks/waiter",
-        &[("x-hub-signature-256", &sig)],
+        &[("x-hub-signature-256", &sig), ("x-github-delivery", "d1")],
         body,
     )
     .await;
@@ -778,12 +778,13 @@ async fn webhooks_verify_signatures_and_deliver_or_start() {
     assert_eq!(j["delivered"][0]["correlationId"], "abc");
     assert_eq!(j["started"], Value::Null);
     wait_status(s.addr, &id, "finished").await;
-    // nothing waits: the waiter workflow starts a new run with the payload as input
+    // nothing waits: the waiter workflow starts a new run with the payload as input (the same
+    // body as a new delivery; a repeat of "d1" would be a duplicate)
     let r = http(
         s.addr,
         "POST",
         "/webhooks/waiter",
-        &[("x-hub-signature-256", &sig)],
+        &[("x-hub-signature-256", &sig), ("x-github-delivery", "d2")],
         body,
     )
     .await;

@@ -3,7 +3,7 @@
 //!
 //! Each case expects a fresh, empty store (list queries span all runs) and panics on failure.
 
-use crate::{Applied, Batch, NewSignal, Store, Write, rows::*};
+use crate::{Applied, Batch, DeliveryClaim, NewSignal, Store, Write, rows::*};
 use smithers_core::{Code, SmithersError};
 use std::future::Future;
 use std::pin::Pin;
@@ -87,6 +87,10 @@ macro_rules! store_conformance_tests {
             rewind_writes_remove_what_came_later,
             audit_rows_upsert_and_filter,
             node_diffs_cache_and_rewind,
+            webhook_delivery_claimed_once,
+            webhook_delivery_expires_and_is_pruned,
+            webhook_delivery_release_and_abandoned_claims,
+            webhook_delivery_concurrent_claims_exactly_one_wins,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -2059,4 +2063,198 @@ pub async fn node_diffs_cache_and_rewind(store: &dyn Store) {
     );
     let left = ok(store.list_attempts("r1").await, "attempts");
     assert_eq!(left.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook delivery dedupe
+
+/// A claim of `id` for workflow `wf` by `claim` at `now`, remembered until `expires`; claims
+/// without outcome taken before `stale_before` count as abandoned.
+pub fn delivery_claim(
+    wf: &str,
+    id: &str,
+    claim: &str,
+    now: i64,
+    expires: i64,
+    stale_before: i64,
+) -> DeliveryClaim {
+    DeliveryClaim {
+        workflow: wf.into(),
+        delivery_id: id.into(),
+        claim_id: claim.into(),
+        now_ms: now,
+        expires_at_ms: expires,
+        stale_before_ms: stale_before,
+    }
+}
+
+async fn claim_delivery(store: &dyn Store, c: DeliveryClaim) -> bool {
+    ok(
+        store.claim_webhook_delivery(&c).await,
+        "claim_webhook_delivery",
+    )
+}
+
+async fn get_delivery(store: &dyn Store, wf: &str, id: &str) -> Option<WebhookDeliveryRow> {
+    ok(
+        store.get_webhook_delivery(wf, id).await,
+        "get_webhook_delivery",
+    )
+}
+
+/// The first claim wins; a repeat inside the window is refused whether or not the first has
+/// recorded its outcome; only the claimer records the outcome; ids are per workflow.
+pub async fn webhook_delivery_claimed_once(store: &dyn Store) {
+    assert_eq!(get_delivery(store, "wf", "d1").await, None);
+    assert!(claim_delivery(store, delivery_claim("wf", "d1", "a", 1_000, 5_000, 0)).await);
+    assert_eq!(
+        get_delivery(store, "wf", "d1").await,
+        Some(WebhookDeliveryRow {
+            workflow: "wf".into(),
+            delivery_id: "d1".into(),
+            claim_id: "a".into(),
+            received_at_ms: 1_000,
+            expires_at_ms: 5_000,
+            outcome_json: None,
+        })
+    );
+    assert!(
+        !claim_delivery(store, delivery_claim("wf", "d1", "b", 1_100, 5_100, 0)).await,
+        "a repeat while the first is acting"
+    );
+    assert!(!ok(
+        store
+            .finish_webhook_delivery("wf", "d1", "b", "{\"x\":1}")
+            .await,
+        "finish by another claimer"
+    ));
+    assert!(ok(
+        store
+            .finish_webhook_delivery("wf", "d1", "a", "{\"ok\":true}")
+            .await,
+        "finish"
+    ));
+    let row = get_delivery(store, "wf", "d1").await;
+    assert_eq!(
+        row.as_ref()
+            .map(|r| (r.claim_id.as_str(), r.outcome_json.as_deref())),
+        Some(("a", Some("{\"ok\":true}")))
+    );
+    assert!(
+        !claim_delivery(store, delivery_claim("wf", "d1", "c", 4_999, 9_000, 4_999)).await,
+        "a finished delivery is a duplicate until it expires, however old"
+    );
+    assert!(
+        claim_delivery(store, delivery_claim("other", "d1", "d", 1_200, 5_000, 0)).await,
+        "the same id under another workflow is another delivery"
+    );
+    assert!(claim_delivery(store, delivery_claim("wf", "d2", "e", 1_200, 5_000, 0)).await);
+    assert!(!ok(
+        store
+            .finish_webhook_delivery("wf", "missing", "a", "{}")
+            .await,
+        "finish missing"
+    ));
+}
+
+/// At its expiry a delivery may be claimed again (even before it is pruned); pruning deletes
+/// exactly the expired rows.
+pub async fn webhook_delivery_expires_and_is_pruned(store: &dyn Store) {
+    assert!(claim_delivery(store, delivery_claim("wf", "d", "a", 1_000, 2_000, 0)).await);
+    ok(
+        store.finish_webhook_delivery("wf", "d", "a", "{}").await,
+        "finish",
+    );
+    assert!(claim_delivery(store, delivery_claim("wf", "e", "x", 1_000, 3_000, 0)).await);
+    assert!(!claim_delivery(store, delivery_claim("wf", "d", "b", 1_999, 2_999, 0)).await);
+    assert!(
+        claim_delivery(store, delivery_claim("wf", "d", "c", 2_000, 4_000, 0)).await,
+        "expired"
+    );
+    assert_eq!(
+        get_delivery(store, "wf", "d").await,
+        Some(WebhookDeliveryRow {
+            workflow: "wf".into(),
+            delivery_id: "d".into(),
+            claim_id: "c".into(),
+            received_at_ms: 2_000,
+            expires_at_ms: 4_000,
+            outcome_json: None,
+        }),
+        "the new claim replaces the old row and its outcome"
+    );
+    assert_eq!(ok(store.prune_webhook_deliveries(2_999).await, "prune"), 0);
+    assert_eq!(ok(store.prune_webhook_deliveries(3_000).await, "prune"), 1);
+    assert_eq!(get_delivery(store, "wf", "e").await, None);
+    assert!(get_delivery(store, "wf", "d").await.is_some());
+    assert_eq!(ok(store.prune_webhook_deliveries(10_000).await, "prune"), 1);
+    assert_eq!(get_delivery(store, "wf", "d").await, None);
+    assert_eq!(ok(store.prune_webhook_deliveries(10_000).await, "prune"), 0);
+}
+
+/// A released claim (its action failed) lets a retry act; an abandoned claim (no outcome,
+/// taken before `stale_before_ms`) may be taken over, after which the old claimer can neither
+/// record an outcome nor release it.
+pub async fn webhook_delivery_release_and_abandoned_claims(store: &dyn Store) {
+    assert!(claim_delivery(store, delivery_claim("wf", "d", "a", 1_000, 9_000, 0)).await);
+    assert!(!ok(
+        store.release_webhook_delivery("wf", "d", "b").await,
+        "release by another claimer"
+    ));
+    assert!(ok(
+        store.release_webhook_delivery("wf", "d", "a").await,
+        "release"
+    ));
+    assert_eq!(get_delivery(store, "wf", "d").await, None);
+    assert!(!ok(
+        store.release_webhook_delivery("wf", "d", "a").await,
+        "release again"
+    ));
+    assert!(claim_delivery(store, delivery_claim("wf", "d", "b", 1_000, 9_000, 0)).await);
+    assert!(
+        !claim_delivery(store, delivery_claim("wf", "d", "c", 1_500, 9_500, 1_000)).await,
+        "claimed at the stale bound: still live"
+    );
+    assert!(
+        claim_delivery(store, delivery_claim("wf", "d", "c", 1_500, 9_500, 1_001)).await,
+        "claimed before the stale bound: abandoned"
+    );
+    assert!(!ok(
+        store.finish_webhook_delivery("wf", "d", "b", "{}").await,
+        "the old claimer lost the delivery"
+    ));
+    assert!(!ok(
+        store.release_webhook_delivery("wf", "d", "b").await,
+        "the old claimer cannot release it"
+    ));
+    assert!(ok(
+        store.finish_webhook_delivery("wf", "d", "c", "{}").await,
+        "finish"
+    ));
+    assert!(
+        !claim_delivery(store, delivery_claim("wf", "d", "e", 2_000, 9_000, 2_000)).await,
+        "a finished delivery is never abandoned"
+    );
+}
+
+/// Concurrent claims of one delivery: exactly one wins, every round.
+pub async fn webhook_delivery_concurrent_claims_exactly_one_wins(store: &dyn Store) {
+    for round in 0..5i64 {
+        let id = format!("race{round}");
+        let claims: Vec<DeliveryClaim> = (0..20)
+            .map(|i| delivery_claim("wf", &id, &format!("c{i}"), 1_000, 9_000, 0))
+            .collect();
+        let wins = join_all(
+            claims
+                .iter()
+                .map(|c| store.claim_webhook_delivery(c))
+                .collect(),
+        )
+        .await
+        .into_iter()
+        .map(|r| ok(r, "claim_webhook_delivery"))
+        .filter(|won| *won)
+        .count();
+        assert_eq!(wins, 1, "round {round}: exactly one claim wins");
+    }
 }

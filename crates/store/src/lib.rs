@@ -145,6 +145,22 @@ pub struct NewSignal {
     pub received_by: Option<String>,
 }
 
+/// A claim on a webhook delivery id ([`Store::claim_webhook_delivery`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryClaim {
+    /// The workflow key the delivery was sent to (ids are scoped per workflow).
+    pub workflow: String,
+    pub delivery_id: String,
+    /// Unique per attempt to act on the delivery.
+    pub claim_id: String,
+    pub now_ms: i64,
+    /// When the delivery id is forgotten (the end of the dedupe window).
+    pub expires_at_ms: i64,
+    /// A claim still without an outcome taken before this time is abandoned (its claimer
+    /// died while acting) and may be claimed again.
+    pub stale_before_ms: i64,
+}
+
 /// Events another process committed to a run's log: seqs `first_seq..=last_seq` (one batch).
 /// Read them with [`Store::list_events`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +349,36 @@ pub trait Store: Send + Sync + 'static {
         new_next_run_at_ms: i64,
         now_ms: i64,
     ) -> Result<bool>;
+
+    /// Claims a webhook delivery so that it is acted on once, atomically across processes:
+    /// inserts the row and returns true when `(workflow, delivery_id)` has no row, its row
+    /// expired (`expires_at_ms <= now_ms`), or its row is a claim without outcome taken before
+    /// `stale_before_ms`; otherwise changes nothing and returns false (a duplicate).
+    async fn claim_webhook_delivery(&self, claim: &DeliveryClaim) -> Result<bool>;
+    async fn get_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+    ) -> Result<Option<WebhookDeliveryRow>>;
+    /// Records what a claimed delivery did (answered to repeats); false when `claim_id` no
+    /// longer holds the delivery.
+    async fn finish_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+        outcome_json: &str,
+    ) -> Result<bool>;
+    /// Forgets a claim whose action failed, so that a retry of the delivery may act; false
+    /// when `claim_id` no longer holds the delivery.
+    async fn release_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+    ) -> Result<bool>;
+    /// Deletes deliveries with `expires_at_ms <= now_ms`; returns how many.
+    async fn prune_webhook_deliveries(&self, now_ms: i64) -> Result<u64>;
 
     /// A feed of events committed by other processes sharing this database (other nodes),
     /// so a gateway can show runs it does not execute. `None` when the backend has no such

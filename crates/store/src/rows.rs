@@ -211,6 +211,20 @@ pub struct SignalRow {
     pub received_by: Option<String>,
 }
 
+/// A remembered webhook delivery (`_smithers_webhook_deliveries`), so a repeat is answered as a
+/// duplicate instead of acting twice. `outcome_json` is `None` while the claimer is still acting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDeliveryRow {
+    pub workflow: String,
+    pub delivery_id: String,
+    /// Who holds the claim; only that claimer may record the outcome or release it.
+    pub claim_id: String,
+    pub received_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub outcome_json: Option<String>,
+}
+
 /// A cron schedule (`_smithers_cron`). Gateway crons have `workflow_path = "gateway:<key>"`;
 /// `error_json` holds the plain message of the last failed fire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,10 @@
 //! query-only connections on blocking threads; in WAL mode they never wait for the writer.
 
 use crate::rows::*;
-use crate::{Applied, Batch, Heartbeat, NewSignal, OwnerGuard, Store, Write};
+use crate::{
+    Applied, Batch, DeliveryClaim, Heartbeat, NewSignal, OwnerGuard, Store, WebhookDeliveryRow,
+    Write,
+};
 use async_trait::async_trait;
 use rusqlite::types::{FromSql, Value, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Params, Row, params};
@@ -17,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::{Semaphore, oneshot};
+
+mod deliveries;
 
 /// Read connections kept per store; WAL readers are cheap and run in parallel.
 const READERS: usize = 4;
@@ -30,7 +35,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(30_000);
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Never edit an
 /// entry that has shipped: append a new one.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -223,6 +228,21 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 ) WITHOUT ROWID;
+"#;
+
+/// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).
+const MIGRATION_4: &str = r#"
+CREATE TABLE IF NOT EXISTS _smithers_webhook_deliveries (
+    workflow TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    claim_id TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    outcome_json TEXT,
+    PRIMARY KEY (workflow, delivery_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS _smithers_webhook_deliveries_expiry_idx
+    ON _smithers_webhook_deliveries (expires_at_ms);
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -745,6 +765,7 @@ enum Op {
         new_next: i64,
         now_ms: i64,
     },
+    Delivery(deliveries::Write),
 }
 
 impl Op {
@@ -759,6 +780,7 @@ impl Op {
             Op::DeleteCron(_) => "delete cron",
             Op::UpdateCronRun { .. } => "update cron run",
             Op::ClaimCron { .. } => "claim due cron",
+            Op::Delivery(w) => w.name(),
         }
     }
 }
@@ -768,6 +790,7 @@ enum Out {
     Flag(bool),
     Heartbeat(Heartbeat),
     Seq(i64),
+    Count(u64),
 }
 
 struct Request {
@@ -1005,6 +1028,7 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
                 .execute(params![cron_id, expected, new_next, now_ms])?;
             Ok(Out::Flag(n == 1))
         }
+        Op::Delivery(w) => deliveries::exec(conn, w),
     }
 }
 
@@ -2550,6 +2574,70 @@ impl Store for SqliteStore {
         match self.call(op).await? {
             Out::Flag(b) => Ok(b),
             _ => Err(unexpected("claim_due_cron")),
+        }
+    }
+
+    async fn claim_webhook_delivery(&self, claim: &DeliveryClaim) -> Result<bool> {
+        let op = Op::Delivery(deliveries::Write::Claim(claim.clone()));
+        match self.call(op).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("claim_webhook_delivery")),
+        }
+    }
+
+    async fn get_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+    ) -> Result<Option<WebhookDeliveryRow>> {
+        let (workflow, delivery_id) = (workflow.to_string(), delivery_id.to_string());
+        self.read("get_webhook_delivery", move |c| {
+            deliveries::get(c, &workflow, &delivery_id)
+        })
+        .await
+    }
+
+    async fn finish_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+        outcome_json: &str,
+    ) -> Result<bool> {
+        let op = Op::Delivery(deliveries::Write::Finish {
+            workflow: workflow.to_string(),
+            delivery_id: delivery_id.to_string(),
+            claim_id: claim_id.to_string(),
+            outcome_json: outcome_json.to_string(),
+        });
+        match self.call(op).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("finish_webhook_delivery")),
+        }
+    }
+
+    async fn release_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+    ) -> Result<bool> {
+        let op = Op::Delivery(deliveries::Write::Release {
+            workflow: workflow.to_string(),
+            delivery_id: delivery_id.to_string(),
+            claim_id: claim_id.to_string(),
+        });
+        match self.call(op).await? {
+            Out::Flag(b) => Ok(b),
+            _ => Err(unexpected("release_webhook_delivery")),
+        }
+    }
+
+    async fn prune_webhook_deliveries(&self, now_ms: i64) -> Result<u64> {
+        let op = Op::Delivery(deliveries::Write::Prune { now_ms });
+        match self.call(op).await? {
+            Out::Count(n) => Ok(n),
+            _ => Err(unexpected("prune_webhook_deliveries")),
         }
     }
 }

@@ -38,6 +38,7 @@ pub(crate) enum Op<'a> {
         new_next: i64,
         now_ms: i64,
     },
+    Delivery(super::deliveries::Write<'a>),
 }
 
 impl Op<'_> {
@@ -52,6 +53,7 @@ impl Op<'_> {
             Op::DeleteCron(_) => "delete_cron",
             Op::UpdateCronRun { .. } => "update_cron_run",
             Op::ClaimCron { .. } => "claim_due_cron",
+            Op::Delivery(w) => w.name(),
         }
     }
 }
@@ -61,6 +63,7 @@ pub(crate) enum Out {
     Flag(bool),
     Seq(i64),
     Heartbeat(Heartbeat),
+    Count(u64),
 }
 
 /// Advisory-lock key classes (first half of the two-key form is not used: one 64-bit key made
@@ -258,5 +261,6 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
                 .await?;
             Ok(Out::Flag(n == 1))
         }
+        Op::Delivery(w) => super::deliveries::exec(conn, w).await,
     }
 }

@@ -14,6 +14,7 @@
 //! reach a TLS-only server through a local proxy.
 
 mod claims;
+mod deliveries;
 mod feed;
 mod reads;
 pub mod schema;
@@ -22,8 +23,9 @@ mod writes;
 pub use schema::{MIGRATIONS, SCHEMA_VERSION};
 
 use crate::{
-    Applied, ApprovalRow, AttemptRow, AuditRow, Batch, CronRow, EventRow, FrameRow, Heartbeat,
-    LoopRow, NewSignal, NodeDiffRow, NodeRow, OutputRow, RunRow, SignalRow, SnapshotRow, Store,
+    Applied, ApprovalRow, AttemptRow, AuditRow, Batch, CronRow, DeliveryClaim, EventRow, FrameRow,
+    Heartbeat, LoopRow, NewSignal, NodeDiffRow, NodeRow, OutputRow, RunRow, SignalRow, SnapshotRow,
+    Store, WebhookDeliveryRow,
 };
 use async_trait::async_trait;
 use smithers_core::{Code, Result, SmithersError};
@@ -910,6 +912,74 @@ impl Store for PgStore {
         {
             Out::Flag(f) => Ok(f),
             _ => Err(unexpected("claim_due_cron")),
+        }
+    }
+
+    async fn claim_webhook_delivery(&self, claim: &DeliveryClaim) -> Result<bool> {
+        match self
+            .write(Op::Delivery(deliveries::Write::Claim(claim)))
+            .await?
+        {
+            Out::Flag(f) => Ok(f),
+            _ => Err(unexpected("claim_webhook_delivery")),
+        }
+    }
+
+    async fn get_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+    ) -> Result<Option<WebhookDeliveryRow>> {
+        read!(self, "get_webhook_delivery", |c| deliveries::get(
+            c,
+            workflow,
+            delivery_id
+        ))
+    }
+
+    async fn finish_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+        outcome_json: &str,
+    ) -> Result<bool> {
+        let w = deliveries::Write::Finish {
+            workflow,
+            delivery_id,
+            claim_id,
+            outcome_json,
+        };
+        match self.write(Op::Delivery(w)).await? {
+            Out::Flag(f) => Ok(f),
+            _ => Err(unexpected("finish_webhook_delivery")),
+        }
+    }
+
+    async fn release_webhook_delivery(
+        &self,
+        workflow: &str,
+        delivery_id: &str,
+        claim_id: &str,
+    ) -> Result<bool> {
+        let w = deliveries::Write::Release {
+            workflow,
+            delivery_id,
+            claim_id,
+        };
+        match self.write(Op::Delivery(w)).await? {
+            Out::Flag(f) => Ok(f),
+            _ => Err(unexpected("release_webhook_delivery")),
+        }
+    }
+
+    async fn prune_webhook_deliveries(&self, now_ms: i64) -> Result<u64> {
+        match self
+            .write(Op::Delivery(deliveries::Write::Prune { now_ms }))
+            .await?
+        {
+            Out::Count(n) => Ok(n),
+            _ => Err(unexpected("prune_webhook_deliveries")),
         }
     }
 

@@ -11,7 +11,7 @@ use smithers_core::{Code, SmithersError};
 
 /// Ordered migrations; entry `i` brings the schema to version `i + 1`. They match the SQLite
 /// migrations one for one (same version numbers). Never edit an entry that has shipped.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -206,6 +206,21 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms BIGINT NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 );
+"#;
+
+/// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).
+const MIGRATION_4: &str = r#"
+CREATE TABLE IF NOT EXISTS _smithers_webhook_deliveries (
+    workflow TEXT COLLATE "C" NOT NULL,
+    delivery_id TEXT COLLATE "C" NOT NULL,
+    claim_id TEXT COLLATE "C" NOT NULL,
+    received_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    outcome_json TEXT,
+    PRIMARY KEY (workflow, delivery_id)
+);
+CREATE INDEX IF NOT EXISTS _smithers_webhook_deliveries_expiry_idx
+    ON _smithers_webhook_deliveries (expires_at_ms);
 "#;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one transaction; refuses a database written
