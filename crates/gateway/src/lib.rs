@@ -9,14 +9,18 @@ pub mod metrics;
 pub mod webhook;
 
 pub mod config;
+pub mod conn_io;
+pub mod conn_limit;
 pub mod cron_loop;
 pub mod devtools;
 pub mod devtools_diff;
+pub mod fd_limit;
 pub mod foreign;
 pub mod frames;
 pub mod gateway;
 pub mod http;
 pub mod jump;
+pub mod listener;
 pub mod node_diff;
 pub mod node_output;
 pub mod rpc;
@@ -25,5 +29,6 @@ pub mod shapes;
 pub mod stream;
 pub mod webhooks;
 pub mod ws;
+pub mod ws_budget;
 
 pub use error::RpcError;
