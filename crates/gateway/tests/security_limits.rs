@@ -174,6 +174,18 @@ async fn upgrade_burst(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, usize, us
     (socks, ok, full)
 }
 
+/// Waits until the server counts no open WebSocket.
+async fn ws_all_closed(addr: SocketAddr) {
+    for _ in 0..400 {
+        let m = http(addr, "GET", "/metrics", &[], b"").await.body;
+        if m.contains("smithers_gateway_connections_active{transport=\"ws\"} 0\n") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("WebSockets never released");
+}
+
 #[tokio::test]
 async fn websocket_upgrade_burst_cannot_overshoot_max_connections() {
     let t = start(config(|c| {
@@ -185,20 +197,12 @@ async fn websocket_upgrade_burst_cannot_overshoot_max_connections() {
     let (socks, ok, full) = upgrade_burst(t.addr, 40).await;
     assert_eq!((ok, full), (40, 0));
     drop(socks);
-    // wait until the server has released them
-    let mut tries = 0;
-    while t.gw.ws_budget.open() > 0 {
-        tries += 1;
-        assert!(tries < 400, "sockets never released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ws_all_closed(t.addr).await;
     // N + 1 at once: exactly N
     let (socks, ok, full) = upgrade_burst(t.addr, 41).await;
     assert_eq!((ok, full), (40, 1));
     drop(socks);
-    while t.gw.ws_budget.open() > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ws_all_closed(t.addr).await;
     // 2N at once: still exactly N
     let (_socks, ok, full) = upgrade_burst(t.addr, 80).await;
     assert_eq!((ok, full), (40, 40));
