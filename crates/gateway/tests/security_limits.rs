@@ -261,6 +261,8 @@ async fn idle_socket_flood_evicts_idle_sockets_not_authenticated_clients() {
     .await;
     let mut client = ws(t.addr).await;
     assert_eq!(connect(&mut client, hello_params()).await["ok"], true);
+    // a WebSocket that never completes connect is as evictable as an idle socket
+    let mut anon = raw_ws(t.addr).await;
     let mut flood = Vec::new();
     for _ in 0..300 {
         flood.push(TcpStream::connect(t.addr).await.unwrap());
