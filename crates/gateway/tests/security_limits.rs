@@ -278,6 +278,8 @@ async fn idle_socket_flood_evicts_idle_sockets_not_authenticated_clients() {
         !is_closed(flood.last_mut().unwrap()).await,
         "newest idle socket closed"
     );
+    let (code, reason) = close_frame(&mut anon).await.expect("no close frame");
+    assert_eq!(code, 1013, "{reason}");
     assert!(
         t.gw.metrics.render().contains(
             r#"smithers_gateway_errors_total{kind="connection_evicted",transport="tcp"}"#
