@@ -160,18 +160,11 @@ impl AsyncWrite for ConnIo {
     }
 
     /// hyper flushes after every response. Without a header timer of its own it does not poll
-    /// the socket for the next request right away, so the idle timer would not be armed until
-    /// the client sends something; one more poll of the connection arms it.
+    /// the socket for the next request until bytes arrive, so the idle timer is armed here.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(Pin::new(&mut this.tcp).poll_flush(cx))?;
-        let state = this.slot.state();
-        let phase = state.phase();
-        if matches!(phase, phase::HEAD | phase::IDLE)
-            && this.armed != Some((phase, state.since_ms()))
-        {
-            cx.waker().wake_by_ref();
-        }
+        this.check_deadline(cx)?;
         Poll::Ready(Ok(()))
     }
 

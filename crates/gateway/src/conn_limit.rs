@@ -313,6 +313,10 @@ impl Slot {
     pub fn table(&self) -> &ConnTable {
         &self.table
     }
+
+    pub fn table_arc(&self) -> Arc<ConnTable> {
+        self.table.clone()
+    }
 }
 
 impl Drop for Slot {

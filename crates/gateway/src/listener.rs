@@ -23,8 +23,9 @@ use tokio::sync::watch;
 /// connections and authenticated WebSockets).
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 33\r\n\r\nGateway connection limit reached\n";
 
-/// Pause after an accept error that is not about one connection (out of descriptors, out of
-/// memory): long enough not to spin, short enough to recover within a request's patience.
+/// Pause after an accept error that is not about one connection (out of descriptors with
+/// nothing to evict, out of memory): long enough not to spin, short enough to recover within a
+/// request's patience.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The TCP connection an upgrade request arrived on (a request extension, set only on
@@ -105,7 +106,13 @@ async fn accept_failed(table: &ConnTable, e: std::io::Error) {
             "cannot accept connections; pausing accept (raise the file-descriptor limit, or lower server.max_tcp_connections / raise server.fd_reserve)"
         );
     }
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
+    // an evicted connection frees its descriptor as soon as its task runs
+    let pause = if made_room {
+        Duration::from_millis(1)
+    } else {
+        ACCEPT_BACKOFF
+    };
+    tokio::time::sleep(pause).await;
 }
 
 async fn serve_conn(
@@ -116,6 +123,7 @@ async fn serve_conn(
     _done: watch::Receiver<()>,
 ) {
     let state = slot.state().clone();
+    let table = slot.table_arc();
     let service = ConnService {
         router,
         state: state.clone(),
@@ -139,6 +147,8 @@ async fn serve_conn(
             _ = state.evicted() => return,
             _ = shutdown.wait_for(|v| *v), if !draining => {
                 draining = true;
+                // no lingering close while the server goes away
+                table.begin_shutdown();
                 conn.as_mut().graceful_shutdown();
             }
         }
