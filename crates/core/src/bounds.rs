@@ -13,7 +13,7 @@ pub const MAX_INPUT_ARRAY: usize = 512;
 /// Run input: strings of at most 64 KiB.
 pub const MAX_INPUT_STRING: usize = 64 * 1024;
 /// Run ids and workflow names: at most 256 characters.
-pub const MAX_ID_LEN: usize = 256;
+pub const MAX_ID_LEN: usize = crate::ids::MAX_ID_LEN;
 
 /// Checks a run input: a JSON object within the size, depth, array and string limits.
 pub fn check_run_input(input: &Value) -> Result<()> {
@@ -89,24 +89,9 @@ fn too_deep(path: &str) -> SmithersError {
     )
 }
 
-/// Checks a run id: 1–256 characters of `[A-Za-z0-9._:-]`.
+/// Checks a run id (the one rule, [`crate::ids::check_run_id`]).
 pub fn check_run_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(SmithersError::new(
-            Code::InvalidInput,
-            format!("run id must be 1 to {MAX_ID_LEN} characters"),
-        ));
-    }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-    {
-        return Err(SmithersError::new(
-            Code::InvalidInput,
-            format!("run id `{id}` may only contain letters, digits, `-`, `_`, `.` and `:`"),
-        ));
-    }
-    Ok(())
+    crate::ids::check_run_id(id)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod build;
 pub mod duration;
 pub mod error;
 pub mod expr;
+pub mod ids;
 pub mod render;
 pub mod tree;
 pub mod yaml;

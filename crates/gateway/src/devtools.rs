@@ -280,7 +280,7 @@ pub fn run_id_param(p: &Value) -> Result<&str, RpcError> {
     if !crate::node_output::valid_run_id(run_id) {
         return Err(RpcError::new(
             "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.",
+            crate::node_output::INVALID_RUN_ID,
         ));
     }
     Ok(run_id)
@@ -373,20 +373,7 @@ pub async fn run_state_of(gw: &Gateway, run_id: &str) -> Result<Value, RpcError>
             format!("Run not found: {run_id}"),
         ));
     };
-    let nodes = gw.store.list_nodes(run_id).await?;
-    let approvals = gw.store.list_approvals(run_id).await?;
-    let timer = if run.status == "waiting-timer" {
-        crate::rpc::next_timer(gw, run_id).await?
-    } else {
-        None
-    };
-    Ok(crate::shapes::run_state(
-        &run,
-        &nodes,
-        &approvals,
-        timer,
-        smithers_engine::now_ms(),
-    ))
+    Ok(crate::run_view::summary_and_state(gw, &run).await?.1)
 }
 
 #[cfg(test)]

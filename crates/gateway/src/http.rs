@@ -2,17 +2,17 @@
 //! WebSocket upgrade on any path, and the JSON 404 for everything else.
 
 use crate::auth;
-use crate::bounds;
+
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, Gateway, PROTOCOL};
-use crate::rpc::{self, Transport};
+use crate::methods::{self, Transport};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -152,11 +152,26 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET /metrics`: when `metrics_auth` is on (the default whenever an auth mode other than
+/// `none` is configured) it needs the same credentials as `/rpc` and a `read`-level grant
+/// (`read` or higher, `*`, or the scope `metrics`): no credential is `401`, a grant without
+/// scopes `403`, each with the protocol's error body.
 fn metrics(gw: &Gateway, headers: &HeaderMap) -> Response {
     if gw.config.metrics_auth {
         let token = auth::http_token(headers);
-        if let Err(e) = gw.auth.authenticate(token.as_deref(), headers, now_secs()) {
-            return json_response(401, json!({"error": e.to_json()}).to_string());
+        let refusal =
+            match gw
+                .auth
+                .authenticate_on("metrics", token.as_deref(), headers, now_secs())
+            {
+                Err(e) => Some(e),
+                Ok(grant) if !auth::has_scope(&grant.scopes, "metrics") => {
+                    Some(RpcError::new("FORBIDDEN", "Missing scope for metrics"))
+                }
+                Ok(_) => None,
+            };
+        if let Some(e) = refusal {
+            return json_response(e.status(), json!({"error": e.to_json()}).to_string());
         }
     }
     let mut r = Response::new(Body::from(gw.metrics.render()));
@@ -211,7 +226,11 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
     );
     let mode = gw.auth.mode_name();
     let token = auth::http_token(&headers);
-    let grant = match gw.auth.authenticate(token.as_deref(), &headers, now_secs()) {
+    let grant = match gw
+        .auth
+        .authenticate_async("http", token.as_deref(), &headers, now_secs())
+        .await
+    {
         Ok(g) => {
             gw.metrics.inc(
                 "smithers_gateway_auth_events_total",
@@ -243,55 +262,22 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
         Ok(b) => b,
         Err(e) => return respond_err(&gw, &request_id, &e),
     };
-    let frame: Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        json!({})
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(_) => {
-                return respond_err(
-                    &gw,
-                    &request_id,
-                    &RpcError::new("INVALID_INPUT", "Gateway RPC payload must be valid JSON."),
-                );
-            }
-        }
-    };
-    // from here on the request's own id is echoed whenever it has one (DESIGN §5)
-    let own_id = frame
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|i| i.chars().count() <= 128)
-        .map(str::to_string);
-    let id = own_id.clone().unwrap_or_else(|| request_id.clone());
-    if !frame.is_object() {
-        return respond_err(
-            &gw,
-            &id,
-            &RpcError::new("INVALID_REQUEST", "RPC body must be a JSON object"),
-        );
-    }
-    if let Err(e) = bounds::check_frame_bounds(&frame) {
-        return respond_err(&gw, &id, &e);
-    }
-    let method = match bounds::check_method(frame.get("method")) {
-        Ok(m) => m,
-        Err(e) => return respond_err(&gw, &id, &e),
-    };
-    if let Some(Value::String(raw)) = frame.get("id")
-        && let Err(e) = bounds::check_id_len(raw)
-    {
-        return respond_err(&gw, &request_id, &e);
-    }
+    let crate::request::Request { id, method, params } =
+        match crate::request::parse_http(&bytes, &request_id) {
+            Ok(r) => r,
+            Err(r) => return respond_err(&gw, &r.id, &r.error),
+        };
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
-        &[("method", &method), ("transport", "http")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "http"),
+        ],
     );
     if !auth::has_scope(&grant.scopes, &method) {
         let e = RpcError::new("FORBIDDEN", format!("Missing scope for {method}"));
         return respond_err(&gw, &id, &e);
     }
-    let params = frame.get("params").cloned().unwrap_or(Value::Null);
     let caller = Caller {
         grant: &grant,
         conn: None,
@@ -302,12 +288,15 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
             "INVALID_REQUEST",
             "streamDevTools is only supported over websocket connections",
         )),
-        m => rpc::call(&gw, &caller, Transport::Http, m, &params).await,
+        m => methods::call(&gw, &caller, Transport::Http, m, &params).await,
     };
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     gw.metrics.observe(
         "smithers_gateway_rpc_duration_ms",
-        &[("method", &method), ("transport", "http")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "http"),
+        ],
         ms,
     );
     match result {
@@ -328,7 +317,7 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
                 &[
                     ("code", &e.code),
                     ("kind", "rpc"),
-                    ("method", &method),
+                    ("method", methods::metric_label(&method)),
                     ("transport", "http"),
                 ],
             );

@@ -167,7 +167,7 @@ pub async fn jump_to_frame(
     }
 
     if !crate::node_output::valid_run_id(run_id) {
-        let e = RpcError::new("InvalidRunId", "runId must match /^[a-z0-9_-]{1,64}$/.");
+        let e = RpcError::new("InvalidRunId", crate::node_output::INVALID_RUN_ID);
         return Err(audit.fail("failed", e).await);
     }
     let Some(frame_no) = frame_int else {

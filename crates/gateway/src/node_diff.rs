@@ -38,7 +38,7 @@ async fn diff(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
     else {
         return Err(RpcError::new(
             "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.",
+            crate::node_output::INVALID_RUN_ID,
         ));
     };
     let Some(node_id) = p

@@ -8,11 +8,15 @@ use serde_json::{Map, Value, json};
 /// Largest output returned (bytes of JSON).
 pub const MAX_OUTPUT_BYTES: usize = 104_857_600;
 
+/// The run-id rule of every method ([`smithers_core::ids`]); upstream's DevTools pattern
+/// `^[a-z0-9_-]{1,64}$` is a subset of it.
 pub(crate) fn valid_run_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    smithers_core::ids::is_run_id(s)
 }
+
+/// The `InvalidRunId` message for an id outside the rule.
+pub(crate) const INVALID_RUN_ID: &str =
+    "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.";
 
 pub(crate) fn valid_node_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
@@ -38,7 +42,7 @@ pub async fn get(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
     let Some(run_id) = run_id else {
         return Err(RpcError::new(
             "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.",
+            crate::node_output::INVALID_RUN_ID,
         ));
     };
     let Some(node_id) = p

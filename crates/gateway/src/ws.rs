@@ -6,7 +6,7 @@ use crate::bounds;
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, ConnShared, Gateway, Outbound, PROTOCOL};
-use crate::rpc::{self, Transport};
+use crate::methods::{self, Transport};
 use crate::ws_budget::WsSlot;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -284,52 +284,19 @@ async fn handle_frame(
         );
         respond(conn, gw, frames::err(id, &e), false);
     };
-    let frame: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(_) => {
-            fail(
-                "invalid",
-                RpcError::new("INVALID_INPUT", "Gateway RPC payload must be valid JSON."),
-            );
+    let (id, method, params) = match crate::request::parse_ws(text) {
+        Ok(r) => (r.id, r.method, r.params),
+        Err(r) => {
+            fail(&r.id, r.error);
             return None;
         }
     };
-    // echo the frame's own id whenever it has a usable one (DESIGN §5)
-    let own_id = frame
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|i| i.chars().count() <= 128)
-        .map(str::to_string);
-    let eid = own_id.clone().unwrap_or_else(|| "invalid".to_string());
-    if let Err(e) = bounds::check_frame_bounds(&frame) {
-        fail(&eid, e);
-        return None;
-    }
-    if !frame.is_object() || frame.get("type").and_then(Value::as_str) != Some("req") {
-        fail(
-            &eid,
-            RpcError::new("INVALID_INPUT", "Gateway frame must be a request object."),
-        );
-        return None;
-    }
-    let id = match bounds::check_frame_id(frame.get("id")) {
-        Ok(id) => id,
-        Err(e) => {
-            fail("invalid", e);
-            return None;
-        }
-    };
-    let method = match bounds::check_method(frame.get("method")) {
-        Ok(m) => m,
-        Err(e) => {
-            fail(&id, e);
-            return None;
-        }
-    };
-    let params = frame.get("params").cloned().unwrap_or(Value::Null);
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
-        &[("method", &method), ("transport", "ws")],
+        &[
+            ("method", methods::metric_label(&method)),
+            ("transport", "ws"),
+        ],
     );
     let t0 = Instant::now();
     if method == "connect" {
@@ -365,7 +332,7 @@ async fn handle_frame(
             grant: &grant,
             conn: Some(conn),
         };
-        rpc::call(gw, &caller, Transport::Ws, &method, &params).await
+        methods::call(gw, &caller, Transport::Ws, &method, &params).await
     };
     finish(gw, conn, &id, &method, t0, result);
     None
@@ -381,7 +348,10 @@ fn finish(
 ) {
     gw.metrics.observe(
         "smithers_gateway_rpc_duration_ms",
-        &[("method", method), ("transport", "ws")],
+        &[
+            ("method", methods::metric_label(method)),
+            ("transport", "ws"),
+        ],
         t0.elapsed().as_secs_f64() * 1000.0,
     );
     match result {
@@ -392,7 +362,7 @@ fn finish(
                 &[
                     ("code", &e.code),
                     ("kind", "rpc"),
-                    ("method", method),
+                    ("method", methods::metric_label(method)),
                     ("transport", "ws"),
                 ],
             );
@@ -450,7 +420,8 @@ async fn connect(
     let mode = gw.auth.mode_name();
     let grant: Grant = match gw
         .auth
-        .authenticate(token, headers, crate::http::now_secs())
+        .authenticate_async("ws", token, headers, crate::http::now_secs())
+        .await
     {
         Ok(g) => {
             gw.metrics.inc(
@@ -628,20 +599,6 @@ async fn hello_snapshot(gw: &Arc<Gateway>) -> Result<Value, RpcError> {
         .iter()
         .map(|r| crate::shapes::run_json(r, gw.key_of(r)))
         .collect();
-    let approvals = rpc::call(
-        gw,
-        &Caller {
-            grant: &Grant {
-                role: "admin".into(),
-                scopes: vec!["*".into()],
-                user_id: None,
-            },
-            conn: None,
-        },
-        Transport::Ws,
-        "approvals.list",
-        &json!({}),
-    )
-    .await?;
+    let approvals = methods::pending_approvals(gw).await?;
     Ok(json!({"runs": runs, "approvals": approvals, "stateVersion": gw.state_version()}))
 }

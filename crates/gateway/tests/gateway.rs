@@ -1475,7 +1475,7 @@ async fn devtools_snapshot_of_a_frame() {
         (
             json!({"runId": "Bad Id"}),
             "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.",
+            "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.",
         ),
         (
             json!({"runId": id, "frameNo": -1}),

@@ -303,7 +303,7 @@ async fn parameters_are_validated_before_anything_is_read() {
     let s = start(Spec::default()).await;
     let id = start_run(&s, "hello", json!({})).await;
     wait_status(s.addr, &id, "finished").await;
-    let bad_run = "runId must match /^[a-z0-9_-]{1,64}$/.";
+    let bad_run = "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.";
     let bad_node = "nodeId must match /^[a-zA-Z0-9:_-]{1,128}$/.";
     let bad_it = "iteration must be an i32 non-negative integer.";
     let long = "n".repeat(129);
@@ -370,7 +370,7 @@ async fn parameters_are_validated_before_anything_is_read() {
         ),
         // the run id is checked against the pattern before the run is looked up
         (
-            json!({"runId": "Nope", "nodeId": "a", "iteration": 0}),
+            json!({"runId": "no/pe", "nodeId": "a", "iteration": 0}),
             "InvalidRunId",
             bad_run,
         ),

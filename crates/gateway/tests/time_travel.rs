@@ -573,9 +573,9 @@ async fn stream_devtools_validates_its_parameters() {
     for (params, code, msg) in [
         (json!({}), "InvalidRunId", "runId is required".to_string()),
         (
-            json!({"runId": "UPPER"}),
+            json!({"runId": "bad/id"}),
             "InvalidRunId",
-            "runId must match /^[a-z0-9_-]{1,64}$/.".into(),
+            "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.".into(),
         ),
         (
             json!({"runId": "sv-1", "fromSeq": -1}),

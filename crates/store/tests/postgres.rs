@@ -555,3 +555,24 @@ async fn event_feed_survives_dropped_connections() {
         );
     }
 }
+
+#[tokio::test]
+async fn nul_byte_in_text_is_invalid_input_not_a_server_error() {
+    let store = pg_store().await;
+    let e = match store.get_run("run\u{0}1").await {
+        Err(e) => e,
+        Ok(r) => panic!("expected an error, got {r:?}"),
+    };
+    assert_eq!(e.code, Code::InvalidInput, "{e}");
+    assert!(e.message.contains("NUL"), "{e}");
+    let mut b = Batch::new();
+    b.push(Write::InsertRun(run_row("nul\u{0}run", "wf", 1)));
+    let e = match store.apply(b).await {
+        Err(e) => e,
+        Ok(_) => panic!("a NUL run id was stored"),
+    };
+    assert_eq!(e.code, Code::InvalidInput, "{e}");
+    // the store keeps working
+    apply(&*store, vec![Write::InsertRun(run_row("clean", "wf", 1))]).await;
+    assert!(store.get_run("clean").await.is_ok_and(|r| r.is_some()));
+}

@@ -122,6 +122,13 @@ impl DbErr {
                         )
                         .terminal()
                     }
+                    // text PostgreSQL cannot store (a NUL byte): bad input from the caller,
+                    // not a fault of the server
+                    Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE)
+                    | Some(&SqlState::UNTRANSLATABLE_CHARACTER) => SmithersError::new(
+                        Code::InvalidInput,
+                        format!("{ctx}: text must not contain NUL bytes ({detail})"),
+                    ),
                     _ if e.is_closed() || e.code().is_none() => SmithersError::new(
                         code,
                         format!("{ctx}: lost the connection to PostgreSQL ({detail}); retry later"),

@@ -1,0 +1,90 @@
+//! What a run went through: `frames.list`, `frames.get`, `attempts.list`, `attempts.get`.
+
+use super::Call;
+use super::params::{ensure_run, non_negative, run_id};
+use crate::bounds;
+use crate::error::RpcError;
+use serde_json::Value;
+
+pub async fn frames_list(c: &Call<'_>) -> Result<Value, RpcError> {
+    let (gw, p) = (c.gw, &c.params);
+    let id = run_id(p, "runId", "runId is required")?;
+    ensure_run(gw, id).await?;
+    let limit = bounds::positive_int(p.get("limit"), "limit")?
+        .unwrap_or(50)
+        .min(10_000) as usize;
+    let after = non_negative(p.get("afterFrameNo"), "afterFrameNo")?.unwrap_or(0);
+    let rows = gw.store.list_frames(id, after, limit).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let Some(f) =
+            smithers_engine::frames::read_frame(gw.store.as_ref(), id, r.frame_no).await?
+        {
+            out.push(serde_json::to_value(f).unwrap_or(Value::Null));
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+pub async fn frames_get(c: &Call<'_>) -> Result<Value, RpcError> {
+    let (gw, p) = (c.gw, &c.params);
+    let id = run_id(p, "runId", "runId is required")?;
+    ensure_run(gw, id).await?;
+    let no = match non_negative(p.get("frameNo"), "frameNo")? {
+        Some(n) => n,
+        None => gw.store.last_frame_no(id).await?,
+    };
+    let f = smithers_engine::frames::read_frame(gw.store.as_ref(), id, no)
+        .await?
+        .ok_or_else(|| RpcError::new("NOT_FOUND", "Frame not found"))?;
+    Ok(serde_json::to_value(f).unwrap_or(Value::Null))
+}
+
+pub async fn attempts_list(c: &Call<'_>) -> Result<Value, RpcError> {
+    let (gw, p) = (c.gw, &c.params);
+    let id = run_id(p, "runId", "runId is required")?;
+    ensure_run(gw, id).await?;
+    let rows = match p
+        .get("nodeId")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        Some(node) => {
+            let it = p
+                .get("iteration")
+                .and_then(Value::as_f64)
+                .filter(|f| f.is_finite())
+                .unwrap_or(0.0) as i64;
+            gw.store.list_node_attempts(id, node, it).await?
+        }
+        None => gw.store.list_attempts(id).await?,
+    };
+    Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
+}
+
+pub async fn attempts_get(c: &Call<'_>) -> Result<Value, RpcError> {
+    let (gw, p) = (c.gw, &c.params);
+    let (Some(id), Some(node), Some(it), Some(at)) = (
+        p.get("runId").and_then(Value::as_str),
+        p.get("nodeId").and_then(Value::as_str),
+        p.get("iteration")
+            .and_then(Value::as_f64)
+            .filter(|f| f.is_finite()),
+        p.get("attempt")
+            .and_then(Value::as_f64)
+            .filter(|f| f.is_finite()),
+    ) else {
+        return Err(RpcError::new(
+            "INVALID_REQUEST",
+            "runId, nodeId, iteration, and attempt are required",
+        ));
+    };
+    super::params::check_run_id("runId", id)?;
+    ensure_run(gw, id).await?;
+    let a = gw
+        .store
+        .get_attempt(id, node, it as i64, at as i64)
+        .await?
+        .ok_or_else(|| RpcError::new("NOT_FOUND", "Attempt not found"))?;
+    Ok(serde_json::to_value(a).unwrap_or(Value::Null))
+}

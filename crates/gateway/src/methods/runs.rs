@@ -1,0 +1,154 @@
+//! `health` and the `runs.*` methods: list, read, start, cancel, rerun, fork and compare runs.
+
+use super::Call;
+use super::params::{ensure_run, non_negative, not_found_run, opt_run_id, req_str, run_id};
+use crate::bounds;
+use crate::error::RpcError;
+use crate::gateway::PROTOCOL;
+use crate::shapes;
+use serde_json::{Value, json};
+use smithers_engine::ops;
+use smithers_store::status;
+
+pub async fn health(c: &Call<'_>) -> Result<Value, RpcError> {
+    Ok(json!({
+        "protocol": PROTOCOL,
+        "features": c.gw.config.features,
+        "stateVersion": c.gw.state_version(),
+        "uptimeMs": c.gw.uptime_ms(),
+    }))
+}
+
+pub async fn list(c: &Call<'_>) -> Result<Value, RpcError> {
+    let p = &c.params;
+    let limit = bounds::positive_int(p.get("limit"), "limit")?
+        .unwrap_or(50)
+        .min(10_000) as usize;
+    let st = p.get("status").and_then(Value::as_str);
+    let rows = c.gw.store.list_runs(st, limit).await?;
+    Ok(Value::Array(
+        rows.iter()
+            .map(|r| shapes::run_json(r, c.gw.key_of(r)))
+            .collect(),
+    ))
+}
+
+pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let id = run_id(&c.params, "runId", "runId is required")?;
+    let row = ensure_run(gw, id).await?;
+    let (summary, state) = crate::run_view::summary_and_state(gw, &row).await?;
+    let mut v = shapes::run_json(&row, gw.key_of(&row));
+    v["summary"] = summary;
+    v["runState"] = state;
+    Ok(v)
+}
+
+pub async fn create(c: &Call<'_>) -> Result<Value, RpcError> {
+    let p = &c.params;
+    let key = req_str(p, "workflow", "workflow is required")?;
+    if !c.gw.workflows.contains_key(key) {
+        return Err(RpcError::new(
+            "NOT_FOUND",
+            format!("Unknown workflow: {key}"),
+        ));
+    }
+    let input = bounds::check_run_input(p.get("input"))?;
+    let new_id = opt_run_id(p, "runId")?.map(str::to_string);
+    let id = c.gw.start_run(key, input, new_id, c.caller, None).await?;
+    Ok(json!({"runId": id, "workflow": key}))
+}
+
+pub async fn cancel(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let id = run_id(&c.params, "runId", "runId is required")?;
+    if gw.engine.is_active(id) {
+        gw.engine.cancel(id).await?;
+        return Ok(json!({"runId": id, "status": "cancelling"}));
+    }
+    let row = ensure_run(gw, id).await?;
+    if status::is_ended(&row.status) {
+        return Err(RpcError::new(
+            "RUN_NOT_ACTIVE",
+            "Run is not currently active",
+        ));
+    }
+    match gw.engine.cancel(id).await? {
+        ops::CancelOutcome::Cancelled => {
+            gw.run_completed(id, "cancelled", None);
+            Ok(json!({"runId": id, "status": "cancelled"}))
+        }
+        ops::CancelOutcome::Cancelling => Ok(json!({"runId": id, "status": "cancelling"})),
+    }
+}
+
+pub async fn rerun(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let p = &c.params;
+    let id = run_id(p, "runId", "runId is required")?;
+    let new_id = opt_run_id(p, "newRunId")?.map(str::to_string);
+    let row = ensure_run(gw, id).await?;
+    let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
+    let input = gw
+        .store
+        .get_input(id)
+        .await?
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    let run = gw.start_run(&key, input, new_id, c.caller, None).await?;
+    Ok(json!({"runId": run, "workflow": key}))
+}
+
+pub async fn fork(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let p = &c.params;
+    let id = run_id(p, "runId", "runId is required")?;
+    let frame = non_negative(p.get("frameNo"), "frameNo")?
+        .ok_or_else(|| RpcError::new("INVALID_REQUEST", "frameNo is required"))?;
+    let new_id = opt_run_id(p, "newRunId")?.map(str::to_string);
+    let row = ensure_run(gw, id).await?;
+    let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
+    let wf = gw.workflow_of(&row).ok_or_else(|| not_found_run(id))?;
+    let input = match p.get("input") {
+        None | Some(Value::Null) => None,
+        some => Some(bounds::check_run_input(some)?),
+    };
+    let h = gw.engine.fork(wf, id, frame, input, new_id).await?;
+    let run = h.run_id.clone();
+    if let Some(conn) = c.caller.conn {
+        conn.subscribe(&run);
+    }
+    drop(h);
+    Ok(json!({"runId": run, "workflow": key, "parentRunId": id, "frameNo": frame}))
+}
+
+pub async fn diff(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let p = &c.params;
+    let (Some(l), Some(r)) = (
+        p.get("leftRunId").and_then(Value::as_str),
+        p.get("rightRunId").and_then(Value::as_str),
+    ) else {
+        return Err(RpcError::new(
+            "INVALID_REQUEST",
+            "leftRunId and rightRunId are required",
+        ));
+    };
+    super::params::check_run_id("leftRunId", l)?;
+    super::params::check_run_id("rightRunId", r)?;
+    if gw.store.get_run(l).await?.is_none() || gw.store.get_run(r).await?.is_none() {
+        return Err(RpcError::new("NOT_FOUND", "Both runs must exist"));
+    }
+    use smithers_engine::frames::snapshot;
+    let (Some(a), Some(b)) = (
+        snapshot::latest(gw.store.as_ref(), l).await?,
+        snapshot::latest(gw.store.as_ref(), r).await?,
+    ) else {
+        return Err(RpcError::new(
+            "NOT_FOUND",
+            "Snapshots not found for both runs",
+        ));
+    };
+    Ok(snapshot::diff(&a, &b))
+}

@@ -1,0 +1,41 @@
+//! A run as clients see it, read from the store: its `runState` (gateway-protocol §1.11),
+//! which needs the run's nodes, approvals and earliest due timer.
+
+use crate::error::RpcError;
+use crate::gateway::Gateway;
+use serde_json::Value;
+use smithers_store::{RunRow, status};
+
+/// The earliest waiting timer of a run: (node, fires at).
+pub async fn next_timer(gw: &Gateway, run_id: &str) -> Result<Option<(String, i64)>, RpcError> {
+    let mut best: Option<(String, i64)> = None;
+    for a in gw.store.list_attempts(run_id).await? {
+        if a.state != "waiting-timer" {
+            continue;
+        }
+        let at = a
+            .meta_json
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<Value>(m).ok())
+            .and_then(|m| m.pointer("/timer/firesAtMs").and_then(Value::as_i64));
+        if let Some(at) = at
+            && best.as_ref().is_none_or(|(_, b)| at < *b)
+        {
+            best = Some((a.node_id.clone(), at));
+        }
+    }
+    Ok(best)
+}
+
+/// `(summary, runState)` of a stored run.
+pub async fn summary_and_state(gw: &Gateway, run: &RunRow) -> Result<(Value, Value), RpcError> {
+    let nodes = gw.store.list_nodes(&run.run_id).await?;
+    let approvals = gw.store.list_approvals(&run.run_id).await?;
+    let timer = if run.status == status::WAITING_TIMER {
+        next_timer(gw, &run.run_id).await?
+    } else {
+        None
+    };
+    let state = crate::shapes::run_state(run, &nodes, &approvals, timer, smithers_engine::now_ms());
+    Ok((crate::shapes::summary(&nodes), state))
+}
