@@ -189,7 +189,8 @@ pub struct Gateway {
     state_version: AtomicU64,
     started: Instant,
     next_conn: AtomicU64,
-    pub open_sockets: AtomicUsize,
+    /// Open WebSockets and those of them that have not completed `connect`.
+    pub ws_budget: crate::ws_budget::WsBudget,
     conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
     /// Workflow key of each run driven through this gateway (for metric labels).
     run_keys: Mutex<HashMap<String, String>>,
@@ -234,7 +235,7 @@ impl Gateway {
             state_version: AtomicU64::new(0),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
-            open_sockets: AtomicUsize::new(0),
+            ws_budget: Default::default(),
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
             last_seqs: Mutex::new(crate::foreign::LastSeqs::default()),

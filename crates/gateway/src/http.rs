@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The router: one entry point, because routing depends on exact paths and methods.
@@ -55,24 +54,23 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     if is_upgrade(&parts.headers) {
-        if gw.open_sockets.load(Ordering::Acquire) >= gw.config.max_connections {
-            gw.metrics.inc(
-                "smithers_gateway_errors_total",
-                &[("kind", "connection_limit"), ("transport", "ws")],
-            );
-            let mut r = Response::new(Body::from("Gateway connection limit reached\n"));
-            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
-        }
-        return match WebSocketUpgrade::from_request_parts(&mut parts, &gw).await {
-            Ok(up) => crate::ws::upgrade(gw, up, parts.headers),
-            Err(rej) => rej.into_response(),
+        let up = match WebSocketUpgrade::from_request_parts(&mut parts, &gw).await {
+            Ok(up) => up,
+            Err(rej) => return rej.into_response(),
+        };
+        let tcp = parts
+            .extensions
+            .get::<crate::listener::ConnHandle>()
+            .map(|h| h.0.clone());
+        // both budgets are reserved here, before the 101: a burst cannot overshoot them
+        return match crate::ws_budget::WsBudget::reserve(&gw, tcp) {
+            Ok(slot) => {
+                if let Some(t) = slot.tcp() {
+                    t.upgraded();
+                }
+                crate::ws::upgrade(gw, up, parts.headers, slot)
+            }
+            Err(refusal) => ws_refused(&gw, refusal),
         };
     }
     let path = parts.uri.path().to_string();
@@ -94,6 +92,45 @@ async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         }
         _ => not_found(),
     }
+}
+
+/// The `503` of a refused upgrade (gateway-protocol §1.4: this body and these headers for the
+/// connection limit; the unauthenticated limit says which limit it was).
+fn ws_refused(gw: &Gateway, refusal: crate::ws_budget::WsRefusal) -> Response {
+    use crate::ws_budget::WsRefusal;
+    let (kind, body) = match refusal {
+        WsRefusal::Full => ("connection_limit", "Gateway connection limit reached\n"),
+        WsRefusal::Unauthenticated => (
+            "unauthenticated_limit",
+            "Gateway connection limit reached (connections that have not completed connect)\n",
+        ),
+    };
+    gw.metrics.inc(
+        "smithers_gateway_errors_total",
+        &[("kind", kind), ("transport", "ws")],
+    );
+    static WARNINGS: crate::conn_limit::Throttle =
+        crate::conn_limit::Throttle::new(crate::conn_limit::WARN_EVERY);
+    tracing::debug!(limit = kind, "refused a WebSocket upgrade");
+    if let Some(more) = WARNINGS.hit() {
+        tracing::warn!(
+            open = gw.ws_budget.open(),
+            unauthenticated = gw.ws_budget.unauthenticated(),
+            max_connections = gw.config.max_connections,
+            max_unauthenticated_ws = gw.config.limits.max_unauthenticated_ws,
+            events_since_last_warning = more,
+            "WebSocket limit reached ({kind}): refusing upgrades with 503 (server.max_connections / server.max_unauthenticated_ws)"
+        );
+    }
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 fn percent_decode(s: &str) -> String {

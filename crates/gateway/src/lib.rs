@@ -10,14 +10,18 @@ pub mod metrics;
 pub mod webhook;
 
 pub mod config;
+pub mod conn_io;
+pub mod conn_limit;
 pub mod cron_loop;
 pub mod devtools;
 pub mod devtools_diff;
+pub mod fd_limit;
 pub mod foreign;
 pub mod frames;
 pub mod gateway;
 pub mod http;
 pub mod jump;
+pub mod listener;
 pub mod methods;
 pub mod node_diff;
 pub mod node_output;
@@ -27,5 +31,6 @@ pub mod serve;
 pub mod shapes;
 pub mod stream;
 pub mod ws;
+pub mod ws_budget;
 
 pub use error::RpcError;

@@ -111,6 +111,7 @@ pub mod names {
     pub const AUTH_EVENTS_TOTAL: &str = "smithers_gateway_auth_events_total";
     pub const CONNECTIONS_ACTIVE: &str = "smithers_gateway_connections_active";
     pub const CONNECTIONS_CLOSED_TOTAL: &str = "smithers_gateway_connections_closed_total";
+    pub const CONNECTIONS_TCP_OPEN: &str = "smithers_gateway_connections_tcp_open";
     pub const CONNECTIONS_TOTAL: &str = "smithers_gateway_connections_total";
     pub const CRON_TRIGGERS_TOTAL: &str = "smithers_gateway_cron_triggers_total";
     pub const ERRORS_TOTAL: &str = "smithers_gateway_errors_total";
@@ -188,6 +189,7 @@ pub const CATALOG: &[MetricDef] = {
         counter(AUTH_EVENTS_TOTAL, Some("Gateway auth events")),
         gauge(CONNECTIONS_ACTIVE, Some("Active gateway connections")),
         counter(CONNECTIONS_CLOSED_TOTAL, Some("Gateway connections closed")),
+        gauge(CONNECTIONS_TCP_OPEN, None),
         counter(CONNECTIONS_TOTAL, Some("Gateway connections opened")),
         counter(CRON_TRIGGERS_TOTAL, Some("Gateway cron triggers")),
         counter(ERRORS_TOTAL, Some("Gateway errors")),
@@ -1002,7 +1004,7 @@ mod tests {
             CATALOG.windows(2).all(|w| w[0].name < w[1].name),
             "sorted and unique"
         );
-        assert_eq!(CATALOG.len(), 39);
+        assert_eq!(CATALOG.len(), 40);
         for def in CATALOG {
             assert!(valid_metric_name(def.name), "{}", def.name);
             assert_eq!(lookup(def.name), Some(def));

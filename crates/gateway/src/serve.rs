@@ -36,7 +36,7 @@ impl Server {
 /// Starts serving on an already bound listener.
 pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Server> {
     let local_addr = listener.local_addr()?;
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
 
     // events of runs executed by other nodes on the same database; known before the engine's
@@ -83,14 +83,24 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
     background.push(tokio::spawn(wake_loop(gw.clone())));
     background.push(tokio::spawn(crate::cron_loop::run(gw.clone())));
 
+    let limits = &gw.config.limits;
+    let cap = crate::fd_limit::tcp_cap(
+        limits.max_tcp_connections,
+        limits.fd_reserve,
+        crate::fd_limit::soft_nofile(),
+    );
+    if let Some(w) = &cap.warning {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        max_tcp_connections = cap.cap,
+        max_connections = gw.config.max_connections,
+        max_unauthenticated_ws = limits.max_unauthenticated_ws,
+        "connection limits"
+    );
+    let table = crate::conn_limit::ConnTable::new(cap.cap, limits, gw.metrics.clone());
     let app = crate::http::router(gw.clone());
-    let join = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
-    });
+    let join = tokio::spawn(crate::listener::run(listener, table, app, rx));
     Ok(Server {
         local_addr,
         gw,

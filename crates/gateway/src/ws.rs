@@ -7,6 +7,7 @@ use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, ConnShared, Gateway, Outbound, PROTOCOL};
 use crate::methods::{self, Transport};
+use crate::ws_budget::WsSlot;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -19,15 +20,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Accepts the upgrade; the socket is served by [`serve`].
-pub fn upgrade(gw: Arc<Gateway>, up: WebSocketUpgrade, headers: HeaderMap) -> Response {
+/// Accepts the upgrade (its place in the WebSocket budgets already reserved); the socket is
+/// served by [`serve`].
+pub fn upgrade(
+    gw: Arc<Gateway>,
+    up: WebSocketUpgrade,
+    headers: HeaderMap,
+    slot: WsSlot,
+) -> Response {
     let limit = gw.config.max_body_bytes;
     // one byte over the limit is enough for the library to refuse a larger frame; we close with 1009
     up.max_message_size(limit + 1)
         .max_frame_size(limit + 1)
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .on_upgrade(move |socket| serve(gw, socket, owned_headers(&headers)))
+        .on_upgrade(move |socket| serve(gw, socket, owned_headers(&headers), slot))
 }
 
 /// A copy of the upgrade request's headers that owns its bytes. Header values parsed by hyper
@@ -43,8 +50,7 @@ fn owned_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
-    gw.open_sockets.fetch_add(1, Ordering::AcqRel);
+async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot: WsSlot) {
     gw.metrics
         .inc("smithers_gateway_connections_total", &[("transport", "ws")]);
     gw.metrics.gauge_add(
@@ -66,12 +72,46 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
     });
     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     let mut reason = "close";
+    let connect_by = tokio::time::sleep(Duration::from_millis(gw.config.limits.connect_timeout_ms));
+    tokio::pin!(connect_by);
+    let tcp = slot.tcp().cloned();
+    let evicted = async {
+        match &tcp {
+            Some(t) => t.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(evicted);
     loop {
-        let msg = match stream.next().await {
+        let next = tokio::select! {
+            m = stream.next() => m,
+            _ = &mut connect_by, if !slot.authenticated() => {
+                gw.metrics.inc(
+                    "smithers_gateway_errors_total",
+                    &[("code", "CONNECT_TIMEOUT"), ("kind", "timeout"), ("transport", "ws")],
+                );
+                tracing::debug!(peer = ?tcp.as_ref().map(|t| t.peer()), "closed a WebSocket that did not complete connect in time");
+                let _ = tx.send(Outbound::Close(1008, "connect not completed in time"));
+                reason = "timeout";
+                break;
+            }
+            // only unauthenticated sockets are ever evicted (to make room at the TCP cap)
+            _ = &mut evicted => {
+                let _ = tx.send(Outbound::Close(1013, "server at connection capacity"));
+                reason = "evicted";
+                break;
+            }
+        };
+        let msg = match next {
             Some(Ok(m)) => m,
-            Some(Err(_)) => {
-                // most often a message over the size limit
-                let _ = tx.send(Outbound::Close(1009, "message too big"));
+            Some(Err(e)) => {
+                if let Some((code, why)) = read_error_close(e) {
+                    let _ = tx.send(Outbound::Close(code, why));
+                }
+                gw.metrics.inc(
+                    "smithers_gateway_errors_total",
+                    &[("kind", "socket"), ("transport", "ws")],
+                );
                 reason = "error";
                 break;
             }
@@ -98,6 +138,9 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
         {
             old.abort();
         }
+        if !slot.authenticated() && conn.authed.load(Ordering::Acquire) {
+            slot.promote();
+        }
     }
     if let Some(hb) = heartbeat {
         hb.abort();
@@ -107,7 +150,8 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
     drop(tx);
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    gw.open_sockets.fetch_sub(1, Ordering::AcqRel);
+    // the socket (and its places in the budgets) is released when the writer ends
+    drop(slot);
     gw.metrics.gauge_add(
         "smithers_gateway_connections_active",
         &[("transport", "ws")],
@@ -117,6 +161,20 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap) {
         "smithers_gateway_connections_closed_total",
         &[("reason", reason), ("transport", "ws")],
     );
+}
+
+/// The close frame owed to a client whose frame could not be read (RFC 6455 §7.4.1); `None`
+/// when the connection itself is gone.
+fn read_error_close(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tungstenite::error::{Error as E, ProtocolError};
+    let e = e.into_inner().downcast::<E>().ok()?;
+    match *e {
+        E::Capacity(_) => Some((1009, "message too big")),
+        E::Utf8(_) => Some((1007, "invalid UTF-8 in a text message")),
+        E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        E::Protocol(_) | E::AttackAttempt => Some((1002, "protocol error")),
+        _ => None,
+    }
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
