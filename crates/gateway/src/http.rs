@@ -71,7 +71,13 @@ async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             return r;
         }
         return match WebSocketUpgrade::from_request_parts(&mut parts, &gw).await {
-            Ok(up) => crate::ws::upgrade(gw, up, parts.headers),
+            Ok(up) => {
+                let peer = parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0);
+                crate::ws::upgrade(gw, up, parts.headers, peer)
+            }
             Err(rej) => rej.into_response(),
         };
     }

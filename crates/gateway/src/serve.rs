@@ -85,11 +85,14 @@ pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<S
 
     let app = crate::http::router(gw.clone());
     let join = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
     });
     Ok(Server {
         local_addr,
