@@ -27,8 +27,9 @@ fn chatty(bytes: usize) -> String {
     )
 }
 
-/// A run that writes 600 short lines, one every millisecond or two: as many events.
-const TRICKLE: &str = "name: trickle\nsteps:\n  - task: {id: out, run: \"i=0; while [ $i -lt 600 ]; do echo line $i; i=$((i+1)); sleep 0.001; done\"}\n";
+/// A run whose task writes short lines from four loops at once, each line after a short sleep:
+/// about 1,200 events over a second or so.
+const TRICKLE: &str = "name: trickle\nsteps:\n  - task: {id: out, run: \"for l in 1 2 3 4; do (i=0; while [ $i -lt 300 ]; do echo line $l $i; i=$((i+1)); sleep 0.001; done) & done; wait\"}\n";
 
 async fn create_run(s: &TestServer, workflow: &str, run_id: &str) {
     let r = rpc(
@@ -401,7 +402,7 @@ async fn replay_racing_live_events_delivers_each_once_in_order() {
     create_run(&s, "trickle", "live").await;
     // reconnect while the run is writing: half of its events are in the log (reading and
     // sending them takes a while), more are coming
-    while s.gw.store.last_event_seq("live").await.unwrap() < 300 {
+    while s.gw.store.last_event_seq("live").await.unwrap() < 500 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut w = ws(s.addr).await;
