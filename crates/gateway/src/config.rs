@@ -59,6 +59,7 @@ struct ServerSection {
     webhook_dedupe_secs: Option<u64>,
     max_outbound_frames: Option<usize>,
     max_outbound_bytes: Option<usize>,
+    write_timeout_ms: Option<u64>,
     max_streams_per_connection: Option<usize>,
     max_streams: Option<usize>,
 }
@@ -111,6 +112,7 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         webhook_dedupe_secs: s.webhook_dedupe_secs.unwrap_or(l.webhook_dedupe_secs),
         max_outbound_frames: s.max_outbound_frames.unwrap_or(l.max_outbound_frames),
         max_outbound_bytes: s.max_outbound_bytes.unwrap_or(l.max_outbound_bytes),
+        write_timeout_ms: s.write_timeout_ms.unwrap_or(l.write_timeout_ms),
         max_streams_per_connection: s
             .max_streams_per_connection
             .unwrap_or(l.max_streams_per_connection),
@@ -155,6 +157,7 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
             "max_outbound_bytes",
             server.limits.max_outbound_bytes as u64,
         ),
+        ("write_timeout_ms", server.limits.write_timeout_ms),
         (
             "max_streams_per_connection",
             server.limits.max_streams_per_connection as u64,

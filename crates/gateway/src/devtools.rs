@@ -346,21 +346,11 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
 
 /// A connection that narrowed its subscriptions may only look at those runs.
 pub fn check_subscribed(caller: &Caller<'_>, run_id: &str) -> Result<(), RpcError> {
-    if let Some(c) = caller.conn {
-        let allowed = c
-            .filter
-            .read()
-            .map(|f| {
-                f.as_ref()
-                    .is_none_or(|set| set.is_empty() || set.contains(run_id))
-            })
-            .unwrap_or(true);
-        if !allowed {
-            return Err(RpcError::new(
-                "Unauthorized",
-                "Connection is not subscribed to this runId.",
-            ));
-        }
+    if caller.conn.is_some_and(|c| !c.may_see(run_id)) {
+        return Err(RpcError::new(
+            "Unauthorized",
+            "Connection is not subscribed to this runId.",
+        ));
     }
     Ok(())
 }

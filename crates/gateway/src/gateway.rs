@@ -4,16 +4,17 @@
 use crate::auth::{AuthConfig, Grant};
 use crate::error::RpcError;
 use crate::metrics::Metrics;
+use crate::outbound::Queue;
 use crate::webhook::WebhookConfig;
 use serde_json::{Value, json};
 use smithers_core::Workflow;
 use smithers_engine::{Engine, EngineEvent, StartOptions};
 use smithers_store::{RunRow, Store, status};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// Protocol version this gateway speaks.
 pub const PROTOCOL: u64 = 1;
@@ -78,6 +79,9 @@ pub struct Limits {
     /// disconnected as too slow.
     pub max_outbound_frames: usize,
     pub max_outbound_bytes: usize,
+    /// One write to a WebSocket client (a batch of frames) must finish within this time, or
+    /// the client is disconnected as too slow.
+    pub write_timeout_ms: u64,
     /// `streamDevTools` streams open at once on one connection, and on the whole server.
     pub max_streams_per_connection: usize,
     pub max_streams: usize,
@@ -97,6 +101,7 @@ impl Default for Limits {
             webhook_dedupe_secs: 24 * 60 * 60,
             max_outbound_frames: 10_000,
             max_outbound_bytes: 16 * 1024 * 1024,
+            write_timeout_ms: 30_000,
             max_streams_per_connection: 32,
             max_streams: 2_000,
         }
@@ -111,68 +116,85 @@ pub struct Registered {
     pub webhook: Option<WebhookConfig>,
 }
 
-/// An outbound message for one connection; events get their per-connection `seq` when written.
-#[derive(Debug)]
-pub enum Outbound {
-    Response(Value),
-    Event {
-        event: &'static str,
-        payload: Arc<Value>,
-        state_version: u64,
-    },
-    /// A broadcast event, its payload serialized once for every connection.
-    Broadcast {
-        event: &'static str,
-        payload_json: Arc<str>,
-        state_version: u64,
-    },
-    /// A stream event whose bytes count toward the connection's unsent total until written
-    /// (DevTools streams hold back while it is over their high-water mark).
-    Counted {
-        event: &'static str,
-        payload_json: Arc<str>,
-        state_version: u64,
-    },
-    /// Event with an owned name (devtools and other dynamic events).
-    NamedEvent {
-        event: String,
-        payload: Arc<Value>,
-        state_version: u64,
-    },
-    Close(u16, &'static str),
+pub use crate::outbound::Outbound;
+
+/// Which runs' events a connection receives.
+#[derive(Default)]
+pub struct View {
+    /// `None` = every run; `Some(set)` = only these runs (an empty set means every run too).
+    pub runs: Option<HashSet<String>>,
+    /// Runs being (or having been) replayed on this connection (`connect.params.afterSeq`).
+    pub gates: HashMap<String, crate::replay::Gate>,
+}
+
+impl View {
+    /// Whether events of `run_id` (or events of no run) pass the `subscribe` filter.
+    pub fn wants(&self, run_id: Option<&str>) -> bool {
+        let Some(run) = run_id else { return true };
+        match &self.runs {
+            Some(set) if !set.is_empty() => set.contains(run),
+            _ => true,
+        }
+    }
 }
 
 /// What the broadcaster needs to know about a WebSocket connection.
 pub struct ConnShared {
     pub id: u64,
+    /// The client's address, for logs.
+    pub peer: Option<SocketAddr>,
     pub authed: AtomicBool,
     pub grant: RwLock<Option<Grant>>,
-    /// `None` = every run; `Some(set)` = only these runs (an empty set means every run too).
-    pub filter: RwLock<Option<HashSet<String>>>,
-    pub tx: mpsc::UnboundedSender<Outbound>,
-    /// Bytes of [`Outbound::Counted`] events queued and not yet written to the socket.
-    pub queued_bytes: Arc<AtomicUsize>,
+    pub view: RwLock<View>,
+    /// Frames waiting for the socket (bounded: `[server] max_outbound_frames/_bytes`).
+    pub out: Queue,
+    /// Open `streamDevTools` streams (at most `[server] max_streams_per_connection`).
+    pub streams: AtomicUsize,
 }
 
 impl ConnShared {
-    fn wants(&self, run_id: Option<&str>) -> bool {
+    /// Queues a broadcast event if the connection wants it; false if it was not queued.
+    fn deliver(
+        &self,
+        run_id: Option<&str>,
+        event_seq: Option<i64>,
+        out: impl FnOnce() -> Outbound,
+    ) -> bool {
         if !self.authed.load(Ordering::Acquire) {
             return false;
         }
-        let Some(run) = run_id else { return true };
-        match self.filter.read() {
-            Ok(f) => match &*f {
-                Some(set) if !set.is_empty() => set.contains(run),
-                _ => true,
-            },
-            Err(_) => true,
+        let Ok(view) = self.view.read() else {
+            return false;
+        };
+        if !view.wants(run_id) {
+            return false;
         }
+        let out = out();
+        let out = match run_id.and_then(|r| view.gates.get(r)) {
+            Some(gate) => match gate.admit(event_seq, out, &self.out) {
+                Some(out) => out,
+                None => return false,
+            },
+            None => out,
+        };
+        // still under the view lock: a replay that ends (taking it for writing) sends what
+        // it held before any later live event of the run
+        self.out.push(out).is_ok()
+    }
+
+    /// Whether the connection may see events of `run_id` (its `subscribe` filter).
+    pub fn may_see(&self, run_id: &str) -> bool {
+        self.view
+            .read()
+            .map(|v| v.wants(Some(run_id)))
+            .unwrap_or(true)
     }
 
     /// Adds a run to the subscription set, creating it (the upstream auto-subscribe rule).
     pub fn subscribe(&self, run_id: &str) {
-        if let Ok(mut f) = self.filter.write() {
-            f.get_or_insert_with(HashSet::new)
+        if let Ok(mut v) = self.view.write() {
+            v.runs
+                .get_or_insert_with(HashSet::new)
                 .insert(run_id.to_string());
         }
     }
@@ -255,19 +277,16 @@ impl Gateway {
         self.started.elapsed().as_millis() as u64
     }
 
-    pub fn register_conn(
-        &self,
-        tx: mpsc::UnboundedSender<Outbound>,
-        queued_bytes: Arc<AtomicUsize>,
-    ) -> Arc<ConnShared> {
+    pub fn register_conn(&self, out: Queue, peer: Option<SocketAddr>) -> Arc<ConnShared> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let c = Arc::new(ConnShared {
             id,
+            peer,
             authed: AtomicBool::new(false),
             grant: RwLock::new(None),
-            filter: RwLock::new(None),
-            tx,
-            queued_bytes,
+            view: RwLock::new(View::default()),
+            out,
+            streams: AtomicUsize::new(0),
         });
         if let Ok(mut m) = self.conns.write() {
             m.insert(id, c.clone());
@@ -285,7 +304,7 @@ impl Gateway {
     pub fn close_all(&self, code: u16, reason: &'static str) {
         if let Ok(conns) = self.conns.read() {
             for c in conns.values() {
-                let _ = c.tx.send(Outbound::Close(code, reason));
+                c.out.close(code, reason);
             }
         }
     }
@@ -294,24 +313,20 @@ impl Gateway {
     /// version by exactly one, whether or not anyone receives it.
     pub fn broadcast(&self, event: &'static str, payload: Value) {
         let sv = self.state_version.fetch_add(1, Ordering::AcqRel) + 1;
-        let run = payload
-            .get("runId")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let run = payload.get("runId").and_then(Value::as_str);
+        let event_seq = payload.get("eventSeq").and_then(Value::as_i64);
         // serialized once here rather than once per connection; each writer adds its own seq
         let payload_json: Arc<str> = payload.to_string().into();
         let mut sent: u64 = 0;
         if let Ok(conns) = self.conns.read() {
             for c in conns.values() {
-                if c.wants(run.as_deref())
-                    && c.tx
-                        .send(Outbound::Broadcast {
-                            event,
-                            payload_json: payload_json.clone(),
-                            state_version: sv,
-                        })
-                        .is_ok()
-                {
+                let out = || Outbound::Event {
+                    event,
+                    payload_json: payload_json.clone(),
+                    state_version: sv,
+                };
+                // never waits: a connection whose queue is full is closed as too slow
+                if c.deliver(run, event_seq, out) {
                     sent += 1;
                 }
             }

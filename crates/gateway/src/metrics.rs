@@ -105,6 +105,7 @@ pub mod names {
     pub const DEVTOOLS_DELTA_BUILD_MS: &str = "smithers_devtools_delta_build_ms";
     pub const DEVTOOLS_EVENT_BYTES: &str = "smithers_devtools_event_bytes";
     pub const DEVTOOLS_EVENT_TOTAL: &str = "smithers_devtools_event_total";
+    pub const DEVTOOLS_RUN_POLLERS: &str = "smithers_devtools_run_pollers";
     pub const DEVTOOLS_SNAPSHOT_BUILD_MS: &str = "smithers_devtools_snapshot_build_ms";
     pub const DEVTOOLS_SUBSCRIBE_TOTAL: &str = "smithers_devtools_subscribe_total";
     pub const APPROVAL_DECISIONS_TOTAL: &str = "smithers_gateway_approval_decisions_total";
@@ -123,6 +124,8 @@ pub mod names {
     pub const RUNS_COMPLETED_TOTAL: &str = "smithers_gateway_runs_completed_total";
     pub const RUNS_STARTED_TOTAL: &str = "smithers_gateway_runs_started_total";
     pub const SIGNALS_TOTAL: &str = "smithers_gateway_signals_total";
+    pub const SLOW_CONSUMER_DISCONNECTS_TOTAL: &str =
+        "smithers_gateway_slow_consumer_disconnects_total";
     pub const WEBHOOKS_RECEIVED_TOTAL: &str = "smithers_gateway_webhooks_received_total";
     pub const WEBHOOKS_REJECTED_TOTAL: &str = "smithers_gateway_webhooks_rejected_total";
     pub const WEBHOOKS_VERIFIED_TOTAL: &str = "smithers_gateway_webhooks_verified_total";
@@ -183,6 +186,7 @@ pub const CATALOG: &[MetricDef] = {
         histogram(DEVTOOLS_DELTA_BUILD_MS, None, &FAST_MS_BUCKETS),
         histogram(DEVTOOLS_EVENT_BYTES, None, &SIZE_BUCKETS),
         counter(DEVTOOLS_EVENT_TOTAL, None),
+        gauge(DEVTOOLS_RUN_POLLERS, None),
         histogram(DEVTOOLS_SNAPSHOT_BUILD_MS, None, &FAST_MS_BUCKETS),
         counter(DEVTOOLS_SUBSCRIBE_TOTAL, None),
         counter(APPROVAL_DECISIONS_TOTAL, Some("Gateway approval decisions")),
@@ -205,6 +209,10 @@ pub const CATALOG: &[MetricDef] = {
         counter(RUNS_COMPLETED_TOTAL, Some("Gateway runs completed")),
         counter(RUNS_STARTED_TOTAL, Some("Gateway runs started")),
         counter(SIGNALS_TOTAL, Some("Gateway signals")),
+        counter(
+            SLOW_CONSUMER_DISCONNECTS_TOTAL,
+            Some("Gateway clients disconnected as too slow to read"),
+        ),
         counter(WEBHOOKS_RECEIVED_TOTAL, Some("Gateway webhooks received")),
         counter(WEBHOOKS_REJECTED_TOTAL, Some("Gateway webhooks rejected")),
         counter(WEBHOOKS_VERIFIED_TOTAL, Some("Gateway webhooks verified")),
@@ -1004,7 +1012,7 @@ mod tests {
             CATALOG.windows(2).all(|w| w[0].name < w[1].name),
             "sorted and unique"
         );
-        assert_eq!(CATALOG.len(), 40);
+        assert_eq!(CATALOG.len(), 42);
         for def in CATALOG {
             assert!(valid_metric_name(def.name), "{}", def.name);
             assert_eq!(lookup(def.name), Some(def));
@@ -1017,13 +1025,14 @@ mod tests {
                 _ => assert!(def.buckets.is_empty()),
             }
         }
-        // The 18 gateway catalog metrics carry HELP; nothing else does (as upstream).
+        // The 18 gateway catalog metrics of upstream and slow_consumer_disconnects_total carry
+        // HELP; nothing else does (as upstream).
         let with_help: Vec<&str> = CATALOG
             .iter()
             .filter(|d| d.help.is_some())
             .map(|d| d.name)
             .collect();
-        assert_eq!(with_help.len(), 18);
+        assert_eq!(with_help.len(), 19);
         assert!(with_help.iter().all(|n| n.starts_with("smithers_gateway_")));
         assert_eq!(lookup("smithers_gateway_nope"), None);
     }

@@ -6,27 +6,36 @@
 //! connection's unsent bytes stay under the high-water mark, so a client that stops reading
 //! ends its streams (`BackpressureDisconnect`) instead of growing the server's memory; the
 //! socket and the connection's other streams carry on.
+//!
+//! Streams are capped per connection and on the server (`[server] max_streams_per_connection`,
+//! `max_streams`; the places are reserved before any work and given back when the stream
+//! ends). All streams of a run share one poller task, which reads the run's latest frame
+//! number every [`POLL_INTERVAL`] and publishes it on a `watch` channel; it exists while the
+//! run has streams. A stream with nothing to send sleeps until that number changes.
 
 use crate::devtools::{self, DevNode};
 use crate::error::RpcError;
-use crate::gateway::{Caller, ConnShared, Gateway, Outbound};
+use crate::gateway::{Caller, ConnShared, Gateway};
+use crate::log_rate::LogRate;
 use crate::metrics::names;
+use crate::outbound::{Outbound, Refused};
 use serde_json::{Value, json};
 use sha1::{Digest, Sha1};
 use smithers_store::FrameRow;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
-/// How often a stream looks for new frames.
+/// How often a run's poller looks for new frames.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// How often a stream blocked on a full socket retries.
 pub const BLOCKED_RETRY: Duration = Duration::from_millis(10);
 /// Events a stream may hold while its socket is above the high-water mark.
 pub const QUEUE_LIMIT: usize = 1000;
-/// Unsent bytes on a connection above which streams hold their events back.
+/// Unsent bytes on a connection above which streams hold their events back (at most half of
+/// `[server] max_outbound_bytes`, so streams alone never overflow a connection).
 pub const HIGH_WATER_BYTES: usize = 8 * 1024 * 1024;
 /// At most this many events in a row without a snapshot (the 50th is a snapshot).
 pub const REBASELINE_INTERVAL: u32 = 50;
@@ -87,12 +96,85 @@ const SHARED_LIMIT: usize = 256;
 /// Most bytes kept (a 1,000-node frame is a few hundred KiB as document, tree and text).
 const SHARED_BYTES: usize = 32 * 1024 * 1024;
 
+/// What a run's poller publishes: the latest frame number (-1 before the first read), or why
+/// it could not be read.
+type Latest = Result<i64, RpcError>;
+
 /// Open streams of every connection: for subscriber gauges, rewind re-baselines and closing
 /// the streams of a socket that went away; and the work the streams share.
 #[derive(Default)]
 pub struct Registry {
     streams: Mutex<HashMap<String, Arc<StreamCtl>>>,
     shared: Mutex<Shared>,
+    /// Streams open on the server (at most `[server] max_streams`).
+    open: AtomicUsize,
+    /// One poller per run with streams.
+    pollers: Mutex<HashMap<String, watch::Sender<Latest>>>,
+}
+
+/// Refusals at the server-wide cap logged at most every 10 s.
+static CAP_LOG: LogRate = LogRate::new(10_000);
+
+/// A stream's place on its connection and on the server; given back when dropped.
+struct Slot {
+    gw: Arc<Gateway>,
+    conn: Arc<ConnShared>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+        self.gw.streams.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts one in unless `counter` is at `max` already (atomically: a burst cannot pass it).
+fn take(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Reserves a place for a new stream of `conn`, or refuses with `RateLimited`.
+fn reserve(gw: &Arc<Gateway>, conn: &Arc<ConnShared>) -> Result<Slot, RpcError> {
+    let limits = &gw.config.limits;
+    if !take(&conn.streams, limits.max_streams_per_connection) {
+        tracing::debug!(
+            conn = conn.id,
+            max = limits.max_streams_per_connection,
+            "streamDevTools refused: connection stream cap"
+        );
+        return Err(RpcError::new(
+            "RateLimited",
+            format!(
+                "Too many DevTools streams on this connection: {} are open, the limit ([server] max_streams_per_connection). Close one (or the socket) first, or raise the limit.",
+                limits.max_streams_per_connection
+            ),
+        ));
+    }
+    if !take(&gw.streams.open, limits.max_streams) {
+        conn.streams.fetch_sub(1, Ordering::AcqRel);
+        if let Some(left_out) = CAP_LOG.allow() {
+            tracing::warn!(
+                max = limits.max_streams,
+                similar_left_out = left_out,
+                "streamDevTools refused: the server-wide stream cap ([server] max_streams) is reached"
+            );
+        }
+        return Err(RpcError::new(
+            "RateLimited",
+            format!(
+                "Too many DevTools streams on this server: {} are open, the limit ([server] max_streams). Retry later, or raise the limit.",
+                limits.max_streams
+            ),
+        ));
+    }
+    Ok(Slot {
+        gw: gw.clone(),
+        conn: conn.clone(),
+    })
 }
 
 /// The gauge label of a run: the first 12 hex digits of sha1(runId), as upstream.
@@ -158,19 +240,21 @@ impl Registry {
     fn add(&self, gw: &Gateway, ctl: Arc<StreamCtl>) {
         if let Ok(mut m) = self.streams.lock() {
             m.insert(ctl.id.clone(), ctl.clone());
+            Self::publish_count(gw, &m, &ctl.run_id);
         }
-        self.publish_count(gw, &ctl.run_id);
     }
 
     fn remove(&self, gw: &Gateway, ctl: &StreamCtl) {
         if let Ok(mut m) = self.streams.lock() {
             m.remove(&ctl.id);
+            Self::publish_count(gw, &m, &ctl.run_id);
         }
-        self.publish_count(gw, &ctl.run_id);
     }
 
-    fn publish_count(&self, gw: &Gateway, run_id: &str) {
-        let n = self.count(run_id);
+    /// Sets a run's gauge; under the registry lock, so two streams ending at once cannot
+    /// leave a stale count behind.
+    fn publish_count(gw: &Gateway, m: &HashMap<String, Arc<StreamCtl>>, run_id: &str) {
+        let n = m.values().filter(|s| s.run_id == run_id).count();
         gw.metrics.set_gauge(
             names::DEVTOOLS_ACTIVE_SUBSCRIBERS,
             &[("runId", &run_label(run_id))],
@@ -204,6 +288,74 @@ impl Registry {
     pub fn active(&self, run_id: &str) -> usize {
         self.count(run_id)
     }
+
+    /// Open streams on the server.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Runs with a poller.
+    pub fn pollers(&self) -> usize {
+        self.pollers.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The latest frame number of a run, kept current by the run's poller (started here if
+    /// the run has none).
+    fn watch(&self, gw: &Arc<Gateway>, run_id: &str) -> watch::Receiver<Latest> {
+        let Ok(mut m) = self.pollers.lock() else {
+            // cannot happen (nothing panics under this lock); a dead channel ends the stream
+            return watch::channel(Ok(-1)).1;
+        };
+        if let Some(tx) = m.get(run_id) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(Ok(-1));
+        m.insert(run_id.to_string(), tx.clone());
+        gw.metrics
+            .set_gauge(names::DEVTOOLS_RUN_POLLERS, &[], m.len() as f64);
+        tokio::spawn(poll_run(gw.clone(), run_id.to_string(), tx));
+        rx
+    }
+
+    /// Whether a run's poller should stop (its last stream ended); unregisters it if so.
+    fn retire(&self, gw: &Gateway, run_id: &str, tx: &watch::Sender<Latest>) -> bool {
+        let Ok(mut m) = self.pollers.lock() else {
+            return true;
+        };
+        // under the lock that `watch` subscribes under: no stream can join in between
+        if tx.receiver_count() > 0 {
+            return false;
+        }
+        if m.get(run_id).is_some_and(|t| t.same_channel(tx)) {
+            m.remove(run_id);
+        }
+        gw.metrics
+            .set_gauge(names::DEVTOOLS_RUN_POLLERS, &[], m.len() as f64);
+        true
+    }
+}
+
+/// A run's poller: one store read per [`POLL_INTERVAL`] however many streams watch the run.
+async fn poll_run(gw: Arc<Gateway>, run_id: String, tx: watch::Sender<Latest>) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if gw.streams.retire(&gw, &run_id, &tx) {
+            return;
+        }
+        let latest =
+            gw.store.last_frame_no(&run_id).await.map_err(|e| {
+                RpcError::new("SERVER_ERROR", format!("stream failed: {}", e.message))
+            });
+        tx.send_if_modified(|v| {
+            if *v == latest {
+                return false;
+            }
+            *v = latest;
+            true
+        });
+    }
 }
 
 /// `streamDevTools {runId, fromSeq?}`: validates, starts the stream and returns its id.
@@ -213,11 +365,26 @@ pub async fn start(
     ws: bool,
     p: &Value,
 ) -> Result<Value, RpcError> {
-    let r = validate(gw, caller, ws, p).await;
+    let r = async {
+        let conn = match (ws, caller.conn) {
+            (true, Some(c)) => c.clone(),
+            _ => {
+                return Err(RpcError::new(
+                    "INVALID_REQUEST",
+                    "streamDevTools is only supported over websocket connections",
+                ));
+            }
+        };
+        // reserved before any work, and given back if the request fails
+        let slot = reserve(gw, &conn)?;
+        let (run_id, from_seq) = validate(gw, caller, p).await?;
+        Ok((run_id, from_seq, conn, slot))
+    }
+    .await;
     let outcome = if r.is_ok() { "ok" } else { "error" };
     gw.metrics
         .inc(names::DEVTOOLS_SUBSCRIBE_TOTAL, &[("result", outcome)]);
-    let (run_id, from_seq, conn) = r?;
+    let (run_id, from_seq, conn, slot) = r?;
     let ctl = Arc::new(StreamCtl {
         id: uuid::Uuid::new_v4().to_string(),
         run_id: run_id.clone(),
@@ -229,10 +396,13 @@ pub async fn start(
     });
     gw.streams.add(gw, ctl.clone());
     let reply = json!({"streamId": ctl.id, "runId": run_id, "fromSeq": from_seq});
+    let latest = gw.streams.watch(gw, &run_id);
     let producer = Producer {
         gw: gw.clone(),
         conn,
         ctl,
+        latest,
+        _slot: slot,
         queue: VecDeque::new(),
         last_seen: 0,
         last_tree: None,
@@ -246,18 +416,8 @@ pub async fn start(
 async fn validate(
     gw: &Arc<Gateway>,
     caller: &Caller<'_>,
-    ws: bool,
     p: &Value,
-) -> Result<(String, Option<i64>, Arc<ConnShared>), RpcError> {
-    let conn = match (ws, caller.conn) {
-        (true, Some(c)) => c.clone(),
-        _ => {
-            return Err(RpcError::new(
-                "INVALID_REQUEST",
-                "streamDevTools is only supported over websocket connections",
-            ));
-        }
-    };
+) -> Result<(String, Option<i64>), RpcError> {
     let run_id = devtools::run_id_param(p)?.to_string();
     let from_seq = match p.get("fromSeq") {
         None | Some(Value::Null) => None,
@@ -287,7 +447,7 @@ async fn validate(
             ));
         }
     }
-    Ok((run_id, from_seq, conn))
+    Ok((run_id, from_seq))
 }
 
 /// Why a stream ended early.
@@ -317,6 +477,10 @@ struct Producer {
     gw: Arc<Gateway>,
     conn: Arc<ConnShared>,
     ctl: Arc<StreamCtl>,
+    /// The run's latest frame number, from its poller.
+    latest: watch::Receiver<Latest>,
+    /// Given back when the stream ends.
+    _slot: Slot,
     /// Serialized `devtools.event` payloads not yet handed to the socket.
     queue: VecDeque<Arc<str>>,
     /// Frame number of the last event produced.
@@ -338,9 +502,9 @@ impl Producer {
                 "runId": self.ctl.run_id,
                 "error": {"code": e.code, "message": e.message},
             });
-            let _ = self.conn.tx.send(Outbound::Event {
+            let _ = self.conn.out.push(Outbound::Event {
                 event: "devtools.error",
-                payload: Arc::new(payload),
+                payload_json: payload.to_string().into(),
                 state_version: self.gw.state_version(),
             });
         }
@@ -351,17 +515,18 @@ impl Producer {
         self.initial(from_seq).await?;
         loop {
             self.flush()?;
-            if self.ctl.stopped.load(Ordering::Acquire) || self.conn.tx.is_closed() {
+            if self.ctl.stopped.load(Ordering::Acquire) || self.conn.out.is_closed() {
                 return Err(End::Closed);
             }
-            let wait = if self.queue.is_empty() {
-                POLL_INTERVAL
-            } else {
-                BLOCKED_RETRY
-            };
+            let blocked = !self.queue.is_empty();
             tokio::select! {
                 _ = self.ctl.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                changed = self.latest.changed() => {
+                    if changed.is_err() {
+                        return Err(End::Closed);
+                    }
+                }
+                _ = tokio::time::sleep(BLOCKED_RETRY), if blocked => {}
             }
             if self.ctl.stopped.load(Ordering::Acquire) {
                 return Err(End::Closed);
@@ -402,7 +567,17 @@ impl Producer {
             self.doc = None;
             self.snapshot_of(rebase).await?;
         }
-        let latest = self.gw.store.last_frame_no(&self.ctl.run_id).await?;
+        let latest = if rebase >= 0 || self.ctl.invalidated.load(Ordering::Acquire) {
+            // after a rewind the poller's figure may predate it: read it now
+            self.gw.store.last_frame_no(&self.ctl.run_id).await?
+        } else {
+            let watched = self.latest.borrow_and_update().clone();
+            match watched {
+                Ok(n) if n >= 0 => n,
+                Ok(_) => self.last_seen,
+                Err(e) => return Err(End::Error(e)),
+            }
+        };
         if latest < self.last_seen {
             // frames were removed (a rewind): start again from what is there now
             self.doc = None;
@@ -586,19 +761,21 @@ impl Producer {
 
     /// Hands queued events to the socket while it is under the high-water mark.
     fn flush(&mut self) -> Result<(), End> {
+        let limits = &self.gw.config.limits;
+        let (max_frames, max_bytes) = (
+            limits.max_outbound_frames / 2,
+            HIGH_WATER_BYTES.min(limits.max_outbound_bytes / 2),
+        );
         while let Some(front) = self.queue.front() {
-            if self.conn.queued_bytes.load(Ordering::Acquire) >= HIGH_WATER_BYTES {
-                break;
-            }
-            let len = front.len();
-            let out = Outbound::Counted {
+            let out = Outbound::Event {
                 event: "devtools.event",
                 payload_json: front.clone(),
                 state_version: self.gw.state_version(),
             };
-            self.conn.queued_bytes.fetch_add(len, Ordering::AcqRel);
-            if self.conn.tx.send(out).is_err() {
-                return Err(End::Closed);
+            match self.conn.out.offer(out, max_frames, max_bytes) {
+                Ok(()) => {}
+                Err(Refused::Full) => break,
+                Err(Refused::Closed) => return Err(End::Closed),
             }
             self.queue.pop_front();
         }

@@ -6,7 +6,10 @@ use crate::bounds;
 use crate::error::RpcError;
 use crate::frames;
 use crate::gateway::{Caller, ConnShared, Gateway, Outbound, PROTOCOL};
+use crate::log_rate::LogRate;
 use crate::methods::{self, Transport};
+use crate::metrics::names;
+use crate::outbound;
 use crate::ws_budget::WsSlot;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -15,10 +18,10 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use smithers_store::status;
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// Accepts the upgrade (its place in the WebSocket budgets already reserved); the socket is
 /// served by [`serve`].
@@ -51,6 +54,7 @@ fn owned_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot: WsSlot) {
+    let peer: Option<SocketAddr> = slot.tcp().map(|t| t.peer());
     gw.metrics
         .inc("smithers_gateway_connections_total", &[("transport", "ws")]);
     gw.metrics.gauge_add(
@@ -58,18 +62,17 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
         &[("transport", "ws")],
         1.0,
     );
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let conn = gw.register_conn(tx.clone(), queued.clone());
+    let limits = &gw.config.limits;
+    let (queue, rx) = outbound::queue(limits.max_outbound_frames, limits.max_outbound_bytes);
+    let conn = gw.register_conn(queue, peer);
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx, queued));
-    let _ = tx.send(Outbound::Event {
-        event: "connect.challenge",
-        payload: Arc::new(
-            json!({"nonce": uuid::Uuid::new_v4().to_string(), "ts": smithers_engine::now_ms()}),
-        ),
-        state_version: gw.state_version(),
-    });
+    let mut writer = tokio::spawn(write_loop(sink, rx, Writer::new(&gw, &conn)));
+    let mut writer_done = false;
+    let _ = conn.out.push(event(
+        "connect.challenge",
+        &json!({"nonce": uuid::Uuid::new_v4().to_string(), "ts": smithers_engine::now_ms()}),
+        gw.state_version(),
+    ));
     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     let mut reason = "close";
     let connect_by = tokio::time::sleep(Duration::from_millis(gw.config.limits.connect_timeout_ms));
@@ -90,15 +93,23 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
                     "smithers_gateway_errors_total",
                     &[("code", "CONNECT_TIMEOUT"), ("kind", "timeout"), ("transport", "ws")],
                 );
-                tracing::debug!(peer = ?tcp.as_ref().map(|t| t.peer()), "closed a WebSocket that did not complete connect in time");
-                let _ = tx.send(Outbound::Close(1008, "connect not completed in time"));
+                tracing::debug!(peer = ?peer, "closed a WebSocket that did not complete connect in time");
+                conn.out.close(1008, "connect not completed in time");
                 reason = "timeout";
                 break;
             }
             // only unauthenticated sockets are ever evicted (to make room at the TCP cap)
             _ = &mut evicted => {
-                let _ = tx.send(Outbound::Close(1013, "server at connection capacity"));
+                conn.out.close(1013, "server at connection capacity");
                 reason = "evicted";
+                break;
+            }
+            // the writer gave up on a client too slow to read (or the socket broke)
+            end = &mut writer => {
+                writer_done = true;
+                if matches!(end, Ok(Some(_))) {
+                    reason = "slow_consumer";
+                }
                 break;
             }
         };
@@ -106,7 +117,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
             Some(Ok(m)) => m,
             Some(Err(e)) => {
                 if let Some((code, why)) = read_error_close(e) {
-                    let _ = tx.send(Outbound::Close(code, why));
+                    conn.out.close(code, why);
                 }
                 gw.metrics.inc(
                     "smithers_gateway_errors_total",
@@ -124,7 +135,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         if text.len() > gw.config.max_body_bytes {
-            let _ = tx.send(Outbound::Close(1009, "message too big"));
+            conn.out.close(1009, "message too big");
             break;
         }
         gw.metrics.inc(
@@ -147,9 +158,10 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
     }
     gw.unregister_conn(conn.id);
     gw.streams.close_conn(conn.id);
-    drop(tx);
     drop(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    }
     // the socket (and its places in the budgets) is released when the writer ends
     drop(slot);
     gw.metrics.gauge_add(
@@ -184,29 +196,121 @@ type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 /// hold its worker for long.
 const WRITE_BATCH: usize = 64;
 
-async fn write_loop(
-    mut sink: Sink,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    queued: Arc<AtomicUsize>,
-) {
+/// Longest wait for a close frame to reach a client being disconnected; then the TCP
+/// connection is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Slow-consumer disconnects logged at most once a second (a client can provoke them).
+static SLOW_LOG: LogRate = LogRate::new(1000);
+
+/// What a writer needs besides its socket and queue.
+struct Writer {
+    gw: Arc<Gateway>,
+    conn_id: u64,
+    peer: Option<SocketAddr>,
+    timeout: Duration,
+}
+
+impl Writer {
+    fn new(gw: &Arc<Gateway>, conn: &ConnShared) -> Writer {
+        Writer {
+            gw: gw.clone(),
+            conn_id: conn.id,
+            peer: conn.peer,
+            timeout: Duration::from_millis(gw.config.limits.write_timeout_ms.max(1)),
+        }
+    }
+
+    /// Counts and logs a client disconnected as too slow.
+    fn too_slow(&self, why: Slow, rx: &outbound::Receiver) {
+        let reason = match why {
+            Slow::QueueFull => "queue_full",
+            Slow::WriteTimeout => "write_timeout",
+        };
+        self.gw.metrics.inc(
+            names::SLOW_CONSUMER_DISCONNECTS_TOTAL,
+            &[("reason", reason)],
+        );
+        if let Some(left_out) = SLOW_LOG.allow() {
+            let (frames, bytes) = rx.queued();
+            let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+            tracing::warn!(
+                conn = self.conn_id,
+                peer = %peer,
+                reason,
+                queued_frames = frames,
+                queued_bytes = bytes,
+                max_frames = self.gw.config.limits.max_outbound_frames,
+                max_bytes = self.gw.config.limits.max_outbound_bytes,
+                write_timeout_ms = self.gw.config.limits.write_timeout_ms,
+                similar_left_out = left_out,
+                "WebSocket client disconnected: too slow to read its events (close 1008)"
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    QueueFull,
+    WriteTimeout,
+}
+
+/// Why a socket operation of the writer did not complete.
+enum Stop {
+    /// The socket is gone.
+    Gone,
+    Slow(Slow),
+}
+
+/// Runs one socket operation with the write timeout, ending early when the queue overflows.
+/// When the socket is ready at once (the usual case) no timer is armed.
+async fn bounded<E>(
+    op: impl std::future::Future<Output = Result<(), E>>,
+    rx: &outbound::Receiver,
+    limit: Duration,
+) -> Result<(), Stop> {
+    let mut op = std::pin::pin!(op);
+    if let std::task::Poll::Ready(r) =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(op.as_mut().poll(cx))).await
+    {
+        return r.map_err(|_| Stop::Gone);
+    }
+    tokio::select! {
+        r = &mut op => r.map_err(|_| Stop::Gone),
+        _ = tokio::time::sleep(limit) => Err(Stop::Slow(Slow::WriteTimeout)),
+        _ = rx.kicked() => Err(Stop::Slow(Slow::QueueFull)),
+    }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Writes queued frames to the socket, giving each event its per-connection `seq`. A client
+/// that falls behind by more than the queue holds, or that leaves one write waiting past the
+/// write timeout, is sent close code 1008 (if the socket still takes it within
+/// [`CLOSE_GRACE`]) and dropped; the writer then returns why.
+async fn write_loop(mut sink: Sink, mut rx: outbound::Receiver, w: Writer) -> Option<Slow> {
     use futures_util::SinkExt;
     let mut seq: u64 = 0;
-    'outer: while let Some(first) = rx.recv().await {
+    let stop = 'outer: loop {
+        let Some(first) = rx.recv().await else {
+            break None;
+        };
         let mut next = Some(first);
         let mut written = 0;
         while let Some(out) = next.take() {
+            if rx.overflowed() {
+                break 'outer Some(Stop::Slow(Slow::QueueFull));
+            }
+            let cost = out.cost();
             let text = match out {
-                Outbound::Response(Value::String(s)) => s,
-                Outbound::Response(v) => v.to_string(),
+                Outbound::Response(s) => s,
                 Outbound::Event {
-                    event,
-                    payload,
-                    state_version,
-                } => {
-                    seq += 1;
-                    frames::event(event, &payload, seq, state_version)
-                }
-                Outbound::Broadcast {
                     event,
                     payload_json,
                     state_version,
@@ -214,48 +318,49 @@ async fn write_loop(
                     seq += 1;
                     frames::event_json(event, &payload_json, seq, state_version)
                 }
-                Outbound::NamedEvent {
-                    event,
-                    payload,
-                    state_version,
-                } => {
-                    seq += 1;
-                    frames::event(&event, &payload, seq, state_version)
-                }
-                Outbound::Counted {
-                    event,
-                    payload_json,
-                    state_version,
-                } => {
-                    seq += 1;
-                    let text = frames::event_json(event, &payload_json, seq, state_version);
-                    // handed to the socket once fed; the sink applies its own backpressure
-                    queued.fetch_sub(payload_json.len(), Ordering::AcqRel);
-                    text
-                }
                 Outbound::Close(code, why) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: why.into(),
-                        })))
-                        .await;
-                    break 'outer;
+                    let _ = bounded(sink.send(close_frame(code, why)), &rx, w.timeout).await;
+                    break 'outer None;
                 }
             };
-            if sink.feed(Message::Text(text.into())).await.is_err() {
-                break 'outer;
+            if let Err(e) = bounded(sink.feed(Message::Text(text.into())), &rx, w.timeout).await {
+                break 'outer Some(e);
             }
+            rx.written(cost);
             written += 1;
             if written < WRITE_BATCH {
-                next = rx.try_recv().ok();
+                next = rx.try_recv();
             }
         }
-        if sink.flush().await.is_err() {
-            break;
+        if let Err(e) = bounded(sink.flush(), &rx, w.timeout).await {
+            break Some(e);
         }
+    };
+    let slow = match stop {
+        Some(Stop::Slow(why)) => Some(why),
+        _ => None,
+    };
+    if let Some(why) = slow {
+        w.too_slow(why, &rx);
+        // what is queued will never be sent: free it now
+        rx.discard();
+        let (code, reason) = match why {
+            Slow::QueueFull => outbound::OVERFLOW_CLOSE,
+            Slow::WriteTimeout => outbound::STALLED_CLOSE,
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close_frame(code, reason))).await;
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+    slow
+}
+
+/// An event frame with a payload serialized here.
+fn event(name: &'static str, payload: &Value, state_version: u64) -> Outbound {
+    Outbound::Event {
+        event: name,
+        payload_json: payload.to_string().into(),
+        state_version,
+    }
 }
 
 fn respond(conn: &ConnShared, gw: &Gateway, text: String, ok: bool) {
@@ -267,7 +372,8 @@ fn respond(conn: &ConnShared, gw: &Gateway, text: String, ok: bool) {
             ("transport", "ws"),
         ],
     );
-    let _ = conn.tx.send(Outbound::Response(Value::String(text)));
+    // a client that sends requests and never reads the answers fills its queue like any other
+    let _ = conn.out.push(Outbound::Response(text));
 }
 
 /// Handles one inbound frame. Returns a new heartbeat task after a successful `connect`.
@@ -304,7 +410,7 @@ async fn handle_frame(
         let ok = result.is_ok();
         finish(gw, conn, &id, &method, t0, result);
         if ok {
-            replay(gw, conn, &params).await;
+            crate::replay::run(gw, conn).await;
         }
         return hb;
     }
@@ -438,9 +544,10 @@ async fn connect(
             return (Err(e), None);
         }
     };
-    if let Err(e) = after_seq(params) {
-        return (Err(e), None);
-    }
+    let replay = match crate::replay::after_seq(params) {
+        Ok(r) => r,
+        Err(e) => return (Err(e), None),
+    };
     let filter: Option<HashSet<String>> =
         params.get("subscribe").and_then(Value::as_array).map(|a| {
             a.iter()
@@ -450,13 +557,15 @@ async fn connect(
     if let Ok(mut g) = conn.grant.write() {
         *g = Some(grant.clone());
     }
-    if let Ok(mut f) = conn.filter.write() {
-        *f = filter;
+    if let Ok(mut v) = conn.view.write() {
+        v.runs = filter;
     }
     let snapshot = match gw.hello_snapshots.get(gw).await {
         Ok(s) => s,
         Err(e) => return (Err(e), None),
     };
+    // before any broadcast reaches the connection, so live events of replayed runs wait
+    crate::replay::open_gates(conn, replay);
     conn.authed.store(true, Ordering::Release);
     let hello = json!({
         "protocol": PROTOCOL,
@@ -467,18 +576,18 @@ async fn connect(
     });
     let hb = {
         let gw = gw.clone();
-        let tx = conn.tx.clone();
+        let conn = conn.clone();
         let every = Duration::from_millis(gw.config.heartbeat_ms.max(10));
         tokio::spawn(async move {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 t.tick().await;
-                let ev = Outbound::Event {
-                    event: "tick",
-                    payload: Arc::new(json!({"ts": smithers_engine::now_ms()})),
-                    state_version: gw.state_version(),
-                };
-                if tx.send(ev).is_err() {
+                let ev = event(
+                    "tick",
+                    &json!({"ts": smithers_engine::now_ms()}),
+                    gw.state_version(),
+                );
+                if conn.out.push(ev).is_err() {
                     return;
                 }
                 gw.metrics
@@ -516,64 +625,6 @@ impl SharedSnapshot {
         let result = hello_snapshot(gw).await;
         *last = Some((n, result.clone()));
         result
-    }
-}
-
-/// Replay sends at most this many missed events per run; a client further behind reconnects
-/// with the last `eventSeq` it received to continue.
-pub const REPLAY_WINDOW: usize = 1000;
-
-/// `connect.params.afterSeq`: `{runId: last eventSeq seen}` (an addition to upstream: replay on
-/// reconnect).
-fn after_seq(params: &Value) -> Result<Vec<(String, i64)>, RpcError> {
-    let bad = || {
-        RpcError::new(
-            "INVALID_INPUT",
-            "afterSeq must map run ids to the last eventSeq received (integers >= -1).",
-        )
-    };
-    match params.get("afterSeq") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Object(m)) => {
-            if m.len() > 1000 {
-                return Err(RpcError::new(
-                    "INVALID_INPUT",
-                    "afterSeq may name at most 1000 runs.",
-                ));
-            }
-            m.iter()
-                .map(|(k, v)| match v.as_i64() {
-                    Some(n) if n >= -1 => Ok((k.clone(), n)),
-                    _ => Err(bad()),
-                })
-                .collect()
-        }
-        Some(_) => Err(bad()),
-    }
-}
-
-/// Sends a reconnecting client the events it missed, oldest first, from the durable log.
-async fn replay(gw: &Arc<Gateway>, conn: &Arc<ConnShared>, params: &Value) {
-    let Ok(runs) = after_seq(params) else { return };
-    for (run_id, after) in runs {
-        let after = if after < 0 { None } else { Some(after) };
-        let Ok(rows) = gw.store.list_events(&run_id, after, REPLAY_WINDOW).await else {
-            continue;
-        };
-        for r in rows {
-            let Ok(payload) = serde_json::from_str::<Value>(&r.payload_json) else {
-                continue;
-            };
-            if let Some((event, p)) =
-                crate::gateway::map_event(&r.event_type, &run_id, r.seq, &payload)
-            {
-                let _ = conn.tx.send(Outbound::Event {
-                    event,
-                    payload: Arc::new(p),
-                    state_version: gw.state_version(),
-                });
-            }
-        }
     }
 }
 

@@ -844,16 +844,3 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
     );
     assert_eq!(s.gw.streams.active("bp-quiet"), 1);
 }
-
-async fn ws_small_receive_buffer(addr: std::net::SocketAddr) -> Ws {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (w, _) = tokio_tungstenite::client_async(
-        format!("ws://{addr}/"),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
-    w
-}

@@ -241,3 +241,64 @@ pub async fn wait_status_auth(
     }
     panic!("run {run_id} never became {want}");
 }
+
+/// A WebSocket client with a small receive buffer, so what the kernel holds for a client that
+/// stops reading does not depend on the machine's TCP autotuning.
+pub async fn ws_small_receive_buffer(addr: std::net::SocketAddr) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (w, _) = tokio_tungstenite::client_async(
+        format!("ws://{addr}/"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    w
+}
+
+/// The value of one sample of `GET /metrics` (`name` or `name{labels}` exactly as rendered);
+/// 0 when the sample is absent.
+pub async fn metric(addr: std::net::SocketAddr, sample: &str) -> f64 {
+    let text = http(addr, "GET", "/metrics", &[], b"").await.body;
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// This process's resident memory (VmRSS), in KiB, after handing the allocator's free pages
+/// back to the system: what the process holds, not what glibc keeps cached from earlier work
+/// (that part varies by tens of MiB from one run to the next after heavy traffic).
+pub fn live_rss_kib() -> u64 {
+    unsafe extern "C" {
+        // glibc; the test targets are Linux
+        fn malloc_trim(pad: usize) -> i32;
+    }
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        malloc_trim(0);
+    }
+    rss_kib()
+}
+
+/// This process's resident memory (VmRSS), in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// CPU time this process used so far (user + system), in clock ticks (usually 10 ms).
+pub fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // fields after the parenthesized command name; utime and stime are fields 14 and 15
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
