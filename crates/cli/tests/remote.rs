@@ -4,8 +4,9 @@
 use serde_json::{Value, json};
 use smithers_engine::{Engine, EngineConfig};
 use smithers_gateway::auth::{AuthConfig, Grant};
-use smithers_gateway::gateway::{Gateway, Registered, ServerConfig};
+use smithers_gateway::gateway::{Gateway, Registered};
 use smithers_gateway::metrics::Metrics;
+use smithers_gateway::server_config::ServerConfig;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

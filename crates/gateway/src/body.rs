@@ -4,7 +4,7 @@
 //! chunk by chunk, so a crowd of slow or unfinished bodies cannot pile up in memory.
 
 use crate::error::RpcError;
-use crate::gateway::ServerConfig;
+use crate::server_config::ServerConfig;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;

@@ -2,7 +2,7 @@
 //! runs are stored, how callers authenticate, and which workflows are served under which keys.
 
 use crate::auth::{AuthConfig, AuthSection};
-use crate::gateway::{Limits, ServerConfig};
+use crate::server_config::{Limits, ServerConfig};
 use crate::webhook::WebhookConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

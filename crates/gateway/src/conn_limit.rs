@@ -159,7 +159,11 @@ struct Inner {
 pub struct Refused;
 
 impl ConnTable {
-    pub fn new(cap: usize, limits: &crate::gateway::Limits, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cap: usize,
+        limits: &crate::server_config::Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(ConnTable {
             cap,
             header_timeout: Duration::from_millis(limits.header_timeout_ms),
@@ -366,7 +370,7 @@ mod tests {
     fn table(cap: usize) -> Arc<ConnTable> {
         ConnTable::new(
             cap,
-            &crate::gateway::Limits::default(),
+            &crate::server_config::Limits::default(),
             Arc::new(Metrics::new()),
         )
     }

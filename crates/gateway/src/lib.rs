@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod body;
 pub mod bounds;
+pub mod broadcast;
 pub mod cron;
 pub mod error;
 pub mod metrics;
@@ -29,8 +30,10 @@ pub mod node_output;
 pub mod outbound;
 pub mod replay;
 pub mod request;
+pub mod run_control;
 pub mod run_view;
 pub mod serve;
+pub mod server_config;
 pub mod shapes;
 pub mod stream;
 pub mod ws;

@@ -195,7 +195,7 @@ async fn replay_run(
                 continue;
             };
             if let Some((event, p)) =
-                crate::gateway::map_event(&r.event_type, run_id, r.seq, &payload)
+                crate::broadcast::map_event(&r.event_type, run_id, r.seq, &payload)
             {
                 if sent == REPLAY_WINDOW {
                     return Err(Stop::Truncated {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use smithers_gateway::auth::{AuthConfig, Grant};
-use smithers_gateway::gateway::ServerConfig;
+use smithers_gateway::server_config::ServerConfig;
 use std::collections::HashMap;
 use std::time::Duration;
 

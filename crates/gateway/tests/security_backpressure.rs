@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use smithers_gateway::gateway::ServerConfig;
+use smithers_gateway::server_config::ServerConfig;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -134,7 +134,7 @@ async fn logged_broadcasts(s: &TestServer, run_id: &str) -> Vec<i64> {
     rows.iter()
         .filter(|r| {
             let p: Value = serde_json::from_str(&r.payload_json).unwrap();
-            smithers_gateway::gateway::map_event(&r.event_type, run_id, r.seq, &p).is_some()
+            smithers_gateway::broadcast::map_event(&r.event_type, run_id, r.seq, &p).is_some()
         })
         .map(|r| r.seq)
         .collect()

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use smithers_gateway::gateway::ServerConfig;
+use smithers_gateway::server_config::ServerConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use smithers_gateway::gateway::ServerConfig;
+use smithers_gateway::server_config::ServerConfig;
 use smithers_gateway::webhook::{WebhookConfig, sign};
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -24,7 +24,7 @@ pub use route::handle;
 pub use signature::{sign, verify_signature};
 
 use crate::body::ByteBudget;
-use crate::gateway::Limits;
+use crate::server_config::Limits;
 
 /// Webhook state shared by every delivery to one gateway.
 pub struct Shared {
