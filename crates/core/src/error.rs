@@ -178,3 +178,20 @@ impl std::fmt::Display for Problem {
         write!(f, " {}", self.message)
     }
 }
+
+/// An error with its causes, one after another (`client error (Connect): tcp connect error:
+/// Connection refused`): HTTP client errors hide what went wrong in their sources, and an
+/// operator needs all of it in one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

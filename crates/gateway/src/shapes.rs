@@ -139,16 +139,7 @@ pub fn approval_json(a: &ApprovalRow, label: Option<&str>) -> Value {
                 .collect()
         })
         .unwrap_or_default();
-    let strings = |k: &str| -> Vec<String> {
-        req.get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let strings = |k: &str| string_list(&req, k);
     json!({
         "runId": a.run_id,
         "nodeId": a.node_id,
@@ -162,4 +153,16 @@ pub fn approval_json(a: &ApprovalRow, label: Option<&str>) -> Value {
         "allowedUsers": strings("allowedUsers"),
         "autoApprove": req.get("autoApprove").cloned().filter(Value::is_object),
     })
+}
+
+/// The strings of an array field (`allowedUsers`, `allowedScopes`); anything else is skipped.
+pub fn string_list(obj: &Value, key: &str) -> Vec<String> {
+    obj.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -78,9 +78,9 @@ impl HttpClient {
         let exchange = async {
             let resp = self.inner.request(req).await.map_err(|e| {
                 if e.is_connect() {
-                    HttpError::Connect(chain(&e))
+                    HttpError::Connect(smithers_core::error::chain(&e))
                 } else {
-                    HttpError::Io(chain(&e))
+                    HttpError::Io(smithers_core::error::chain(&e))
                 }
             })?;
             let status = resp.status().as_u16();
@@ -114,19 +114,4 @@ impl HttpClient {
             _ = cancelled => Err(HttpError::Cancelled),
         }
     }
-}
-
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }

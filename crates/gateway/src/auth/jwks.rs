@@ -269,7 +269,7 @@ async fn fetch(uri: &hyper::Uri, settings: &JwksSettings) -> Result<KeySet, Stri
         let response = client
             .request(request)
             .await
-            .map_err(|e| format!("request failed: {}", chain(&e)))?;
+            .map_err(|e| format!("request failed: {}", smithers_core::error::chain(&e)))?;
         let status = response.status();
         if status != hyper::StatusCode::OK {
             return Err(format!("answered HTTP {status} (expected 200)"));
@@ -307,21 +307,6 @@ async fn fetch(uri: &hyper::Uri, settings: &JwksSettings) -> Result<KeySet, Stri
                 settings.timeout.as_secs()
             ))
         })
-}
-
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -59,17 +59,7 @@ pub async fn decide(c: &Call<'_>) -> Result<Value, RpcError> {
         .and_then(|r| r.request_json.as_deref())
         .and_then(|r| serde_json::from_str(r).ok())
         .unwrap_or(json!({}));
-    let strings = |k: &str| -> Vec<String> {
-        request
-            .get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let strings = |k: &str| crate::shapes::string_list(&request, k);
     let users = strings("allowedUsers");
     if !users.is_empty()
         && !caller
