@@ -5,7 +5,7 @@
 use crate::bench_gateway::{self as bg, Cpu, R, Table, err};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use smithers_gateway::{devtools, devtools_diff};
+use smithers_gateway::{devtools_diff, devtools_tree};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -84,12 +84,12 @@ fn row(table: &mut Table, what: &str, sorted: &[f64], target_ms: f64) {
 fn compute(table: &mut Table, iterations: usize) {
     let a = frame(false);
     let b = frame(true);
-    let ta = devtools::build(&a);
-    let tb = devtools::build(&b);
+    let ta = devtools_tree::build(&a);
+    let tb = devtools_tree::build(&b);
     let nodes = count(&ta.to_json());
     println!("\n[compute] tree of {nodes} nodes; p50 / p99 over {iterations} runs");
     let snap = timed(iterations, || {
-        let root = devtools::build(&b);
+        let root = devtools_tree::build(&b);
         let json = serde_json::to_string(&root).unwrap_or_default();
         std::hint::black_box(format!(
             r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"frameNo":2,"seq":2,"root":{json}}}}}"#
@@ -115,7 +115,7 @@ fn compute(table: &mut Table, iterations: usize) {
         5.0,
     );
     let per_frame = timed(iterations, || {
-        let t = devtools::build(&b);
+        let t = devtools_tree::build(&b);
         let ops = devtools_diff::ops(&ta, &t);
         std::hint::black_box(serde_json::to_string(&ops).unwrap_or_default());
     });

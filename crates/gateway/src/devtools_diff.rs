@@ -1,7 +1,7 @@
 //! DevTools deltas (gateway-protocol §1.12): the operations that turn one DevTools tree into
 //! the next, so a client watching a run receives only what changed.
 
-use crate::devtools::{DevNode, TaskInfo};
+use crate::devtools_tree::{DevNode, TaskInfo};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
@@ -220,7 +220,7 @@ fn find_mut(n: &mut Value, id: u64) -> Option<&mut Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devtools::build;
+    use crate::devtools_tree::build;
     use serde_json::json;
 
     fn task(id: &str, label: &str) -> Value {
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn a_different_root_is_replaced() {
         let a = build(&wf(vec![]));
-        let b = crate::devtools::empty_node();
+        let b = crate::devtools_tree::empty_node();
         assert_eq!(
             js(&ops(&a, &b)),
             vec![json!({"op": "replaceRoot", "node": b.to_json()})]

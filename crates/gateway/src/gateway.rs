@@ -35,7 +35,7 @@ pub struct View {
     /// `None` = every run; `Some(set)` = only these runs (an empty set means every run too).
     pub runs: Option<HashSet<String>>,
     /// Runs being (or having been) replayed on this connection (`connect.params.afterSeq`).
-    pub gates: HashMap<String, crate::replay::Gate>,
+    pub gates: HashMap<String, crate::replay_gate::Gate>,
 }
 
 impl View {
@@ -123,21 +123,21 @@ pub struct Gateway {
     started: Instant,
     next_conn: AtomicU64,
     /// Open WebSockets and those of them that have not completed `connect`.
-    pub ws_budget: crate::ws_budget::WsBudget,
+    pub ws_budget: Arc<crate::ws_budget::WsBudget>,
     pub(crate) conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
     /// Workflow key of each run driven through this gateway (for metric labels).
     pub(crate) run_keys: Mutex<HashMap<String, String>>,
     /// The last event seq broadcast per run (so another node's events are broadcast once).
-    pub(crate) last_seqs: Mutex<crate::foreign::LastSeqs>,
+    pub(crate) last_seqs: Mutex<crate::last_seqs::LastSeqs>,
     /// Whether other nodes' events are forwarded (PostgreSQL): only then is each broadcast seq
     /// remembered, so a single-node gateway pays nothing for it per event.
     pub(crate) forwards_foreign: AtomicBool,
     /// Runs with a `jumpToFrame` in flight (the per-run rewind lock).
     pub(crate) rewinding: Mutex<HashSet<String>>,
     /// Open `streamDevTools` streams.
-    pub streams: crate::stream::Registry,
+    pub streams: crate::stream_registry::Registry,
     /// The hello snapshot read shared by concurrent `connect`s.
-    pub(crate) hello_snapshots: crate::ws::SharedSnapshot,
+    pub(crate) hello_snapshots: crate::shared_snapshot::SharedSnapshot,
     /// Webhook budgets and log throttles.
     pub webhooks: crate::webhook::Shared,
 }
@@ -171,7 +171,7 @@ impl Gateway {
             ws_budget: Default::default(),
             conns: RwLock::new(HashMap::new()),
             run_keys: Mutex::new(HashMap::new()),
-            last_seqs: Mutex::new(crate::foreign::LastSeqs::default()),
+            last_seqs: Mutex::new(crate::last_seqs::LastSeqs::default()),
             forwards_foreign: AtomicBool::new(false),
             rewinding: Mutex::new(HashSet::new()),
             streams: Default::default(),

@@ -2,6 +2,7 @@
 //! WebSocket upgrade on any path, and the JSON 404 for everything else.
 
 use crate::auth;
+use crate::clock::now_secs;
 
 use crate::error::RpcError;
 use crate::frames;
@@ -63,7 +64,12 @@ async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             .get::<crate::listener::ConnHandle>()
             .map(|h| h.0.clone());
         // both budgets are reserved here, before the 101: a burst cannot overshoot them
-        return match crate::ws_budget::WsBudget::reserve(&gw, tcp) {
+        let reserved = gw.ws_budget.reserve(
+            gw.config.max_connections,
+            gw.config.limits.max_unauthenticated_ws,
+            tcp,
+        );
+        return match reserved {
             Ok(slot) => {
                 if let Some(t) = slot.tcp() {
                     t.upgraded();
@@ -186,10 +192,6 @@ fn metrics(gw: &Gateway, headers: &HeaderMap) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     r
-}
-
-pub fn now_secs() -> i64 {
-    smithers_engine::now_ms() / 1000
 }
 
 async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response {

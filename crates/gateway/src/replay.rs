@@ -8,7 +8,8 @@
 
 use crate::error::RpcError;
 use crate::gateway::{ConnShared, Gateway};
-use crate::outbound::{Outbound, Queue};
+use crate::outbound::Outbound;
+use crate::replay_gate::Gate;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,46 +22,6 @@ pub const REPLAY_WINDOW: usize = 1000;
 pub const PAGE: usize = 100;
 /// Runs one `afterSeq` may name.
 pub const MAX_RUNS: usize = 1000;
-
-/// How a connection treats the live events of a run it asked to replay.
-pub enum Gate {
-    /// The replay (of the events after `after`) is running: live events wait in `held`, with
-    /// their `eventSeq`.
-    Replaying {
-        after: i64,
-        held: Mutex<Vec<(Option<i64>, Outbound)>>,
-    },
-    /// The replay sent the log up to `eventSeq` `through`: live events up to it are
-    /// duplicates.
-    Done(i64),
-    /// The replay stopped early (`replay.truncated`): no live events of the run.
-    Stopped,
-}
-
-impl Gate {
-    /// Whether a live event of the gated run goes to the queue now (`Some(out)`) or was held
-    /// or dropped here (`None`). Called under the connection's view lock (read).
-    pub fn admit(&self, seq: Option<i64>, out: Outbound, queue: &Queue) -> Option<Outbound> {
-        match self {
-            Gate::Replaying { held, .. } => {
-                // counted as if queued: a slow client cannot grow the server through its gate
-                let cost = out.cost();
-                if queue.reserve(cost) {
-                    match held.lock() {
-                        Ok(mut held) => held.push((seq, out)),
-                        Err(_) => queue.unreserve(cost),
-                    }
-                }
-                None
-            }
-            Gate::Done(through) => match seq {
-                Some(s) if s <= *through => None,
-                _ => Some(out),
-            },
-            Gate::Stopped => None,
-        }
-    }
-}
 
 /// `connect.params.afterSeq`: `{runId: last eventSeq seen}` (an addition to upstream).
 pub fn after_seq(params: &Value) -> Result<Vec<(String, i64)>, RpcError> {

@@ -13,20 +13,20 @@
 //! number every [`POLL_INTERVAL`] and publishes it on a `watch` channel; it exists while the
 //! run has streams. A stream with nothing to send sleeps until that number changes.
 
-use crate::devtools::{self, DevNode};
+use crate::devtools;
 use crate::error::RpcError;
 use crate::gateway::{Caller, ConnShared, Gateway};
 use crate::log_rate::LogRate;
 use crate::metrics::names;
 use crate::outbound::{Outbound, Refused};
+use crate::stream_registry::{Built, Latest, StreamCtl};
 use serde_json::{Value, json};
-use sha1::{Digest, Sha1};
 use smithers_store::FrameRow;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 /// How often a run's poller looks for new frames.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
@@ -41,77 +41,6 @@ pub const HIGH_WATER_BYTES: usize = 8 * 1024 * 1024;
 pub const REBASELINE_INTERVAL: u32 = 50;
 const MAX_FROM_SEQ: f64 = 9_007_199_254_740_991.0;
 
-/// One open stream, as the registry sees it.
-pub struct StreamCtl {
-    pub id: String,
-    pub run_id: String,
-    pub conn_id: u64,
-    invalidated: AtomicBool,
-    /// Frame a rewind went back to (-1: none pending): the next event is its snapshot.
-    rebase_to: AtomicI64,
-    stopped: AtomicBool,
-    wake: Notify,
-}
-
-/// A frame made ready for streaming: its full JSON, DevTools tree and serialized tree.
-pub struct Built {
-    /// Content hash of the frame (`xml_hash`); empty for the empty tree.
-    pub hash: String,
-    pub doc: Arc<Value>,
-    pub root: DevNode,
-    pub root_json: String,
-}
-
-impl Built {
-    /// Builds the tree of a frame document (`null` = the empty tree).
-    pub fn new(hash: &str, doc: Arc<Value>) -> Built {
-        let root = if doc.is_null() {
-            devtools::empty_node()
-        } else {
-            devtools::build(&doc)
-        };
-        let root_json = serde_json::to_string(&root).unwrap_or_else(|_| "null".into());
-        Built {
-            hash: hash.to_string(),
-            doc,
-            root,
-            root_json,
-        }
-    }
-}
-
-/// Work shared by all streams: trees keyed by the frame's content hash (so a rewind that
-/// reuses frame numbers cannot serve a stale tree) and deltas keyed by both trees and seqs.
-/// Bounded; cleared when full.
-#[derive(Default)]
-struct Shared {
-    trees: HashMap<String, Arc<Built>>,
-    deltas: HashMap<(String, String, i64, i64), Arc<str>>,
-    /// Rough size of what `trees` and `deltas` hold.
-    bytes: usize,
-}
-
-/// Most entries of each kind kept.
-const SHARED_LIMIT: usize = 256;
-/// Most bytes kept (a 1,000-node frame is a few hundred KiB as document, tree and text).
-const SHARED_BYTES: usize = 32 * 1024 * 1024;
-
-/// What a run's poller publishes: the latest frame number (-1 before the first read), or why
-/// it could not be read.
-type Latest = Result<i64, RpcError>;
-
-/// Open streams of every connection: for subscriber gauges, rewind re-baselines and closing
-/// the streams of a socket that went away; and the work the streams share.
-#[derive(Default)]
-pub struct Registry {
-    streams: Mutex<HashMap<String, Arc<StreamCtl>>>,
-    shared: Mutex<Shared>,
-    /// Streams open on the server (at most `[server] max_streams`).
-    open: AtomicUsize,
-    /// One poller per run with streams.
-    pollers: Mutex<HashMap<String, watch::Sender<Latest>>>,
-}
-
 /// Refusals at the server-wide cap logged at most every 10 s.
 static CAP_LOG: LogRate = LogRate::new(10_000);
 
@@ -124,7 +53,7 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.conn.streams.fetch_sub(1, Ordering::AcqRel);
-        self.gw.streams.open.fetch_sub(1, Ordering::AcqRel);
+        self.gw.streams.give_back_place();
     }
 }
 
@@ -154,7 +83,7 @@ fn reserve(gw: &Arc<Gateway>, conn: &Arc<ConnShared>) -> Result<Slot, RpcError> 
             ),
         ));
     }
-    if !take(&gw.streams.open, limits.max_streams) {
+    if !gw.streams.take_place(limits.max_streams) {
         conn.streams.fetch_sub(1, Ordering::AcqRel);
         if let Some(left_out) = CAP_LOG.allow() {
             tracing::warn!(
@@ -177,171 +106,13 @@ fn reserve(gw: &Arc<Gateway>, conn: &Arc<ConnShared>) -> Result<Slot, RpcError> 
     })
 }
 
-/// The gauge label of a run: the first 12 hex digits of sha1(runId), as upstream.
-pub fn run_label(run_id: &str) -> String {
-    let d = Sha1::digest(run_id.as_bytes());
-    hex::encode(d)[..12].to_string()
-}
-
-impl Registry {
-    fn cached(&self, hash: &str) -> Option<Arc<Built>> {
-        self.shared.lock().ok()?.trees.get(hash).cloned()
-    }
-
-    fn share(&self, hash: &str, b: Arc<Built>) {
-        if let Ok(mut s) = self.shared.lock() {
-            // the document, the tree and its text are each about as large as the text
-            let size = b.root_json.len() * 3;
-            if s.trees.len() >= SHARED_LIMIT || s.bytes + size > SHARED_BYTES {
-                s.trees.clear();
-                s.deltas.clear();
-                s.bytes = 0;
-            }
-            s.bytes += size;
-            s.trees.insert(hash.to_string(), b);
-        }
-    }
-
-    fn cached_delta(
-        &self,
-        a: &Arc<Built>,
-        b: &Arc<Built>,
-        base: i64,
-        seq: i64,
-    ) -> Option<Arc<str>> {
-        self.shared
-            .lock()
-            .ok()?
-            .deltas
-            .get(&(a.hash.clone(), b.hash.clone(), base, seq))
-            .cloned()
-    }
-
-    fn share_delta(&self, a: &Arc<Built>, b: &Arc<Built>, base: i64, seq: i64, d: Arc<str>) {
-        if let Ok(mut s) = self.shared.lock() {
-            if s.deltas.len() >= SHARED_LIMIT || s.bytes + d.len() > SHARED_BYTES {
-                s.trees.clear();
-                s.deltas.clear();
-                s.bytes = 0;
-            }
-            s.bytes += d.len();
-            s.deltas
-                .insert((a.hash.clone(), b.hash.clone(), base, seq), d);
-        }
-    }
-
-    fn count(&self, run_id: &str) -> usize {
-        self.streams
-            .lock()
-            .map(|m| m.values().filter(|s| s.run_id == run_id).count())
-            .unwrap_or(0)
-    }
-
-    fn add(&self, gw: &Gateway, ctl: Arc<StreamCtl>) {
-        if let Ok(mut m) = self.streams.lock() {
-            m.insert(ctl.id.clone(), ctl.clone());
-            Self::publish_count(gw, &m, &ctl.run_id);
-        }
-    }
-
-    fn remove(&self, gw: &Gateway, ctl: &StreamCtl) {
-        if let Ok(mut m) = self.streams.lock() {
-            m.remove(&ctl.id);
-            Self::publish_count(gw, &m, &ctl.run_id);
-        }
-    }
-
-    /// Sets a run's gauge; under the registry lock, so two streams ending at once cannot
-    /// leave a stale count behind.
-    fn publish_count(gw: &Gateway, m: &HashMap<String, Arc<StreamCtl>>, run_id: &str) {
-        let n = m.values().filter(|s| s.run_id == run_id).count();
-        gw.metrics.set_gauge(
-            names::DEVTOOLS_ACTIVE_SUBSCRIBERS,
-            &[("runId", &run_label(run_id))],
-            n as f64,
-        );
-    }
-
-    /// After a rewind to `frame_no`: every open stream of the run sends that frame's snapshot
-    /// next, then carries on from there.
-    pub fn invalidate(&self, run_id: &str, frame_no: i64) {
-        if let Ok(m) = self.streams.lock() {
-            for s in m.values().filter(|s| s.run_id == run_id) {
-                s.invalidated.store(true, Ordering::Release);
-                s.rebase_to.store(frame_no, Ordering::Release);
-                s.wake.notify_one();
-            }
-        }
-    }
-
-    /// The socket closed: its streams end.
-    pub fn close_conn(&self, conn_id: u64) {
-        if let Ok(m) = self.streams.lock() {
-            for s in m.values().filter(|s| s.conn_id == conn_id) {
-                s.stopped.store(true, Ordering::Release);
-                s.wake.notify_one();
-            }
-        }
-    }
-
-    /// Open streams of a run (for tests and metrics).
-    pub fn active(&self, run_id: &str) -> usize {
-        self.count(run_id)
-    }
-
-    /// Open streams on the server.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    /// Runs with a poller.
-    pub fn pollers(&self) -> usize {
-        self.pollers.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// The latest frame number of a run, kept current by the run's poller (started here if
-    /// the run has none).
-    fn watch(&self, gw: &Arc<Gateway>, run_id: &str) -> watch::Receiver<Latest> {
-        let Ok(mut m) = self.pollers.lock() else {
-            // cannot happen (nothing panics under this lock); a dead channel ends the stream
-            return watch::channel(Ok(-1)).1;
-        };
-        if let Some(tx) = m.get(run_id) {
-            return tx.subscribe();
-        }
-        let (tx, rx) = watch::channel(Ok(-1));
-        m.insert(run_id.to_string(), tx.clone());
-        gw.metrics
-            .set_gauge(names::DEVTOOLS_RUN_POLLERS, &[], m.len() as f64);
-        tokio::spawn(poll_run(gw.clone(), run_id.to_string(), tx));
-        rx
-    }
-
-    /// Whether a run's poller should stop (its last stream ended); unregisters it if so.
-    fn retire(&self, gw: &Gateway, run_id: &str, tx: &watch::Sender<Latest>) -> bool {
-        let Ok(mut m) = self.pollers.lock() else {
-            return true;
-        };
-        // under the lock that `watch` subscribes under: no stream can join in between
-        if tx.receiver_count() > 0 {
-            return false;
-        }
-        if m.get(run_id).is_some_and(|t| t.same_channel(tx)) {
-            m.remove(run_id);
-        }
-        gw.metrics
-            .set_gauge(names::DEVTOOLS_RUN_POLLERS, &[], m.len() as f64);
-        true
-    }
-}
-
 /// A run's poller: one store read per [`POLL_INTERVAL`] however many streams watch the run.
 async fn poll_run(gw: Arc<Gateway>, run_id: String, tx: watch::Sender<Latest>) {
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if gw.streams.retire(&gw, &run_id, &tx) {
+        if gw.streams.retire(&gw.metrics, &run_id, &tx) {
             return;
         }
         let latest =
@@ -385,18 +156,12 @@ pub async fn start(
     gw.metrics
         .inc(names::DEVTOOLS_SUBSCRIBE_TOTAL, &[("result", outcome)]);
     let (run_id, from_seq, conn, slot) = r?;
-    let ctl = Arc::new(StreamCtl {
-        id: uuid::Uuid::new_v4().to_string(),
-        run_id: run_id.clone(),
-        conn_id: conn.id,
-        invalidated: AtomicBool::new(false),
-        rebase_to: AtomicI64::new(-1),
-        stopped: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
-    gw.streams.add(gw, ctl.clone());
+    let ctl = Arc::new(StreamCtl::new(&run_id, conn.id));
+    gw.streams.add(&gw.metrics, ctl.clone());
     let reply = json!({"streamId": ctl.id, "runId": run_id, "fromSeq": from_seq});
-    let latest = gw.streams.watch(gw, &run_id);
+    let latest = gw.streams.watch(&gw.metrics, &run_id, |tx| {
+        tokio::spawn(poll_run(gw.clone(), run_id.clone(), tx));
+    });
     let producer = Producer {
         gw: gw.clone(),
         conn,
@@ -508,7 +273,7 @@ impl Producer {
                 state_version: self.gw.state_version(),
             });
         }
-        self.gw.streams.remove(&self.gw, &self.ctl);
+        self.gw.streams.remove(&self.gw.metrics, &self.ctl);
     }
 
     async fn drive(&mut self, from_seq: Option<i64>) -> Result<(), End> {
@@ -789,15 +554,5 @@ impl Producer {
             )));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gauge_label_is_sha1_prefix() {
-        assert_eq!(run_label("run-stream-3"), "78f44d0d2ef8");
     }
 }

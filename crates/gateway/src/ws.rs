@@ -526,7 +526,7 @@ async fn connect(
     let mode = gw.auth.mode_name();
     let grant: Grant = match gw
         .auth
-        .authenticate_async("ws", token, headers, crate::http::now_secs())
+        .authenticate_async("ws", token, headers, crate::clock::now_secs())
         .await
     {
         Ok(g) => {
@@ -560,7 +560,7 @@ async fn connect(
     if let Ok(mut v) = conn.view.write() {
         v.runs = filter;
     }
-    let snapshot = match gw.hello_snapshots.get(gw).await {
+    let snapshot = match gw.hello_snapshots.get(|| hello_snapshot(gw)).await {
         Ok(s) => s,
         Err(e) => return (Err(e), None),
     };
@@ -596,36 +596,6 @@ async fn connect(
         })
     };
     (Ok(hello), Some(hb))
-}
-
-/// One hello snapshot read serves every `connect` that arrived before the read started.
-///
-/// Reads are serialized; a `connect` takes the result of the latest read if that read started
-/// after the `connect` arrived, and otherwise starts a new one. Either way the snapshot it gets
-/// was read entirely after it asked, exactly as fresh as reading it alone, but a burst of
-/// connects costs a few reads instead of one read (five queries) each.
-#[derive(Default)]
-pub struct SharedSnapshot {
-    /// Reads started so far; read `n` starts after this counter reached `n`.
-    started: std::sync::atomic::AtomicU64,
-    /// The number of the latest finished read and its result.
-    last: tokio::sync::Mutex<Option<(u64, Result<Value, RpcError>)>>,
-}
-
-impl SharedSnapshot {
-    pub async fn get(&self, gw: &Arc<Gateway>) -> Result<Value, RpcError> {
-        let arrived = self.started.load(Ordering::Acquire);
-        let mut last = self.last.lock().await;
-        if let Some((n, result)) = &*last
-            && *n > arrived
-        {
-            return result.clone();
-        }
-        let n = self.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let result = hello_snapshot(gw).await;
-        *last = Some((n, result.clone()));
-        result
-    }
 }
 
 /// Active runs (never the finished ones: each status is read through its index) and pending

@@ -5,7 +5,6 @@
 //! fill only their own small share, never lock out clients that authenticate.
 
 use crate::conn_limit::ConnState;
-use crate::gateway::Gateway;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -44,18 +43,23 @@ impl WsBudget {
         self.unauthenticated.load(Ordering::Acquire)
     }
 
-    /// Reserves a place for an upgrade that has not authenticated yet.
-    pub fn reserve(gw: &Arc<Gateway>, tcp: Option<Arc<ConnState>>) -> Result<WsSlot, WsRefusal> {
-        let b = &gw.ws_budget;
-        if !take_below(&b.open, gw.config.max_connections) {
+    /// Reserves a place for an upgrade that has not authenticated yet: one of `max_open`
+    /// (`max_connections`) and one of `max_unauthenticated` (`max_unauthenticated_ws`).
+    pub fn reserve(
+        self: &Arc<Self>,
+        max_open: usize,
+        max_unauthenticated: usize,
+        tcp: Option<Arc<ConnState>>,
+    ) -> Result<WsSlot, WsRefusal> {
+        if !take_below(&self.open, max_open) {
             return Err(WsRefusal::Full);
         }
-        if !take_below(&b.unauthenticated, gw.config.limits.max_unauthenticated_ws) {
-            b.open.fetch_sub(1, Ordering::AcqRel);
+        if !take_below(&self.unauthenticated, max_unauthenticated) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(WsRefusal::Unauthenticated);
         }
         Ok(WsSlot {
-            gw: gw.clone(),
+            budget: self.clone(),
             authenticated: false,
             tcp,
         })
@@ -65,7 +69,7 @@ impl WsBudget {
 /// One WebSocket's place in the budgets, held for the socket's life; dropping it (also when
 /// the upgrade never completes) gives the place back.
 pub struct WsSlot {
-    gw: Arc<Gateway>,
+    budget: Arc<WsBudget>,
     authenticated: bool,
     tcp: Option<Arc<ConnState>>,
 }
@@ -85,10 +89,7 @@ impl WsSlot {
     pub fn promote(&mut self) {
         if !self.authenticated {
             self.authenticated = true;
-            self.gw
-                .ws_budget
-                .unauthenticated
-                .fetch_sub(1, Ordering::AcqRel);
+            self.budget.unauthenticated.fetch_sub(1, Ordering::AcqRel);
             if let Some(t) = &self.tcp {
                 t.authenticated();
             }
@@ -98,7 +99,7 @@ impl WsSlot {
 
 impl Drop for WsSlot {
     fn drop(&mut self) {
-        let b = &self.gw.ws_budget;
+        let b = &self.budget;
         if !self.authenticated {
             b.unauthenticated.fetch_sub(1, Ordering::AcqRel);
         }

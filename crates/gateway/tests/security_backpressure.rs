@@ -437,7 +437,7 @@ const POLLERS: &str = "smithers_devtools_run_pollers";
 fn subscribers(run_id: &str) -> String {
     format!(
         "smithers_devtools_active_subscribers{{runId=\"{}\"}}",
-        smithers_gateway::stream::run_label(run_id)
+        smithers_gateway::stream_registry::run_label(run_id)
     )
 }
 

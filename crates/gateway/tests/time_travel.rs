@@ -713,7 +713,7 @@ async fn stream_replays_then_follows_and_rebaselines_after_a_rewind() {
     assert_eq!(tree, snap["payload"]["root"]);
 
     // gauge: two streams on this run; closing the socket ends both
-    let label = smithers_gateway::stream::run_label("sl-1");
+    let label = smithers_gateway::stream_registry::run_label("sl-1");
     let gauge = format!("smithers_devtools_active_subscribers{{runId=\"{label}\"}}");
     let metrics = http(s.addr, "GET", "/metrics", &[], b"").await.body;
     assert!(metrics.contains(&format!("{gauge} 2")), "{metrics}");
