@@ -35,9 +35,17 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
     let dir = tmp.path();
     let log = dir.join("log");
     let mut yaml = String::from("name: crashy\nsteps:\n");
+    // s3 holds until the test creates `release` (after the kill), so the kill always lands
+    // while it runs, however slow the machine is
+    let release = dir.join("release");
     for i in 1..=5 {
+        let wait = if i == 3 {
+            format!("while [ ! -e {} ]; do sleep 0.05; done", release.display())
+        } else {
+            "sleep 0.2".to_string()
+        };
         yaml.push_str(&format!(
-            "  - task: {{id: s{i}, run: \"echo start-{i} >> {log}; sleep 0.5; echo done-{i} >> {log}; echo '{{\\\"n\\\": {i}}}'\", output: {{type: object}}}}\n",
+            "  - task: {{id: s{i}, run: \"echo start-{i} >> {log}; {wait}; echo done-{i} >> {log}; echo '{{\\\"n\\\": {i}}}'\", output: {{type: object}}}}\n",
             log = log.display()
         ));
     }
@@ -68,7 +76,9 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
         !at_kill.contains("done-3"),
         "s3 must have been interrupted:\n{at_kill}"
     );
-    std::thread::sleep(Duration::from_millis(800)); // an orphaned task would finish by now
+    // an orphaned s3 would now finish and write done-3 a second time
+    std::fs::write(&release, "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
 
     let before = smithers(dir, &["inspect", "crash-1", "--json", "--db", &db]);
     let doc: Value = serde_json::from_slice(&before.stdout).unwrap();
