@@ -38,6 +38,16 @@ enum Cmd {
         config: Option<std::path::PathBuf>,
         /// Without --config: directories (every *.yaml in them) or workflow files to serve.
         paths: Vec<std::path::PathBuf>,
+        /// Address to listen on, HOST:PORT (overrides `[server] listen`; env SMITHERS_LISTEN).
+        #[arg(long, conflicts_with = "port")]
+        listen: Option<String>,
+        /// Port to listen on, keeping the configured host (127.0.0.1 by default).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Database: sqlite://PATH, a bare SQLite file path, or postgres://… (overrides
+        /// `[storage] url`; env SMITHERS_DB).
+        #[arg(long)]
+        db: Option<String>,
     },
     /// Run a workflow in the foreground with live progress.
     Up {
@@ -314,7 +324,13 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
         return r;
     }
     match cmd {
-        Cmd::Serve { config, paths } => serve(config, paths).await,
+        Cmd::Serve {
+            config,
+            paths,
+            listen,
+            port,
+            db,
+        } => serve(config, paths, ServeOverrides { listen, port, db }).await,
         Cmd::Up {
             workflow,
             input,
@@ -421,21 +437,65 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
     }
 }
 
+/// What `serve` flags and environment variables change in the loaded configuration.
+struct ServeOverrides {
+    listen: Option<String>,
+    port: Option<u16>,
+    db: Option<String>,
+}
+
+impl ServeOverrides {
+    /// Flags win over the environment, which wins over the file.
+    fn apply(self, cfg: &mut smithers_gateway::config::ServeConfig) -> Result<(), SmithersError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        if let Some(listen) = self.listen.or_else(|| {
+            self.port
+                .is_none()
+                .then(|| env("SMITHERS_LISTEN"))
+                .flatten()
+        }) {
+            cfg.server.listen = listen;
+        }
+        if let Some(port) = self.port {
+            let host = match cfg.server.listen.rsplit_once(':') {
+                Some((host, _)) if !host.is_empty() => host.to_string(),
+                _ => "127.0.0.1".to_string(),
+            };
+            cfg.server.listen = format!("{host}:{port}");
+        }
+        if let Some(db) = self.db.or_else(|| env("SMITHERS_DB")) {
+            cfg.storage_url = smithers_store::storage_url(&db);
+        }
+        if cfg.server.listen.parse::<std::net::SocketAddr>().is_err()
+            && !cfg.server.listen.contains(':')
+        {
+            return Err(SmithersError::new(
+                Code::InvalidInput,
+                format!(
+                    "listen address `{}` has no port; give HOST:PORT (e.g. --listen 0.0.0.0:7331) or --port N",
+                    cfg.server.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 async fn serve(
     config: Option<std::path::PathBuf>,
     paths: Vec<std::path::PathBuf>,
+    overrides: ServeOverrides,
 ) -> Result<u8, SmithersError> {
-    let cfg = match (config, paths.is_empty()) {
+    let mut cfg = match (config, paths.is_empty()) {
         (Some(c), true) => smithers_gateway::config::load(&c),
         (Some(_), false) => Err("give either --config or workflow paths, not both".to_string()),
         (None, false) => smithers_gateway::config::zero_config(&paths),
         (None, true) => Err("nothing to serve: give a directory of workflows (smithers serve examples/workflows) or --config smithers.toml".to_string()),
     }
     .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
+    overrides.apply(&mut cfg)?;
     raise_open_file_limit();
-    smithers_gateway::serve::run(cfg)
-        .await
-        .map_err(|e| SmithersError::new(Code::Internal, e))?;
+    smithers_gateway::serve::run(cfg).await?;
     Ok(0)
 }
 

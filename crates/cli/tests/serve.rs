@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 struct Served {
     child: Child,
     addr: String,
+    /// What the server printed before its listening line (its start log).
+    head: Vec<String>,
 }
 
 impl Drop for Served {
@@ -22,10 +24,17 @@ impl Drop for Served {
 }
 
 fn serve(dir: &Path, args: &[&str]) -> Served {
+    serve_env(dir, args, &[])
+}
+
+fn serve_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
     let child = Command::new(env!("CARGO_BIN_EXE_smithers"))
         .current_dir(dir)
         .arg("serve")
         .args(args)
+        .envs(env.iter().copied())
+        .env_remove("SMITHERS_LOG")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -34,6 +43,7 @@ fn serve(dir: &Path, args: &[&str]) -> Served {
     let mut served = Served {
         child,
         addr: String::new(),
+        head: Vec::new(),
     };
     let stderr = served.child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -48,6 +58,7 @@ fn serve(dir: &Path, args: &[&str]) -> Served {
             std::thread::spawn(move || for _ in lines {});
             return served;
         }
+        served.head.push(line);
         assert!(t0.elapsed() < Duration::from_secs(20), "no listening line");
     }
 }
@@ -267,5 +278,165 @@ fn cron_commands_locally_and_through_the_gateway() {
     let rm = smithers(dir, &["cron", "remove", "morning", "--url", &url]);
     assert_eq!(rm.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&rm.stderr).contains("Cron not found: morning"));
+    sigterm(s);
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn health(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.starts_with("HTTP/1.1 200")
+}
+
+fn one_workflow(dir: &Path) {
+    std::fs::write(
+        dir.join("hello.yaml"),
+        "name: hello\nsteps:\n  - task: {id: a, value: 1}\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn serve_flags_and_environment_override_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    // the file asks for a port that is taken: the flags must win over it
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::fs::write(
+        dir.join("smithers.toml"),
+        format!(
+            "[server]\nlisten = \"{}\"\n[storage]\nurl = \"sqlite://from-file.db\"\n[[workflows]]\nkey = \"hello\"\npath = \"hello.yaml\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+
+    let port = free_port();
+    let s = serve(
+        dir,
+        &[
+            "--config",
+            "smithers.toml",
+            "--port",
+            &port.to_string(),
+            "--db",
+            "flag.db",
+        ],
+    );
+    assert_eq!(s.addr, format!("127.0.0.1:{port}"));
+    assert!(health(&s.addr));
+    let created = rpc(&s.addr, "runs.create", json!({"workflow": "hello"}));
+    assert_eq!(created["ok"], true, "{created}");
+    assert_eq!(sigterm(s), 0);
+    assert!(dir.join("flag.db").exists(), "--db PATH is a SQLite file");
+    assert!(!dir.join("from-file.db").exists());
+
+    // the environment, when no flag is given
+    let listen = format!("127.0.0.1:{}", free_port());
+    let s = serve_env(
+        dir,
+        &["--config", "smithers.toml"],
+        &[
+            ("SMITHERS_LISTEN", &listen),
+            ("SMITHERS_DB", "sqlite://env.db"),
+        ],
+    );
+    assert_eq!(s.addr, listen);
+    assert!(health(&s.addr));
+    assert_eq!(sigterm(s), 0);
+    assert!(dir.join("env.db").exists());
+
+    // a flag beats the environment
+    let listen_flag = format!("127.0.0.1:{}", free_port());
+    let s = serve_env(
+        dir,
+        &["hello.yaml", "--listen", &listen_flag],
+        &[("SMITHERS_LISTEN", &listen)],
+    );
+    assert_eq!(s.addr, listen_flag);
+    sigterm(s);
+    drop(taken);
+}
+
+#[test]
+fn port_in_use_is_a_clear_error_that_names_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["serve", "hello.yaml", "--port", &port])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error[ADDRESS_IN_USE]: "), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("--port") && err.contains("--listen"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args([
+            "serve",
+            "hello.yaml",
+            "--port",
+            "1",
+            "--listen",
+            "127.0.0.1:2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses both");
+}
+
+#[test]
+fn serve_logs_what_it_serves_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    let s = serve(
+        dir,
+        &[
+            "hello.yaml",
+            "--port",
+            &free_port().to_string(),
+            "--db",
+            "x.db",
+        ],
+    );
+    let head = s.head.join("\n");
+    let start = s
+        .head
+        .iter()
+        .find(|l| l.contains("smithers gateway started"))
+        .unwrap_or_else(|| panic!("no start line in:\n{head}"));
+    for want in [
+        format!("version={}", env!("CARGO_PKG_VERSION")),
+        format!("listen={}", s.addr),
+        "database=sqlite://x.db".to_string(),
+        "auth=none".to_string(),
+        "\"hello\"".to_string(),
+    ] {
+        assert!(start.contains(&want), "`{want}` missing from: {start}");
+    }
     sigterm(s);
 }

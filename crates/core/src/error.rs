@@ -57,6 +57,7 @@ codes! {
     StorageError => "STORAGE_ERROR",
     InvalidUrl => "INVALID_URL",
     GatewayUnreachable => "GATEWAY_UNREACHABLE",
+    AddressInUse => "ADDRESS_IN_USE",
     AgentCliError => "AGENT_CLI_ERROR",
     AgentConfigInvalid => "AGENT_CONFIG_INVALID",
     AgentHttpError => "AGENT_HTTP_ERROR",

@@ -2,6 +2,7 @@
 //! event timeouts, cron, orphaned runs) and a clean shutdown.
 
 use crate::gateway::Gateway;
+use smithers_core::{Code, SmithersError};
 use smithers_store::status;
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,19 +177,21 @@ async fn due(gw: &Gateway, run_id: &str, now: i64) -> bool {
 
 /// `smithers serve`: opens storage, loads the workflows, registers schedules, serves until
 /// SIGTERM or Ctrl-C, then shuts down cleanly (runs stay resumable; the next start resumes
-/// them).
-pub async fn run(config: crate::config::ServeConfig) -> Result<(), String> {
+/// them). Errors carry the code the CLI prints (`ADDRESS_IN_USE`, `INVALID_WORKFLOW`, the
+/// storage's own codes, …).
+pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError> {
     use crate::gateway::Registered;
-    let store = smithers_store::open(&config.storage_url)
-        .await
-        .map_err(|e| format!("[{}] {}", e.code, e.message))?;
+    let store = smithers_store::open(&config.storage_url).await?;
     let engine =
         smithers_engine::Engine::new(store.clone(), smithers_engine::EngineConfig::default());
     let mut regs = Vec::new();
     for w in &config.workflows {
         let wf = smithers_core::yaml::load_file(&w.path).map_err(|problems| {
             let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n"))
+            SmithersError::new(
+                Code::InvalidWorkflow,
+                format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n")),
+            )
         })?;
         if let Some(pattern) = &w.schedule {
             let row = crate::cron::new_row(
@@ -198,11 +201,13 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), String> {
                 true,
                 smithers_engine::now_ms(),
             )
-            .map_err(|e| format!("workflow `{}` schedule: {e}", w.key))?;
-            store
-                .upsert_cron(row)
-                .await
-                .map_err(|e| format!("[{}] {}", e.code, e.message))?;
+            .map_err(|e| {
+                SmithersError::new(
+                    Code::InvalidInput,
+                    format!("workflow `{}` schedule: {e}", w.key),
+                )
+            })?;
+            store.upsert_cron(row).await?;
         }
         regs.push(Registered {
             key: w.key.clone(),
@@ -212,26 +217,64 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), String> {
         });
     }
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    let auth_mode = config.auth.mode_name();
     let gw = Gateway::new(engine, regs, config.auth, config.server.clone(), metrics);
-    let listener = TcpListener::bind(&config.server.listen)
+    let listen = &config.server.listen;
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        .map_err(|e| listen_error(listen, &e))?;
     let server = start(gw, listener)
         .await
-        .map_err(|e| format!("cannot start the server: {e}"))?;
+        .map_err(|e| SmithersError::new(Code::Internal, format!("cannot start the server: {e}")))?;
+    let keys: Vec<&str> = config.workflows.iter().map(|w| w.key.as_str()).collect();
+    tracing::info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        listen = %server.local_addr,
+        database = %smithers_store::redact_url(&smithers_store::storage_url(&config.storage_url)),
+        auth = %auth_mode,
+        workflows = ?keys,
+        "smithers gateway started"
+    );
     eprintln!(
         "smithers gateway listening on http://{} ({} workflows)",
         server.local_addr,
         config.workflows.len()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let signal = |kind| {
+        tokio::signal::unix::signal(kind).map_err(|e| {
+            SmithersError::new(
+                Code::Internal,
+                format!("cannot install a signal handler: {e}"),
+            )
+        })
+    };
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = why, "shutting down; runs in flight stay resumable");
     eprintln!("shutting down");
-    server.shutdown().await.map_err(|e| e.to_string())
+    server
+        .shutdown()
+        .await
+        .map_err(|e| SmithersError::new(Code::Internal, format!("shutdown: {e}")))
+}
+
+/// Why the listen address could not be bound, and how to pick another.
+fn listen_error(listen: &str, e: &std::io::Error) -> SmithersError {
+    let how = "choose another with `smithers serve --port N` or `--listen HOST:PORT` (or `[server] listen` in smithers.toml, or SMITHERS_LISTEN)";
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => SmithersError::new(
+            Code::AddressInUse,
+            format!(
+                "cannot listen on {listen}: the address is already in use (another server holds it); {how}"
+            ),
+        ),
+        _ => SmithersError::new(
+            Code::InvalidInput,
+            format!("cannot listen on {listen}: {e}; {how}"),
+        ),
+    }
 }

@@ -392,6 +392,7 @@ pub trait Store: Send + Sync + 'static {
 /// Opens a store from a URL (`sqlite://path`, `sqlite::memory:`,
 /// `postgres://user:password@host:port/dbname`); the error says which schemes are supported.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    let url = &storage_url(url);
     if let Some(rest) = url.strip_prefix("sqlite://") {
         let (path, busy) = sqlite_url(rest)?;
         let store = sqlite::SqliteStore::open_with_busy_timeout(std::path::Path::new(path), busy)?;
@@ -409,6 +410,40 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             "storage url `{url}` is not supported; use sqlite://PATH (e.g. sqlite://.smithers/smithers.db) or postgres://USER:PASSWORD@HOST:PORT/DBNAME"
         ),
     ))
+}
+
+/// A storage URL as given by a user: `my.db` or `./data/runs.sqlite` (no `scheme://`) is a
+/// SQLite path, so `--db my.db` does what it says; anything else is kept as written.
+pub fn storage_url(given: &str) -> String {
+    if given.contains("://") || given.starts_with("sqlite:") || given.starts_with("postgres") {
+        given.to_string()
+    } else {
+        format!("sqlite://{given}")
+    }
+}
+
+/// A storage URL fit for logs and errors: the password of `postgres://user:PASSWORD@host/db`
+/// (and of a `password=` option) is replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let rest = &out[auth_start..];
+        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..auth_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(auth_start + colon + 1..auth_start + at, "***");
+        }
+    }
+    if let Some(i) = out.find("password=") {
+        let start = i + "password=".len();
+        let end = out[start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |n| start + n);
+        out.replace_range(start..end, "***");
+    }
+    out
 }
 
 /// Default of `busy_timeout_ms` in `sqlite://PATH?busy_timeout_ms=N`.
@@ -446,6 +481,36 @@ fn sqlite_url(rest: &str) -> Result<(&str, std::time::Duration)> {
 #[cfg(test)]
 mod url_tests {
     use super::*;
+
+    #[test]
+    fn a_bare_path_is_a_sqlite_database() {
+        assert_eq!(storage_url("my.db"), "sqlite://my.db");
+        assert_eq!(storage_url("./d/runs.sqlite"), "sqlite://./d/runs.sqlite");
+        assert_eq!(storage_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(storage_url("sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(storage_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(storage_url("mysql://h/d"), "mysql://h/d");
+    }
+
+    #[test]
+    fn passwords_never_reach_a_log() {
+        assert_eq!(
+            redact_url("postgres://smithers:s3cr:et@db.example:5432/runs?sslmode=disable"),
+            "postgres://smithers:***@db.example:5432/runs?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres://smithers@h/d"),
+            "postgres://smithers@h/d"
+        );
+        assert_eq!(
+            redact_url("postgres://h/d?user=u&password=p4ss&x=1"),
+            "postgres://h/d?user=u&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("sqlite://.smithers/smithers.db"),
+            "sqlite://.smithers/smithers.db"
+        );
+    }
 
     #[test]
     fn sqlite_url_takes_an_optional_busy_timeout() {
