@@ -27,6 +27,17 @@ pub const DEFAULT_DB: &str = "sqlite://.smithers/smithers.db";
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: `pretty` (default on a terminal) or `json` (one object a line;
+    /// default otherwise). Filter them with SMITHERS_LOG or RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// How operator logs are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -274,7 +285,7 @@ fn main() -> ExitCode {
             );
         }
     }
-    init_logging(matches!(cli.cmd, Cmd::Serve { .. }));
+    init_logging(matches!(cli.cmd, Cmd::Serve { .. }), cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -298,7 +309,7 @@ fn main() -> ExitCode {
 /// Operator logs (`tracing` events) go to stderr. `SMITHERS_LOG` or `RUST_LOG` filter them
 /// (`SMITHERS_LOG=debug`, `RUST_LOG=smithers_gateway=debug`); without either, `serve` logs at
 /// `info` and every other command only warnings, so their own output stays readable.
-fn init_logging(serving: bool) {
+fn init_logging(serving: bool, format: Option<LogFormat>) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let from_env = std::env::var("SMITHERS_LOG")
@@ -310,13 +321,22 @@ fn init_logging(serving: bool) {
         .as_deref()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(default));
-    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
+    let terminal = std::io::stderr().is_terminal();
+    let format = format.unwrap_or(if terminal {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(color)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder
+            .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+    };
 }
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {

@@ -974,7 +974,7 @@ fn bad_db_urls_are_one_line_errors() {
     let urls = [
         "postgres://x".to_string(),
         "mysql://x".to_string(),
-        "nonsense".to_string(),
+        "nonsense://x".to_string(),
         format!("sqlite://{junk}"),
     ];
     for url in &urls {

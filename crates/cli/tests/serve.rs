@@ -13,6 +13,8 @@ struct Served {
     addr: String,
     /// What the server printed before its listening line (its start log).
     head: Vec<String>,
+    /// What it printed after.
+    tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Served {
@@ -44,6 +46,7 @@ fn serve_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
         child,
         addr: String::new(),
         head: Vec::new(),
+        tail: Default::default(),
     };
     let stderr = served.child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -55,7 +58,14 @@ fn serve_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
             .unwrap();
         if let Some(rest) = line.split("listening on http://").nth(1) {
             served.addr = rest.split_whitespace().next().unwrap().to_string();
-            std::thread::spawn(move || for _ in lines {});
+            let tail = served.tail.clone();
+            std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    if let Ok(mut t) = tail.lock() {
+                        t.push(line);
+                    }
+                }
+            });
             return served;
         }
         served.head.push(line);
@@ -409,7 +419,89 @@ fn port_in_use_is_a_clear_error_that_names_the_flags() {
 }
 
 #[test]
-fn serve_logs_what_it_serves_at_start() {
+fn serve_logs_its_start_and_each_run_as_json_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "name: broken\nsteps:\n  - task: {id: bad, run: \"exit 3\"}\n",
+    )
+    .unwrap();
+    let s = serve(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "x.db"],
+    );
+    let json_lines = |lines: &[String]| -> Vec<Value> {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    };
+    let head = json_lines(&s.head);
+    let start = head
+        .iter()
+        .find(|l| l["message"] == "smithers gateway started")
+        .unwrap_or_else(|| panic!("no start line in {:?}", s.head));
+    assert_eq!(start["level"], "INFO");
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(start["listen"], s.addr.as_str());
+    assert_eq!(start["database"], "sqlite://x.db");
+    assert_eq!(start["auth"], "none");
+    let keys = start["workflows"].as_str().unwrap();
+    assert!(
+        keys.contains("\"hello\"") && keys.contains("\"broken\""),
+        "{keys}"
+    );
+
+    let ok = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "runId": "ok-1"}),
+    );
+    assert_eq!(ok["ok"], true, "{ok}");
+    let bad = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "broken", "runId": "bad-1"}),
+    );
+    assert_eq!(bad["ok"], true, "{bad}");
+    wait_status(&s.addr, "ok-1", "finished");
+    wait_status(&s.addr, "bad-1", "failed");
+    let find = |run: &str, message: &str| -> Value {
+        let t0 = Instant::now();
+        loop {
+            let lines = s.tail.lock().unwrap().clone();
+            if let Some(l) = json_lines(&lines)
+                .into_iter()
+                .find(|l| l["run_id"] == run && l["message"] == message)
+            {
+                return l;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no `{message}` for {run} in {lines:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(find("ok-1", "run started")["workflow"], "hello");
+    let done = find("ok-1", "run finished");
+    assert_eq!(done["workflow"], "hello");
+    assert!(done["duration_ms"].as_u64().is_some(), "{done}");
+    let failed = find("bad-1", "run failed");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["workflow"], "broken");
+    assert_eq!(failed["node"], "bad");
+    assert!(
+        failed["code"].as_str().is_some_and(|c| !c.is_empty()),
+        "{failed}"
+    );
+    sigterm(s);
+}
+
+#[test]
+fn pretty_log_format_prints_key_value_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     one_workflow(dir);
@@ -421,6 +513,8 @@ fn serve_logs_what_it_serves_at_start() {
             &free_port().to_string(),
             "--db",
             "x.db",
+            "--log-format",
+            "pretty",
         ],
     );
     let head = s.head.join("\n");

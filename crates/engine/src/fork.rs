@@ -99,6 +99,7 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(id.as_str()), *seq, ev);
         }
-        Ok(self.spawn_driver(reservation, workflow, input, true, 0))
+        tracing::info!(run_id = %id, workflow = %workflow.name(), "run forked");
+        Ok(self.spawn_driver(reservation, workflow, input, true, 0, now))
     }
 }

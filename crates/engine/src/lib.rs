@@ -460,7 +460,8 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(run_id.as_str()), *seq, ev);
         }
-        Ok(self.spawn_driver(reservation, workflow, input, false, depth))
+        tracing::info!(run_id = %run_id, workflow = %workflow.name(), "run started");
+        Ok(self.spawn_driver(reservation, workflow, input, false, depth, now))
     }
 
     /// The git work tree and `HEAD` of a run of `workflow` (None outside git).
@@ -479,6 +480,7 @@ impl Engine {
         input: Value,
         resume: bool,
         depth: u32,
+        created_at_ms: i64,
     ) -> RunHandle {
         let sh = self.sh.clone();
         let run_id = reservation.run_id.clone();
@@ -503,7 +505,10 @@ impl Engine {
                 };
                 let began = std::time::Instant::now();
                 let mut error = match driver::Driver::new(init).run(resume).await {
-                    driver::Drive::Ended(outcome) => return outcome,
+                    driver::Drive::Ended(outcome) => {
+                        log_outcome(&outcome, workflow.name(), created_at_ms);
+                        return outcome;
+                    }
                     driver::Drive::Stalled(e) => e,
                 };
                 // a driver that ran a while before stalling starts the backoff afresh
@@ -763,7 +768,13 @@ impl Engine {
         if let Some(seq) = applied.event_seqs.first() {
             self.sh.publish(&Arc::from(run_id), *seq, ev);
         }
-        Ok(self.spawn_driver(reservation, workflow, input, true, depth))
+        tracing::info!(
+            run_id,
+            workflow = %row.workflow_name,
+            previous_status = %row.status,
+            "run resumed"
+        );
+        Ok(self.spawn_driver(reservation, workflow, input, true, depth, row.created_at_ms))
     }
 
     /// Cancels a run. A run driven here stops at once (its processes are killed); a parked or
@@ -880,5 +891,38 @@ fn check_input_schema(schema: &Value, input: &Value) -> Result<()> {
                 problems.join("; ")
             ),
         ))
+    }
+}
+
+/// One log line per run that stops being driven: how it ended (or why it waits) and how long
+/// since it was created.
+fn log_outcome(outcome: &RunOutcome, workflow: &str, created_at_ms: i64) {
+    let duration_ms = now_ms().saturating_sub(created_at_ms);
+    let run_id = outcome.run_id.as_str();
+    let st = outcome.status.as_str();
+    match (st, &outcome.error) {
+        (status::FINISHED, _) => {
+            tracing::info!(run_id, workflow, duration_ms, "run finished")
+        }
+        (status::CANCELLED, _) => {
+            tracing::info!(run_id, workflow, duration_ms, "run cancelled")
+        }
+        (status::FAILED, Some(e)) => tracing::warn!(
+            run_id,
+            workflow,
+            duration_ms,
+            code = %e.code,
+            node = e.node.as_deref().unwrap_or(""),
+            error = %e.message,
+            "run failed"
+        ),
+        (_, Some(e)) if e.code == Code::RunLeaseLost => {
+            tracing::info!(
+                run_id,
+                workflow,
+                "run handed over: another node owns it now"
+            )
+        }
+        _ => tracing::info!(run_id, workflow, status = st, duration_ms, "run waiting"),
     }
 }

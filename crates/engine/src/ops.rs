@@ -117,6 +117,7 @@ pub async fn cancel_run(
     });
     event(&mut batch, run_id, events::kind::RUN_CANCELLED, json!({}));
     store.apply(batch).await?;
+    tracing::info!(run_id, "run cancelled (it was parked, not being driven)");
     Ok(CancelOutcome::Cancelled)
 }
 

@@ -162,8 +162,14 @@ pub fn cron_json(row: &CronRow) -> Value {
 /// [`tick_report`] to handle them yourself.
 pub async fn tick(store: &dyn Store, now_ms: i64, start: &StartFn) -> Vec<Fired> {
     let report = tick_report(store, now_ms, start).await;
+    for f in &report.fired {
+        tracing::info!(cron_id = %f.cron_id, workflow = %f.workflow, run_id = %f.run_id, "cron fired");
+    }
+    for f in &report.failed {
+        tracing::warn!(cron_id = %f.cron_id, workflow = %f.workflow, error = %f.message, "cron fire failed; retried at its next time");
+    }
     for e in &report.errors {
-        eprintln!("smithers gateway: cron: {e}");
+        tracing::error!(error = %e, "cron storage error");
     }
     report.fired
 }

@@ -34,6 +34,8 @@ pub use proxy::ProxyConfig;
 pub use scopes::{Level, approval_scope_allows, has_scope, required_level};
 pub use section::{Audience, AuthSection, TokenEntry};
 
+/// Refused credentials are logged at most once a second at `info`.
+static REFUSAL_LOG: crate::log_rate::LogRate = crate::log_rate::LogRate::new(1000);
 /// What an authenticated caller may do: its role, its scopes and (if known) its user id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -172,12 +174,23 @@ impl AuthConfig {
         outcome: Result<Grant, Refusal>,
     ) -> Result<Grant, RpcError> {
         outcome.map_err(|refusal| {
-            tracing::debug!(
-                mode = self.mode_name(),
-                transport,
-                reason = %refusal.message,
-                "authentication refused"
-            );
+            // anyone can provoke it: one line a second at info, the rest at debug; the
+            // reason never holds the credential
+            match REFUSAL_LOG.allow() {
+                Some(left_out) => tracing::info!(
+                    mode = self.mode_name(),
+                    transport,
+                    reason = %refusal.message,
+                    similar_left_out = left_out,
+                    "authentication refused"
+                ),
+                None => tracing::debug!(
+                    mode = self.mode_name(),
+                    transport,
+                    reason = %refusal.message,
+                    "authentication refused"
+                ),
+            }
             RpcError::new("UNAUTHORIZED", refusal.message)
         })
     }
