@@ -285,7 +285,8 @@ fn main() -> ExitCode {
             );
         }
     }
-    init_logging(matches!(cli.cmd, Cmd::Serve { .. }), cli.log_format);
+    // held to the end of main: dropping it writes out the log lines still queued
+    let _log_guard = init_logging(matches!(cli.cmd, Cmd::Serve { .. }), cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -309,7 +310,13 @@ fn main() -> ExitCode {
 /// Operator logs (`tracing` events) go to stderr. `SMITHERS_LOG` or `RUST_LOG` filter them
 /// (`SMITHERS_LOG=debug`, `RUST_LOG=smithers_gateway=debug`); without either, `serve` logs at
 /// `info` and every other command only warnings, so their own output stays readable.
-fn init_logging(serving: bool, format: Option<LogFormat>) {
+/// Lines are formatted on the thread that logs and written by a logging thread in batches (one
+/// `write` per burst instead of one per line), so a busy server does not wait on stderr; at
+/// most 65,536 lines wait, past that the logging thread blocks (no line is dropped).
+fn init_logging(
+    serving: bool,
+    format: Option<LogFormat>,
+) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let from_env = std::env::var("SMITHERS_LOG")
@@ -327,9 +334,14 @@ fn init_logging(serving: bool, format: Option<LogFormat>) {
     } else {
         LogFormat::Json
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(65_536)
+        .thread_name("smithers-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -337,6 +349,7 @@ fn init_logging(serving: bool, format: Option<LogFormat>) {
             .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none())
             .try_init(),
     };
+    guard
 }
 
 async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {

@@ -291,6 +291,26 @@ fn cron_commands_locally_and_through_the_gateway() {
     sigterm(s);
 }
 
+impl Served {
+    /// The first line the server printed (before or after its listening line) that `want`
+    /// accepts; log lines are written by a logging thread, so they may trail that line.
+    fn line(&self, want: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let tail = self.tail.lock().unwrap().clone();
+            if let Some(l) = self.head.iter().chain(tail.iter()).find(|l| want(l)) {
+                return l.clone();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no such line in {:?} {tail:?}",
+                self.head
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -438,11 +458,8 @@ fn serve_logs_its_start_and_each_run_as_json_lines() {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .collect()
     };
-    let head = json_lines(&s.head);
-    let start = head
-        .iter()
-        .find(|l| l["message"] == "smithers gateway started")
-        .unwrap_or_else(|| panic!("no start line in {:?}", s.head));
+    let start: Value =
+        serde_json::from_str(&s.line(|l| l.contains("smithers gateway started"))).unwrap();
     assert_eq!(start["level"], "INFO");
     assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(start["listen"], s.addr.as_str());
@@ -517,12 +534,7 @@ fn pretty_log_format_prints_key_value_lines() {
             "pretty",
         ],
     );
-    let head = s.head.join("\n");
-    let start = s
-        .head
-        .iter()
-        .find(|l| l.contains("smithers gateway started"))
-        .unwrap_or_else(|| panic!("no start line in:\n{head}"));
+    let start = s.line(|l| l.contains("smithers gateway started"));
     for want in [
         format!("version={}", env!("CARGO_PKG_VERSION")),
         format!("listen={}", s.addr),
