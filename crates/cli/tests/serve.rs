@@ -546,3 +546,51 @@ fn pretty_log_format_prints_key_value_lines() {
     }
     sigterm(s);
 }
+
+#[test]
+fn remote_approve_of_a_run_the_gateway_does_not_serve_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    std::fs::write(
+        dir.join("gated.yaml"),
+        "name: gated\nsteps:\n  - approval: {id: gate, title: ok?}\n  - task: {id: b, value: 2}\n",
+    )
+    .unwrap();
+    // a run of `gated`, parked at its approval, in the database the gateway will use
+    let up = smithers(
+        dir,
+        &["up", "gated.yaml", "--run-id", "g-1", "--db", "shared.db"],
+    );
+    assert_eq!(up.status.code(), Some(3), "{up:?}");
+    // the gateway serves only `hello`
+    let s = serve(
+        dir,
+        &[
+            "hello.yaml",
+            "--port",
+            &free_port().to_string(),
+            "--db",
+            "shared.db",
+        ],
+    );
+    let url = format!("http://{}", s.addr);
+    let approve = smithers(dir, &["approve", "g-1", "--node", "gate", "--url", &url]);
+    assert_eq!(
+        approve.status.code(),
+        Some(0),
+        "the decision is recorded, so the command succeeds: {}",
+        String::from_utf8_lossy(&approve.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&approve.stderr).contains("SERVER_ERROR"));
+    s.line(|l| l.contains("does not serve") && l.contains("g-1"));
+    sigterm(s);
+    // whoever has the workflow continues the run
+    let resumed = smithers(dir, &["resume", "g-1", "--db", "shared.db"]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+}

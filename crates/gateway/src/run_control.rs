@@ -88,7 +88,8 @@ impl Gateway {
     }
 
     /// After a decision or a signal: wake the run if it is driven here, else resume it unless it
-    /// has ended (gateway-protocol §4 resume rule).
+    /// has ended (gateway-protocol §4 resume rule). A run of a workflow not served here is left
+    /// parked (the caller's change is committed already, so that is not an error).
     pub async fn continue_run(
         &self,
         run_id: &str,
@@ -108,12 +109,14 @@ impl Gateway {
                 return Ok(());
             }
             let Some(wf) = self.workflow_of(&row) else {
-                return Err(RpcError::new(
-                    "SERVER_ERROR",
-                    format!(
-                        "run `{run_id}` belongs to no registered workflow; it cannot be resumed here"
-                    ),
-                ));
+                // the decision or signal is committed; whoever serves this workflow (another
+                // node, or `smithers resume` with its file) continues the run
+                tracing::warn!(
+                    run_id,
+                    workflow = %row.workflow_name,
+                    "recorded for a run of a workflow this gateway does not serve; it continues when a node serving it (or `smithers resume`) resumes it"
+                );
+                return Ok(());
             };
             match self.engine.resume(wf, run_id, false).await {
                 Ok(h) => {
