@@ -1094,3 +1094,54 @@ fn diff_shows_what_a_task_changed_in_its_work_tree() {
     let e = env.sm(&["diff", &id, "--node", "nope", "--db", &db]);
     e.error("NodeNotFound");
 }
+
+// ----- loops: `until` after each iteration ------------------------------------------------------
+
+/// A loop whose body appends a line to `count` and outputs `{n: iteration + 1}`.
+fn counting_loop(until: &str) -> String {
+    format!(
+        r#"
+name: counting
+steps:
+  - loop:
+      id: again
+      max_iterations: 5
+      until: "{until}"
+      steps:
+        - task: {{id: tick, run: "echo x >> count"}}
+        - task: {{id: check, value: {{n: "{{{{ iteration + 1 }}}}"}}, depends_on: [tick]}}
+"#
+    )
+}
+
+fn iterations(env: &Env) -> usize {
+    std::fs::read_to_string(env.path().join("count"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+#[test]
+fn loop_until_reading_its_own_output_is_checked_after_each_iteration() {
+    let env = Env::new();
+    let o = env.up(&counting_loop("outputs.check.n >= 2"), &[]);
+    o.ok();
+    assert_eq!(iterations(&env), 2, "{o:#?}");
+    assert_eq!(o.json()["check"], json!({"n": 2}));
+}
+
+#[test]
+fn loop_whose_until_already_holds_still_runs_once() {
+    let env = Env::new();
+    env.up(&counting_loop("true"), &[]).ok();
+    assert_eq!(iterations(&env), 1);
+}
+
+#[test]
+fn loop_until_that_still_fails_after_an_iteration_fails_the_run() {
+    let env = Env::new();
+    let o = env.up(&counting_loop("outputs.check.missing.deeper"), &[]);
+    o.code(1);
+    assert!(o.stderr.contains("EXPRESSION_ERROR"), "{o:#?}");
+    assert_eq!(iterations(&env), 1, "it failed after the first iteration");
+}

@@ -98,6 +98,7 @@ pub fn repeat(id: &str, until: bool, max_iterations: u32, children: Vec<NodeRef>
     Arc::new(Node::Loop(LoopNode {
         id: id.to_string(),
         until,
+        until_error: None,
         max_iterations,
         on_max_reached: OnMaxReached::ReturnLast,
         children,

@@ -34,8 +34,13 @@ pub enum Node {
 pub struct LoopNode {
     /// Scoped loop id (see [`scoped_loop_id`]).
     pub id: String,
-    /// `until` evaluated at this render.
+    /// `until` evaluated at this render. It counts only once the current iteration's body is
+    /// complete: a loop always runs its first iteration.
     pub until: bool,
+    /// `until` could not be evaluated at this render (e.g. it reads an output the first
+    /// iteration has not produced yet); an error only if it still fails once an iteration's
+    /// body is complete.
+    pub until_error: Option<Box<crate::SmithersError>>,
     pub max_iterations: u32,
     pub on_max_reached: OnMaxReached,
     pub children: Vec<NodeRef>,

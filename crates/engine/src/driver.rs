@@ -822,6 +822,13 @@ impl Driver {
         // nothing running and nothing startable: advance loops, finish, wait or park
         if !sched.ready_loops.is_empty() {
             for li in sched.ready_loops {
+                let failed = self
+                    .plan
+                    .as_ref()
+                    .and_then(|p| p.loops[li].until_error.clone());
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 self.advance_loop(li)?;
             }
             self.flush().await?;
@@ -1105,7 +1112,7 @@ impl Driver {
         if done {
             // a finished loop stays finished even when the tree itself did not change
             if let Some(p) = &mut self.plan {
-                p.loops[li].until = true;
+                p.loops[li].finished = true;
             }
         }
         self.dirty = true;

@@ -3,6 +3,7 @@
 //! children within its `max_concurrency`, a branch runs its chosen side as a sequence, a loop
 //! runs its body until `until` holds or it reaches `max_iterations`.
 
+use smithers_core::SmithersError;
 use smithers_core::tree::{LoopNode, Node, NodeRef, OnMaxReached, Task};
 use std::collections::HashMap;
 
@@ -96,7 +97,13 @@ fn unreachable_task() -> &'static Task {
 #[derive(Debug, Clone)]
 pub struct PLoop {
     pub id: String,
+    /// `until` held at this render (it ends the loop once the current iteration's body is
+    /// complete).
     pub until: bool,
+    /// Why `until` could not be evaluated at this render.
+    pub until_error: Option<SmithersError>,
+    /// The loop ended (its stored row says so, or it reached `max_iterations`).
+    pub finished: bool,
     pub max_iterations: u32,
     pub on_max_reached: OnMaxReached,
     pub iteration: u32,
@@ -199,6 +206,7 @@ impl Plan {
             Node::Loop(LoopNode {
                 id,
                 until,
+                until_error,
                 max_iterations,
                 on_max_reached,
                 children,
@@ -207,7 +215,9 @@ impl Plan {
                 let idx = self.loops.len();
                 self.loops.push(PLoop {
                     id: id.clone(),
-                    until: *until || done,
+                    until: *until,
+                    until_error: until_error.as_deref().cloned(),
+                    finished: done,
                     max_iterations: *max_iterations,
                     on_max_reached: *on_max_reached,
                     iteration,
@@ -296,7 +306,8 @@ pub trait SchedView {
 pub struct Schedule {
     /// Plan task indices that may start now, in document order.
     pub runnable: Vec<usize>,
-    /// Loops whose body is complete for this iteration.
+    /// Loops whose body is complete for this iteration and whose `until` did not hold (or could
+    /// not be evaluated: see [`PLoop::until_error`]).
     pub ready_loops: Vec<usize>,
     /// Pending tasks blocked only by a dependency that is not mounted.
     pub blocked_on_unmounted: Vec<(usize, String)>,
@@ -332,14 +343,17 @@ impl Walker<'_> {
                 all
             }
             PNode::Loop { idx: li, children } => {
-                let l = &self.plan.loops[*li];
-                if l.until {
+                if self.plan.loops[*li].finished {
                     return true;
                 }
+                // `until` is checked after an iteration, never before the first one
                 for &c in children {
                     if !self.walk(c) {
                         return false;
                     }
+                }
+                if self.plan.loops[*li].until {
+                    return true;
                 }
                 self.out.ready_loops.push(*li);
                 false
@@ -465,6 +479,7 @@ mod tests {
         let inner = Arc::new(Node::Loop(LoopNode {
             id: "in".into(),
             until: false,
+            until_error: None,
             max_iterations: 3,
             on_max_reached: OnMaxReached::ReturnLast,
             children: vec![task("t")],
@@ -472,6 +487,7 @@ mod tests {
         let outer = Arc::new(Node::Loop(LoopNode {
             id: "out".into(),
             until: false,
+            until_error: None,
             max_iterations: 3,
             on_max_reached: OnMaxReached::ReturnLast,
             children: vec![inner],

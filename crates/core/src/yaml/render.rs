@@ -180,15 +180,23 @@ impl<'a> Renderer<'a> {
             } => {
                 let scoped = scoped_loop_id(id, &self.outer);
                 let iteration = self.ctx.iteration_of(&scoped);
-                let until = match until {
+                let (until, until_error) = match until {
                     Some(c) => {
                         // `until` sees the loop's own iteration, like its body.
                         self.outer.push((id.clone(), iteration));
                         let r = self.cond(&d.name, c);
                         self.outer.pop();
-                        r?
+                        match r {
+                            Ok(b) => (b, None),
+                            // it may read what the body has not produced yet; the engine
+                            // raises it only if it still fails after an iteration
+                            Err(e) if e.code == crate::Code::ExpressionError => {
+                                (false, Some(Box::new(e)))
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
-                    None => false,
+                    None => (false, None),
                 };
                 self.outer.push((id.clone(), iteration));
                 let children = self.list(steps);
@@ -196,6 +204,7 @@ impl<'a> Renderer<'a> {
                 Node::Loop(LoopNode {
                     id: scoped,
                     until,
+                    until_error,
                     max_iterations: *max_iterations,
                     on_max_reached: *on_max_reached,
                     children: children?,
