@@ -93,21 +93,27 @@ fn line(ev: &EngineEvent) {
         "NodeSkipped" => eprintln!("  {child}- {node} skipped"),
         "NodeCancelled" => eprintln!("  {child}■ {node} cancelled ({})", s("reason")),
         "ApprovalRequested" => eprintln!(
-            "  {child}⏸ {node} needs approval: {} — `smithers approve {run} --node {}`",
+            "  {child}⏸ {node} needs approval: {} — `{}`{}",
             s("title"),
-            s("nodeId")
+            approve_hint(run, ev),
+            choices(ev)
         ),
         "ApprovalAutoApproved" => eprintln!("  {child}✓ {node} auto-approved"),
         "NodeWaitingEvent" => {
-            let corr = ev
-                .field("correlationId")
-                .and_then(|c| c.as_str())
-                .map(|c| format!(" (correlation {c})"))
-                .unwrap_or_default();
+            let corr = ev.field("correlationId").and_then(|c| c.as_str());
+            let mut hint = format!(
+                "smithers signal {} {}",
+                shell_word(run),
+                shell_word(&s("event"))
+            );
+            if let Some(c) = corr {
+                hint.push_str(&format!(" --correlation-id {}", shell_word(c)));
+            }
             eprintln!(
-                "  {child}⏸ {node} waits for event `{}`{corr} — `smithers signal {run} {}`",
+                "  {child}⏸ {node} waits for event `{}`{} — `{hint}`",
                 s("event"),
-                s("event")
+                corr.map(|c| format!(" (correlation {c})"))
+                    .unwrap_or_default(),
             )
         }
         "NodeWaitingTimer" => eprintln!("  {child}⏲ {node} waits until {}", fmt_ms(n("firesAtMs"))),
@@ -132,11 +138,85 @@ pub fn fmt_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// The command that decides an approval, ready to paste: `--iteration` inside loops, `--select`
+/// with the first choice of a select approval (see [`choices`]), `--rank` with the keys of a
+/// rank approval.
+fn approve_hint(run: &str, ev: &EngineEvent) -> String {
+    let node = ev.field("nodeId").and_then(|v| v.as_str()).unwrap_or("");
+    let mut hint = format!(
+        "smithers approve {} --node {}",
+        shell_word(run),
+        shell_word(node)
+    );
+    if let Some(it) = ev.field("iteration").and_then(|v| v.as_i64())
+        && it > 0
+    {
+        hint.push_str(&format!(" --iteration {it}"));
+    }
+    let keys: Vec<String> = ev
+        .field("options")
+        .and_then(|o| o.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str())
+                .map(shell_word)
+                .collect()
+        })
+        .unwrap_or_default();
+    match ev.field("mode").and_then(|m| m.as_str()) {
+        Some("select") if !keys.is_empty() => {
+            hint.push_str(&format!(" --select {}", keys[0]));
+        }
+        Some("rank") if !keys.is_empty() => {
+            hint.push_str(&format!(" --rank {}", keys.join(",")));
+        }
+        _ => {}
+    }
+    hint
+}
+
+/// A word a POSIX shell reads back unchanged: as is when it is plain, else single-quoted.
+fn shell_word(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c));
+    if plain {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// ` (choices: a, b, c)` after the hint of a select approval.
+fn choices(ev: &EngineEvent) -> String {
+    if ev.field("mode").and_then(|m| m.as_str()) != Some("select") {
+        return String::new();
+    }
+    let keys: Vec<&str> = ev
+        .field("options")
+        .and_then(|o| o.as_array())
+        .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+        .unwrap_or_default();
+    if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" (choices: {})", keys.join(", "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(super::fmt_ms(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::fmt_ms(1_795_593_600_000), "2026-11-25T08:00:00Z");
+    }
+
+    #[test]
+    fn hints_paste_into_a_shell_unchanged() {
+        assert_eq!(super::shell_word("run-1:a.b"), "run-1:a.b");
+        assert_eq!(super::shell_word("issue 42"), "'issue 42'");
+        assert_eq!(super::shell_word("it's"), "'it'\\''s'");
+        assert_eq!(super::shell_word(""), "''");
     }
 }

@@ -1145,3 +1145,65 @@ fn loop_until_that_still_fails_after_an_iteration_fails_the_run() {
     assert!(o.stderr.contains("EXPRESSION_ERROR"), "{o:#?}");
     assert_eq!(iterations(&env), 1, "it failed after the first iteration");
 }
+
+// ----- copyable hints ---------------------------------------------------------------------------
+
+/// The command in backticks after `— ` on the first stderr line that contains `needle`.
+#[track_caller]
+fn hint(o: &Out, needle: &str) -> String {
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no `{needle}` line: {o:#?}"));
+    line.split("— `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no hint in {line}"))
+        .to_string()
+}
+
+#[test]
+fn waiting_hints_run_as_printed_in_a_shell() {
+    let env = Env::new();
+    let yaml = r#"
+name: hints
+steps:
+  - approval:
+      id: pick
+      title: "Where?"
+      mode: select
+      options:
+        - {key: chat, label: "Team chat"}
+        - {key: mail, label: "Mailing list"}
+  - wait_for_event:
+      id: ci
+      event: ci.finished
+      correlation_id: "issue 42's"
+  - task: {id: done, value: {channel: "{{ outputs.pick.selected }}"}}
+"#;
+    let o = env.up(yaml, &[]);
+    o.code(3);
+    let id = run_id(&o);
+    let approve = hint(&o, "needs approval");
+    assert!(approve.contains("--select chat"), "{approve}");
+    assert!(o.stderr.contains("(choices: chat, mail)"), "{o:#?}");
+    let paste = |cmd: &str| {
+        // the printed command, with this test's binary and database
+        let cmd = cmd.replacen("smithers ", &format!("{BIN} "), 1);
+        let mut c = Command::new("sh");
+        c.current_dir(env.path())
+            .arg("-c")
+            .arg(format!("{cmd} --db {}", env.db()));
+        run(c)
+    };
+    paste(&approve).ok();
+    let resumed = env.sm(&["resume", &id]);
+    resumed.code(3);
+    let signal = hint(&resumed, "waits for event");
+    assert!(signal.contains("--correlation-id 'issue 42'\\''s'"), "{signal}");
+    paste(&signal).ok();
+    let done = env.sm(&["resume", &id]);
+    done.ok();
+    assert_eq!(done.json()["done"], json!({"channel": "chat"}));
+}

@@ -1574,7 +1574,11 @@ impl Driver {
                 self.set_node(rt, TState::WaitingApproval);
                 let f = Self::with(
                     self.node_fields(rt),
-                    json!({"title": spec.title, "mode": spec.mode.wire()}),
+                    json!({
+                        "title": spec.title,
+                        "mode": spec.mode.wire(),
+                        "options": spec.options.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+                    }),
                 );
                 self.event(kind::APPROVAL_REQUESTED, f.clone());
                 self.event(kind::NODE_WAITING_APPROVAL, f);
