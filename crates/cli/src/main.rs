@@ -10,6 +10,7 @@ mod progress;
 mod remote;
 mod runs;
 mod up;
+mod workflows_cmd;
 
 use clap::{Parser, Subcommand};
 use smithers_core::{Code, SmithersError};
@@ -234,6 +235,21 @@ enum Cmd {
     },
     /// Check a workflow file and report every problem.
     Validate { workflow: String },
+    /// List workflows: those a gateway serves (--url), or those `smithers serve PATHS` would
+    /// serve (default: the current directory).
+    Workflows {
+        /// Directories (every *.yaml in them) or workflow files.
+        paths: Vec<std::path::PathBuf>,
+        /// A running gateway, e.g. http://127.0.0.1:7331.
+        #[arg(long, value_name = "URL", conflicts_with = "paths")]
+        url: Option<String>,
+        /// Bearer token for the gateway (default: SMITHERS_TOKEN).
+        #[arg(long, value_name = "TOKEN", requires = "url")]
+        token: Option<String>,
+        /// Print JSON (`{"workflows": [...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure engine overhead and throughput on durable SQLite (see docs/benchmarks.md).
     Bench {
         /// Repetitions per chain length (the median is reported).
@@ -453,6 +469,12 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             ..
         } => diff_cmd::diff(&db, &run_id, &node, iteration, json).await,
         Cmd::Validate { workflow } => validate(&workflow),
+        Cmd::Workflows {
+            paths,
+            url,
+            token,
+            json,
+        } => workflows_cmd::run(paths, url, token, json).await,
         Cmd::Bench {
             target: Some(BenchTarget::Gateway { quick, only }),
             ..

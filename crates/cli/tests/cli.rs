@@ -1201,7 +1201,10 @@ steps:
     let resumed = env.sm(&["resume", &id]);
     resumed.code(3);
     let signal = hint(&resumed, "waits for event");
-    assert!(signal.contains("--correlation-id 'issue 42'\\''s'"), "{signal}");
+    assert!(
+        signal.contains("--correlation-id 'issue 42'\\''s'"),
+        "{signal}"
+    );
     paste(&signal).ok();
     let done = env.sm(&["resume", &id]);
     done.ok();

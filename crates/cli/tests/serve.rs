@@ -594,3 +594,64 @@ fn remote_approve_of_a_run_the_gateway_does_not_serve_succeeds() {
         String::from_utf8_lossy(&resumed.stderr)
     );
 }
+
+#[test]
+fn workflows_lists_what_a_gateway_serves_and_what_a_directory_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("greet.yaml"),
+        "name: greeter\ndescription: Says hello\ninput:\n  type: object\n  required: [who]\nsteps:\n  - task: {id: a, value: 1}\n",
+    )
+    .unwrap();
+    one_workflow(dir);
+
+    // locally: what `smithers serve .` would serve
+    let local = smithers(dir, &["workflows", "--json"]);
+    assert_eq!(local.status.code(), Some(0), "{local:?}");
+    let doc: Value = serde_json::from_slice(&local.stdout).unwrap();
+    let keys: Vec<&str> = doc["workflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["greet", "hello"]);
+
+    let s = serve(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "w.db"],
+    );
+    // the protocol method
+    let listed = rpc(&s.addr, "workflows.list", json!({}));
+    assert_eq!(listed["ok"], true, "{listed}");
+    let greet = &listed["payload"]["workflows"][0];
+    assert_eq!(greet["key"], "greet");
+    assert_eq!(greet["name"], "greeter");
+    assert_eq!(greet["description"], "Says hello");
+    assert_eq!(greet["inputSchema"]["required"], json!(["who"]));
+    assert_eq!(
+        listed["payload"]["workflows"][1]["description"],
+        Value::Null
+    );
+
+    // the command, against the gateway
+    let url = format!("http://{}", s.addr);
+    let table = smithers(dir, &["workflows", "--url", &url]);
+    assert_eq!(table.status.code(), Some(0), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("KEY"), "{text}");
+    assert!(
+        lines[1].starts_with("greet")
+            && lines[1].contains("greeter")
+            && lines[1].ends_with("Says hello"),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("hello"), "{text}");
+    sigterm(s);
+
+    let gone = smithers(dir, &["workflows", "--url", &url]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).starts_with("error[GATEWAY_UNREACHABLE]"));
+}

@@ -65,6 +65,11 @@ pub trait Workflow: Send + Sync {
     fn render(&self, ctx: &RenderCtx) -> Result<NodeRef>;
 
     /// JSON Schema the run input must satisfy, checked when a run is created.
+    /// The workflow's `description`, shown to people choosing what to run.
+    fn description(&self) -> Option<&str> {
+        None
+    }
+
     fn input_schema(&self) -> Option<&Value> {
         None
     }

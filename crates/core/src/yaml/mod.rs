@@ -32,6 +32,7 @@ pub use crate::agent::{AgentDef, AgentKind, PromptMode};
 #[derive(Debug)]
 pub struct YamlWorkflow {
     name: String,
+    description: Option<String>,
     file_label: String,
     path: Option<PathBuf>,
     base_dir: PathBuf,
@@ -85,6 +86,10 @@ impl Workflow for YamlWorkflow {
 
     fn input_schema(&self) -> Option<&Value> {
         self.input_schema.as_ref()
+    }
+
+    fn description(&self) -> Option<&str> {
+        self.description.as_deref()
     }
 
     fn path(&self) -> Option<&Path> {
@@ -189,6 +194,21 @@ pub fn load_str(
     })?;
     let mut p = parse::Parser::new(file_label, base_dir);
     let (name, input_schema, mut steps) = p.root(&doc);
+    let description = match doc.get("description") {
+        None => None,
+        Some(d) => match d.as_str() {
+            Some(text) => Some(text.to_string()),
+            None => {
+                p.problem(
+                    d.line,
+                    None,
+                    Some("description"),
+                    format!("expected a string, found {}", d.type_name()),
+                );
+                None
+            }
+        },
+    };
     if !p.problems.is_empty() {
         let mut problems = p.problems;
         problems.sort_by_key(|pr| pr.line.unwrap_or(0));
@@ -217,6 +237,7 @@ pub fn load_str(
     })?;
     Ok(YamlWorkflow {
         name,
+        description,
         file_label: file_label.to_string(),
         path: None,
         base_dir: base_dir.to_path_buf(),

@@ -104,7 +104,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn problem(
+    pub(crate) fn problem(
         &mut self,
         line: Option<usize>,
         node: Option<&str>,

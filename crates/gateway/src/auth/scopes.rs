@@ -116,6 +116,7 @@ mod tests {
             "attempts.get",
             "approvals.list",
             "cron.list",
+            "workflows.list",
             "getNodeDiff",
             "devtools.getNodeDiff",
             "getNodeOutput",

@@ -1,5 +1,5 @@
 //! The RPC method layer (gateway-protocol §1.10): one table maps each method name to its
-//! handler, and each area (runs, history, approvals, signals, cron, devtools) has its own
+//! handler, and each area (runs, history, approvals, signals, cron, devtools, workflows) has its own
 //! module. Handlers get an already authenticated and scope-checked [`Call`]; they read and act
 //! through the engine and the store, and never touch connections or transports directly.
 
@@ -10,6 +10,7 @@ mod history;
 pub mod params;
 mod runs;
 mod signals;
+mod workflows;
 
 pub use approvals::pending as pending_approvals;
 
@@ -92,6 +93,7 @@ pub static METHODS: &[Method] = &[
     method!("streamDevTools", devtools::stream),
     method!("jumpToFrame", devtools::jump),
     method!("devtools.jumpToFrame", devtools::jump),
+    method!("workflows.list", workflows::list),
 ];
 
 /// The method of that name.

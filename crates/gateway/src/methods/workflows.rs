@@ -1,0 +1,24 @@
+//! `workflows.list` (an addition to the protocol): what this gateway serves, so clients and
+//! `smithers workflows` can offer it without reading its config.
+
+use super::Call;
+use crate::error::RpcError;
+use serde_json::{Value, json};
+
+/// Every served workflow, by key: its name, description, input JSON Schema and cron schedule.
+pub async fn list(c: &Call<'_>) -> Result<Value, RpcError> {
+    let workflows: Vec<Value> =
+        c.gw.workflows
+            .values()
+            .map(|w| {
+                json!({
+                    "key": w.key,
+                    "name": w.workflow.name(),
+                    "description": w.workflow.description(),
+                    "inputSchema": w.workflow.input_schema(),
+                    "schedule": w.schedule,
+                })
+            })
+            .collect();
+    Ok(json!({ "workflows": workflows }))
+}
