@@ -1210,3 +1210,36 @@ steps:
     done.ok();
     assert_eq!(done.json()["done"], json!({"channel": "chat"}));
 }
+
+// ----- signals sent early -----------------------------------------------------------------------
+
+#[test]
+fn signal_sent_before_the_wait_is_kept_for_the_first_matching_wait_only() {
+    let env = Env::new();
+    let yaml = r#"
+name: early
+steps:
+  - approval: {id: gate, title: "go?"}
+  - wait_for_event: {id: first, event: ci.finished}
+  - wait_for_event: {id: second, event: ci.finished}
+  - task: {id: done, value: {first: "{{ signals.first.n }}", second: "{{ signals.second.n }}"}}
+"#;
+    let o = env.up(yaml, &[]);
+    o.code(3);
+    let id = run_id(&o);
+    // nobody waits for it yet
+    env.sm(&["signal", &id, "ci.finished", "--data", r#"{"n": 1}"#])
+        .ok();
+    env.sm(&["approve", &id, "--node", "gate"]).ok();
+    let r = env.sm(&["resume", &id]);
+    r.code(3);
+    assert!(
+        r.stderr.contains("second waits for event"),
+        "the early signal woke `first` only: {r:#?}"
+    );
+    env.sm(&["signal", &id, "ci.finished", "--data", r#"{"n": 2}"#])
+        .ok();
+    let done = env.sm(&["resume", &id]);
+    done.ok();
+    assert_eq!(done.json()["done"], json!({"first": 1, "second": 2}));
+}

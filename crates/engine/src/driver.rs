@@ -172,6 +172,9 @@ pub(crate) struct Driver {
     loops_arc: Arc<HashMap<String, u32>>,
     /// A loop advanced since the plan was built.
     loops_changed: bool,
+    /// Signals already taken by a wait of this run (read from its attempts on first use), so
+    /// that a signal wakes one wait only.
+    consumed_signals: Option<std::collections::HashSet<i64>>,
     rts: Vec<TaskRt>,
     rt_index: HashMap<TaskKey, usize>,
     plan: Option<Plan>,
@@ -269,6 +272,7 @@ impl Driver {
             loops: HashMap::new(),
             loops_arc: Arc::new(HashMap::new()),
             loops_changed: false,
+            consumed_signals: None,
             rts: Vec::new(),
             rt_index: HashMap::new(),
             plan: None,
@@ -1698,12 +1702,18 @@ impl Driver {
             }
         };
         let attempt = self.rts[rt].attempts.max(1);
+        // every signal of that name and correlation id counts, also one sent before the wait
+        // began (it is kept for the first matching wait), unless another wait took it
         let signals = self
             .sh
             .store
-            .list_signals(&self.run_id, &w.event, w.correlation_id.as_deref(), started)
+            .list_signals(&self.run_id, &w.event, w.correlation_id.as_deref(), 0)
             .await?;
-        if let Some(sig) = signals.first() {
+        let consumed = self.consumed_signals().await?;
+        if let Some(sig) = signals.iter().find(|s| !consumed.contains(&s.seq)) {
+            if let Some(c) = &mut self.consumed_signals {
+                c.insert(sig.seq);
+            }
             let node = self.rts[rt].key.0.clone();
             let payload: Value = serde_json::from_str(&sig.payload_json).map_err(|e| {
                 SmithersError::new(
@@ -2108,5 +2118,27 @@ impl Driver {
             None,
         )
         .await
+    }
+}
+
+impl Driver {
+    /// The signals this run's waits have taken so far.
+    async fn consumed_signals(&mut self) -> Result<std::collections::HashSet<i64>, SmithersError> {
+        if let Some(c) = &self.consumed_signals {
+            return Ok(c.clone());
+        }
+        let mut taken = std::collections::HashSet::new();
+        for a in self.sh.store.list_attempts(&self.run_id).await? {
+            let seq = a
+                .meta_json
+                .as_deref()
+                .and_then(|m| serde_json::from_str::<Value>(m).ok())
+                .and_then(|m| m["waitForEvent"]["resolvedSignalSeq"].as_i64());
+            if let Some(seq) = seq {
+                taken.insert(seq);
+            }
+        }
+        self.consumed_signals = Some(taken.clone());
+        Ok(taken)
     }
 }
