@@ -3,7 +3,7 @@
 
 use crate::remote::{self, Gateway};
 use serde_json::{Value, json};
-use smithers_core::{Code, SmithersError, Workflow};
+use smithers_core::{Code, SmithersError};
 use std::path::PathBuf;
 
 /// Lists workflows as a table, or as JSON (`{workflows: [...]}`, the `workflows.list` shape).
@@ -82,20 +82,12 @@ fn local(paths: Vec<PathBuf>) -> Result<Value, SmithersError> {
         .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
     let mut out = Vec::new();
     for w in &cfg.workflows {
-        let wf = smithers_core::yaml::load_file(&w.path).map_err(|problems| {
-            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            SmithersError::new(
-                Code::InvalidWorkflow,
-                format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n")),
-            )
-        })?;
-        out.push(json!({
-            "key": w.key,
-            "name": wf.name(),
-            "description": wf.description(),
-            "inputSchema": wf.input_schema(),
-            "schedule": w.schedule,
-        }));
+        let wf = smithers_gateway::serve::load_workflow(w)?;
+        out.push(smithers_gateway::shapes::workflow_json(
+            &w.key,
+            wf.as_ref(),
+            w.schedule.as_deref(),
+        ));
     }
     Ok(json!({ "workflows": out }))
 }

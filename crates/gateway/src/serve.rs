@@ -186,13 +186,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         smithers_engine::Engine::new(store.clone(), smithers_engine::EngineConfig::default());
     let mut regs = Vec::new();
     for w in &config.workflows {
-        let wf = smithers_core::yaml::load_file(&w.path).map_err(|problems| {
-            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            SmithersError::new(
-                Code::InvalidWorkflow,
-                format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n")),
-            )
-        })?;
+        let wf = load_workflow(w)?;
         if let Some(pattern) = &w.schedule {
             let row = crate::cron::new_row(
                 &format!("gateway:{}", w.key),
@@ -260,6 +254,19 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         .shutdown()
         .await
         .map_err(|e| SmithersError::new(Code::Internal, format!("shutdown: {e}")))
+}
+
+/// Loads a served workflow's file; its problems, one a line, under `INVALID_WORKFLOW`.
+pub fn load_workflow(
+    w: &crate::config::WorkflowEntry,
+) -> Result<Arc<smithers_core::yaml::YamlWorkflow>, SmithersError> {
+    smithers_core::yaml::load_file(&w.path).map_err(|problems| {
+        let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        SmithersError::new(
+            Code::InvalidWorkflow,
+            format!("workflow `{}` has problems:\n{}", w.key, lines.join("\n")),
+        )
+    })
 }
 
 /// Why the listen address could not be bound, and how to pick another.

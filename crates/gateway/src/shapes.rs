@@ -166,3 +166,14 @@ pub fn string_list(obj: &Value, key: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A served workflow as `workflows.list` describes it.
+pub fn workflow_json(key: &str, wf: &dyn smithers_core::Workflow, schedule: Option<&str>) -> Value {
+    json!({
+        "key": key,
+        "name": wf.name(),
+        "description": wf.description(),
+        "inputSchema": wf.input_schema(),
+        "schedule": schedule,
+    })
+}

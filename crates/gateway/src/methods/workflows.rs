@@ -7,18 +7,11 @@ use serde_json::{Value, json};
 
 /// Every served workflow, by key: its name, description, input JSON Schema and cron schedule.
 pub async fn list(c: &Call<'_>) -> Result<Value, RpcError> {
-    let workflows: Vec<Value> =
-        c.gw.workflows
-            .values()
-            .map(|w| {
-                json!({
-                    "key": w.key,
-                    "name": w.workflow.name(),
-                    "description": w.workflow.description(),
-                    "inputSchema": w.workflow.input_schema(),
-                    "schedule": w.schedule,
-                })
-            })
-            .collect();
+    let workflows: Vec<Value> = c
+        .gw
+        .workflows
+        .values()
+        .map(|w| crate::shapes::workflow_json(&w.key, w.workflow.as_ref(), w.schedule.as_deref()))
+        .collect();
     Ok(json!({ "workflows": workflows }))
 }
