@@ -81,6 +81,16 @@ pub async fn signal(
         None => json!({}),
     };
     let store = open_store(db).await?;
+    // a live run whose workflow file still loads: refuse names none of its waits listen for
+    // (an ended run and a blank name get their own errors below)
+    if let Some(row) = store.get_run(run_id).await?
+        && !smithers_store::status::is_ended(&row.status)
+        && !name.trim().is_empty()
+        && let Some(path) = row.workflow_path.as_deref()
+        && let Ok(wf) = smithers_core::yaml::load_file(path)
+    {
+        smithers_core::check_signal_name(wf.as_ref(), run_id, name.trim())?;
+    }
     let d = ops::send_signal(
         store.as_ref(),
         run_id,

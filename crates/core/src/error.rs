@@ -45,6 +45,7 @@ codes! {
     ResumeMetadataMismatch => "RESUME_METADATA_MISMATCH",
     NodeNotFound => "NODE_NOT_FOUND",
     NotWaitingApproval => "NOT_WAITING_APPROVAL",
+    UnknownSignal => "UNKNOWN_SIGNAL",
     NoPendingApprovals => "NO_PENDING_APPROVALS",
     ApprovalDenied => "APPROVAL_DENIED",
     ApprovalOptionsRequired => "APPROVAL_OPTIONS_REQUIRED",

@@ -13,5 +13,5 @@ pub mod yaml;
 
 pub use agent::AgentDef;
 pub use error::{Code, Problem, Result, SmithersError};
-pub use render::{OutputsView, RenderCtx, Workflow};
+pub use render::{OutputsView, RenderCtx, Workflow, check_signal_name};
 pub use tree::{Node, NodeRef, Task, TaskKind};

@@ -1,7 +1,7 @@
 //! The seam between workflow definitions and the engine: a workflow is a render function from
 //! the run's context to a tree.
 
-use crate::error::Result;
+use crate::error::{Result, SmithersError};
 use crate::tree::NodeRef;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -64,13 +64,20 @@ pub trait Workflow: Send + Sync {
     /// node and the expression).
     fn render(&self, ctx: &RenderCtx) -> Result<NodeRef>;
 
-    /// JSON Schema the run input must satisfy, checked when a run is created.
     /// The workflow's `description`, shown to people choosing what to run.
     fn description(&self) -> Option<&str> {
         None
     }
 
+    /// JSON Schema the run input must satisfy, checked when a run is created.
     fn input_schema(&self) -> Option<&Value> {
+        None
+    }
+
+    /// Every event name the workflow's waits listen for, when it is known without rendering,
+    /// so that a signal no wait could ever take is refused instead of kept forever. `None`
+    /// (the default, for workflows that decide at render time) accepts any name.
+    fn event_names(&self) -> Option<Vec<String>> {
         None
     }
 
@@ -99,4 +106,35 @@ pub trait Workflow: Send + Sync {
             self.name()
         ))
     }
+}
+
+/// Refuses a signal that no wait of `workflow` listens for (it would be kept and never taken),
+/// naming the events its waits do listen for. Workflows whose waits are only known at render
+/// time accept every name.
+pub fn check_signal_name(workflow: &dyn Workflow, run_id: &str, name: &str) -> Result<()> {
+    let Some(names) = workflow.event_names() else {
+        return Ok(());
+    };
+    if names.iter().any(|n| n == name) {
+        return Ok(());
+    }
+    let known = if names.is_empty() {
+        "it has no wait_for_event step, so it takes no signals".to_string()
+    } else {
+        format!(
+            "its waits listen for: {}",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Err(SmithersError::new(
+        crate::error::Code::UnknownSignal,
+        format!(
+            "no step of run `{run_id}` (workflow `{}`) waits for a signal named `{name}`; {known}",
+            workflow.name()
+        ),
+    ))
 }

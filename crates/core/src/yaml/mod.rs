@@ -14,7 +14,7 @@ use crate::error::{Code, Problem, Result, SmithersError};
 use crate::expr::{ExprEnv, NameTable};
 use crate::render::{RenderCtx, Workflow};
 use crate::tree::{Node, NodeRef};
-use defs::Def;
+use defs::{Body, Def, DefKind};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -72,6 +72,35 @@ impl YamlWorkflow {
 impl Workflow for YamlWorkflow {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn event_names(&self) -> Option<Vec<String>> {
+        fn walk(defs: &[Def], out: &mut Vec<String>) {
+            for d in defs {
+                match &d.kind {
+                    DefKind::Sequence { steps, .. }
+                    | DefKind::Parallel { steps, .. }
+                    | DefKind::Loop { steps, .. } => walk(steps, out),
+                    DefKind::Branch {
+                        then, otherwise, ..
+                    } => {
+                        walk(then, out);
+                        walk(otherwise, out);
+                    }
+                    DefKind::Task(t) => {
+                        if let Body::Wait { spec, .. } = &t.body
+                            && !out.contains(&spec.event)
+                        {
+                            out.push(spec.event.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.steps, &mut out);
+        out.sort();
+        Some(out)
     }
 
     fn render(&self, ctx: &RenderCtx) -> Result<NodeRef> {

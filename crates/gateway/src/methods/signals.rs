@@ -25,7 +25,12 @@ pub async fn send(c: &Call<'_>) -> Result<Value, RpcError> {
         ));
     }
     super::params::check_run_id("runId", id)?;
-    ensure_run(gw, id).await?;
+    let row = ensure_run(gw, id).await?;
+    if !smithers_store::status::is_ended(&row.status)
+        && let Some(wf) = gw.workflow_of(&row)
+    {
+        smithers_core::check_signal_name(wf.as_ref(), id, name.trim())?;
+    }
     let data = p
         .get("data")
         .cloned()
