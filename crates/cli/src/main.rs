@@ -6,6 +6,8 @@ mod bench_devtools;
 mod bench_gateway;
 mod cron_cmd;
 mod diff_cmd;
+mod env_defaults;
+mod follow;
 mod progress;
 mod remote;
 mod runs;
@@ -72,6 +74,36 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
+    /// Start a run of a workflow served by a gateway and follow it live (progress and exit
+    /// codes as `up`).
+    Run {
+        /// The workflow's key on the gateway (`smithers workflows --url URL` lists them).
+        workflow: String,
+        /// Run input: a JSON object, or @file to read it from a file.
+        #[arg(long)]
+        input: Option<String>,
+        #[arg(long)]
+        run_id: Option<String>,
+        /// Print the run id and return at once instead of following the run.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
+    /// Start a new run with the workflow and input of an earlier run, and follow it.
+    Rerun {
+        run_id: String,
+        /// Id of the new run.
+        #[arg(long)]
+        new_run_id: Option<String>,
+        /// With --url: print the new run's id and return at once.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
     /// Continue a run that is parked, cancelled, failed or orphaned by a dead engine.
     Resume {
         #[arg(required_unless_present = "orphans")]
@@ -84,6 +116,11 @@ enum Cmd {
         /// Resume even though the workflow file changed since the run started.
         #[arg(long)]
         force: bool,
+        /// With --url: return once the gateway resumed the run instead of following it.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
     },
     /// Start a new run from another run's state at one of its frames (the original is untouched).
     Fork {
@@ -244,7 +281,7 @@ enum Cmd {
         #[arg(long, value_name = "URL", conflicts_with = "paths")]
         url: Option<String>,
         /// Bearer token for the gateway (default: SMITHERS_TOKEN).
-        #[arg(long, value_name = "TOKEN", requires = "url")]
+        #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
         /// Print JSON (`{"workflows": [...]}`) instead of a table.
         #[arg(long)]
@@ -287,7 +324,17 @@ enum BenchTarget {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Some(msg) = env_defaults::conflict(&matches) {
+        <Cli as clap::CommandFactory>::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
+    let env_checked = env_defaults::apply(&mut cli.cmd, &matches);
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`smithers inspect RUN | head -1`) instead of failing on the write. A long-running server
     // must not do this (a closed socket would kill it); every command here is short-lived or
@@ -314,7 +361,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(dispatch(cli.cmd)) {
+    let result = match env_checked {
+        Ok(()) => rt.block_on(dispatch(cli.cmd)),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error[{}]: {}", e.code, e.message);
@@ -402,6 +453,22 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             ..
         } => act::rewind(&db, &run_id, frame, yes).await,
         Cmd::Cron { action, db, remote } => cron_cmd::run(&action, &db, &remote).await,
+        Cmd::Run { .. } => Err(SmithersError::new(
+            Code::InvalidInput,
+            "smithers run starts a run on a gateway: give --url URL (or set SMITHERS_URL); to run a workflow file here, use `smithers up FILE`",
+        )),
+        Cmd::Rerun { detach: true, .. } | Cmd::Resume { detach: true, .. } => {
+            Err(SmithersError::new(
+                Code::InvalidInput,
+                "--detach leaves the run to a gateway: give --url URL (or set SMITHERS_URL); a local run lives as long as this command",
+            ))
+        }
+        Cmd::Rerun {
+            run_id,
+            new_run_id,
+            db,
+            ..
+        } => up::rerun(&run_id, new_run_id, &db).await,
         Cmd::Resume {
             run_id: Some(run_id),
             db,

@@ -1,6 +1,10 @@
 //! Live progress for foreground runs: one line per node start, finish, failure, retry or wait.
+//! The same lines are printed for a local run (`up`, from engine events) and for a run followed
+//! on a gateway (`run`, from protocol events, see `follow.rs`), whose payloads carry the same
+//! field names.
 
-use smithers_engine::{Engine, EngineEvent};
+use serde_json::Value;
+use smithers_engine::Engine;
 use tokio::sync::broadcast::error::RecvError;
 
 pub struct Progress {
@@ -12,17 +16,23 @@ impl Progress {
     pub fn start(engine: &Engine) -> Progress {
         let mut rx = engine.subscribe();
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel();
+        let style = Style::detect();
+        let show = move |ev: &smithers_engine::EngineEvent| {
+            if let Some(l) = describe(style, ev.event_type, &ev.run_id, &ev.payload, None) {
+                eprintln!("{l}");
+            }
+        };
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     ev = rx.recv() => match ev {
-                        Ok(ev) => line(&ev),
-                        Err(RecvError::Lagged(n)) => eprintln!("  … {n} events not shown"),
+                        Ok(ev) => show(&ev),
+                        Err(RecvError::Lagged(n)) => eprintln!("  {} {n} events not shown", style.pick("…", "...")),
                         Err(RecvError::Closed) => return,
                     },
                     _ = &mut stop_rx => {
                         // print what is already queued, then stop
-                        while let Ok(ev) = rx.try_recv() { line(&ev); }
+                        while let Ok(ev) = rx.try_recv() { show(&ev); }
                         return;
                     }
                 }
@@ -37,6 +47,46 @@ impl Progress {
     }
 }
 
+/// How progress lines look: Unicode symbols only on a terminal, colours only on a terminal
+/// that wants them (`NO_COLOR` unset, `TERM` not `dumb`), so logs and pipes get plain ASCII.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Style {
+    pub unicode: bool,
+    pub color: bool,
+}
+
+impl Style {
+    pub fn detect() -> Style {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Style {
+            unicode: terminal && !dumb,
+            color: terminal && !dumb && !no_color,
+        }
+    }
+
+    fn pick(self, unicode: &'static str, ascii: &'static str) -> &'static str {
+        if self.unicode { unicode } else { ascii }
+    }
+
+    /// `symbol` in an ANSI colour (green 32, red 31, yellow 33, cyan 36) when colours are on.
+    fn mark(self, unicode: &'static str, ascii: &'static str, colour: u8) -> String {
+        let s = self.pick(unicode, ascii);
+        if self.color {
+            format!("\x1b[{colour}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+
+    /// The separator before a command to paste.
+    fn dash(self) -> &'static str {
+        self.pick("—", "--")
+    }
+}
+
 fn dur(ms: i64) -> String {
     if ms < 1000 {
         format!("{ms}ms")
@@ -47,60 +97,86 @@ fn dur(ms: i64) -> String {
     }
 }
 
-fn line(ev: &EngineEvent) {
+/// The progress line of one event (`kind` is the engine's event name), or `None` for events
+/// that get no line. `url` is the gateway a followed run lives on: the hints then name it.
+pub fn describe(
+    style: Style,
+    kind: &str,
+    run: &str,
+    payload: &Value,
+    url: Option<&str>,
+) -> Option<String> {
     let s = |k: &str| {
-        ev.field(k)
+        payload
+            .get(k)
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string()
     };
-    let n = |k: &str| ev.field(k).and_then(|v| v.as_i64()).unwrap_or(0);
+    let n = |k: &str| payload.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
     let node = {
         let id = s("nodeId");
         let it = n("iteration");
         if it > 0 { format!("{id}[{it}]") } else { id }
     };
-    let run = &ev.run_id;
     let child = if run.contains(":child:") {
         format!("{run} ")
     } else {
         String::new()
     };
-    match ev.event_type {
-        "NodeStarted" => eprintln!("  {child}▶ {node} started (attempt {})", n("attempt")),
-        "NodeFinished" => eprintln!(
-            "  {child}✓ {node} finished in {} (attempt {})",
+    let at = |url: Option<&str>| {
+        url.map(|u| format!(" --url {}", shell_word(u)))
+            .unwrap_or_default()
+    };
+    let line = match kind {
+        "NodeStarted" => format!(
+            "{} {node} started (attempt {})",
+            style.mark("▶", ">", 36),
+            n("attempt")
+        ),
+        "NodeFinished" => format!(
+            "{} {node} finished in {} (attempt {})",
+            style.mark("✓", "+", 32),
             dur(n("durationMs")),
             n("attempt")
         ),
         "NodeFailed" => {
-            let msg = ev
-                .field("error")
+            let msg = payload
+                .get("error")
                 .and_then(|e| e.get("message"))
                 .and_then(|m| m.as_str())
                 .unwrap_or("");
-            eprintln!(
-                "  {child}✗ {node} failed after {} (attempt {}): {msg}",
+            format!(
+                "{} {node} failed after {} (attempt {}): {msg}",
+                style.mark("✗", "!", 31),
                 dur(n("durationMs")),
                 n("attempt")
             )
         }
-        "NodeRetrying" => eprintln!(
-            "  {child}↻ {node} retries in {} (attempt {})",
+        "NodeRetrying" => format!(
+            "{} {node} retries in {} (attempt {})",
+            style.mark("↻", "~", 33),
             dur(n("delayMs")),
             n("attempt")
         ),
-        "NodeSkipped" => eprintln!("  {child}- {node} skipped"),
-        "NodeCancelled" => eprintln!("  {child}■ {node} cancelled ({})", s("reason")),
-        "ApprovalRequested" => eprintln!(
-            "  {child}⏸ {node} needs approval: {} — `{}`{}",
-            s("title"),
-            approve_hint(run, ev),
-            choices(ev)
+        "NodeSkipped" => format!("- {node} skipped"),
+        "NodeCancelled" => format!(
+            "{} {node} cancelled ({})",
+            style.mark("■", "#", 33),
+            s("reason")
         ),
-        "ApprovalAutoApproved" => eprintln!("  {child}✓ {node} auto-approved"),
+        "ApprovalRequested" => format!(
+            "{} {node} needs approval: {} {} `{}{}`{}",
+            style.mark("⏸", "?", 33),
+            s("title"),
+            style.dash(),
+            approve_hint(run, payload),
+            at(url),
+            choices(payload)
+        ),
+        "ApprovalAutoApproved" => format!("{} {node} auto-approved", style.mark("✓", "+", 32)),
         "NodeWaitingEvent" => {
-            let corr = ev.field("correlationId").and_then(|c| c.as_str());
+            let corr = payload.get("correlationId").and_then(|c| c.as_str());
             let mut hint = format!(
                 "smithers signal {} {}",
                 shell_word(run),
@@ -109,27 +185,37 @@ fn line(ev: &EngineEvent) {
             if let Some(c) = corr {
                 hint.push_str(&format!(" --correlation-id {}", shell_word(c)));
             }
-            eprintln!(
-                "  {child}⏸ {node} waits for event `{}`{} — `{hint}`",
+            hint.push_str(&at(url));
+            format!(
+                "{} {node} waits for event `{}`{} {} `{hint}`",
+                style.mark("⏸", "?", 33),
                 s("event"),
                 corr.map(|c| format!(" (correlation {c})"))
                     .unwrap_or_default(),
+                style.dash(),
             )
         }
-        "NodeWaitingTimer" => eprintln!("  {child}⏲ {node} waits until {}", fmt_ms(n("firesAtMs"))),
-        "TimerFired" => eprintln!("  {child}⏲ {} fired", s("timerId")),
-        "LoopAdvanced" => eprintln!(
-            "  {child}⟳ loop {} → iteration {}{}",
+        "NodeWaitingTimer" => format!(
+            "{} {node} waits until {}",
+            style.mark("⏲", "@", 33),
+            fmt_ms(n("firesAtMs"))
+        ),
+        "TimerFired" => format!("{} {} fired", style.mark("⏲", "@", 33), s("timerId")),
+        "LoopAdvanced" => format!(
+            "{} loop {} {} iteration {}{}",
+            style.mark("⟳", "*", 36),
             s("loopId"),
+            style.pick("→", "->"),
             n("iteration"),
-            if ev.field("done").and_then(|d| d.as_bool()) == Some(true) {
+            if payload.get("done").and_then(|d| d.as_bool()) == Some(true) {
                 " (done)"
             } else {
                 ""
             }
         ),
-        _ => {}
-    }
+        _ => return None,
+    };
+    Some(format!("  {child}{line}"))
 }
 
 /// Epoch ms as a UTC timestamp (`2026-11-25T08:00:00Z`).
@@ -141,20 +227,20 @@ pub fn fmt_ms(ms: i64) -> String {
 /// The command that decides an approval, ready to paste: `--iteration` inside loops, `--select`
 /// with the first choice of a select approval (see [`choices`]), `--rank` with the keys of a
 /// rank approval.
-fn approve_hint(run: &str, ev: &EngineEvent) -> String {
-    let node = ev.field("nodeId").and_then(|v| v.as_str()).unwrap_or("");
+fn approve_hint(run: &str, ev: &Value) -> String {
+    let node = ev.get("nodeId").and_then(|v| v.as_str()).unwrap_or("");
     let mut hint = format!(
         "smithers approve {} --node {}",
         shell_word(run),
         shell_word(node)
     );
-    if let Some(it) = ev.field("iteration").and_then(|v| v.as_i64())
+    if let Some(it) = ev.get("iteration").and_then(|v| v.as_i64())
         && it > 0
     {
         hint.push_str(&format!(" --iteration {it}"));
     }
     let keys: Vec<String> = ev
-        .field("options")
+        .get("options")
         .and_then(|o| o.as_array())
         .map(|a| {
             a.iter()
@@ -163,7 +249,7 @@ fn approve_hint(run: &str, ev: &EngineEvent) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    match ev.field("mode").and_then(|m| m.as_str()) {
+    match ev.get("mode").and_then(|m| m.as_str()) {
         Some("select") if !keys.is_empty() => {
             hint.push_str(&format!(" --select {}", keys[0]));
         }
@@ -176,7 +262,7 @@ fn approve_hint(run: &str, ev: &EngineEvent) -> String {
 }
 
 /// A word a POSIX shell reads back unchanged: as is when it is plain, else single-quoted.
-fn shell_word(w: &str) -> String {
+pub fn shell_word(w: &str) -> String {
     let plain = !w.is_empty()
         && w.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c));
@@ -188,12 +274,12 @@ fn shell_word(w: &str) -> String {
 }
 
 /// ` (choices: a, b, c)` after the hint of a select approval.
-fn choices(ev: &EngineEvent) -> String {
-    if ev.field("mode").and_then(|m| m.as_str()) != Some("select") {
+fn choices(ev: &Value) -> String {
+    if ev.get("mode").and_then(|m| m.as_str()) != Some("select") {
         return String::new();
     }
     let keys: Vec<&str> = ev
-        .field("options")
+        .get("options")
         .and_then(|o| o.as_array())
         .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
         .unwrap_or_default();

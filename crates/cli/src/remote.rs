@@ -28,11 +28,12 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RemoteArgs {
     /// Act through a running gateway (`smithers serve`) at this address, e.g.
-    /// http://127.0.0.1:7331, instead of opening the database.
-    #[arg(long, value_name = "URL", conflicts_with = "db", global = true)]
+    /// http://127.0.0.1:7331, instead of opening the database (default: SMITHERS_URL, unless
+    /// --db is given).
+    #[arg(long, value_name = "URL", global = true)]
     pub url: Option<String>,
     /// Bearer token for the gateway (default: the SMITHERS_TOKEN environment variable).
-    #[arg(long, value_name = "TOKEN", requires = "url", global = true)]
+    #[arg(long, value_name = "TOKEN", global = true)]
     pub token: Option<String>,
 }
 
@@ -45,7 +46,7 @@ pub struct RemoteError {
 }
 
 impl RemoteError {
-    fn new(code: Code, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         RemoteError {
             code: code.as_str().to_string(),
             message: message.into(),
@@ -188,7 +189,27 @@ impl Gateway {
         })
     }
 
-    fn unreachable(&self, why: impl std::fmt::Display) -> RemoteError {
+    /// The WebSocket address of the gateway (the protocol accepts upgrades on any path).
+    pub fn ws_url(&self) -> String {
+        format!("ws{}/", &self.base["http".len()..])
+    }
+
+    /// Host and port to connect to.
+    pub fn addr(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// The bearer token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// `http://host:port/prefix`, as given, for messages and hints.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn unreachable(&self, why: impl std::fmt::Display) -> RemoteError {
         RemoteError::new(
             Code::GatewayUnreachable,
             format!("cannot reach the gateway at {}: {why}", self.base),
@@ -464,6 +485,9 @@ pub async fn dispatch(cmd: &Cmd) -> Option<Result<u8, SmithersError>> {
         | Cmd::Cancel { remote, .. }
         | Cmd::Rewind { remote, .. }
         | Cmd::Diff { remote, .. }
+        | Cmd::Run { remote, .. }
+        | Cmd::Rerun { remote, .. }
+        | Cmd::Resume { remote, .. }
         | Cmd::Fork { remote, .. } => remote,
         _ => return None,
     };
@@ -548,9 +572,51 @@ async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
             new_run_id,
             ..
         } => fork(gw, run_id, *frame, input.as_deref(), new_run_id.as_deref()).await,
+        Cmd::Run {
+            workflow,
+            input,
+            run_id,
+            detach,
+            ..
+        } => {
+            let input = match input {
+                Some(t) => json_arg("--input", t)?,
+                None => json!({}),
+            };
+            let start = crate::follow::Start::Create {
+                workflow: workflow.clone(),
+                input,
+                run_id: run_id.clone(),
+            };
+            crate::follow::run(gw, start, *detach).await
+        }
+        Cmd::Rerun {
+            run_id,
+            new_run_id,
+            detach,
+            ..
+        } => {
+            let start = crate::follow::Start::Rerun {
+                run_id: run_id.clone(),
+                new_run_id: new_run_id.clone(),
+            };
+            crate::follow::run(gw, start, *detach).await
+        }
+        Cmd::Resume {
+            run_id: Some(run_id),
+            force,
+            detach,
+            ..
+        } => {
+            let start = crate::follow::Start::Resume {
+                run_id: run_id.clone(),
+                force: *force,
+            };
+            crate::follow::run(gw, start, *detach).await
+        }
         _ => Err(RemoteError::new(
             Code::InvalidInput,
-            "this command has no remote mode",
+            "this command has no remote mode (`resume --orphans` takes over runs of the local database only)",
         )),
     }
 }

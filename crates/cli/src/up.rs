@@ -77,6 +77,37 @@ pub async fn resume(run_id: &str, db: &str, force: bool) -> Result<u8, SmithersE
     drive(&engine, handle, progress, term).await
 }
 
+/// `smithers rerun`: a new run of the workflow file and input of `run_id`, in the foreground.
+pub async fn rerun(
+    run_id: &str,
+    new_run_id: Option<String>,
+    db: &str,
+) -> Result<u8, SmithersError> {
+    let store = open_store(db).await?;
+    let wf = run_workflow(store.as_ref(), run_id, "rerun").await?;
+    let input = store
+        .get_input(run_id)
+        .await?
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    let engine = Engine::new(store, EngineConfig::default());
+    let term = watch_term()?;
+    let progress = Progress::start(&engine);
+    let handle = engine
+        .start(
+            wf,
+            input,
+            StartOptions {
+                run_id: new_run_id,
+                parent_run_id: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+    drive(&engine, handle, progress, term).await
+}
+
 /// `smithers fork`: a new run from the state of `run_id` at `frame`, driven in the foreground.
 pub async fn fork(
     run_id: &str,
@@ -138,7 +169,7 @@ pub async fn resume_orphans(db: &str) -> Result<u8, SmithersError> {
 
 /// Installs the SIGTERM and SIGINT handlers before the run starts, so a signal at any moment
 /// cancels the run cleanly instead of killing the process.
-fn watch_term() -> Result<StopSignals, SmithersError> {
+pub(crate) fn watch_term() -> Result<StopSignals, SmithersError> {
     use tokio::signal::unix::{SignalKind, signal};
     let err = |e: std::io::Error| {
         SmithersError::new(Code::Internal, format!("cannot watch signals: {e}"))
@@ -150,9 +181,9 @@ fn watch_term() -> Result<StopSignals, SmithersError> {
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), both of which cancel the foreground run.
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+pub(crate) struct StopSignals {
+    pub term: tokio::signal::unix::Signal,
+    pub int: tokio::signal::unix::Signal,
 }
 
 /// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result.

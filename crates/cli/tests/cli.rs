@@ -211,9 +211,9 @@ fn up_small_workflow_finishes_with_output_and_progress() {
         let n = o
             .stderr
             .lines()
-            .filter(|l| l.trim_start().starts_with(&format!("✓ {id} finished")))
+            .filter(|l| l.trim_start().starts_with(&format!("+ {id} finished")))
             .count();
-        assert_eq!(n, 1, "one `✓ {id} finished` line; {o:#?}");
+        assert_eq!(n, 1, "one `+ {id} finished` line; {o:#?}");
     }
     let id = run_id(&o);
     o.err_has(&format!("run {id} finished"));
@@ -316,7 +316,7 @@ steps:
     no_panic(&o);
     o.err_has("disk-on-fire-7731").err_has("exited with 7");
     assert!(
-        o.stderr.lines().any(|l| l.contains("✗ boom failed")),
+        o.stderr.lines().any(|l| l.contains("! boom failed")),
         "{o:#?}"
     );
     assert!(!o.stderr.contains("never started"), "{o:#?}");
@@ -695,7 +695,7 @@ steps:
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     let ready = |seen: &[String]| {
-        seen.iter().any(|l| l == "run term-me") && seen.iter().any(|l| l.contains("▶ slow started"))
+        seen.iter().any(|l| l == "run term-me") && seen.iter().any(|l| l.contains("> slow started"))
     };
     while !ready(&seen) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -928,7 +928,7 @@ fn example_every_kind_driven_to_the_end() {
     o.code(3).err_has("ship-gate");
     let id = run_id(&o);
     for id in ["plan", "lint", "unit", "docs", "build", "package"] {
-        o.err_has(&format!("✓ {id} finished"));
+        o.err_has(&format!("+ {id} finished"));
     }
 
     env.sm(&["approve", &id, "--node", "ship-gate"]).ok();
@@ -1148,7 +1148,7 @@ fn loop_until_that_still_fails_after_an_iteration_fails_the_run() {
 
 // ----- copyable hints ---------------------------------------------------------------------------
 
-/// The command in backticks after `— ` on the first stderr line that contains `needle`.
+/// The command in backticks after `-- ` on the first stderr line that contains `needle`.
 #[track_caller]
 fn hint(o: &Out, needle: &str) -> String {
     let line = o
@@ -1156,7 +1156,7 @@ fn hint(o: &Out, needle: &str) -> String {
         .lines()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("no `{needle}` line: {o:#?}"));
-    line.split("— `")
+    line.split("-- `")
         .nth(1)
         .and_then(|rest| rest.split('`').next())
         .unwrap_or_else(|| panic!("no hint in {line}"))
@@ -1237,6 +1237,11 @@ steps:
         r.stderr.contains("second waits for event"),
         "the early signal woke `first` only: {r:#?}"
     );
+    // a name no wait listens for would be kept forever: refused, naming the ones that count
+    let typo = env.sm(&["signal", &id, "ci.finshed"]);
+    typo.code(1);
+    typo.err_has("error[UNKNOWN_SIGNAL]: no step of run");
+    typo.err_has("waits for a signal named `ci.finshed`; its waits listen for: `ci.finished`");
     env.sm(&["signal", &id, "ci.finished", "--data", r#"{"n": 2}"#])
         .ok();
     let done = env.sm(&["resume", &id]);

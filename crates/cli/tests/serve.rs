@@ -655,3 +655,270 @@ fn workflows_lists_what_a_gateway_serves_and_what_a_directory_holds() {
     assert_eq!(gone.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&gone.stderr).starts_with("error[GATEWAY_UNREACHABLE]"));
 }
+
+fn smithers_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("SMITHERS_URL")
+        .env_remove("SMITHERS_DB")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// The command in backticks after `-- ` on the first stderr line holding `needle`.
+fn pasted(o: &std::process::Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no `{needle}` line: {err}"));
+    line.split("-- `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .unwrap_or_else(|| panic!("no command in {line}"))
+        .to_string()
+}
+
+#[test]
+fn run_rerun_and_resume_follow_runs_on_a_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    std::fs::write(
+        dir.join("ship.yaml"),
+        "name: gated\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: Ship it?}\n  - task: {id: b, value: \"{{ input.n }}\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("zap.yaml"),
+        "name: boom\nsteps:\n  - task: {id: x, run: \"echo nope >&2; exit 3\"}\n",
+    )
+    .unwrap();
+    let s = serve(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "r.db"],
+    );
+    let url = format!("http://{}", s.addr);
+    let at = [("SMITHERS_URL", url.as_str())];
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    // serve says how to start a run (of a workflow needing no input); the command works as printed
+    let t0 = Instant::now();
+    let example = loop {
+        let tail = s.tail.lock().unwrap().clone();
+        if let Some(l) = tail.iter().find(|l| l.contains("start a run:")) {
+            break l.split("start a run:").nth(1).unwrap().trim().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no next steps: {tail:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(example.starts_with("smithers run "), "{example}");
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(example.replacen("smithers", env!("CARGO_BIN_EXE_smithers"), 1))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(sh.status.code(), Some(0), "{example}: {sh:?}");
+
+    // a run that finishes: progress on stderr (ASCII, not a terminal), output on stdout, exit 0
+    let o = smithers_env(dir, &["run", "hello", "--url", &url, "--run-id", "h1"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(err(&o).contains("run h1\n"), "{}", err(&o));
+    assert!(err(&o).contains("  + a finished in"), "{}", err(&o));
+    assert!(err(&o).contains("run h1 finished"), "{}", err(&o));
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out, json!({"a": 1}));
+
+    // SMITHERS_URL names the gateway; input reaches the run; the approval stops it with exit 3
+    // and a command that, pasted into a shell, lets the gateway finish it
+    let o = smithers_env(
+        dir,
+        &["run", "ship", "--input", r#"{"n": 7}"#, "--run-id", "g1"],
+        &at,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", err(&o));
+    let approve = pasted(&o, "needs approval: Ship it?");
+    assert_eq!(
+        approve,
+        format!("smithers approve g1 --node gate --url {url}")
+    );
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(approve.replacen("smithers", env!("CARGO_BIN_EXE_smithers"), 1))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(sh.status.code(), Some(0), "{sh:?}");
+    wait_status(&s.addr, "g1", "finished");
+
+    // rerun: same workflow and input, followed to the same approval
+    let o = smithers_env(dir, &["rerun", "g1", "--new-run-id", "g2"], &at);
+    assert_eq!(o.status.code(), Some(3), "{}", err(&o));
+    assert!(
+        err(&o).contains("run g2 is waiting-approval"),
+        "{}",
+        err(&o)
+    );
+    let input = rpc(
+        &s.addr,
+        "runs.rerun",
+        json!({"runId": "g2", "newRunId": "g3"}),
+    );
+    assert_eq!(input["ok"], true, "{input}");
+
+    // resume a cancelled run: the approval asked before is shown again with its command
+    let c = smithers_env(dir, &["cancel", "g2"], &at);
+    assert_eq!(c.status.code(), Some(0), "{}", err(&c));
+    let o = smithers_env(dir, &["resume", "g2"], &at);
+    assert_eq!(o.status.code(), Some(3), "{}", err(&o));
+    assert_eq!(
+        pasted(&o, "needs approval"),
+        format!("smithers approve g2 --node gate --url {url}")
+    );
+    // resuming a finished run is refused with the engine's code
+    let o = smithers_env(dir, &["resume", "g1"], &at);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).starts_with("error[RUN_NOT_RESUMABLE]"),
+        "{}",
+        err(&o)
+    );
+
+    // a signal no step of the run waits for is refused, not kept forever
+    let o = smithers_env(dir, &["signal", "g2", "ci.done"], &at);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).starts_with("error[UNKNOWN_SIGNAL]: no step of run `g2` (workflow `gated`) waits for a signal named `ci.done`; it has no wait_for_event step"),
+        "{}",
+        err(&o)
+    );
+
+    // a failing run: exit 1 with the error
+    let o = smithers_env(dir, &["run", "zap"], &at);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("! x failed after"), "{}", err(&o));
+    assert!(err(&o).contains("failed: [PROCESS_FAILED]"), "{}", err(&o));
+
+    // --detach: the run id on stdout, the run goes on on the gateway
+    let o = smithers_env(dir, &["run", "hello", "--detach"], &at);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    wait_status(&s.addr, &id, "finished");
+
+    // mistakes: an unknown workflow, no gateway, --detach without one
+    let o = smithers_env(dir, &["run", "nope"], &at);
+    assert!(
+        err(&o).starts_with("error[NOT_FOUND]: Unknown workflow: nope"),
+        "{}",
+        err(&o)
+    );
+    let o = smithers_env(dir, &["run", "hello"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("smithers up FILE"), "{}", err(&o));
+    let o = smithers_env(dir, &["rerun", "g1", "--detach"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("--detach"), "{}", err(&o));
+
+    // SMITHERS_URL applies to every remote command unless --db is typed; SMITHERS_DB else
+    let o = smithers_env(dir, &["ps"], &at);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("g1"), "{o:?}");
+    let o = smithers_env(dir, &["ps", "--db", "other.db"], &at);
+    assert_eq!(err(&o).trim(), "no runs");
+    let o = smithers_env(dir, &["ps"], &[("SMITHERS_DB", "r.db")]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("g1"), "{o:?}");
+    let o = smithers_env(dir, &["ps", "--url", &url, "--db", "x.db"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    sigterm(s);
+}
+
+#[test]
+fn rerun_locally_runs_the_same_file_and_input_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("echo.yaml"),
+        "name: echo\nsteps:\n  - task: {id: say, value: \"{{ input.word }}\"}\n",
+    )
+    .unwrap();
+    let o = smithers_env(
+        dir,
+        &[
+            "up",
+            "echo.yaml",
+            "--input",
+            r#"{"word": "hi"}"#,
+            "--run-id",
+            "e1",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let o = smithers_env(dir, &["rerun", "e1", "--new-run-id", "e2"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out, json!({"say": "hi"}));
+    let o = smithers_env(dir, &["inspect", "e2", "--json"], &[]);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["run"]["status"], "finished");
+}
+
+#[test]
+fn run_follows_across_a_gateway_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("slow.yaml"),
+        "name: slow\nsteps:\n  - task: {id: nap, run: \"sleep 2\"}\n  - task: {id: done, value: 1}\n",
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    let s = serve(dir, &[".", "--port", &port, "--db", "f.db"]);
+    let url = format!("http://{}", s.addr);
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["run", "slow", "--run-id", "s1", "--url", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_status(&s.addr, "s1", "running");
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM leaves the run resumable; the next start takes it up again
+    sigterm(s);
+    let s = serve(dir, &[".", "--port", &port, "--db", "f.db"]);
+    wait_status(&s.addr, "s1", "finished");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = follower.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the follower never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    follower
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    // each line once, though the events before the restart were replayed on reconnect
+    assert_eq!(
+        stderr.matches("> nap started (attempt 1)").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("+ done finished").count(), 1, "{stderr}");
+    sigterm(s);
+}

@@ -114,7 +114,10 @@ impl Gateway {
 
 /// Maps an engine event (as committed, with its per-run `seq`) to a protocol event (gateway-protocol
 /// §1.8). Payloads carry `eventSeq`, the event's position in the run's durable log, which a
-/// reconnecting client passes back as `afterSeq` to replay what it missed.
+/// reconnecting client passes back as `afterSeq` to replay what it missed. Beyond upstream's
+/// fields, node events carry `iteration`, `attempt` and `durationMs`, approval requests their
+/// `title`, `mode` and `options`, and `node.retrying`, `node.waiting` and `run.waiting` exist,
+/// so that a follower (`smithers run`) can print what `smithers up` prints.
 pub fn map_event(
     event_type: &str,
     run_id: &str,
@@ -127,19 +130,35 @@ pub fn map_event(
     let (event, mut payload) = match event_type {
         "NodeStarted" => (
             "node.started",
-            json!({"runId": run_id, "nodeId": node, "state": "in-progress"}),
+            json!({"runId": run_id, "nodeId": node, "state": "in-progress", "iteration": iteration, "attempt": field("attempt")}),
         ),
         "NodeFinished" => (
             "node.finished",
-            json!({"runId": run_id, "nodeId": node, "state": "finished"}),
+            json!({"runId": run_id, "nodeId": node, "state": "finished", "iteration": iteration, "attempt": field("attempt"), "durationMs": field("durationMs")}),
         ),
         "NodeFailed" => (
             "node.failed",
-            json!({"runId": run_id, "nodeId": node, "state": "failed", "error": field("error")}),
+            json!({"runId": run_id, "nodeId": node, "state": "failed", "error": field("error"), "iteration": iteration, "attempt": field("attempt"), "durationMs": field("durationMs")}),
+        ),
+        "NodeRetrying" => (
+            "node.retrying",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "attempt": field("attempt"), "delayMs": field("delayMs")}),
+        ),
+        "NodeWaitingEvent" => (
+            "node.waiting",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "kind": "event", "event": field("event"), "correlationId": field("correlationId")}),
+        ),
+        "NodeWaitingTimer" => (
+            "node.waiting",
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "kind": "timer", "firesAtMs": field("firesAtMs")}),
+        ),
+        "RunStatusChanged" => (
+            "run.waiting",
+            json!({"runId": run_id, "status": field("status")}),
         ),
         "NodeOutput" => (
             "task.output",
-            json!({"runId": run_id, "nodeId": node, "output": field("text"), "stream": field("stream")}),
+            json!({"runId": run_id, "nodeId": node, "output": field("text"), "stream": field("stream"), "iteration": iteration}),
         ),
         "TaskHeartbeat" => (
             "task.heartbeat",
@@ -147,7 +166,7 @@ pub fn map_event(
         ),
         "ApprovalRequested" => (
             "approval.requested",
-            json!({"runId": run_id, "nodeId": node, "iteration": iteration}),
+            json!({"runId": run_id, "nodeId": node, "iteration": iteration, "title": field("title"), "mode": field("mode"), "options": field("options")}),
         ),
         "ApprovalGranted" | "ApprovalDenied" => (
             "approval.decided",

@@ -36,11 +36,13 @@ pub fn status_for(code: &str) -> u16 {
         "UNAUTHORIZED" | "Unauthorized" => 401,
         "FORBIDDEN" => 403,
         "NOT_FOUND" | "METHOD_NOT_FOUND" | "RunNotFound" | "NodeNotFound" | "AttemptNotFound"
-        | "IterationNotFound" | "NodeHasNoOutput" | "RUN_NOT_FOUND" | "NODE_NOT_FOUND" => 404,
+        | "IterationNotFound" | "NodeHasNoOutput" | "RUN_NOT_FOUND" | "NODE_NOT_FOUND"
+        | "WORKFLOW_NOT_FOUND" => 404,
         "INVALID_REQUEST"
         | "INVALID_FRAME"
         | "INVALID_INPUT"
         | "INVALID_JSON"
+        | "UNKNOWN_SIGNAL"
         | "PROTOCOL_UNSUPPORTED"
         | "InvalidRunId"
         | "InvalidNodeId"
@@ -56,6 +58,8 @@ pub fn status_for(code: &str) -> u16 {
         | "NOT_WAITING_APPROVAL"
         | "RUN_STILL_RUNNING"
         | "RUN_EXISTS"
+        | "RUN_NOT_RESUMABLE"
+        | "RESUME_METADATA_MISMATCH"
         | "DELIVERY_IN_PROGRESS" => 409,
         "REQUEST_TIMEOUT" => 408,
         "DiffTooLarge" | "PayloadTooLarge" | "PAYLOAD_TOO_LARGE" => 413,

@@ -87,6 +87,20 @@ impl Gateway {
         Ok(run_id)
     }
 
+    /// Bookkeeping after a caller resumed a run explicitly (`runs.resume`).
+    pub fn note_resumed(&self, run_id: &str, key: &str, caller: &Caller<'_>) {
+        self.remember_key(run_id, key);
+        let who = caller.grant.user_id.as_deref().unwrap_or("gateway");
+        self.count_resume(key, source_of(who));
+    }
+
+    fn count_resume(&self, key: &str, source: &str) {
+        self.metrics.inc(
+            "smithers_gateway_runs_started_total",
+            &[("resume", "true"), ("source", source), ("workflow", key)],
+        );
+    }
+
     /// After a decision or a signal: wake the run if it is driven here, else resume it unless it
     /// has ended (gateway-protocol §4 resume rule). A run of a workflow not served here is left
     /// parked (the caller's change is committed already, so that is not an error).
@@ -122,14 +136,7 @@ impl Gateway {
                 Ok(h) => {
                     let key = self.key_of(&row).unwrap_or_default();
                     self.remember_key(run_id, &key);
-                    self.metrics.inc(
-                        "smithers_gateway_runs_started_total",
-                        &[
-                            ("resume", "true"),
-                            ("source", "gateway"),
-                            ("workflow", &key),
-                        ],
-                    );
+                    self.count_resume(&key, "gateway");
                     drop(h);
                     return Ok(());
                 }

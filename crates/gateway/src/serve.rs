@@ -2,6 +2,7 @@
 //! event timeouts, cron, orphaned runs) and a clean shutdown.
 
 use crate::gateway::Gateway;
+use serde_json::Value;
 use smithers_core::{Code, SmithersError};
 use smithers_store::status;
 use std::sync::Arc;
@@ -212,6 +213,10 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     }
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let auth_mode = config.auth.mode_name();
+    let gw_regs: Vec<(String, Option<Value>)> = regs
+        .iter()
+        .map(|r| (r.key.clone(), r.workflow.input_schema().cloned()))
+        .collect();
     let gw = Gateway::new(engine, regs, config.auth, config.server.clone(), metrics);
     let listen = &config.server.listen;
     let listener = TcpListener::bind(listen)
@@ -234,6 +239,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         server.local_addr,
         config.workflows.len()
     );
+    eprintln!("{}", next_steps(&gw_regs, server.local_addr, auth_mode));
     let signal = |kind| {
         tokio::signal::unix::signal(kind).map_err(|e| {
             SmithersError::new(
@@ -283,5 +289,53 @@ fn listen_error(listen: &str, e: &std::io::Error) -> SmithersError {
             Code::InvalidInput,
             format!("cannot listen on {listen}: {e}; {how}"),
         ),
+    }
+}
+
+/// What to do next, printed under the listening line: one command that starts a run (of a
+/// workflow that needs no input when there is one) and how to list the others.
+fn next_steps(
+    workflows: &[(String, Option<Value>)],
+    addr: std::net::SocketAddr,
+    auth_mode: &str,
+) -> String {
+    // a wildcard address is reachable on loopback
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let url = format!("http://{host}:{}", addr.port());
+    let token = if auth_mode == "none" {
+        ""
+    } else {
+        "SMITHERS_TOKEN=… "
+    };
+    let needs_input = |schema: &Option<Value>| {
+        schema
+            .as_ref()
+            .and_then(|s| s.get("required"))
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty())
+    };
+    let pick = workflows
+        .iter()
+        .find(|(_, s)| !needs_input(s))
+        .or_else(|| workflows.first());
+    match pick {
+        None => {
+            "  no workflows served: add workflow files (docs/workflows.md) and restart".to_string()
+        }
+        Some((key, schema)) => {
+            let input = if needs_input(schema) {
+                " --input '{…}'"
+            } else {
+                ""
+            };
+            format!(
+                "  start a run:     {token}smithers run {key}{input} --url {url}\n  list workflows:  {token}smithers workflows --url {url}"
+            )
+        }
     }
 }

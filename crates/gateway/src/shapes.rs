@@ -36,6 +36,28 @@ pub fn run_json(run: &RunRow, key: Option<String>) -> Value {
     v
 }
 
+/// A finished run's output as `smithers up` prints it: `{nodeId: output of its latest
+/// iteration}`.
+pub fn latest_outputs(rows: &[smithers_store::OutputRow]) -> Value {
+    let mut latest: std::collections::BTreeMap<&str, &smithers_store::OutputRow> =
+        std::collections::BTreeMap::new();
+    for r in rows {
+        let slot = latest.entry(r.node_id.as_str()).or_insert(r);
+        if r.iteration > slot.iteration {
+            *slot = r;
+        }
+    }
+    Value::Object(
+        latest
+            .into_iter()
+            .map(|(k, r)| {
+                let v = serde_json::from_str(&r.payload_json).unwrap_or(Value::Null);
+                (k.to_string(), v)
+            })
+            .collect(),
+    )
+}
+
 /// `{<node state>: count}`.
 pub fn summary(nodes: &[NodeRow]) -> Value {
     let mut m = Map::new();

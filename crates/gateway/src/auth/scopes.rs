@@ -39,6 +39,7 @@ pub fn required_level(method: &str) -> Level {
         "runs.create"
         | "runs.cancel"
         | "runs.rerun"
+        | "runs.resume"
         | "runs.fork"
         | "signals.send"
         | "cron.trigger"
@@ -133,6 +134,7 @@ mod tests {
             "runs.create",
             "runs.cancel",
             "runs.rerun",
+            "runs.resume",
             "signals.send",
             "cron.trigger",
             "jumpToFrame",

@@ -72,6 +72,7 @@ pub static METHODS: &[Method] = &[
     method!("runs.create", runs::create),
     method!("runs.cancel", runs::cancel),
     method!("runs.rerun", runs::rerun),
+    method!("runs.resume", runs::resume),
     method!("runs.fork", runs::fork),
     method!("runs.diff", runs::diff),
     method!("frames.list", history::frames_list),

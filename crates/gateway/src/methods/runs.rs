@@ -41,6 +41,9 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
     let mut v = shapes::run_json(&row, gw.key_of(&row));
     v["summary"] = summary;
     v["runState"] = state;
+    if row.status == status::FINISHED {
+        v["output"] = shapes::latest_outputs(&gw.store.list_outputs(id).await?);
+    }
     Ok(v)
 }
 
@@ -98,6 +101,44 @@ pub async fn rerun(c: &Call<'_>) -> Result<Value, RpcError> {
         .unwrap_or_else(|| json!({}));
     let run = gw.start_run(&key, input, new_id, c.caller, None).await?;
     Ok(json!({"runId": run, "workflow": key}))
+}
+
+/// `runs.resume` (an addition): continues a run that is parked, cancelled, failed or left by a
+/// dead engine, with the workflow this gateway serves for it. `force` accepts a workflow file
+/// that changed since the run started. A run already driven here answers `running` unchanged.
+pub async fn resume(c: &Call<'_>) -> Result<Value, RpcError> {
+    let gw = c.gw;
+    let p = &c.params;
+    let id = run_id(p, "runId", "runId is required")?;
+    let force = match p.get("force") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(RpcError::new("INVALID_REQUEST", "force must be a boolean"));
+        }
+    };
+    if let Some(conn) = c.caller.conn {
+        conn.subscribe(id);
+    }
+    if gw.engine.is_active(id) {
+        return Ok(json!({"runId": id, "status": "running", "resumed": false}));
+    }
+    let row = ensure_run(gw, id).await?;
+    let key = gw.key_of(&row);
+    let wf = gw.workflow_of(&row).ok_or_else(|| {
+        RpcError::new(
+            "WORKFLOW_NOT_FOUND",
+            format!(
+                "Run {id} belongs to workflow `{}`, which this gateway does not serve",
+                row.workflow_name
+            ),
+        )
+    })?;
+    let h = gw.engine.resume(wf, id, force).await?;
+    drop(h);
+    let key = key.unwrap_or_default();
+    gw.note_resumed(id, &key, c.caller);
+    Ok(json!({"runId": id, "status": "running", "resumed": true, "workflow": key}))
 }
 
 pub async fn fork(c: &Call<'_>) -> Result<Value, RpcError> {
