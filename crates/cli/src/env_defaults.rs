@@ -96,7 +96,8 @@ fn targets(cmd: &mut Cmd) -> (Option<&mut String>, Option<&mut RemoteArgs>) {
         | Cmd::Deny { db, remote, .. }
         | Cmd::Signal { db, remote, .. }
         | Cmd::Cancel { db, remote, .. }
-        | Cmd::Rerun { db, remote, .. } => (Some(db), Some(remote)),
+        | Cmd::Rerun { db, remote, .. }
+        | Cmd::Logs { db, remote, .. } => (Some(db), Some(remote)),
         // `resume --orphans` takes over local runs only
         Cmd::Resume {
             db,

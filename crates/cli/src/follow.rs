@@ -6,7 +6,7 @@
 //! so no early event is missed. If the socket drops, the follower reconnects for up to a minute
 //! and asks for the events it missed (`afterSeq`), so every line is printed once.
 
-use crate::progress::{self, Style};
+use crate::progress::{self, Printer, Style};
 use crate::remote::{Gateway, RemoteError};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -93,18 +93,22 @@ pub async fn run(gw: &Gateway, start: Start, detach: bool) -> Result<u8, RemoteE
     if reply.get("resumed") == Some(&Value::Bool(false)) {
         eprintln!("run {target} is already running on the gateway; following it");
     }
-    eprintln!("run {target}");
+    follower.printer.line(&format!("run {target}"));
+    let mut tick = tokio::time::interval(progress::TICK);
     loop {
         if let Some(code) = follower.done {
+            follower.printer.done();
             return follower.finish(code).await;
         }
         tokio::select! {
             frame = conn.next() => match frame {
                 Ok(v) => follower.on_frame(&v),
                 Err(why) => {
-                    conn = reconnect(gw, &target, &follower, &why).await?;
+                    follower.printer.line(&format!("  connection to {} lost ({why}); reconnecting", gw.base()));
+                    conn = reconnect(gw, &target, &follower).await?;
                 }
             },
+            _ = tick.tick() => follower.printer.tick(),
             _ = stop.int.recv() => return Ok(follower.detached()),
             _ = stop.term.recv() => return Ok(follower.detached()),
         }
@@ -116,9 +120,7 @@ async fn reconnect(
     gw: &Gateway,
     target: &str,
     follower: &Follower<'_>,
-    why: &str,
 ) -> Result<Conn, RemoteError> {
-    eprintln!("  connection to {} lost ({why}); reconnecting", gw.base());
     let deadline = Instant::now() + RECONNECT_FOR;
     let mut pause = Duration::from_millis(250);
     loop {
@@ -148,6 +150,7 @@ struct Follower<'a> {
     gw: &'a Gateway,
     run_id: String,
     style: Style,
+    printer: Printer,
     /// The last `eventSeq` seen, -1 before the first.
     last_seq: i64,
     /// The exit code, once the run ended or waits for someone.
@@ -162,10 +165,12 @@ struct Follower<'a> {
 
 impl<'a> Follower<'a> {
     fn new(gw: &'a Gateway, run_id: &str) -> Self {
+        let style = Style::detect();
         Follower {
             gw,
             run_id: run_id.to_string(),
-            style: Style::detect(),
+            style,
+            printer: Printer::new(style, progress::quiet(), Some(gw.base().to_string())),
             last_seq: -1,
             done: None,
             completion: None,
@@ -191,6 +196,7 @@ impl<'a> Follower<'a> {
             self.last_seq = seq;
         }
         let kind = match event {
+            "task.output" => "NodeOutput",
             "node.started" => "NodeStarted",
             "node.finished" => "NodeFinished",
             "node.failed" => "NodeFailed",
@@ -212,22 +218,26 @@ impl<'a> Follower<'a> {
                 return;
             }
             "replay.truncated" => {
-                eprintln!(
+                self.printer.line(&format!(
                     "  events missed while disconnected were not all replayed ({}); `smithers inspect {} --url {}` shows the run",
                     p.get("reason").and_then(Value::as_str).unwrap_or("?"),
                     self.run_id,
                     self.gw.base()
-                );
+                ));
                 return;
             }
             _ => return,
         };
-        if let Some(line) =
-            progress::describe(self.style, kind, &self.run_id, &p, Some(self.gw.base()))
-        {
-            self.hinted |= matches!(kind, "ApprovalRequested" | "NodeWaitingEvent");
-            eprintln!("{line}");
-        }
+        // task.output names its text `output`; the printer reads the engine's `text`
+        let p = match (kind, p) {
+            ("NodeOutput", mut p) => {
+                p["text"] = p.get("output").cloned().unwrap_or(Value::Null);
+                p
+            }
+            (_, p) => p,
+        };
+        self.hinted |= matches!(kind, "ApprovalRequested" | "NodeWaitingEvent");
+        self.printer.on(kind, &self.run_id, &p);
     }
 
     /// The run parked: waiting for a person or an event ends the command (exit 3) as with
@@ -235,10 +245,11 @@ impl<'a> Follower<'a> {
     fn on_waiting(&mut self, p: &Value) {
         let st = p.get("status").and_then(Value::as_str).unwrap_or("");
         if st == "waiting-timer" {
-            eprintln!(
+            let line = format!(
                 "  run {} sleeps until its timer fires; the gateway wakes it (still following)",
                 self.run_id
             );
+            self.printer.line(&line);
             return;
         }
         self.parked = Some(st.to_string());
@@ -246,7 +257,8 @@ impl<'a> Follower<'a> {
     }
 
     /// Ctrl-C or SIGTERM: stop following; the run is the gateway's and goes on.
-    fn detached(&self) -> u8 {
+    fn detached(&mut self) -> u8 {
+        self.printer.done();
         eprintln!(
             "stopped following run {id}; it goes on on the gateway (`smithers cancel {id} --url {url}` stops it)",
             id = self.run_id,
@@ -331,7 +343,7 @@ impl<'a> Follower<'a> {
 }
 
 /// One authenticated WebSocket connection subscribed to one run.
-struct Conn {
+pub(crate) struct Conn {
     ws: Ws,
     next_id: u64,
 }
@@ -339,7 +351,11 @@ struct Conn {
 impl Conn {
     /// Connects, completes the protocol handshake and subscribes to `run_id`; with `after`,
     /// asks for the run's events after that `eventSeq`.
-    async fn open(gw: &Gateway, run_id: &str, after: Option<i64>) -> Result<Conn, RemoteError> {
+    pub(crate) async fn open(
+        gw: &Gateway,
+        run_id: &str,
+        after: Option<i64>,
+    ) -> Result<Conn, RemoteError> {
         let (host, port) = gw.addr();
         let tcp =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((host, port))).await {
@@ -389,7 +405,7 @@ impl Conn {
     }
 
     /// The next frame as JSON; an error when the connection ended or went silent.
-    async fn next(&mut self) -> Result<Value, String> {
+    pub(crate) async fn next(&mut self) -> Result<Value, String> {
         loop {
             let msg = match tokio::time::timeout(SILENCE, self.ws.next()).await {
                 Err(_) => return Err(format!("no frame for {}s", SILENCE.as_secs())),

@@ -8,6 +8,7 @@ mod cron_cmd;
 mod diff_cmd;
 mod env_defaults;
 mod follow;
+mod logs_cmd;
 mod progress;
 mod remote;
 mod runs;
@@ -34,6 +35,9 @@ struct Cli {
     /// default otherwise). Filter them with SMITHERS_LOG or RUST_LOG.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
+    /// Hide task output lines while following a run (`up`, `run`, `resume`, `rerun`, `fork`).
+    #[arg(long, short, global = true)]
+    quiet: bool,
 }
 
 /// How operator logs are written.
@@ -179,6 +183,21 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
+    /// Print a run's task output in the order it was written; --follow keeps printing it live.
+    Logs {
+        run_id: String,
+        /// Only this node's output, exactly as the task wrote it (otherwise each line is
+        /// prefixed with its node).
+        #[arg(long)]
+        node: Option<String>,
+        /// Keep printing new output until the run ends (Ctrl-C stops).
+        #[arg(long, short)]
+        follow: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         #[command(flatten)]
@@ -335,6 +354,7 @@ fn main() -> ExitCode {
             .exit();
     }
     let env_checked = env_defaults::apply(&mut cli.cmd, &matches);
+    progress::set_quiet(cli.quiet);
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`smithers inspect RUN | head -1`) instead of failing on the write. A long-running server
     // must not do this (a closed socket would kill it); every command here is short-lived or
@@ -527,6 +547,13 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             .await
         }
         Cmd::Cancel { run_id, db, .. } => act::cancel(&db, &run_id).await,
+        Cmd::Logs {
+            run_id,
+            node,
+            follow,
+            db,
+            ..
+        } => logs_cmd::local(&db, &run_id, node.as_deref(), follow).await,
         Cmd::Diff {
             run_id,
             node,

@@ -5,7 +5,24 @@
 
 use serde_json::Value;
 use smithers_engine::Engine;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--quiet`: hide task output lines (a presentation setting for the whole command, like
+/// `NO_COLOR`).
+pub fn set_quiet(on: bool) {
+    QUIET.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How often the elapsed-time line is redrawn on a terminal.
+pub const TICK: Duration = Duration::from_secs(1);
 
 pub struct Progress {
     task: tokio::task::JoinHandle<()>,
@@ -13,30 +30,31 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Prints the engine's events as progress lines until [`Progress::finish`].
     pub fn start(engine: &Engine) -> Progress {
         let mut rx = engine.subscribe();
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel();
-        let style = Style::detect();
-        let show = move |ev: &smithers_engine::EngineEvent| {
-            if let Some(l) = describe(style, ev.event_type, &ev.run_id, &ev.payload, None) {
-                eprintln!("{l}");
-            }
-        };
+        let mut printer = Printer::new(Style::detect(), quiet(), None);
         let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
             loop {
                 tokio::select! {
                     ev = rx.recv() => match ev {
-                        Ok(ev) => show(&ev),
-                        Err(RecvError::Lagged(n)) => eprintln!("  {} {n} events not shown", style.pick("…", "...")),
-                        Err(RecvError::Closed) => return,
+                        Ok(ev) => printer.on(ev.event_type, &ev.run_id, &ev.payload),
+                        Err(RecvError::Lagged(n)) => printer.line(&format!("  {} {n} events not shown", printer.style.pick("…", "..."))),
+                        Err(RecvError::Closed) => break,
                     },
+                    _ = tick.tick() => printer.tick(),
                     _ = &mut stop_rx => {
                         // print what is already queued, then stop
-                        while let Ok(ev) = rx.try_recv() { show(&ev); }
-                        return;
+                        while let Ok(ev) = rx.try_recv() {
+                            printer.on(ev.event_type, &ev.run_id, &ev.payload);
+                        }
+                        break;
                     }
                 }
             }
+            printer.done();
         });
         Progress { task, stop }
     }
@@ -44,6 +62,184 @@ impl Progress {
     pub async fn finish(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+/// Turns a run's events into what a person watching it sees on stderr: progress lines, task
+/// output as whole lines (`    build | compiling…`) and, on a terminal, one status line with
+/// the elapsed time and the running nodes, redrawn in place.
+pub struct Printer {
+    pub style: Style,
+    quiet: bool,
+    /// The gateway a followed run lives on (hints name it).
+    url: Option<String>,
+    lines: OutputLines,
+    started: Instant,
+    running: BTreeSet<String>,
+    status_shown: bool,
+}
+
+impl Printer {
+    pub fn new(style: Style, quiet: bool, url: Option<String>) -> Printer {
+        Printer {
+            style,
+            quiet,
+            url,
+            lines: OutputLines::default(),
+            started: Instant::now(),
+            running: BTreeSet::new(),
+            status_shown: false,
+        }
+    }
+
+    /// One event, by its engine name (`NodeStarted`, `NodeOutput`, …).
+    pub fn on(&mut self, kind: &str, run: &str, payload: &Value) {
+        let label = node_label(run, payload);
+        match kind {
+            "NodeOutput" => {
+                if self.quiet {
+                    return;
+                }
+                let stream = payload.get("stream").and_then(Value::as_str).unwrap_or("");
+                let text = payload.get("text").and_then(Value::as_str).unwrap_or("");
+                for l in self.lines.push(&label, stream, text) {
+                    self.output_line(&label, &l);
+                }
+                return;
+            }
+            "NodeStarted" => {
+                self.running.insert(label.clone());
+            }
+            "NodeFinished" | "NodeFailed" | "NodeCancelled" | "NodeRetrying" => {
+                self.running.remove(&label);
+                for l in self.lines.flush(&label) {
+                    self.output_line(&label, &l);
+                }
+            }
+            _ => {}
+        }
+        if let Some(l) = describe(self.style, kind, run, payload, self.url.as_deref()) {
+            self.line(&l);
+        }
+    }
+
+    fn output_line(&mut self, label: &str, text: &str) {
+        let bar = self.style.pick("│", "|");
+        self.line(&format!("    {label} {bar} {text}"));
+    }
+
+    /// Prints a line above the status line.
+    pub fn line(&mut self, text: &str) {
+        self.clear_status();
+        eprintln!("{text}");
+    }
+
+    /// Redraws the status line (terminals only).
+    pub fn tick(&mut self) {
+        if !self.style.unicode {
+            return;
+        }
+        let secs = self.started.elapsed().as_secs();
+        let elapsed = if secs < 60 {
+            format!("{secs}s")
+        } else {
+            format!("{}m{:02}s", secs / 60, secs % 60)
+        };
+        let running = if self.running.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = self.running.iter().map(String::as_str).take(5).collect();
+            format!(" · running {}", names.join(", "))
+        };
+        eprint!("\r\x1b[2K  ⏱ {elapsed}{running}");
+        self.status_shown = true;
+    }
+
+    fn clear_status(&mut self) {
+        if self.status_shown {
+            eprint!("\r\x1b[2K");
+            self.status_shown = false;
+        }
+    }
+
+    /// The end: the rest of any unfinished output line, and no status line left behind.
+    pub fn done(&mut self) {
+        for (label, l) in self.lines.flush_all() {
+            self.output_line(&label, &l);
+        }
+        self.clear_status();
+    }
+}
+
+/// `id`, `id[iteration]` inside loops, prefixed by the run id for a child run's nodes.
+fn node_label(run: &str, payload: &Value) -> String {
+    let id = payload.get("nodeId").and_then(Value::as_str).unwrap_or("");
+    let it = payload
+        .get("iteration")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let node = if it > 0 {
+        format!("{id}[{it}]")
+    } else {
+        id.to_string()
+    };
+    if run.contains(":child:") {
+        format!("{run} {node}")
+    } else {
+        node
+    }
+}
+
+/// Task output cut into whole lines. A process writes in chunks that need not end at a line
+/// break; the rest of a line waits for its newline, or for the node to end.
+#[derive(Default)]
+pub struct OutputLines {
+    partial: BTreeMap<(String, String), String>,
+}
+
+/// A line longer than this is printed in pieces rather than held without bound.
+const MAX_PARTIAL: usize = 64 * 1024;
+
+impl OutputLines {
+    /// Adds a chunk of `node`'s `stream`; returns the lines it completed.
+    pub fn push(&mut self, node: &str, stream: &str, text: &str) -> Vec<String> {
+        let buf = self
+            .partial
+            .entry((node.to_string(), stream.to_string()))
+            .or_default();
+        buf.push_str(text);
+        let mut out = Vec::new();
+        while let Some(i) = buf.find('\n') {
+            let line: String = buf.drain(..=i).collect();
+            out.push(line.trim_end_matches(['\n', '\r']).to_string());
+        }
+        if buf.len() > MAX_PARTIAL {
+            out.push(std::mem::take(buf));
+        }
+        out
+    }
+
+    /// What is left of `node`'s lines (it ended).
+    pub fn flush(&mut self, node: &str) -> Vec<String> {
+        let keys: Vec<(String, String)> = self
+            .partial
+            .keys()
+            .filter(|(n, _)| n == node)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.partial.remove(&k))
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// What is left of every node's lines, as `(node, rest)`.
+    pub fn flush_all(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.partial)
+            .into_iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|((n, _), s)| (n, s))
+            .collect()
     }
 }
 
@@ -67,7 +263,7 @@ impl Style {
         }
     }
 
-    fn pick(self, unicode: &'static str, ascii: &'static str) -> &'static str {
+    pub fn pick(self, unicode: &'static str, ascii: &'static str) -> &'static str {
         if self.unicode { unicode } else { ascii }
     }
 
@@ -292,6 +488,19 @@ fn choices(ev: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn output_chunks_become_whole_lines() {
+        let mut l = super::OutputLines::default();
+        assert!(l.push("a", "stdout", "hel").is_empty());
+        assert_eq!(l.push("a", "stdout", "lo\nwor"), ["hello"]);
+        assert_eq!(l.push("b", "stdout", "x\r\ny\n"), ["x", "y"]);
+        assert_eq!(l.push("a", "stderr", "e"), Vec::<String>::new());
+        assert_eq!(l.flush("a"), ["e", "wor"]);
+        assert!(l.flush_all().is_empty());
+        let long = "z".repeat(super::MAX_PARTIAL + 1);
+        assert_eq!(l.push("c", "stdout", &long), vec![long]);
+    }
+
     #[test]
     fn formats_utc() {
         assert_eq!(super::fmt_ms(0), "1970-01-01T00:00:00Z");

@@ -486,6 +486,7 @@ pub async fn dispatch(cmd: &Cmd) -> Option<Result<u8, SmithersError>> {
         | Cmd::Rewind { remote, .. }
         | Cmd::Diff { remote, .. }
         | Cmd::Run { remote, .. }
+        | Cmd::Logs { remote, .. }
         | Cmd::Rerun { remote, .. }
         | Cmd::Resume { remote, .. }
         | Cmd::Fork { remote, .. } => remote,
@@ -590,6 +591,12 @@ async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
             };
             crate::follow::run(gw, start, *detach).await
         }
+        Cmd::Logs {
+            run_id,
+            node,
+            follow,
+            ..
+        } => crate::logs_cmd::remote(gw, run_id, node.as_deref(), *follow).await,
         Cmd::Rerun {
             run_id,
             new_run_id,

@@ -13,7 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_smithers");
 
 /// Commands that take `--db`.
 const DB_COMMANDS: &[&str] = &[
-    "up", "resume", "ps", "inspect", "frames", "approve", "deny", "signal", "cancel",
+    "up", "resume", "ps", "inspect", "frames", "approve", "deny", "signal", "cancel", "logs",
 ];
 
 /// What a finished `smithers` process left behind.
@@ -1247,4 +1247,135 @@ steps:
     let done = env.sm(&["resume", &id]);
     done.ok();
     assert_eq!(done.json()["done"], json!({"first": 1, "second": 2}));
+}
+
+// ----- task output: live lines, --quiet, logs ---------------------------------------------------
+
+const CHATTY: &str = r#"
+name: chatty
+steps:
+  - task: {id: build, run: "printf 'one\ntwo\n'; sleep 0.2; printf 'thr'; sleep 0.2; echo ee; sleep 0.2; echo oops >&2"}
+  - task: {id: test, run: "echo tested"}
+"#;
+
+#[test]
+fn up_shows_task_output_as_whole_lines_and_quiet_hides_it() {
+    let env = Env::new();
+    let o = env.up(CHATTY, &["--run-id", "c1"]);
+    o.ok();
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    let at = |l: &str| {
+        lines
+            .iter()
+            .position(|x| *x == l)
+            .unwrap_or_else(|| panic!("no line {l:?}: {o:#?}"))
+    };
+    // in order, between the node's start and its finish; a line split across writes is whole
+    assert!(at("  > build started (attempt 1)") < at("    build | one"));
+    assert!(at("    build | one") < at("    build | two"));
+    assert!(at("    build | two") < at("    build | three"));
+    at("    build | oops");
+    assert!(
+        lines[at("    build | three")..]
+            .iter()
+            .any(|l| l.starts_with("  + build finished"))
+    );
+    assert!(at("    test | tested") > at("  > test started (attempt 1)"));
+
+    let q = env.up(CHATTY, &["--run-id", "c2", "--quiet"]);
+    q.ok();
+    assert!(!q.stderr.contains(" | "), "{q:#?}");
+    q.err_has("+ build finished");
+}
+
+#[test]
+fn logs_prints_a_runs_output_and_follows_a_live_one() {
+    let env = Env::new();
+    env.up(CHATTY, &["--run-id", "c1"]).ok();
+    let all = env.sm(&["logs", "c1"]);
+    all.ok();
+    assert_eq!(
+        all.stdout,
+        "build | one\nbuild | two\nbuild | three\nbuild | oops\ntest | tested\n"
+    );
+    // one node: the text as written
+    let one = env.sm(&["logs", "c1", "--node", "build"]);
+    one.ok();
+    assert_eq!(one.stdout, "one\ntwo\nthree\noops\n");
+    env.sm(&["logs", "nope"]).error("RUN_NOT_FOUND");
+
+    // --follow on a run that another process is driving: everything, then it returns
+    let wf = env.write(
+        "slow.yaml",
+        "name: slow\nsteps:\n  - task: {id: tick, run: \"for i in 1 2 3 4 5; do echo t$i; sleep 0.3; done\"}\n",
+    );
+    let mut up = env
+        .cmd(&["up", &wf, "--run-id", "s1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until the run exists, then follow it
+    let t0 = Instant::now();
+    while !env.sm(&["logs", "s1"]).stderr.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the run never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    let f = env.sm(&["logs", "s1", "--follow"]);
+    f.ok();
+    assert_eq!(
+        f.stdout,
+        "tick | t1\ntick | t2\ntick | t3\ntick | t4\ntick | t5\n"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "--follow returned once the run ended"
+    );
+    assert!(up.wait().unwrap().success());
+}
+
+#[test]
+fn a_terminal_gets_symbols_and_an_elapsed_time_line() {
+    let env = Env::new();
+    let wf = env.write("chatty.yaml", CHATTY);
+    // `script` runs the command on a pseudo-terminal
+    let o = run({
+        let mut c = Command::new("script");
+        c.current_dir(env.path())
+            .env_remove("NO_COLOR")
+            .env("TERM", "xterm")
+            .args([
+                "-qec",
+                &format!("{BIN} up {wf} --db {}", env.db()),
+                "/dev/null",
+            ]);
+        c
+    });
+    o.ok();
+    assert!(o.stdout.contains("⏱ 0s"), "{o:#?}");
+    assert!(o.stdout.contains("\x1b[2K"), "{o:#?}");
+    assert!(o.stdout.contains("✓"), "{o:#?}");
+    assert!(o.stdout.contains("\x1b[32m"), "coloured: {o:#?}");
+    // NO_COLOR keeps the symbols, drops the colours
+    let o = run({
+        let mut c = Command::new("script");
+        c.current_dir(env.path())
+            .env("NO_COLOR", "1")
+            .env("TERM", "xterm")
+            .args([
+                "-qec",
+                &format!("{BIN} up {wf} --db {}", env.db()),
+                "/dev/null",
+            ]);
+        c
+    });
+    o.ok();
+    assert!(
+        o.stdout.contains("✓") && !o.stdout.contains("\x1b[32m"),
+        "{o:#?}"
+    );
 }

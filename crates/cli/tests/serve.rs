@@ -922,3 +922,73 @@ fn run_follows_across_a_gateway_restart() {
     assert_eq!(stderr.matches("+ done finished").count(), 1, "{stderr}");
     sigterm(s);
 }
+
+#[test]
+fn logs_through_the_gateway_pages_the_log_and_follows_live_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("chatty.yaml"),
+        "name: chatty\nsteps:\n  - task: {id: build, run: \"for i in 1 2 3 4; do echo b$i; sleep 0.2; done\"}\n  - task: {id: test, run: \"echo tested; sleep 0.2; echo warn >&2\"}\n",
+    )
+    .unwrap();
+    let s = serve(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "l.db"],
+    );
+    let url = format!("http://{}", s.addr);
+    let at = [("SMITHERS_URL", url.as_str())];
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    // `run` shows the output lines as they come
+    let o = smithers_env(dir, &["run", "chatty", "--run-id", "c1"], &at);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(err(&o).contains("    build | b3\n"), "{}", err(&o));
+    assert!(err(&o).contains("    test | warn\n"), "{}", err(&o));
+
+    // runs.events pages the durable log as protocol events
+    let p1 = rpc(&s.addr, "runs.events", json!({"runId": "c1", "limit": 3}));
+    assert_eq!(p1["ok"], true, "{p1}");
+    assert_eq!(p1["payload"]["more"], true);
+    let last = p1["payload"]["lastSeq"].as_i64().unwrap();
+    let p2 = rpc(
+        &s.addr,
+        "runs.events",
+        json!({"runId": "c1", "afterSeq": last, "limit": 10000, "nodeId": "test"}),
+    );
+    let events = p2["payload"]["events"].as_array().unwrap();
+    assert!(
+        events.iter().all(|e| e["payload"]["nodeId"] == "test"),
+        "{p2}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "task.output" && e["payload"]["output"] == "tested\n"),
+        "{p2}"
+    );
+    assert_eq!(p2["payload"]["more"], false);
+    let bad = rpc(
+        &s.addr,
+        "runs.events",
+        json!({"runId": "c1", "afterSeq": -2}),
+    );
+    assert_eq!(bad["error"]["code"], "INVALID_INPUT", "{bad}");
+
+    let o = smithers_env(dir, &["logs", "c1"], &at);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "build | b1\nbuild | b2\nbuild | b3\nbuild | b4\ntest | tested\ntest | warn\n"
+    );
+
+    // --follow on a detached run: the whole output, then it returns when the run completes
+    let o = smithers_env(dir, &["run", "chatty", "--detach", "--run-id", "c2"], &at);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let o = smithers_env(dir, &["logs", "c2", "--follow", "--node", "build"], &at);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "b1\nb2\nb3\nb4\n");
+    let o = smithers_env(dir, &["logs", "nope"], &at);
+    assert!(err(&o).starts_with("error[NOT_FOUND]"), "{}", err(&o));
+    sigterm(s);
+}

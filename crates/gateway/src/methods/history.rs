@@ -1,4 +1,5 @@
-//! What a run went through: `frames.list`, `frames.get`, `attempts.list`, `attempts.get`.
+//! What a run went through: `frames.list`, `frames.get`, `attempts.list`, `attempts.get`,
+//! `runs.events`.
 
 use super::Call;
 use super::params::{ensure_run, non_negative, run_id};
@@ -87,4 +88,42 @@ pub async fn attempts_get(c: &Call<'_>) -> Result<Value, RpcError> {
         .await?
         .ok_or_else(|| RpcError::new("NOT_FOUND", "Attempt not found"))?;
     Ok(serde_json::to_value(a).unwrap_or(Value::Null))
+}
+
+/// `runs.events` (an addition): a page of the run's durable event log as protocol events (the
+/// payloads WebSocket clients receive, with `eventSeq`), for reading a run's history or its
+/// task output after the fact. Log entries that are not protocol events are skipped; `lastSeq`
+/// is where the next page starts (pass it back as `afterSeq`) and `more` says whether there is
+/// one. `nodeId` keeps the events of one node.
+pub async fn events(c: &Call<'_>) -> Result<Value, RpcError> {
+    let (gw, p) = (c.gw, &c.params);
+    let id = run_id(p, "runId", "runId is required")?;
+    ensure_run(gw, id).await?;
+    let after = match p.get("afterSeq") {
+        Some(v) if v.as_i64() == Some(-1) => None,
+        v => non_negative(v, "afterSeq")?,
+    };
+    let limit = bounds::positive_int(p.get("limit"), "limit")?
+        .unwrap_or(1000)
+        .min(10_000) as usize;
+    let node = p
+        .get("nodeId")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    let rows = gw.store.list_events(id, after, limit).await?;
+    let last = rows.last().map(|r| r.seq).or(after).unwrap_or(-1);
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let payload: Value = serde_json::from_str(&r.payload_json).unwrap_or(Value::Null);
+        if node.is_some() && payload.get("nodeId").and_then(Value::as_str) != node {
+            continue;
+        }
+        if let Some((event, mut payload)) =
+            crate::broadcast::map_event(&r.event_type, id, r.seq, &payload)
+        {
+            payload["timestampMs"] = serde_json::json!(r.timestamp_ms);
+            events.push(serde_json::json!({"event": event, "payload": payload}));
+        }
+    }
+    Ok(serde_json::json!({"events": events, "lastSeq": last, "more": rows.len() == limit}))
 }

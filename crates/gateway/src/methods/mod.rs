@@ -79,6 +79,7 @@ pub static METHODS: &[Method] = &[
     method!("frames.get", history::frames_get),
     method!("attempts.list", history::attempts_list),
     method!("attempts.get", history::attempts_get),
+    method!("runs.events", history::events),
     method!("approvals.list", approvals::list),
     method!("approvals.decide", approvals::decide),
     method!("signals.send", signals::send),
