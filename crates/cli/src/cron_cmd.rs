@@ -100,7 +100,14 @@ pub async fn run(
                 )
             }
         };
-        let out = gw.call(method, params).await.map_err(to_err)?;
+        let out = match gw.call(method, params).await {
+            Ok(out) => out,
+            Err(e) => {
+                // the gateway's own code (FORBIDDEN, …), as every remote command prints it
+                eprintln!("error[{}]: {}", e.code, e.message);
+                return Ok(1);
+            }
+        };
         match action {
             CronAction::List => print_rows(out.as_array().map(Vec::as_slice).unwrap_or(&[])),
             _ => println!("{out}"),

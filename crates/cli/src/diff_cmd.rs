@@ -58,7 +58,11 @@ pub async fn diff(
             Ok(0)
         }
         Err(e) => {
-            eprintln!("error[{}]: {}", e.code(), e.message());
+            eprintln!(
+                "error[{}]: {}",
+                crate::remote::cli_code(e.code(), &e.message()),
+                e.message()
+            );
             Ok(1)
         }
     }

@@ -473,10 +473,10 @@ impl Conn {
                         .and_then(Value::as_str)
                         .map(str::to_string)
                 };
-                return Err(RemoteError {
-                    code: s("code").unwrap_or_else(|| "SERVER_ERROR".into()),
-                    message: s("message").unwrap_or_else(|| "the gateway gave no message".into()),
-                });
+                return Err(RemoteError::from_gateway(
+                    &s("code").unwrap_or_else(|| "SERVER_ERROR".into()),
+                    s("message").unwrap_or_else(|| "the gateway gave no message".into()),
+                ));
             }
             on_other(&v);
         }

@@ -78,7 +78,7 @@ fn write(bytes: &[u8]) -> Result<(), SmithersError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(SmithersError::new(
-            Code::Internal,
+            Code::IoError,
             format!("cannot write to stdout: {e}"),
         )),
     }

@@ -377,7 +377,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error[INTERNAL_ERROR]: cannot start the async runtime: {e}");
+            eprintln!("error[IO_ERROR]: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -635,13 +635,18 @@ async fn serve(
     paths: Vec<std::path::PathBuf>,
     overrides: ServeOverrides,
 ) -> Result<u8, SmithersError> {
+    let usage = |e: String| SmithersError::new(Code::InvalidInput, e);
     let mut cfg = match (config, paths.is_empty()) {
-        (Some(c), true) => smithers_gateway::config::load(&c),
-        (Some(_), false) => Err("give either --config or workflow paths, not both".to_string()),
-        (None, false) => smithers_gateway::config::zero_config(&paths),
-        (None, true) => Err("nothing to serve: give a directory of workflows (smithers serve examples/workflows) or --config smithers.toml".to_string()),
-    }
-    .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
+        (Some(c), true) => smithers_gateway::config::load(&c)
+            .map_err(|e| SmithersError::new(Code::InvalidConfig, e))?,
+        (Some(_), false) => {
+            return Err(usage(
+                "give either --config or workflow paths, not both".into(),
+            ));
+        }
+        (None, false) => smithers_gateway::config::zero_config(&paths).map_err(usage)?,
+        (None, true) => return Err(usage("nothing to serve: give a directory of workflows (smithers serve examples/workflows) or --config smithers.toml".into())),
+    };
     overrides.apply(&mut cfg)?;
     raise_open_file_limit();
     smithers_gateway::serve::run(cfg).await?;
@@ -704,4 +709,24 @@ pub async fn open_store(
     db: &str,
 ) -> Result<std::sync::Arc<dyn smithers_store::Store>, SmithersError> {
     smithers_store::open(db).await
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/cli.md lists every error code a command can print.
+    #[test]
+    fn every_error_code_is_documented() {
+        let doc = include_str!("../../../docs/cli.md");
+        let section = doc
+            .split("## Error codes")
+            .nth(1)
+            .expect("docs/cli.md has an Error codes section");
+        for code in smithers_core::Code::ALL {
+            let quoted = format!("`{}`", code.as_str());
+            assert!(
+                section.contains(&quoted),
+                "{quoted} is missing from docs/cli.md's Error codes"
+            );
+        }
+    }
 }

@@ -54,6 +54,43 @@ impl RemoteError {
     }
 }
 
+impl RemoteError {
+    /// An error the gateway answered, under the code the local command would print.
+    pub fn from_gateway(code: &str, message: String) -> RemoteError {
+        RemoteError {
+            code: cli_code(code, &message),
+            message,
+        }
+    }
+}
+
+/// One vocabulary for local and remote errors: the protocol's codes as the CLI prints them.
+/// Upstream's camelCase codes (`RunNotFound`, `ConfirmationRequired`) become UPPER_SNAKE
+/// (`RUN_NOT_FOUND`, `CONFIRMATION_REQUIRED`); `INVALID_REQUEST` is `INVALID_INPUT`; the
+/// protocol's generic `NOT_FOUND` is `RUN_NOT_FOUND` or `WORKFLOW_NOT_FOUND` when its message
+/// says which, as a local command would say.
+pub fn cli_code(code: &str, message: &str) -> String {
+    match code {
+        "INVALID_REQUEST" => return "INVALID_INPUT".into(),
+        "NOT_FOUND" if message.starts_with("Run not found") => return "RUN_NOT_FOUND".into(),
+        "NOT_FOUND" if message.starts_with("Unknown workflow") => {
+            return "WORKFLOW_NOT_FOUND".into();
+        }
+        _ => {}
+    }
+    if !code.chars().any(|c| c.is_ascii_lowercase()) {
+        return code.to_string();
+    }
+    let mut out = String::with_capacity(code.len() + 4);
+    for (i, c) in code.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 impl From<SmithersError> for RemoteError {
     fn from(e: SmithersError) -> Self {
         RemoteError {
@@ -256,7 +293,7 @@ impl Gateway {
                     self.base
                 );
             }
-            return Err(RemoteError { code, message });
+            return Err(RemoteError::from_gateway(&code, message));
         }
         Err(RemoteError::new(
             Code::GatewayUnreachable,
@@ -881,6 +918,26 @@ mod tests {
             assert_eq!(e.code, "INVALID_URL", "{bad}");
         }
         assert!(parse("https://x").unwrap_err().message.contains("TLS"));
+    }
+
+    #[test]
+    fn gateway_codes_read_like_local_ones() {
+        assert_eq!(cli_code("RunNotFound", ""), "RUN_NOT_FOUND");
+        assert_eq!(
+            cli_code("ConfirmationRequired", ""),
+            "CONFIRMATION_REQUIRED"
+        );
+        assert_eq!(cli_code("Unauthorized", ""), "UNAUTHORIZED");
+        assert_eq!(cli_code("UNAUTHORIZED", ""), "UNAUTHORIZED");
+        assert_eq!(cli_code("INVALID_REQUEST", "x"), "INVALID_INPUT");
+        assert_eq!(cli_code("NOT_FOUND", "Run not found: r"), "RUN_NOT_FOUND");
+        assert_eq!(
+            cli_code("NOT_FOUND", "Unknown workflow: w"),
+            "WORKFLOW_NOT_FOUND"
+        );
+        assert_eq!(cli_code("NOT_FOUND", "Frame not found"), "NOT_FOUND");
+        let g = parse("http://gw.example/smithers/").unwrap();
+        assert_eq!(g.ws_url(), "ws://gw.example:80/smithers/");
     }
 
     #[test]

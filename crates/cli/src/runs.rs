@@ -18,7 +18,7 @@ pub fn emit<S: AsRef<str>>(lines: &[S]) -> Result<u8, SmithersError> {
                 return Ok(0);
             }
             return Err(SmithersError::new(
-                Code::Internal,
+                Code::IoError,
                 format!("cannot write to stdout: {e}"),
             ));
         }

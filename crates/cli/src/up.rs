@@ -171,9 +171,8 @@ pub async fn resume_orphans(db: &str) -> Result<u8, SmithersError> {
 /// cancels the run cleanly instead of killing the process.
 pub(crate) fn watch_term() -> Result<StopSignals, SmithersError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let err = |e: std::io::Error| {
-        SmithersError::new(Code::Internal, format!("cannot watch signals: {e}"))
-    };
+    let err =
+        |e: std::io::Error| SmithersError::new(Code::IoError, format!("cannot watch signals: {e}"));
     Ok(StopSignals {
         term: signal(SignalKind::terminate()).map_err(err)?,
         int: signal(SignalKind::interrupt()).map_err(err)?,

@@ -1092,7 +1092,7 @@ fn diff_shows_what_a_task_changed_in_its_work_tree() {
     git(&repo, &["apply", "--check", &patch]);
 
     let e = env.sm(&["diff", &id, "--node", "nope", "--db", &db]);
-    e.error("NodeNotFound");
+    e.error("NODE_NOT_FOUND");
 }
 
 // ----- loops: `until` after each iteration ------------------------------------------------------

@@ -234,7 +234,7 @@ async fn ps_inspect_frames() {
     assert_eq!(doc["approvals"], json!([]));
 
     let o = cli(&["inspect", "no-such-run", "--url", &url], None).await;
-    assert_error(&o, "NOT_FOUND");
+    assert_error(&o, "RUN_NOT_FOUND");
 
     let o = cli(&["frames", &id, "--url", &url], None).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -349,7 +349,7 @@ async fn approve_and_deny_with_tokens() {
     let p = create(&s, "pick", json!({}), op).await;
     wait_status(&s, &p, "waiting-approval", op).await;
     let o = cli(&["approve", &p, "--node", "choose", "--url", &url], op).await;
-    assert_error(&o, "INVALID_REQUEST");
+    assert_error(&o, "INVALID_INPUT");
     let o = cli(
         &[
             "approve", &p, "--node", "choose", "--select", "y", "--url", &url,
@@ -427,7 +427,7 @@ async fn rewind_and_fork_on_the_gateway() {
         Some("op-secret"),
     )
     .await;
-    assert_error(&o, "ConfirmationRequired");
+    assert_error(&o, "CONFIRMATION_REQUIRED");
     // only the owner (ann) or an admin may rewind
     let o = cli(
         &["rewind", &id, "--frame", "1", "--yes", "--url", &url],
@@ -482,9 +482,9 @@ async fn diff_asks_the_gateway() {
     wait_status(&s, &id, "running", None).await;
     // the task is still running: its attempt has no diff yet
     let o = cli(&["diff", &id, "--node", "s", "--url", &url], None).await;
-    assert_error(&o, "AttemptNotFinished");
+    assert_error(&o, "ATTEMPT_NOT_FINISHED");
     let o = cli(&["diff", &id, "--node", "nope", "--url", &url], None).await;
-    assert_error(&o, "NodeNotFound");
+    assert_error(&o, "NODE_NOT_FOUND");
     let _ = rpc(s.addr, "runs.cancel", json!({"runId": id}), None).await;
 }
 

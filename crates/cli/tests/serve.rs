@@ -168,7 +168,16 @@ fn serve_rejects_bad_configs_with_one_line() {
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.starts_with("error[INVALID_INPUT]: "), "{args:?}: {err}");
+        // a config file that cannot be used is INVALID_CONFIG; wrong arguments INVALID_INPUT
+        let code = if args.first() == Some(&"--config") {
+            "INVALID_CONFIG"
+        } else {
+            "INVALID_INPUT"
+        };
+        assert!(
+            err.starts_with(&format!("error[{code}]: ")),
+            "{args:?}: {err}"
+        );
         assert!(!err.contains("panicked"));
     }
 }
@@ -814,7 +823,7 @@ fn run_rerun_and_resume_follow_runs_on_a_gateway() {
     // mistakes: an unknown workflow, no gateway, --detach without one
     let o = smithers_env(dir, &["run", "nope"], &at);
     assert!(
-        err(&o).starts_with("error[NOT_FOUND]: Unknown workflow: nope"),
+        err(&o).starts_with("error[WORKFLOW_NOT_FOUND]: Unknown workflow: nope"),
         "{}",
         err(&o)
     );
@@ -989,6 +998,6 @@ fn logs_through_the_gateway_pages_the_log_and_follows_live_output() {
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "b1\nb2\nb3\nb4\n");
     let o = smithers_env(dir, &["logs", "nope"], &at);
-    assert!(err(&o).starts_with("error[NOT_FOUND]"), "{}", err(&o));
+    assert!(err(&o).starts_with("error[RUN_NOT_FOUND]"), "{}", err(&o));
     sigterm(s);
 }

@@ -11,6 +11,8 @@ macro_rules! codes {
         impl Code {
             /// The wire form of the code, e.g. `"INVALID_INPUT"`.
             pub fn as_str(self) -> &'static str { match self { $(Code::$variant => $s),* } }
+            /// Every code, for listings and documentation checks.
+            pub const ALL: &'static [Code] = &[$(Code::$variant),*];
             /// Parses a wire code back; unknown codes map to `Internal`.
             pub fn parse(s: &str) -> Code { match s { $($s => Code::$variant,)* _ => Code::Internal } }
         }
@@ -59,6 +61,8 @@ codes! {
     InvalidUrl => "INVALID_URL",
     GatewayUnreachable => "GATEWAY_UNREACHABLE",
     AddressInUse => "ADDRESS_IN_USE",
+    InvalidConfig => "INVALID_CONFIG",
+    IoError => "IO_ERROR",
     AgentCliError => "AGENT_CLI_ERROR",
     AgentConfigInvalid => "AGENT_CONFIG_INVALID",
     AgentHttpError => "AGENT_HTTP_ERROR",

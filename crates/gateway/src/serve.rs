@@ -224,7 +224,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         .map_err(|e| listen_error(listen, &e))?;
     let server = start(gw, listener)
         .await
-        .map_err(|e| SmithersError::new(Code::Internal, format!("cannot start the server: {e}")))?;
+        .map_err(|e| SmithersError::new(Code::IoError, format!("cannot start the server: {e}")))?;
     let keys: Vec<&str> = config.workflows.iter().map(|w| w.key.as_str()).collect();
     tracing::info!(
         version = %env!("CARGO_PKG_VERSION"),
@@ -243,7 +243,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     let signal = |kind| {
         tokio::signal::unix::signal(kind).map_err(|e| {
             SmithersError::new(
-                Code::Internal,
+                Code::IoError,
                 format!("cannot install a signal handler: {e}"),
             )
         })
@@ -259,7 +259,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     server
         .shutdown()
         .await
-        .map_err(|e| SmithersError::new(Code::Internal, format!("shutdown: {e}")))
+        .map_err(|e| SmithersError::new(Code::IoError, format!("shutdown: {e}")))
 }
 
 /// Loads a served workflow's file; its problems, one a line, under `INVALID_WORKFLOW`.
