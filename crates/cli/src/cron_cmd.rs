@@ -21,6 +21,9 @@ pub enum CronAction {
         /// Store it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Input of the runs it starts: a JSON object, or @file (default `{}`).
+        #[arg(long)]
+        input: Option<String>,
     },
     /// Remove a schedule.
     Remove { cron_id: String },
@@ -59,6 +62,9 @@ fn print_rows(rows: &[Value]) {
             r["enabled"].as_bool().unwrap_or(false),
             next
         );
+        if r["input"].as_object().is_some_and(|m| !m.is_empty()) {
+            println!("  input: {}", r["input"]);
+        }
         if let Some(e) = r["errorJson"].as_str() {
             println!("  last error: {e}");
         }
@@ -80,10 +86,17 @@ pub async fn run(
                 pattern,
                 cron_id,
                 disabled,
-            } => (
-                "cron.add",
-                json!({"workflow": workflow, "pattern": pattern, "cronId": cron_id, "enabled": !disabled}),
-            ),
+                input,
+            } => {
+                let input = input
+                    .as_deref()
+                    .map(|t| crate::json_arg("--input", t))
+                    .transpose()?;
+                (
+                    "cron.add",
+                    json!({"workflow": workflow, "pattern": pattern, "cronId": cron_id, "enabled": !disabled, "input": input}),
+                )
+            }
             CronAction::Remove { cron_id } => ("cron.remove", json!({"cronId": cron_id})),
             CronAction::Trigger {
                 cron_id,
@@ -130,16 +143,27 @@ pub async fn run(
             pattern,
             cron_id,
             disabled,
+            input,
         } => {
             let id = cron_id
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            // checked against the input limits here, against the workflow's schema when the
+            // gateway fires it (a failed fire is recorded on the schedule)
+            let input = input
+                .as_deref()
+                .map(|t| crate::json_arg("--input", t))
+                .transpose()?;
+            if let Some(i) = &input {
+                smithers_core::bounds::check_run_input(i)?;
+            }
             let row = smithers_gateway::cron::new_row(
                 &id,
                 workflow,
                 pattern,
                 !disabled,
                 smithers_engine::now_ms(),
+                input.as_ref(),
             )
             .map_err(|e| SmithersError::new(Code::InvalidInput, e))?;
             store.upsert_cron(row).await?;

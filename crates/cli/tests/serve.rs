@@ -1001,3 +1001,112 @@ fn logs_through_the_gateway_pages_the_log_and_follows_live_output() {
     assert!(err(&o).starts_with("error[RUN_NOT_FOUND]"), "{}", err(&o));
     sigterm(s);
 }
+
+#[test]
+fn schedules_carry_input_checked_against_the_workflows_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("greet.yaml"),
+        "name: greet\ninput:\n  type: object\n  required: [who]\n  properties:\n    who: {type: string}\nsteps:\n  - task: {id: say, value: \"hi {{ input.who }}\"}\n",
+    )
+    .unwrap();
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let config = |extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nheartbeat_ms = 1000\n[storage]\nurl = \"g.db\"\n[[workflows]]\nkey = \"greet\"\npath = \"greet.yaml\"\n{extra}"
+        )
+    };
+    // a schedule whose runs the schema would refuse is refused at start, naming the workflow
+    std::fs::write(dir.join("no-input.toml"), config("schedule = \"@daily\"\n")).unwrap();
+    let o = smithers(dir, &["serve", "--config", "no-input.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).starts_with(
+            "error[INVALID_CONFIG]: workflow `greet`: its schedule's input cannot start a run"
+        ),
+        "{}",
+        err(&o)
+    );
+    std::fs::write(dir.join("orphan.toml"), config("input = { who = \"x\" }\n")).unwrap();
+    let o = smithers(dir, &["serve", "--config", "orphan.toml"]);
+    assert!(err(&o).starts_with("error[INVALID_CONFIG]"), "{}", err(&o));
+    assert!(err(&o).contains("has no schedule"), "{}", err(&o));
+
+    // every second, with its input
+    std::fs::write(
+        dir.join("smithers.toml"),
+        config("schedule = \"* * * * * *\"\ninput = { who = \"cron\" }\n"),
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let t0 = Instant::now();
+    let run = loop {
+        let runs = rpc(&s.addr, "runs.list", json!({"status": "finished"}));
+        if let Some(r) = runs["payload"].as_array().and_then(|a| a.first()) {
+            break r["runId"].as_str().unwrap().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the schedule never fired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let got = rpc(&s.addr, "runs.get", json!({"runId": run}));
+    assert_eq!(got["payload"]["output"], json!({"say": "hi cron"}), "{got}");
+
+    // cron add: the input is checked now, stored, listed and used by trigger
+    let url = format!("http://{}", s.addr);
+    let o = smithers(
+        dir,
+        &[
+            "cron",
+            "add",
+            "greet",
+            "@daily",
+            "--cron-id",
+            "bad",
+            "--input",
+            "{}",
+            "--url",
+            &url,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).starts_with("error[INVALID_INPUT]: the schedule's runs could not start"),
+        "{}",
+        err(&o)
+    );
+    let o = smithers(
+        dir,
+        &[
+            "cron",
+            "add",
+            "greet",
+            "@daily",
+            "--cron-id",
+            "daily",
+            "--input",
+            r#"{"who": "cli"}"#,
+            "--url",
+            &url,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let row: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(row["input"], json!({"who": "cli"}));
+    let list = smithers(dir, &["cron", "list", "--url", &url]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains(r#"input: {"who":"cli"}"#),
+        "{list:?}"
+    );
+    let t = smithers(dir, &["cron", "trigger", "daily", "--url", &url]);
+    assert_eq!(t.status.code(), Some(0), "{}", err(&t));
+    let started: Value = serde_json::from_slice(&t.stdout).unwrap();
+    let id = started["runId"].as_str().unwrap();
+    wait_status(&s.addr, id, "finished");
+    let got = rpc(&s.addr, "runs.get", json!({"runId": id}));
+    assert_eq!(got["payload"]["output"], json!({"say": "hi cli"}), "{got}");
+    sigterm(s);
+}

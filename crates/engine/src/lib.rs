@@ -395,10 +395,7 @@ impl Engine {
         opts: StartOptions,
         depth: u32,
     ) -> Result<RunHandle> {
-        bounds::check_run_input(&input)?;
-        if let Some(schema) = workflow.input_schema() {
-            check_input_schema(schema, &input)?;
-        }
+        check_input(&*workflow, &input)?;
         let run_id = opts
             .run_id
             .clone()
@@ -860,6 +857,16 @@ async fn heartbeat(sh: &Arc<Shared>) {
                 "lease lost: the run is no longer owned by this node; stopping its tasks here"
             );
         }
+    }
+}
+
+/// Whether `input` may start a run of `workflow` (the input limits and its input schema), so
+/// that what starts runs later (a schedule) can be refused when it is defined.
+pub fn check_input(workflow: &dyn Workflow, input: &Value) -> Result<()> {
+    bounds::check_run_input(input)?;
+    match workflow.input_schema() {
+        Some(schema) => check_input_schema(schema, input),
+        None => Ok(()),
     }
 }
 

@@ -22,6 +22,8 @@ pub struct WorkflowEntry {
     pub key: String,
     pub path: PathBuf,
     pub schedule: Option<String>,
+    /// The input of the runs its schedule starts (`{}` when absent).
+    pub input: Option<serde_json::Value>,
     pub webhook: Option<WebhookConfig>,
 }
 
@@ -76,6 +78,7 @@ struct WorkflowSection {
     key: String,
     path: PathBuf,
     schedule: Option<String>,
+    input: Option<toml::Value>,
     webhook: Option<toml::Value>,
 }
 
@@ -198,10 +201,29 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         if let Some(p) = &w.schedule {
             crate::cron::parse(p).map_err(|e| format!("{label}: workflows[{i}].schedule: {e}"))?;
         }
+        let input = match w.input {
+            None => None,
+            Some(_) if w.schedule.is_none() => {
+                return Err(format!(
+                    "{label}: workflows[{i}].input is the input of scheduled runs, but `{}` has no schedule; add `schedule = \"…\"` or remove `input`",
+                    w.key
+                ));
+            }
+            Some(toml::Value::Table(t)) => Some(
+                serde_json::to_value(t)
+                    .map_err(|e| format!("{label}: workflows[{i}].input: {e}"))?,
+            ),
+            Some(_) => {
+                return Err(format!(
+                    "{label}: workflows[{i}].input must be a table (`input = {{ repo = \"x\" }}`)"
+                ));
+            }
+        };
         workflows.push(WorkflowEntry {
             key: w.key,
             path: base.join(&w.path),
             schedule: w.schedule,
+            input,
             webhook,
         });
     }
@@ -246,6 +268,7 @@ pub fn zero_config(paths: &[PathBuf]) -> Result<ServeConfig, String> {
                 ));
             }
             workflows.push(WorkflowEntry {
+                input: None,
                 key,
                 path: f,
                 schedule: None,

@@ -23,8 +23,8 @@ pub const FAILURE_RETRY_MS: i64 = 60_000;
 
 /// What a run starter returns: the new run id, or an error message.
 pub type StartFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'static>>;
-/// Starts a run of the given workflow key (input `{}`, auth `cron:gateway`).
-pub type StartFn = dyn Fn(&str) -> StartFuture + Send + Sync;
+/// Starts a run of the given workflow key with the schedule's input (auth `cron:gateway`).
+pub type StartFn = dyn Fn(&str, Value) -> StartFuture + Send + Sync;
 
 /// A cron that fired: the caller broadcasts `cron.triggered {cronId, workflow, runId}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +129,7 @@ pub fn new_row(
     pattern: &str,
     enabled: bool,
     now_ms: i64,
+    input: Option<&Value>,
 ) -> Result<CronRow, String> {
     Ok(CronRow {
         cron_id: cron_id.to_string(),
@@ -139,7 +140,17 @@ pub fn new_row(
         last_run_at_ms: None,
         next_run_at_ms: Some(next_after(pattern, now_ms)?),
         error_json: None,
+        input_json: input.map(Value::to_string),
     })
+}
+
+/// The input a schedule's runs start with: its stored object, else `{}`.
+pub fn input_of(row: &CronRow) -> Value {
+    row.input_json
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}))
 }
 
 /// The wire shape of a `cron.list` row (§1.10); `workflow` is the key of a `gateway:<key>`
@@ -155,6 +166,7 @@ pub fn cron_json(row: &CronRow) -> Value {
         "nextRunAtMs": row.next_run_at_ms,
         "errorJson": row.error_json,
         "workflow": workflow_key(&row.workflow_path),
+        "input": input_of(row),
     })
 }
 
@@ -230,7 +242,7 @@ async fn fire(
     }
     let pattern_ok = next.is_ok();
     let outcome = match next {
-        Ok(n) => start(key).await.map(|run_id| (run_id, n)),
+        Ok(n) => start(key, input_of(row)).await.map(|run_id| (run_id, n)),
         Err(msg) => Err(msg),
     };
     let (next_run, error, result) = match outcome {
@@ -302,6 +314,7 @@ mod tests {
             last_run_at_ms: None,
             next_run_at_ms: next,
             error_json: None,
+            input_json: None,
         }
     }
 
@@ -318,13 +331,19 @@ mod tests {
         }
     }
 
-    /// A starter that records the keys it started and fails for key `broken`.
-    fn starter(log: Arc<Mutex<Vec<String>>>) -> impl Fn(&str) -> StartFuture + Send + Sync {
+    /// A starter that records the keys it started (with the input, when not `{}`) and fails
+    /// for key `broken`.
+    fn starter(log: Arc<Mutex<Vec<String>>>) -> impl Fn(&str, Value) -> StartFuture + Send + Sync {
         let counter = Arc::new(AtomicUsize::new(0));
-        move |key: &str| {
-            let (log, counter, key) = (log.clone(), counter.clone(), key.to_string());
+        move |key: &str, input: Value| {
+            let (log, counter) = (log.clone(), counter.clone());
+            let key = if input == json!({}) {
+                key.to_string()
+            } else {
+                format!("{key} {input}")
+            };
             Box::pin(async move {
-                if key == "broken" {
+                if key.starts_with("broken") {
                     return Err("Unknown workflow: broken".to_string());
                 }
                 let n = counter.fetch_add(1, Ordering::SeqCst);
@@ -436,18 +455,20 @@ mod tests {
         assert_eq!(
             cron_json(&r),
             json!({"cronId":"c1","pattern":"@daily","workflowPath":"gateway:github","enabled":true,
-                   "createdAtMs":1,"lastRunAtMs":null,"nextRunAtMs":5,"errorJson":"boom","workflow":"github"})
+                   "createdAtMs":1,"lastRunAtMs":null,"nextRunAtMs":5,"errorJson":"boom","workflow":"github","input":{}})
         );
         assert_eq!(
             cron_json(&row("c2", "other.tsx", "@daily", None))["workflow"],
             Value::Null
         );
-        let n = new_row("gateway:k", "k", "* * * * * *", false, NOW);
+        let n = new_row("gateway:k", "k", "* * * * * *", false, NOW, None);
         assert_eq!(
             n.map(|r| (r.workflow_path, r.enabled, r.next_run_at_ms)),
             Ok(("gateway:k".to_string(), false, Some(NOW + 1_000)))
         );
-        assert!(new_row("x", "k", "bad", true, NOW).is_err());
+        assert!(new_row("x", "k", "bad", true, NOW, None).is_err());
+        let with = new_row("w", "k", "@daily", true, NOW, Some(&json!({"repo": "x"})));
+        assert_eq!(with.map(|r| input_of(&r)), Ok(json!({"repo": "x"})));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +476,10 @@ mod tests {
         let (store, _dir) = temp_store().await;
         let s = store.as_ref();
         put(s, row("due", "gateway:a", "*/10 * * * * *", Some(NOW - 5))).await;
-        put(s, row("exact", "gateway:b", "*/10 * * * * *", Some(NOW))).await;
+        // a schedule with input starts its runs with it
+        let mut exact = row("exact", "gateway:b", "*/10 * * * * *", Some(NOW));
+        exact.input_json = Some(r#"{"n":1}"#.into());
+        put(s, exact).await;
         put(s, row("never", "gateway:c", "*/10 * * * * *", None)).await;
         put(
             s,
@@ -483,7 +507,7 @@ mod tests {
         );
         let mut keys = started(&log);
         keys.sort();
-        assert_eq!(keys, vec!["a", "b", "c"]);
+        assert_eq!(keys, vec!["a", r#"b {"n":1}"#, "c"]);
         let due = report.fired.iter().find(|f| f.cron_id == "due");
         assert_eq!(due.map(|f| f.workflow.as_str()), Some("a"));
         assert!(due.is_some_and(|f| f.run_id.starts_with("run-a-")));

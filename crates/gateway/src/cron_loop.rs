@@ -22,7 +22,7 @@ pub async fn tick_once(gw: &Arc<Gateway>) {
     let now = smithers_engine::now_ms();
     let starter = {
         let gw = gw.clone();
-        move |key: &str| {
+        move |key: &str, input: serde_json::Value| {
             let gw = gw.clone();
             let key = key.to_string();
             let fut: crate::cron::StartFuture = Box::pin(async move {
@@ -35,7 +35,7 @@ pub async fn tick_once(gw: &Arc<Gateway>) {
                     grant: &system,
                     conn: None,
                 };
-                gw.start_run(&key, json!({}), None, &caller, Some("cron:gateway"))
+                gw.start_run(&key, input, None, &caller, Some("cron:gateway"))
                     .await
                     .map_err(|e| e.message)
             });

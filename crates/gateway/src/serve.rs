@@ -189,16 +189,28 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     for w in &config.workflows {
         let wf = load_workflow(w)?;
         if let Some(pattern) = &w.schedule {
+            // a schedule whose runs would all be refused is refused now, at start
+            let input = w.input.clone().unwrap_or_else(|| serde_json::json!({}));
+            smithers_engine::check_input(wf.as_ref(), &input).map_err(|e| {
+                SmithersError::new(
+                    Code::InvalidConfig,
+                    format!(
+                        "workflow `{}`: its schedule's input cannot start a run ({}); set `input = {{ … }}` under its [[workflows]] entry",
+                        w.key, e.message
+                    ),
+                )
+            })?;
             let row = crate::cron::new_row(
                 &format!("gateway:{}", w.key),
                 &w.key,
                 pattern,
                 true,
                 smithers_engine::now_ms(),
+                w.input.as_ref(),
             )
             .map_err(|e| {
                 SmithersError::new(
-                    Code::InvalidInput,
+                    Code::InvalidConfig,
                     format!("workflow `{}` schedule: {e}", w.key),
                 )
             })?;

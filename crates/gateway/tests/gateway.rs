@@ -681,7 +681,8 @@ async fn cron_methods_and_scheduled_firing() {
     let mut w = ws(s.addr).await;
     connect(&mut w, hello_params()).await;
     let mut due =
-        smithers_gateway::cron::new_row("gateway:hello", "hello", "* * * * *", true, 0).unwrap();
+        smithers_gateway::cron::new_row("gateway:hello", "hello", "* * * * *", true, 0, None)
+            .unwrap();
     due.next_run_at_ms = Some(1);
     s.gw.store.upsert_cron(due).await.unwrap();
     smithers_gateway::cron_loop::tick_once(&s.gw).await;

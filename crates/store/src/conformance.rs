@@ -1669,6 +1669,7 @@ pub fn cron_row(cron_id: &str, key: &str, created_at_ms: i64) -> CronRow {
         last_run_at_ms: None,
         next_run_at_ms: Some(created_at_ms + 1_000),
         error_json: None,
+        input_json: None,
     }
 }
 
@@ -1688,6 +1689,7 @@ pub async fn cron_upsert_get_list(store: &dyn Store) {
         last_run_at_ms: Some(20),
         next_run_at_ms: Some(40),
         error_json: Some("boom".into()),
+        input_json: Some(r#"{"repo":"smithers"}"#.into()),
     };
     ok(store.upsert_cron(full.clone()).await, "upsert_cron");
     let mut bare = cron_row("bare", "wf", 10);
@@ -1711,7 +1713,7 @@ pub async fn cron_upsert_get_list(store: &dyn Store) {
     );
 }
 
-/// An upsert on an existing id updates pattern, path, enabled and next run only.
+/// An upsert on an existing id updates pattern, path, enabled, next run and input only.
 pub async fn cron_upsert_conflict_keeps_history(store: &dyn Store) {
     let mut first = cron_row("c", "a", 10);
     first.last_run_at_ms = Some(11);
@@ -1726,6 +1728,7 @@ pub async fn cron_upsert_conflict_keeps_history(store: &dyn Store) {
         last_run_at_ms: None,
         next_run_at_ms: None,
         error_json: None,
+        input_json: Some(r#"{"n":2}"#.into()),
     };
     ok(store.upsert_cron(second).await, "upsert_cron");
     assert_eq!(
@@ -1739,6 +1742,7 @@ pub async fn cron_upsert_conflict_keeps_history(store: &dyn Store) {
             last_run_at_ms: Some(11),
             next_run_at_ms: None,
             error_json: Some("old error".into()),
+            input_json: Some(r#"{"n":2}"#.into()),
         })
     );
     assert_eq!(ok(store.list_crons().await, "list_crons").len(), 1);

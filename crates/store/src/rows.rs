@@ -238,6 +238,9 @@ pub struct CronRow {
     pub last_run_at_ms: Option<i64>,
     pub next_run_at_ms: Option<i64>,
     pub error_json: Option<String>,
+    /// The input of the runs it starts (a JSON object; `None` means `{}`).
+    #[serde(default)]
+    pub input_json: Option<String>,
 }
 
 /// Outcomes of a time-travel (rewind) request in the audit table.

@@ -35,7 +35,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(30_000);
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Never edit an
 /// entry that has shipped: append a new one.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+pub const MIGRATIONS: &[&str] = &[
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -231,6 +237,11 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
 "#;
 
 /// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).
+/// Schedules carry the input of the runs they start.
+const MIGRATION_5: &str = r#"
+ALTER TABLE _smithers_cron ADD COLUMN input_json TEXT;
+"#;
+
 const MIGRATION_4: &str = r#"
 CREATE TABLE IF NOT EXISTS _smithers_webhook_deliveries (
     workflow TEXT NOT NULL,
@@ -975,11 +986,11 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
         Op::UpsertCron(r) => {
             conn.prepare_cached(
                 "INSERT INTO _smithers_cron (cron_id, pattern, workflow_path, enabled, created_at_ms,
-                    last_run_at_ms, next_run_at_ms, error_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    last_run_at_ms, next_run_at_ms, error_json, input_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (cron_id) DO UPDATE SET pattern = excluded.pattern,
                     workflow_path = excluded.workflow_path, enabled = excluded.enabled,
-                    next_run_at_ms = excluded.next_run_at_ms",
+                    next_run_at_ms = excluded.next_run_at_ms, input_json = excluded.input_json",
             )?
             .execute(params![
                 r.cron_id,
@@ -989,7 +1000,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
                 r.created_at_ms,
                 r.last_run_at_ms,
                 r.next_run_at_ms,
-                r.error_json
+                r.error_json,
+                r.input_json
             ])?;
             Ok(Out::Flag(true))
         }
@@ -1583,7 +1595,7 @@ macro_rules! signal_cols {
 
 macro_rules! cron_cols {
     () => {
-        "cron_id, pattern, workflow_path, enabled, created_at_ms, last_run_at_ms, next_run_at_ms, error_json"
+        "cron_id, pattern, workflow_path, enabled, created_at_ms, last_run_at_ms, next_run_at_ms, error_json, input_json"
     };
 }
 
@@ -1598,6 +1610,7 @@ fn cron_row(row: &Row) -> Result<CronRow, DbErr> {
         last_run_at_ms: c.get("last_run_at_ms")?,
         next_run_at_ms: c.get("next_run_at_ms")?,
         error_json: c.get("error_json")?,
+        input_json: c.get("input_json")?,
     })
 }
 

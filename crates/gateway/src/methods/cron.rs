@@ -38,8 +38,29 @@ pub async fn add(c: &Call<'_>) -> Result<Value, RpcError> {
         None => uuid::Uuid::new_v4().to_string(),
     };
     let enabled = p.get("enabled").and_then(Value::as_bool).unwrap_or(true);
-    let row = crate::cron::new_row(&id, key, pattern, enabled, smithers_engine::now_ms())
-        .map_err(|e| RpcError::new("INVALID_INPUT", e))?;
+    // the input its runs start with, checked now rather than at every fire
+    let input = match p.get("input") {
+        None | Some(Value::Null) => None,
+        some => Some(bounds::check_run_input(some)?),
+    };
+    if let Some(reg) = gw.workflows.get(key) {
+        let check = input.clone().unwrap_or_else(|| json!({}));
+        smithers_engine::check_input(reg.workflow.as_ref(), &check).map_err(|e| {
+            RpcError::new(
+                "INVALID_INPUT",
+                format!("the schedule's runs could not start: {}", e.message),
+            )
+        })?;
+    }
+    let row = crate::cron::new_row(
+        &id,
+        key,
+        pattern,
+        enabled,
+        smithers_engine::now_ms(),
+        input.as_ref(),
+    )
+    .map_err(|e| RpcError::new("INVALID_INPUT", e))?;
     gw.store.upsert_cron(row).await?;
     let stored = gw
         .store
@@ -86,7 +107,11 @@ pub async fn trigger(c: &Call<'_>) -> Result<Value, RpcError> {
             .update_cron_run(&cr.cron_id, Some(now), next, None)
             .await?;
     }
-    let input = bounds::check_run_input(p.get("input"))?;
+    // an explicit input wins; else the schedule's own
+    let input = match (p.get("input"), &cron) {
+        (None | Some(Value::Null), Some(cr)) => crate::cron::input_of(cr),
+        (given, _) => bounds::check_run_input(given)?,
+    };
     let run = gw.start_run(&key, input, None, c.caller, None).await?;
     gw.metrics.inc(
         "smithers_gateway_cron_triggers_total",

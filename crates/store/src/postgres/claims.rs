@@ -201,11 +201,11 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
         Op::UpsertCron(r) => {
             conn.execute(
                 "INSERT INTO _smithers_cron (cron_id, pattern, workflow_path, enabled, created_at_ms,
-                    last_run_at_ms, next_run_at_ms, error_json)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    last_run_at_ms, next_run_at_ms, error_json, input_json)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (cron_id) DO UPDATE SET pattern = excluded.pattern,
                     workflow_path = excluded.workflow_path, enabled = excluded.enabled,
-                    next_run_at_ms = excluded.next_run_at_ms",
+                    next_run_at_ms = excluded.next_run_at_ms, input_json = excluded.input_json",
                 &[
                     &r.cron_id,
                     &r.pattern,
@@ -215,6 +215,7 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
                     &r.last_run_at_ms,
                     &r.next_run_at_ms,
                     &r.error_json,
+                    &r.input_json,
                 ],
             )
             .await?;

@@ -125,7 +125,7 @@ macro_rules! signal_cols {
 }
 macro_rules! cron_cols {
     () => {
-        "cron_id, pattern, workflow_path, enabled, created_at_ms, last_run_at_ms, next_run_at_ms, error_json"
+        "cron_id, pattern, workflow_path, enabled, created_at_ms, last_run_at_ms, next_run_at_ms, error_json, input_json"
     };
 }
 macro_rules! audit_cols {
@@ -354,6 +354,7 @@ fn cron_row(row: &Row) -> Result<CronRow, DbErr> {
         last_run_at_ms: c.get("last_run_at_ms")?,
         next_run_at_ms: c.get("next_run_at_ms")?,
         error_json: c.get("error_json")?,
+        input_json: c.get("input_json")?,
     })
 }
 

@@ -11,7 +11,13 @@ use smithers_core::{Code, SmithersError};
 
 /// Ordered migrations; entry `i` brings the schema to version `i + 1`. They match the SQLite
 /// migrations one for one (same version numbers). Never edit an entry that has shipped.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+pub const MIGRATIONS: &[&str] = &[
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -206,6 +212,11 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms BIGINT NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 );
+"#;
+
+/// Schedules carry the input of the runs they start.
+const MIGRATION_5: &str = r#"
+ALTER TABLE _smithers_cron ADD COLUMN IF NOT EXISTS input_json TEXT;
 "#;
 
 /// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).
