@@ -1110,3 +1110,184 @@ fn schedules_carry_input_checked_against_the_workflows_schema() {
     assert_eq!(got["payload"]["output"], json!({"say": "hi cli"}), "{got}");
     sigterm(s);
 }
+
+/// A minimal OTLP/HTTP receiver: every `POST` body it gets, parsed as JSON, answered `200 {}`
+/// (keep-alive, as collectors do).
+fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let store = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut path = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if path.is_empty() {
+                            path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if path == "/v1/traces"
+                        && let Ok(v) = serde_json::from_slice::<Value>(&body)
+                    {
+                        store.lock().unwrap().push(v);
+                    }
+                    let _ = w.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                    );
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn runs_and_attempts_are_exported_as_otlp_spans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (collector, got) = otlp_receiver();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/workflows");
+    let s = serve_env(
+        dir,
+        &[
+            examples.to_str().unwrap(),
+            "--port",
+            &free_port().to_string(),
+            "--db",
+            "t.db",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()),
+            ("OTEL_SERVICE_NAME", "smithers-test"),
+        ],
+    );
+    let url = format!("http://{}", s.addr);
+    let o = smithers_env(
+        dir,
+        &[
+            "run",
+            "agent-offline",
+            "--input",
+            r#"{"repo": "demo"}"#,
+            "--run-id",
+            "traced",
+            "--url",
+            &url,
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // spans arrive within a flush interval or two
+    let spans = |got: &std::sync::Mutex<Vec<Value>>| -> Vec<(Value, Value)> {
+        let mut out = Vec::new();
+        for req in got.lock().unwrap().iter() {
+            for rs in req["resourceSpans"].as_array().unwrap() {
+                for ss in rs["scopeSpans"].as_array().unwrap() {
+                    for sp in ss["spans"].as_array().unwrap() {
+                        out.push((rs["resource"].clone(), sp.clone()));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let attr = |sp: &Value, k: &str| -> Value {
+        sp["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == k)
+            .map(|a| a["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let t0 = Instant::now();
+    let all = loop {
+        let all = spans(&got);
+        if all.iter().any(|(_, sp)| sp["name"] == "run agent-offline") {
+            break all;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no run span: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (resource, run) = all
+        .iter()
+        .find(|(_, sp)| sp["name"] == "run agent-offline")
+        .unwrap();
+    assert_eq!(
+        resource["attributes"][0],
+        json!({"key": "service.name", "value": {"stringValue": "smithers-test"}})
+    );
+    assert_eq!(
+        attr(run, "smithers.run_id"),
+        json!({"stringValue": "traced"})
+    );
+    assert_eq!(
+        attr(run, "smithers.status"),
+        json!({"stringValue": "finished"})
+    );
+    assert_eq!(run["status"]["code"], 1);
+    assert!(run.get("parentSpanId").is_none());
+    let start: u128 = run["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    let end: u128 = run["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    assert!(start <= end, "{run}");
+
+    // one span per attempt, children of the run's span, with the agent's token usage
+    let review: Vec<&Value> = all
+        .iter()
+        .map(|(_, sp)| sp)
+        .filter(|sp| sp["name"] == "attempt review")
+        .collect();
+    assert_eq!(review.len(), 1, "{all:?}");
+    let review = review[0];
+    assert_eq!(review["traceId"], run["traceId"]);
+    assert_eq!(review["parentSpanId"], run["spanId"]);
+    assert_eq!(
+        attr(review, "smithers.node_id"),
+        json!({"stringValue": "review"})
+    );
+    assert_eq!(attr(review, "smithers.attempt"), json!({"intValue": "1"}));
+    assert_eq!(
+        attr(review, "gen_ai.usage.output_tokens"),
+        json!({"intValue": "40"})
+    );
+    let input: u64 = attr(review, "gen_ai.usage.input_tokens")["intValue"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(input > 0);
+    assert!(all.iter().any(|(_, sp)| sp["name"] == "attempt report"
+        && sp["parentSpanId"] == run["spanId"]
+        && attr(sp, "smithers.status") == json!({"stringValue": "finished"})));
+    sigterm(s);
+}

@@ -14,6 +14,9 @@ pub struct ServeConfig {
     pub storage_url: String,
     pub auth: AuthConfig,
     pub workflows: Vec<WorkflowEntry>,
+    /// `[telemetry] otlp_endpoint` and `service_name` (the OTEL_* variables are read at start).
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
 }
 
 /// One served workflow.
@@ -40,6 +43,15 @@ struct File {
     auth: Option<AuthSection>,
     #[serde(default)]
     workflows: Vec<WorkflowSection>,
+    #[serde(default)]
+    telemetry: TelemetrySection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TelemetrySection {
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -232,6 +244,8 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         storage_url: file.storage.url.unwrap_or_else(|| DEFAULT_STORAGE.into()),
         auth,
         workflows,
+        otlp_endpoint: file.telemetry.otlp_endpoint,
+        service_name: file.telemetry.service_name,
     })
 }
 
@@ -284,5 +298,7 @@ pub fn zero_config(paths: &[PathBuf]) -> Result<ServeConfig, String> {
         storage_url: DEFAULT_STORAGE.into(),
         auth: AuthConfig::None,
         workflows,
+        otlp_endpoint: None,
+        service_name: None,
     })
 }

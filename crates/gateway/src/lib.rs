@@ -42,6 +42,7 @@ pub mod shapes;
 pub mod shared_snapshot;
 pub mod stream;
 pub mod stream_registry;
+pub mod telemetry;
 pub mod ws;
 pub mod ws_budget;
 

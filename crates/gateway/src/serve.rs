@@ -229,7 +229,22 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         .iter()
         .map(|r| (r.key.clone(), r.workflow.input_schema().cloned()))
         .collect();
+    let telemetry = match crate::telemetry::TelemetryConfig::resolve(
+        config.otlp_endpoint.as_deref(),
+        config.service_name.as_deref(),
+        &|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()),
+    ) {
+        Some(t) => {
+            let uri = t
+                .uri()
+                .map_err(|e| SmithersError::new(Code::InvalidConfig, e))?;
+            Some((t, uri))
+        }
+        None => None,
+    };
     let gw = Gateway::new(engine, regs, config.auth, config.server.clone(), metrics);
+    // before the server starts taking over runs, so their spans are exported too
+    let _telemetry = telemetry.map(|(t, uri)| crate::telemetry::start(gw.clone(), t, uri));
     let listen = &config.server.listen;
     let listener = TcpListener::bind(listen)
         .await
