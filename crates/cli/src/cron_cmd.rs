@@ -9,7 +9,12 @@ use smithers_core::{Code, SmithersError};
 #[derive(clap::Subcommand)]
 pub enum CronAction {
     /// List schedules.
-    List,
+    List {
+        /// Print JSON (`{"schedules": [...]}`, rows as `cron.list` returns them) instead of a
+        /// table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or replace a schedule for a served workflow key.
     Add {
         /// Workflow key (as served by `smithers serve`).
@@ -80,7 +85,7 @@ pub async fn run(
         let gw =
             remote::Gateway::new(url, remote::token(remote_args.token.as_ref())).map_err(to_err)?;
         let (method, params) = match action {
-            CronAction::List => ("cron.list", json!({})),
+            CronAction::List { .. } => ("cron.list", json!({})),
             CronAction::Add {
                 workflow,
                 pattern,
@@ -122,20 +127,28 @@ pub async fn run(
             }
         };
         match action {
-            CronAction::List => print_rows(out.as_array().map(Vec::as_slice).unwrap_or(&[])),
+            CronAction::List { json: true } => {
+                return crate::runs::emit_json(&json!({ "schedules": out }));
+            }
+            CronAction::List { json: false } => {
+                print_rows(out.as_array().map(Vec::as_slice).unwrap_or(&[]))
+            }
             _ => println!("{out}"),
         }
         return Ok(0);
     }
     let store = open_store(db).await?;
     match action {
-        CronAction::List => {
+        CronAction::List { json } => {
             let rows: Vec<Value> = store
                 .list_crons()
                 .await?
                 .iter()
                 .map(smithers_gateway::cron::cron_json)
                 .collect();
+            if *json {
+                return crate::runs::emit_json(&json!({ "schedules": rows }));
+            }
             print_rows(&rows);
         }
         CronAction::Add {

@@ -8,6 +8,7 @@ mod cron_cmd;
 mod diff_cmd;
 mod env_defaults;
 mod follow;
+mod frame_changes;
 mod logs_cmd;
 mod progress;
 mod remote;
@@ -172,6 +173,9 @@ enum Cmd {
         status: Option<String>,
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
         limit: u16,
+        /// Print JSON (`{"runs": [...]}`, rows as `runs.list` returns them) instead of a table.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         #[command(flatten)]
@@ -203,13 +207,17 @@ enum Cmd {
         #[command(flatten)]
         remote: remote::RemoteArgs,
     },
-    /// List a run's frames, or print one frame's tree with --frame.
+    /// List a run's frames with what each changed, or print one frame's tree with --frame.
     Frames {
         run_id: String,
         #[arg(long)]
         frame: Option<i64>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// List the frames as JSON (`{"frames": [...]}`) instead of a table (`--frame N`
+        /// prints JSON anyway).
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         #[command(flatten)]
@@ -291,6 +299,12 @@ enum Cmd {
     },
     /// Check a workflow file and report every problem.
     Validate { workflow: String },
+    /// Print a shell completion script (bash, zsh, fish, …) on stdout, e.g.
+    /// `smithers completions bash > ~/.local/share/bash-completion/completions/smithers`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// List workflows: those a gateway serves (--url), or those `smithers serve PATHS` would
     /// serve (default: the current directory).
     Workflows {
@@ -499,8 +513,12 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             run_id: None, db, ..
         } => up::resume_orphans(&db).await,
         Cmd::Ps {
-            status, limit, db, ..
-        } => runs::ps(&db, status.as_deref(), limit as usize).await,
+            status,
+            limit,
+            json,
+            db,
+            ..
+        } => runs::ps(&db, status.as_deref(), limit as usize, json).await,
         Cmd::Inspect {
             run_id, json, db, ..
         } => runs::inspect(&db, &run_id, json).await,
@@ -508,9 +526,10 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             run_id,
             frame,
             limit,
+            json,
             db,
             ..
-        } => runs::frames(&db, &run_id, frame, limit).await,
+        } => runs::frames(&db, &run_id, frame, limit, json).await,
         Cmd::Approve {
             run_id,
             node,
@@ -563,6 +582,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             ..
         } => diff_cmd::diff(&db, &run_id, &node, iteration, json).await,
         Cmd::Validate { workflow } => validate(&workflow),
+        Cmd::Completions { shell } => completions(shell),
         Cmd::Workflows {
             paths,
             url,
@@ -680,6 +700,15 @@ fn validate(path: &str) -> Result<u8, SmithersError> {
         if problems.len() == 1 { "" } else { "s" }
     );
     Ok(1)
+}
+
+/// `smithers completions SHELL`: the script clap_complete generates from the command definition,
+/// so completions never drift from the real flags.
+fn completions(shell: clap_complete::Shell) -> Result<u8, SmithersError> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "smithers", &mut script);
+    runs::emit(&[String::from_utf8_lossy(&script).trim_end()])
 }
 
 /// Reads a JSON argument given inline or as `@file`.

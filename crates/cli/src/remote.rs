@@ -545,14 +545,20 @@ pub async fn dispatch(cmd: &Cmd) -> Option<Result<u8, SmithersError>> {
 
 async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
     match cmd {
-        Cmd::Ps { status, limit, .. } => ps(gw, status.as_deref(), *limit).await,
+        Cmd::Ps {
+            status,
+            limit,
+            json,
+            ..
+        } => ps(gw, status.as_deref(), *limit, *json).await,
         Cmd::Inspect { run_id, json, .. } => inspect(gw, run_id, *json).await,
         Cmd::Frames {
             run_id,
             frame,
             limit,
+            json,
             ..
-        } => frames(gw, run_id, *frame, *limit).await,
+        } => frames(gw, run_id, *frame, *limit, *json).await,
         Cmd::Approve {
             run_id,
             node,
@@ -665,11 +671,21 @@ async fn run(gw: &Gateway, cmd: &Cmd) -> Result<u8, RemoteError> {
     }
 }
 
-async fn ps(gw: &Gateway, status: Option<&str>, limit: u16) -> Result<u8, RemoteError> {
+async fn ps(
+    gw: &Gateway,
+    status: Option<&str>,
+    limit: u16,
+    as_json: bool,
+) -> Result<u8, RemoteError> {
     runs::check_status(status)?;
     let mut params = json!({"limit": limit});
     if let Some(s) = status {
         params["status"] = json!(s);
+    }
+    if as_json {
+        // the gateway's rows as they are
+        let rows = gw.call("runs.list", params).await?;
+        return Ok(runs::emit_json(&json!({ "runs": rows }))?);
     }
     let rows: Vec<RunRow> = gw.call_as("runs.list", params).await?;
     Ok(runs::print_ps(&rows)?)
@@ -726,8 +742,8 @@ async fn inspect(gw: &Gateway, run_id: &str, as_json: bool) -> Result<u8, Remote
         Some(s) => format!("\nnodes: {s}"),
         None => "\nnodes:".into(),
     });
-    // one line per (node, iteration) that has attempts, in the local order (by node id), with
-    // the state of its latest attempt
+    // one line per (node, iteration) that has attempts, in run order (as locally), with the
+    // state of its latest attempt
     let mut latest: std::collections::BTreeMap<(&str, i64), &AttemptRow> =
         std::collections::BTreeMap::new();
     for a in &attempts {
@@ -736,9 +752,29 @@ async fn inspect(gw: &Gateway, run_id: &str, as_json: bool) -> Result<u8, Remote
             *slot = a;
         }
     }
-    for ((node, iteration), a) in latest {
-        lines.push(runs::node_line(node, iteration, &a.state, &attempts));
-    }
+    let states: Vec<(&str, i64, &str)> = latest
+        .iter()
+        .map(|((node, iteration), a)| (*node, *iteration, a.state.as_str()))
+        .collect();
+    // the latest frame's tree breaks ties (nodes that started in the same millisecond) in
+    // workflow order, as locally; without it (no frame yet) node ids do
+    let tree_pos = gw
+        .call("frames.get", json!({"runId": run_id}))
+        .await
+        .ok()
+        .and_then(|f| {
+            f.get("xmlJson")
+                .and_then(Value::as_str)
+                .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        })
+        .map(|t| runs::tree_order(&t))
+        .unwrap_or_default();
+    lines.extend(runs::node_lines(
+        &states,
+        &attempts,
+        &tree_pos,
+        smithers_engine::now_ms(),
+    ));
     lines.extend(runs::agent_lines(&attempts));
     if !pending.is_empty() {
         lines.push("\napprovals:".into());
@@ -757,6 +793,7 @@ async fn frames(
     run_id: &str,
     frame: Option<i64>,
     limit: usize,
+    as_json: bool,
 ) -> Result<u8, RemoteError> {
     if let Some(n) = frame {
         let f: FrameRow = gw
@@ -764,7 +801,7 @@ async fn frames(
             .await?;
         return Ok(runs::print_frame(&f)?);
     }
-    let rows: Vec<FrameRow> = if limit == 0 {
+    let rows: Vec<Value> = if limit == 0 {
         // the gateway wants a positive limit; check the run exists, list nothing
         gw.call("runs.get", json!({"runId": run_id})).await?;
         Vec::new()
@@ -775,7 +812,21 @@ async fn frames(
         )
         .await?
     };
-    Ok(runs::print_frame_list(&rows)?)
+    let mut listed = Vec::with_capacity(rows.len());
+    for v in rows {
+        // `nodeChanges` is null or absent when the gateway could not tell (or is older)
+        let changes = v
+            .get("nodeChanges")
+            .and_then(|c| serde_json::from_value(c.clone()).ok());
+        let row: FrameRow = serde_json::from_value(v).map_err(|e| {
+            RemoteError::new(
+                Code::GatewayUnreachable,
+                format!("the gateway answered frames.list with an unexpected shape ({e})"),
+            )
+        })?;
+        listed.push((row, changes));
+    }
+    Ok(runs::print_frame_list(&listed, as_json)?)
 }
 
 async fn decide(

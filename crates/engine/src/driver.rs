@@ -1735,6 +1735,11 @@ impl Driver {
         if let Some(deadline) = self.rts[rt].wait_deadline_ms
             && now >= deadline
         {
+            // kept on the closed attempt so `smithers inspect` can say the wait timed out
+            // (rather than that a signal ended it)
+            let meta = json!({"kind": "wait-for-event", "waitForEvent": {"signalName": w.event, "correlationId": w.correlation_id,
+                "onTimeout": on_timeout_str(w.on_timeout), "timeoutMs": w.timeout_ms, "startedAtMs": started,
+                "timedOutAtMs": now}});
             match w.on_timeout {
                 OnTimeout::Fail => {
                     let e = SmithersError::new(
@@ -1742,22 +1747,24 @@ impl Driver {
                         format!("no `{}` signal arrived before the wait timed out", w.event),
                     )
                     .terminal();
+                    // record_failure writes the task's attempt metadata; lend it this one
+                    let saved = self.rts[rt].attempt_meta.replace(meta.to_string());
                     self.record_failure(rt, attempt, started, e);
+                    self.rts[rt].attempt_meta = saved;
                 }
                 OnTimeout::Skip => {
-                    self.batch.push(Write::UpsertAttempt(self.attempt_row(
-                        rt,
-                        attempt,
-                        node_state::SKIPPED,
-                        started,
-                        Some(now),
-                    )));
+                    let mut a =
+                        self.attempt_row(rt, attempt, node_state::SKIPPED, started, Some(now));
+                    a.meta_json = Some(meta.to_string());
+                    self.batch.push(Write::UpsertAttempt(a));
                     self.set_node(rt, TState::Skipped);
                     let f = self.node_fields(rt);
                     self.event(kind::NODE_SKIPPED, f);
                     self.dirty = true;
                 }
-                OnTimeout::Continue => self.record_output(rt, attempt, started, Value::Null, None),
+                OnTimeout::Continue => {
+                    self.record_output(rt, attempt, started, Value::Null, Some(meta))
+                }
             }
             return Ok(Started::Changed);
         }

@@ -720,6 +720,13 @@ async fn wait_timeout_actions() {
         });
         let o = run(&e, w, json!({})).await;
         assert_eq!(o.status, expect, "{on:?}");
+        // the closed attempt says that the timeout, not a signal, ended the wait
+        let attempts = e.store.list_attempts(&o.run_id).await.unwrap();
+        let meta: Value = serde_json::from_str(attempts[0].meta_json.as_deref().unwrap()).unwrap();
+        let wait = &meta["waitForEvent"];
+        assert!(wait["timedOutAtMs"].is_i64(), "{on:?}: {meta}");
+        assert_eq!(wait["timeoutMs"], 100, "{on:?}: {meta}");
+        assert!(wait["resolvedSignalSeq"].is_null(), "{on:?}: {meta}");
     }
 }
 

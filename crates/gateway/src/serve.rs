@@ -252,6 +252,18 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     let server = start(gw, listener)
         .await
         .map_err(|e| SmithersError::new(Code::IoError, format!("cannot start the server: {e}")))?;
+    // handlers first: a SIGTERM sent as soon as the listening line is out (a supervisor, a
+    // test) must stop the server cleanly, not kill it with the default action
+    let signal = |kind| {
+        tokio::signal::unix::signal(kind).map_err(|e| {
+            SmithersError::new(
+                Code::IoError,
+                format!("cannot install a signal handler: {e}"),
+            )
+        })
+    };
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let keys: Vec<&str> = config.workflows.iter().map(|w| w.key.as_str()).collect();
     tracing::info!(
         version = %env!("CARGO_PKG_VERSION"),
@@ -267,16 +279,6 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         config.workflows.len()
     );
     eprintln!("{}", next_steps(&gw_regs, server.local_addr, auth_mode));
-    let signal = |kind| {
-        tokio::signal::unix::signal(kind).map_err(|e| {
-            SmithersError::new(
-                Code::IoError,
-                format!("cannot install a signal handler: {e}"),
-            )
-        })
-    };
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let why = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",

@@ -245,6 +245,25 @@ async fn runs_over_http() {
     assert_eq!(tree["tag"], "smithers:workflow");
     assert_eq!(tree["props"]["name"], "hello");
     assert_eq!(tree["children"][0]["tag"], "smithers:sequence");
+    // an addition: each frame says which nodes changed state since the frame before it
+    let oldest = &frames[frames.len() - 1];
+    assert_eq!(oldest["frameNo"], 1);
+    assert!(
+        oldest["nodeChanges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["from"].is_null()),
+        "frame 1 only adds nodes: {oldest}"
+    );
+    let mut finished: Vec<&str> = frames
+        .iter()
+        .flat_map(|f| f["nodeChanges"].as_array().unwrap())
+        .filter(|c| c["to"] == "finished")
+        .map(|c| c["nodeId"].as_str().unwrap())
+        .collect();
+    finished.sort();
+    assert_eq!(finished, ["a", "b"], "{frames:?}");
     let f1 = rpc(
         s.addr,
         "frames.get",

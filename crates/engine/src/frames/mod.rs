@@ -4,6 +4,7 @@
 //! and both are maintained incrementally, so a step's cost does not grow with the size of the
 //! workflow or the length of the run.
 
+pub mod changes;
 pub mod delta;
 pub mod snapshot;
 

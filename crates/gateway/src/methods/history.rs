@@ -16,12 +16,25 @@ pub async fn frames_list(c: &Call<'_>) -> Result<Value, RpcError> {
         .min(10_000) as usize;
     let after = non_negative(p.get("afterFrameNo"), "afterFrameNo")?.unwrap_or(0);
     let rows = gw.store.list_frames(id, after, limit).await?;
+    // an addition: what each frame changed (trees hold no node states; snapshots do)
+    let nos: Vec<i64> = rows.iter().map(|r| r.frame_no).collect();
+    let mut changes =
+        smithers_engine::frames::changes::for_frames(gw.store.as_ref(), id, &nos).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         if let Some(f) =
             smithers_engine::frames::read_frame(gw.store.as_ref(), id, r.frame_no).await?
         {
-            out.push(serde_json::to_value(f).unwrap_or(Value::Null));
+            let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                let c = changes.remove(&r.frame_no);
+                m.insert(
+                    "nodeChanges".into(),
+                    c.and_then(|c| serde_json::to_value(c).ok())
+                        .unwrap_or(Value::Null),
+                );
+            }
+            out.push(v);
         }
     }
     Ok(Value::Array(out))
