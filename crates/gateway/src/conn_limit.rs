@@ -144,7 +144,12 @@ pub struct ConnTable {
     inner: Mutex<Inner>,
     cap_warnings: Throttle,
     pub(crate) fd_warnings: Throttle,
+    /// Signalled when an evicted connection's socket closes.
+    closed: Notify,
 }
+
+/// How long the accept loop waits for evicted sockets to close before accepting anyway.
+const ROOM_WAIT: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 struct Inner {
@@ -173,7 +178,27 @@ impl ConnTable {
             inner: Mutex::new(Inner::default()),
             cap_warnings: Throttle::new(WARN_EVERY),
             fd_warnings: Throttle::new(WARN_EVERY),
+            closed: Notify::new(),
         })
+    }
+
+    /// Before the next accept: while the sockets of evicted connections still fill the closing
+    /// slack, wait (at most [`ROOM_WAIT`]) for one to close, so that a burst leaves the next
+    /// connections in the kernel's queue instead of refusing them while room is being made.
+    pub async fn room(&self) {
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let closed = self.closed.notified();
+            {
+                let inner = self.lock();
+                if inner.open.len() < self.cap + CLOSING_SLACK || inner.closing == 0 {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn cap(&self) -> usize {
@@ -295,6 +320,7 @@ impl ConnTable {
             let mut inner = self.lock();
             if inner.open.remove(&state.id).is_some() && state.phase() == phase::CLOSING {
                 inner.closing -= 1;
+                self.closed.notify_waiters();
             }
         }
         self.metrics

@@ -45,7 +45,10 @@ pub async fn run(
     let (done_tx, done_rx) = watch::channel(());
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = async {
+                table.room().await;
+                listener.accept().await
+            } => r,
             _ = shutdown.wait_for(|v| *v) => break,
         };
         match accepted {
