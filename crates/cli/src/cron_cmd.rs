@@ -45,6 +45,11 @@ pub enum CronAction {
     },
 }
 
+/// `--input`, when given: JSON or @file.
+fn opt_input(text: Option<&str>) -> Result<Option<Value>, SmithersError> {
+    text.map(|t| crate::json_arg("--input", t)).transpose()
+}
+
 fn print_rows(rows: &[Value]) {
     if rows.is_empty() {
         eprintln!("no schedules");
@@ -93,10 +98,7 @@ pub async fn run(
                 disabled,
                 input,
             } => {
-                let input = input
-                    .as_deref()
-                    .map(|t| crate::json_arg("--input", t))
-                    .transpose()?;
+                let input = opt_input(input.as_deref())?;
                 (
                     "cron.add",
                     json!({"workflow": workflow, "pattern": pattern, "cronId": cron_id, "enabled": !disabled, "input": input}),
@@ -108,10 +110,7 @@ pub async fn run(
                 workflow,
                 input,
             } => {
-                let input = input
-                    .as_deref()
-                    .map(|t| crate::json_arg("--input", t))
-                    .transpose()?;
+                let input = opt_input(input.as_deref())?;
                 (
                     "cron.trigger",
                     json!({"cronId": cron_id, "workflow": workflow, "input": input}),
@@ -163,10 +162,7 @@ pub async fn run(
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             // checked against the input limits here, against the workflow's schema when the
             // gateway fires it (a failed fire is recorded on the schedule)
-            let input = input
-                .as_deref()
-                .map(|t| crate::json_arg("--input", t))
-                .transpose()?;
+            let input = opt_input(input.as_deref())?;
             if let Some(i) = &input {
                 smithers_core::bounds::check_run_input(i)?;
             }

@@ -30,19 +30,29 @@ pub async fn up(
         None => serde_json::json!({}),
     };
     let store = open_store(db).await?;
+    start_foreground(
+        store,
+        wf,
+        input,
+        StartOptions {
+            run_id,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Starts a run and drives it in the foreground with live progress.
+async fn start_foreground(
+    store: Arc<dyn smithers_store::Store>,
+    wf: Arc<dyn Workflow>,
+    input: serde_json::Value,
+    opts: StartOptions,
+) -> Result<u8, SmithersError> {
     let engine = Engine::new(store, EngineConfig::default());
     let term = watch_term()?;
     let progress = Progress::start(&engine);
-    let handle = engine
-        .start(
-            wf,
-            input,
-            StartOptions {
-                run_id,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let handle = engine.start(wf, input, opts).await?;
     drive(&engine, handle, progress, term).await
 }
 
@@ -91,21 +101,16 @@ pub async fn rerun(
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .filter(serde_json::Value::is_object)
         .unwrap_or_else(|| serde_json::json!({}));
-    let engine = Engine::new(store, EngineConfig::default());
-    let term = watch_term()?;
-    let progress = Progress::start(&engine);
-    let handle = engine
-        .start(
-            wf,
-            input,
-            StartOptions {
-                run_id: new_run_id,
-                parent_run_id: None,
-                ..Default::default()
-            },
-        )
-        .await?;
-    drive(&engine, handle, progress, term).await
+    start_foreground(
+        store,
+        wf,
+        input,
+        StartOptions {
+            run_id: new_run_id,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// `smithers fork`: a new run from the state of `run_id` at `frame`, driven in the foreground.
