@@ -1291,3 +1291,61 @@ fn runs_and_attempts_are_exported_as_otlp_spans() {
         && attr(sp, "smithers.status") == json!({"stringValue": "finished"})));
     sigterm(s);
 }
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn console_is_served_with_a_strict_policy_and_can_be_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    let s = serve(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "c.db"],
+    );
+    // serve says where the console is
+    let line = s.line(|l| l.contains("console:"));
+    assert!(
+        line.trim_end()
+            .ends_with(&format!("{}/", s.addr.replace("0.0.0.0", "127.0.0.1"))),
+        "{line}"
+    );
+    let page = get(&s.addr, "/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let head = page.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{head}"
+    );
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(page.contains(r#"<script type="module" src="/console/app.js">"#));
+    let js = get(&s.addr, "/console/app.js");
+    assert!(
+        js.starts_with("HTTP/1.1 200") && js.contains("text/javascript"),
+        "{js}"
+    );
+    // no inline script anywhere in the page
+    assert!(!page.contains("<script>"), "{page}");
+    assert!(get(&s.addr, "/console/nope.js").starts_with("HTTP/1.1 404"));
+    sigterm(s);
+
+    std::fs::write(
+        dir.join("off.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\nconsole = false\n[storage]\nurl = \"c.db\"\n[[workflows]]\nkey = \"hello\"\npath = \"hello.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "off.toml"]);
+    assert!(get(&s.addr, "/").starts_with("HTTP/1.1 404"));
+    sigterm(s);
+}

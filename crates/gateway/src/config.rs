@@ -62,6 +62,7 @@ struct ServerSection {
     max_connections: Option<usize>,
     max_body_bytes: Option<usize>,
     metrics_auth: Option<bool>,
+    console: Option<bool>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
@@ -140,6 +141,7 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         max_body_bytes: s.max_body_bytes.unwrap_or(d.max_body_bytes),
         // behind auth by default whenever there is auth (an operator may open it)
         metrics_auth: s.metrics_auth.unwrap_or(!matches!(auth, AuthConfig::None)),
+        console: s.console.unwrap_or(true),
         features: d.features,
         limits,
     };

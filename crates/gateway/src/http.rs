@@ -87,6 +87,9 @@ async fn entry(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             json!({"ok": true, "protocol": PROTOCOL, "features": gw.config.features, "stateVersion": gw.state_version()}).to_string(),
         ),
         (&Method::GET, "/metrics") if !has_query => metrics(&gw, &parts.headers),
+        (&Method::GET, p) if gw.config.console => {
+            crate::console::asset(p).unwrap_or_else(not_found)
+        }
         (&Method::POST, "/rpc") if !has_query => rpc_http(gw, parts.headers, body).await,
         (&Method::POST, p) if p.starts_with("/webhooks/") => {
             let key = &p["/webhooks/".len()..];

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod conn_io;
 pub mod conn_limit;
+pub mod console;
 pub mod cron_loop;
 pub mod devtools;
 pub mod devtools_diff;

@@ -278,7 +278,15 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
         server.local_addr,
         config.workflows.len()
     );
-    eprintln!("{}", next_steps(&gw_regs, server.local_addr, auth_mode));
+    eprintln!(
+        "{}",
+        next_steps(
+            &gw_regs,
+            server.local_addr,
+            auth_mode,
+            config.server.console
+        )
+    );
     let why = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
@@ -327,6 +335,7 @@ fn next_steps(
     workflows: &[(String, Option<Value>)],
     addr: std::net::SocketAddr,
     auth_mode: &str,
+    console: bool,
 ) -> String {
     // a wildcard address is reachable on loopback
     let host = match addr.ip() {
@@ -348,14 +357,19 @@ fn next_steps(
             .and_then(Value::as_array)
             .is_some_and(|r| !r.is_empty())
     };
+    let console = if console {
+        format!("  console:         {url}/\n")
+    } else {
+        String::new()
+    };
     let pick = workflows
         .iter()
         .find(|(_, s)| !needs_input(s))
         .or_else(|| workflows.first());
     match pick {
-        None => {
-            "  no workflows served: add workflow files (docs/workflows.md) and restart".to_string()
-        }
+        None => format!(
+            "{console}  no workflows served: add workflow files (docs/workflows.md) and restart"
+        ),
         Some((key, schema)) => {
             let input = if needs_input(schema) {
                 " --input '{…}'"
@@ -363,7 +377,7 @@ fn next_steps(
                 ""
             };
             format!(
-                "  start a run:     {token}smithers run {key}{input} --url {url}\n  list workflows:  {token}smithers workflows --url {url}"
+                "{console}  start a run:     {token}smithers run {key}{input} --url {url}\n  list workflows:  {token}smithers workflows --url {url}"
             )
         }
     }

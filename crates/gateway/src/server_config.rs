@@ -12,6 +12,8 @@ pub struct ServerConfig {
     /// Whether `GET /metrics` needs a credential. `smithers.toml` defaults it to true whenever
     /// an auth mode other than `none` is configured.
     pub metrics_auth: bool,
+    /// Serve the web console at `/` (`[server] console`, default on).
+    pub console: bool,
     pub features: Vec<String>,
     /// Network limits that keep a hostile or slow client from hurting anyone but itself.
     pub limits: Limits,
@@ -25,6 +27,7 @@ impl Default for ServerConfig {
             max_connections: 1000,
             max_body_bytes: 1_048_576,
             metrics_auth: false,
+            console: true,
             features: vec!["streaming".into(), "runs".into()],
             limits: Limits::default(),
         }
