@@ -11,12 +11,15 @@
 use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{Served, free_port, rpc, serve};
 
 /// How long a page gets to show what a test waits for.
 const UI_WAIT: Duration = Duration::from_secs(15);
@@ -25,61 +28,6 @@ const RUN_WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The server and the CLI
-
-struct Served {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-/// `smithers serve ARGS` in `dir`, once it printed its listening line.
-fn serve(dir: &Path, args: &[&str]) -> Served {
-    let child = Command::new(env!("CARGO_BIN_EXE_smithers"))
-        .current_dir(dir)
-        .arg("serve")
-        .args(args)
-        .env_remove("SMITHERS_LOG")
-        .env_remove("RUST_LOG")
-        .env_remove("SMITHERS_LISTEN")
-        .env_remove("SMITHERS_DB")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut served = Served {
-        child,
-        addr: String::new(),
-    };
-    let stderr = served.child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut head = Vec::new();
-    let t0 = Instant::now();
-    loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!("serve exited before listening: {head:?}");
-        };
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            served.addr = rest.split_whitespace().next().unwrap().to_string();
-            // keep draining, so the server never blocks on a full pipe
-            std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-            return served;
-        }
-        head.push(line);
-        assert!(t0.elapsed() < Duration::from_secs(20), "no listening line");
-    }
-}
 
 /// A temp dir holding `wf/<name>.yaml` for each workflow, served as `smithers serve wf --port 0
 /// --db x.db` (the key of each workflow is its file stem).
@@ -109,18 +57,6 @@ fn http(addr: &str, request: &str) -> (String, Vec<(String, String)>, String) {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     (status, headers, body.to_string())
-}
-
-fn rpc(addr: &str, method: &str, params: Value) -> Value {
-    let body = json!({"id": "1", "method": method, "params": params}).to_string();
-    let (_, _, text) = http(
-        addr,
-        &format!(
-            "POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
 }
 
 async fn wait_status(addr: &str, run: &str, want: &str) -> Value {
@@ -193,14 +129,6 @@ fn find_program(name: &str, fallbacks: &[&str]) -> PathBuf {
                  (apt-get install --no-install-recommends chromium chromium-driver; .ci/run does this)"
             )
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A chromedriver child in its own process group; dropping it kills the group, so the

@@ -4,11 +4,11 @@
 //! directory; servers listen on a port the OS picks.
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+mod common;
+use common::{rpc, serve, wait_status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_smithers");
 
@@ -46,79 +46,6 @@ fn smithers(dir: &Path, args: &[&str]) -> Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
-
-/// A `smithers serve` process, killed when dropped (also when a test fails half-way).
-struct Served {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path, args: &[&str]) -> Served {
-    let child = Command::new(BIN)
-        .current_dir(dir)
-        .arg("serve")
-        .args(args)
-        .env_remove("SMITHERS_LOG")
-        .env_remove("RUST_LOG")
-        .env_remove("SMITHERS_LISTEN")
-        .env_remove("SMITHERS_DB")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut served = Served {
-        child,
-        addr: String::new(),
-    };
-    let stderr = served.child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let t0 = Instant::now();
-    loop {
-        let line = lines
-            .next()
-            .expect("serve exited before listening")
-            .unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            served.addr = rest.split_whitespace().next().unwrap().to_string();
-            // keep draining stderr so the server never blocks on it
-            std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-            return served;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no listening line");
-    }
-}
-
-fn rpc(addr: &str, method: &str, params: Value) -> Value {
-    let body = json!({"id": "1", "method": method, "params": params}).to_string();
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-fn wait_status(addr: &str, run: &str, want: &str) {
-    let t0 = Instant::now();
-    loop {
-        let r = rpc(addr, "runs.get", json!({"runId": run}));
-        if r["payload"]["status"] == want {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "run never became {want}: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
