@@ -186,6 +186,15 @@ pub async fn remote(
                 if p.get("runId").and_then(Value::as_str) != Some(run_id) {
                     continue;
                 }
+                if event == "replay.truncated" {
+                    // the replay stops at its window (1,000 events): ask again from there
+                    if let Some(last) = p.get("lastEventSeq").and_then(Value::as_i64) {
+                        after = after.max(last);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    conn = Conn::open(gw, run_id, Some(after)).await?;
+                    continue;
+                }
                 if let Some(seq) = p.get("eventSeq").and_then(Value::as_i64) {
                     if seq <= after {
                         continue;
