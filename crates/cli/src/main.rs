@@ -9,6 +9,7 @@ mod diff_cmd;
 mod env_defaults;
 mod follow;
 mod frame_changes;
+mod json_log;
 mod logs_cmd;
 mod progress;
 mod remote;
@@ -445,7 +446,7 @@ fn init_logging(
         .with_writer(writer)
         .with_target(false);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder.event_format(json_log::JsonLine).try_init(),
         LogFormat::Pretty => builder
             .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none())
             .try_init(),
