@@ -1639,3 +1639,104 @@ async fn a_filtered_connection_sees_every_event_of_a_run_it_creates() {
         "{mine:?}"
     );
 }
+
+/// `runs.list` additions for the console: `workflow`, `runIdPrefix` and paging after the last
+/// row of the previous page (`beforeCreatedAtMs` + `beforeRunId`) walk every run exactly once.
+#[tokio::test]
+async fn runs_list_filters_and_pages_after_a_row() {
+    let s = start(Spec {
+        workflows: vec![("hello", HELLO.into()), ("gated", GATED.into())],
+        ..Spec::default()
+    })
+    .await;
+    let mut made = Vec::new();
+    for (i, wf) in ["hello", "gated", "hello", "hello", "gated", "hello", "hello"]
+        .iter()
+        .enumerate()
+    {
+        let id = format!("{}-{i}", if *wf == "hello" { "h" } else { "g" });
+        let r = rpc(
+            s.addr,
+            "runs.create",
+            json!({"workflow": wf, "runId": id}),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        made.push(id);
+    }
+    for id in &made {
+        let want = if id.starts_with('h') {
+            "finished"
+        } else {
+            "waiting-approval"
+        };
+        wait_status(s.addr, id, want).await;
+    }
+    let list = |params: Value| async move {
+        let r = rpc(s.addr, "runs.list", params, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["payload"].as_array().cloned().unwrap_or_default()
+    };
+    let ids = |rows: &[Value]| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["runId"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let all = ids(&list(json!({"limit": 100})).await);
+    assert_eq!(all.len(), 7);
+    let mut paged = Vec::new();
+    let mut after: Option<Value> = None;
+    loop {
+        let mut params = json!({"limit": 3});
+        if let Some(last) = &after {
+            params["beforeCreatedAtMs"] = last["createdAtMs"].clone();
+            params["beforeRunId"] = last["runId"].clone();
+        }
+        let page = list(params).await;
+        assert!(page.len() <= 3);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        paged.extend(ids(&page));
+        after = Some(last);
+    }
+    assert_eq!(paged, all, "pages of 3 give the whole list once, in order");
+
+    let gated = ids(&list(json!({"workflow": "gated"})).await);
+    assert_eq!(gated.len(), 2);
+    assert!(gated.iter().all(|id| id.starts_with("g-")), "{gated:?}");
+    let waiting = list(json!({"workflow": "hello", "status": "waiting-approval"})).await;
+    assert!(waiting.is_empty());
+    let prefixed = ids(&list(json!({"runIdPrefix": "h-"})).await);
+    assert_eq!(prefixed.len(), 5);
+    assert!(prefixed.iter().all(|id| id.starts_with("h-")));
+
+    let bad = rpc(s.addr, "runs.list", json!({"workflow": "nope"}), &[]).await;
+    assert_eq!(
+        (bad.status, bad.json()["error"]["code"].clone()),
+        (404, json!("NOT_FOUND"))
+    );
+    let bad = rpc(s.addr, "runs.list", json!({"beforeRunId": "h-1"}), &[]).await;
+    assert_eq!(bad.json()["error"]["code"], "INVALID_REQUEST", "{}", bad.body);
+    let bad = rpc(s.addr, "runs.list", json!({"status": 3}), &[]).await;
+    assert_eq!(bad.json()["error"]["code"], "INVALID_REQUEST", "{}", bad.body);
+    let bad = rpc(
+        s.addr,
+        "runs.list",
+        json!({"runIdPrefix": "x".repeat(129)}),
+        &[],
+    )
+    .await;
+    assert_eq!(bad.json()["error"]["code"], "INVALID_INPUT", "{}", bad.body);
+    let ok = list(json!({"runIdPrefix": "x".repeat(128)})).await;
+    assert!(ok.is_empty());
+    let bad = rpc(
+        s.addr,
+        "runs.list",
+        json!({"beforeCreatedAtMs": -1}),
+        &[],
+    )
+    .await;
+    assert_eq!(bad.json()["error"]["code"], "INVALID_INPUT", "{}", bad.body);
+}

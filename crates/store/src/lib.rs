@@ -8,9 +8,11 @@
 pub mod conformance;
 pub mod postgres;
 pub mod rows;
+mod run_query;
 pub mod sqlite;
 
 pub use rows::*;
+pub use run_query::{RunCursor, RunQuery};
 
 use async_trait::async_trait;
 use smithers_core::{Code, Result, SmithersError};
@@ -199,7 +201,16 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>>;
     /// Newest first. `status = "running"` also matches `continued`.
-    async fn list_runs(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunRow>>;
+    async fn list_runs(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunRow>> {
+        self.query_runs(&RunQuery {
+            status: status.map(str::to_string),
+            limit,
+            ..RunQuery::default()
+        })
+        .await
+    }
+    /// One page of runs, newest first, filtered and positioned by `q`.
+    async fn query_runs(&self, q: &RunQuery) -> Result<Vec<RunRow>>;
     /// Runs in status `running` whose owner is missing or whose heartbeat is older than
     /// `stale_before_ms`, oldest heartbeat first.
     async fn list_stale_runs(&self, stale_before_ms: i64, limit: usize) -> Result<Vec<RunRow>>;

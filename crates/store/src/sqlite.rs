@@ -8,7 +8,7 @@
 
 use crate::rows::*;
 use crate::{
-    Applied, Batch, DeliveryClaim, Heartbeat, NewSignal, OwnerGuard, Store, WebhookDeliveryRow,
+    Applied, Batch, RunQuery, DeliveryClaim, Heartbeat, NewSignal, OwnerGuard, Store, WebhookDeliveryRow,
     Write,
 };
 use async_trait::async_trait;
@@ -1946,29 +1946,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_runs(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunRow>> {
-        let status = status.map(str::to_string);
-        let limit = limit_param(limit);
-        self.read("list_runs", move |c| match status.as_deref() {
-            None => query_all(
-                c,
-                concat!("SELECT ", run_cols!(), " FROM _smithers_runs ORDER BY created_at_ms DESC, run_id DESC LIMIT ?1"),
-                params![limit],
-                run_row,
-            ),
-            Some(s) => {
-                let also = if s == status::RUNNING { status::CONTINUED } else { s };
-                query_all(
-                    c,
-                    concat!(
-                        "SELECT ",
-                        run_cols!(),
-                        " FROM _smithers_runs WHERE status IN (?1, ?2) ORDER BY created_at_ms DESC, run_id DESC LIMIT ?3"
-                    ),
-                    params![s, also, limit],
-                    run_row,
-                )
-            }
+    async fn query_runs(&self, q: &RunQuery) -> Result<Vec<RunRow>> {
+        let (tail, args) = crate::run_query::run_query_sql(q, |n| format!("?{n}"));
+        let sql = format!(concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"), tail);
+        let args: Vec<Value> = args
+            .into_iter()
+            .map(|a| match a {
+                crate::run_query::Arg::Text(t) => Value::Text(t),
+                crate::run_query::Arg::Int(i) => Value::Integer(i),
+            })
+            .collect();
+        self.read("query_runs", move |c| {
+            query_all(c, &sql, rusqlite::params_from_iter(args.iter()), run_row)
         })
         .await
     }

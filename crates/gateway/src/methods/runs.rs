@@ -8,7 +8,7 @@ use crate::gateway::PROTOCOL;
 use crate::shapes;
 use serde_json::{Value, json};
 use smithers_engine::ops;
-use smithers_store::status;
+use smithers_store::{RunCursor, RunQuery, status};
 
 pub async fn health(c: &Call<'_>) -> Result<Value, RpcError> {
     Ok(json!({
@@ -19,18 +19,69 @@ pub async fn health(c: &Call<'_>) -> Result<Value, RpcError> {
     }))
 }
 
+/// Newest runs first. Beyond upstream's `limit`/`status`: `workflow` (a served key),
+/// `runIdPrefix`, and paging after a row with `beforeCreatedAtMs` + `beforeRunId` (the last
+/// row of the page before), so a console can walk 100k runs without offsets.
 pub async fn list(c: &Call<'_>) -> Result<Value, RpcError> {
     let p = &c.params;
     let limit = bounds::positive_int(p.get("limit"), "limit")?
         .unwrap_or(50)
         .min(10_000) as usize;
-    let st = p.get("status").and_then(Value::as_str);
-    let rows = c.gw.store.list_runs(st, limit).await?;
+    let status = opt_str(p, "status")?.map(str::to_string);
+    let workflow_name = match opt_str(p, "workflow")? {
+        None => None,
+        Some(key) => Some(
+            c.gw.workflows
+                .get(key)
+                .map(|w| w.workflow.name().to_string())
+                .ok_or_else(|| RpcError::new("NOT_FOUND", format!("Unknown workflow: {key}")))?,
+        ),
+    };
+    let run_id_prefix = opt_str(p, "runIdPrefix")?.map(str::to_string);
+    if run_id_prefix.as_ref().is_some_and(|x| x.chars().count() > 128) {
+        return Err(RpcError::new(
+            "INVALID_INPUT",
+            "runIdPrefix exceeds the maximum length of 128 characters.",
+        ));
+    }
+    let before = match non_negative(p.get("beforeCreatedAtMs"), "beforeCreatedAtMs")? {
+        Some(created_at_ms) => Some(RunCursor {
+            created_at_ms,
+            run_id: opt_run_id(p, "beforeRunId")?.map(str::to_string),
+        }),
+        None if p.get("beforeRunId").is_some_and(|v| !v.is_null()) => {
+            return Err(RpcError::new(
+                "INVALID_REQUEST",
+                "beforeRunId needs beforeCreatedAtMs (both from the last row of the previous page)",
+            ));
+        }
+        None => None,
+    };
+    let q = RunQuery {
+        status,
+        workflow_name,
+        run_id_prefix,
+        before,
+        limit,
+    };
+    let rows = c.gw.store.query_runs(&q).await?;
     Ok(Value::Array(
         rows.iter()
             .map(|r| shapes::run_json(r, c.gw.key_of(r)))
             .collect(),
     ))
+}
+
+/// An optional string parameter: absent or null → `None`; another type → `INVALID_REQUEST`.
+fn opt_str<'a>(p: &'a Value, key: &str) -> Result<Option<&'a str>, RpcError> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(RpcError::new(
+            "INVALID_REQUEST",
+            format!("{key} must be a string"),
+        )),
+    }
 }
 
 pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {

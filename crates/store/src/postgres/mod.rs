@@ -612,8 +612,8 @@ impl Store for PgStore {
         read!(self, "get_run", |c| reads::get_run(c, run_id))
     }
 
-    async fn list_runs(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunRow>> {
-        read!(self, "list_runs", |c| reads::list_runs(c, status, limit))
+    async fn query_runs(&self, q: &crate::RunQuery) -> Result<Vec<RunRow>> {
+        read!(self, "query_runs", |c| reads::query_runs(c, q))
     }
 
     async fn list_stale_runs(&self, stale_before_ms: i64, limit: usize) -> Result<Vec<RunRow>> {

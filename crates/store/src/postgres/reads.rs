@@ -395,45 +395,21 @@ pub(crate) async fn get_run(c: &mut Conn, run_id: &str) -> Result<Option<RunRow>
     .await
 }
 
-pub(crate) async fn list_runs(
+pub(crate) async fn query_runs(
     c: &mut Conn,
-    status: Option<&str>,
-    limit: usize,
+    q: &crate::RunQuery,
 ) -> Result<Vec<RunRow>, DbErr> {
-    let limit = limit_param(limit);
-    match status {
-        None => {
-            all(
-                c,
-                concat!(
-                    "SELECT ",
-                    run_cols!(),
-                    " FROM _smithers_runs ORDER BY created_at_ms DESC, run_id DESC LIMIT $1"
-                ),
-                &[&limit],
-                run_row,
-            )
-            .await
-        }
-        Some(s) => {
-            let also = if s == status::RUNNING {
-                status::CONTINUED
-            } else {
-                s
-            };
-            all(
-                c,
-                concat!(
-                    "SELECT ",
-                    run_cols!(),
-                    " FROM _smithers_runs WHERE status IN ($1, $2) ORDER BY created_at_ms DESC, run_id DESC LIMIT $3"
-                ),
-                &[&s, &also, &limit],
-                run_row,
-            )
-            .await
-        }
-    }
+    use crate::run_query::{Arg, run_query_sql};
+    let (tail, args) = run_query_sql(q, |n| format!("${n}"));
+    let sql = format!(concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"), tail);
+    let params: Vec<Param<'_>> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Text(t) => t as Param<'_>,
+            Arg::Int(i) => i as Param<'_>,
+        })
+        .collect();
+    all(c, &sql, &params, run_row).await
 }
 
 pub(crate) async fn list_stale_runs(
