@@ -98,31 +98,7 @@ impl Engine {
                 ));
             }
         }
-        let frame = store.get_frame(run_id, frame_no).await?.ok_or_else(|| {
-            SmithersError::new(
-                Code::InvalidInput,
-                format!("frame {frame_no} of run `{run_id}` does not exist"),
-            )
-        })?;
-        let snap = snapshot::at_frame(store.as_ref(), run_id, frame_no).await?;
-        // the run is stopped, so nothing adds attempts or diffs between these reads and the
-        // commit. An attempt belongs to the future when the frame's snapshot does not know it:
-        // started after the frame, or in the same millisecond but after the render.
-        let cutoff = frame.created_at_ms;
-        let known = |node: &str, iteration: i64| {
-            snap.nodes
-                .get(&format!("{node}::{iteration}"))
-                .and_then(|n| n.get("lastAttempt"))
-                .and_then(serde_json::Value::as_i64)
-                .unwrap_or(0)
-        };
-        let doomed: Vec<(String, i64, i64)> = store
-            .list_attempts(run_id)
-            .await?
-            .into_iter()
-            .filter(|a| a.started_at_ms > cutoff || a.attempt > known(&a.node_id, a.iteration))
-            .map(|a| (a.node_id, a.iteration, a.attempt))
-            .collect();
+        let (cutoff, snap, doomed) = doomed_attempts(store.as_ref(), run_id, frame_no).await?;
         let deleted_attempts = doomed.len() as i64;
         let invalidated_diffs = store
             .list_node_diff_attempts(run_id)
@@ -258,4 +234,70 @@ impl Engine {
         }
         Ok(runs)
     }
+}
+
+/// What rewinding to a frame would delete: the frames after it and these attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewindPreview {
+    pub latest_frame_no: i64,
+    /// `(node id, iteration, attempt)`, in start order.
+    pub attempts: Vec<(String, i64, i64)>,
+}
+
+impl Engine {
+    /// What [`Engine::rewind`] to `frame_no` would delete, by the same rule, without changing
+    /// anything (so a confirmation can say it exactly).
+    pub async fn rewind_preview(&self, run_id: &str, frame_no: i64) -> Result<RewindPreview> {
+        let store = self.store().clone();
+        let latest = store.last_frame_no(run_id).await?;
+        if frame_no < 1 || frame_no > latest {
+            return Err(SmithersError::new(
+                Code::InvalidInput,
+                format!("frame must be between 1 and {latest} for run `{run_id}` (got {frame_no})"),
+            ));
+        }
+        let attempts = if frame_no == latest {
+            Vec::new()
+        } else {
+            doomed_attempts(store.as_ref(), run_id, frame_no).await?.2
+        };
+        Ok(RewindPreview {
+            latest_frame_no: latest,
+            attempts,
+        })
+    }
+}
+
+/// The frame's time, its snapshot, and the attempts that belong to its future.
+async fn doomed_attempts(
+    store: &dyn smithers_store::Store,
+    run_id: &str,
+    frame_no: i64,
+) -> Result<(i64, snapshot::FullSnapshot, Vec<(String, i64, i64)>)> {
+    let frame = store.get_frame(run_id, frame_no).await?.ok_or_else(|| {
+        SmithersError::new(
+            Code::InvalidInput,
+            format!("frame {frame_no} of run `{run_id}` does not exist"),
+        )
+    })?;
+    let snap = snapshot::at_frame(store, run_id, frame_no).await?;
+    // the run is stopped, so nothing adds attempts or diffs between these reads and the
+    // commit. An attempt belongs to the future when the frame's snapshot does not know it:
+    // started after the frame, or in the same millisecond but after the render.
+    let cutoff = frame.created_at_ms;
+    let known = |node: &str, iteration: i64| {
+        snap.nodes
+            .get(&format!("{node}::{iteration}"))
+            .and_then(|n| n.get("lastAttempt"))
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0)
+    };
+    let doomed: Vec<(String, i64, i64)> = store
+        .list_attempts(run_id)
+        .await?
+        .into_iter()
+        .filter(|a| a.started_at_ms > cutoff || a.attempt > known(&a.node_id, a.iteration))
+        .map(|a| (a.node_id, a.iteration, a.attempt))
+        .collect();
+    Ok((cutoff, snap, doomed))
 }

@@ -177,6 +177,36 @@ pub async fn jump_to_frame(
         );
         return Err(audit.fail("failed", e).await);
     };
+    // an addition: `preview: true` (without `confirm`) answers what the rewind would delete,
+    // by the engine's own rule, and changes nothing (no audit row, no quota)
+    if p.get("preview") == Some(&Value::Bool(true)) && p.get("confirm") != Some(&Value::Bool(true))
+    {
+        let plan = gw
+            .engine
+            .rewind_preview(run_id, frame_no)
+            .await
+            .map_err(|e| {
+                if e.code == smithers_core::Code::InvalidInput {
+                    RpcError::new("FrameOutOfRange", e.message)
+                } else {
+                    RpcError::from(e)
+                }
+            })?;
+        let attempts: Vec<Value> = plan
+            .attempts
+            .iter()
+            .map(|(n, i, a)| json!({"nodeId": n, "iteration": i, "attempt": a}))
+            .collect();
+        return Ok(json!({
+            "preview": true,
+            "runId": run_id,
+            "frameNo": frame_no,
+            "latestFrameNo": plan.latest_frame_no,
+            "deletedFrames": plan.latest_frame_no - frame_no,
+            "deletedAttempts": attempts.len(),
+            "attempts": attempts,
+        }));
+    }
     if p.get("confirm") != Some(&Value::Bool(true)) {
         let e = RpcError::new(
             "ConfirmationRequired",

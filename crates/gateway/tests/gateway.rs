@@ -216,6 +216,7 @@ async fn runs_over_http() {
     assert_eq!(r.json()["payload"]["workflow"], "hello");
     let run = wait_status(s.addr, &id, "finished").await;
     assert_eq!(run["workflowKey"], "hello");
+    assert_eq!(run["input"], json!({"x": 1}), "runs.get carries the input");
     assert_eq!(run["summary"]["finished"], 2);
     assert_eq!(run["runState"]["state"], "succeeded");
     let list = rpc(s.addr, "runs.list", json!({"limit": "10"}), &[])
@@ -1650,9 +1651,11 @@ async fn runs_list_filters_and_pages_after_a_row() {
     })
     .await;
     let mut made = Vec::new();
-    for (i, wf) in ["hello", "gated", "hello", "hello", "gated", "hello", "hello"]
-        .iter()
-        .enumerate()
+    for (i, wf) in [
+        "hello", "gated", "hello", "hello", "gated", "hello", "hello",
+    ]
+    .iter()
+    .enumerate()
     {
         let id = format!("{}-{i}", if *wf == "hello" { "h" } else { "g" });
         let r = rpc(
@@ -1718,9 +1721,19 @@ async fn runs_list_filters_and_pages_after_a_row() {
         (404, json!("NOT_FOUND"))
     );
     let bad = rpc(s.addr, "runs.list", json!({"beforeRunId": "h-1"}), &[]).await;
-    assert_eq!(bad.json()["error"]["code"], "INVALID_REQUEST", "{}", bad.body);
+    assert_eq!(
+        bad.json()["error"]["code"],
+        "INVALID_REQUEST",
+        "{}",
+        bad.body
+    );
     let bad = rpc(s.addr, "runs.list", json!({"status": 3}), &[]).await;
-    assert_eq!(bad.json()["error"]["code"], "INVALID_REQUEST", "{}", bad.body);
+    assert_eq!(
+        bad.json()["error"]["code"],
+        "INVALID_REQUEST",
+        "{}",
+        bad.body
+    );
     let bad = rpc(
         s.addr,
         "runs.list",
@@ -1731,12 +1744,6 @@ async fn runs_list_filters_and_pages_after_a_row() {
     assert_eq!(bad.json()["error"]["code"], "INVALID_INPUT", "{}", bad.body);
     let ok = list(json!({"runIdPrefix": "x".repeat(128)})).await;
     assert!(ok.is_empty());
-    let bad = rpc(
-        s.addr,
-        "runs.list",
-        json!({"beforeCreatedAtMs": -1}),
-        &[],
-    )
-    .await;
+    let bad = rpc(s.addr, "runs.list", json!({"beforeCreatedAtMs": -1}), &[]).await;
     assert_eq!(bad.json()["error"]["code"], "INVALID_INPUT", "{}", bad.body);
 }

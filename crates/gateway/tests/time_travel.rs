@@ -844,3 +844,108 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
     );
     assert_eq!(s.gw.streams.active("bp-quiet"), 1);
 }
+
+/// `jumpToFrame {preview: true}` (an addition for confirmations): the owner or an admin learns
+/// exactly what a rewind would delete (the same frames and attempts the rewind then deletes),
+/// nothing changes and no quota is used; others are refused as for the rewind itself.
+#[tokio::test]
+async fn a_rewind_preview_names_what_the_rewind_deletes() {
+    let s = start(Spec {
+        workflows: vec![("steps", STEPS.to_string())],
+        auth: users(),
+        ..Default::default()
+    })
+    .await;
+    create(&s, "bob", "steps", "pv-1", json!({})).await;
+    wait_for(&s, "bob", "pv-1", "finished").await;
+    let latest = s.gw.store.last_frame_no("pv-1").await.unwrap();
+    let before = s.gw.store.list_attempts("pv-1").await.unwrap();
+    let r = rpc_as(
+        &s,
+        "carl",
+        "jumpToFrame",
+        json!({"runId": "pv-1", "frameNo": 1, "preview": true}),
+    )
+    .await;
+    assert_eq!(err(&r).1, "Unauthorized", "{}", r.body);
+    for _ in 0..12 {
+        // more previews than the hourly quota of rewinds: none counts
+        let r = rpc_as(
+            &s,
+            "bob",
+            "jumpToFrame",
+            json!({"runId": "pv-1", "frameNo": 1, "preview": true}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let plan = rpc_as(
+        &s,
+        "bob",
+        "jumpToFrame",
+        json!({"runId": "pv-1", "frameNo": 1, "preview": true}),
+    )
+    .await
+    .json()["payload"]
+        .clone();
+    assert_eq!(plan["deletedFrames"], json!(latest - 1), "{plan}");
+    assert_eq!(plan["latestFrameNo"], json!(latest));
+    assert_eq!(s.gw.store.last_frame_no("pv-1").await.unwrap(), latest);
+    assert_eq!(s.gw.store.list_attempts("pv-1").await.unwrap(), before);
+    let bad = rpc_as(
+        &s,
+        "bob",
+        "jumpToFrame",
+        json!({"runId": "pv-1", "frameNo": latest + 5, "preview": true}),
+    )
+    .await;
+    assert_eq!(err(&bad).1, "FrameOutOfRange", "{}", bad.body);
+
+    let done = rpc_as(
+        &s,
+        "bob",
+        "jumpToFrame",
+        json!({"runId": "pv-1", "frameNo": 1, "confirm": true}),
+    )
+    .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let done = done.json()["payload"].clone();
+    assert_eq!(done["deletedFrames"], plan["deletedFrames"]);
+    assert_eq!(
+        done["deletedAttempts"], plan["deletedAttempts"],
+        "{done} vs {plan}"
+    );
+    let previewed: Vec<(String, i64)> = plan["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["nodeId"].as_str().unwrap().to_string(),
+                a["attempt"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let kept: Vec<(String, i64)> =
+        s.gw.store
+            .list_attempts("pv-1")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| {
+                before.iter().any(|b| {
+                    b.node_id == a.node_id
+                        && b.attempt == a.attempt
+                        && b.started_at_ms == a.started_at_ms
+                })
+            })
+            .map(|a| (a.node_id, a.attempt))
+            .collect();
+    for p in &previewed {
+        assert!(
+            !kept.contains(p),
+            "{p:?} was previewed as deleted but survived"
+        );
+    }
+    assert_eq!(kept.len() + previewed.len(), before.len());
+}

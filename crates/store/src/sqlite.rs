@@ -8,8 +8,8 @@
 
 use crate::rows::*;
 use crate::{
-    Applied, Batch, RunQuery, DeliveryClaim, Heartbeat, NewSignal, OwnerGuard, Store, WebhookDeliveryRow,
-    Write,
+    Applied, Batch, DeliveryClaim, Heartbeat, NewSignal, OwnerGuard, RunQuery, Store,
+    WebhookDeliveryRow, Write,
 };
 use async_trait::async_trait;
 use rusqlite::types::{FromSql, Value, ValueRef};
@@ -1948,7 +1948,10 @@ impl Store for SqliteStore {
 
     async fn query_runs(&self, q: &RunQuery) -> Result<Vec<RunRow>> {
         let (tail, args) = crate::run_query::run_query_sql(q, |n| format!("?{n}"));
-        let sql = format!(concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"), tail);
+        let sql = format!(
+            concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"),
+            tail
+        );
         let args: Vec<Value> = args
             .into_iter()
             .map(|a| match a {

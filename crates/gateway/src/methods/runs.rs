@@ -38,7 +38,10 @@ pub async fn list(c: &Call<'_>) -> Result<Value, RpcError> {
         ),
     };
     let run_id_prefix = opt_str(p, "runIdPrefix")?.map(str::to_string);
-    if run_id_prefix.as_ref().is_some_and(|x| x.chars().count() > 128) {
+    if run_id_prefix
+        .as_ref()
+        .is_some_and(|x| x.chars().count() > 128)
+    {
         return Err(RpcError::new(
             "INVALID_INPUT",
             "runIdPrefix exceeds the maximum length of 128 characters.",
@@ -95,6 +98,13 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
     if row.status == status::FINISHED {
         v["output"] = shapes::latest_outputs(&gw.store.list_outputs(id).await?);
     }
+    // the input the run started with, as a console shows it (`{}` when none was stored)
+    v["input"] = gw
+        .store
+        .get_input(id)
+        .await?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| json!({}));
     Ok(v)
 }
 

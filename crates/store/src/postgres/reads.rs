@@ -395,13 +395,13 @@ pub(crate) async fn get_run(c: &mut Conn, run_id: &str) -> Result<Option<RunRow>
     .await
 }
 
-pub(crate) async fn query_runs(
-    c: &mut Conn,
-    q: &crate::RunQuery,
-) -> Result<Vec<RunRow>, DbErr> {
+pub(crate) async fn query_runs(c: &mut Conn, q: &crate::RunQuery) -> Result<Vec<RunRow>, DbErr> {
     use crate::run_query::{Arg, run_query_sql};
     let (tail, args) = run_query_sql(q, |n| format!("${n}"));
-    let sql = format!(concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"), tail);
+    let sql = format!(
+        concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"),
+        tail
+    );
     let params: Vec<Param<'_>> = args
         .iter()
         .map(|a| match a {
