@@ -159,7 +159,7 @@ fn write_config(dir: &Path, iterations: usize) -> R<(std::path::PathBuf, String)
     Ok((path, url))
 }
 
-async fn call(ws: &mut bg::Ws, id: &str, method: &str, params: Value) -> R<Value> {
+pub(crate) async fn call(ws: &mut bg::Ws, id: &str, method: &str, params: Value) -> R<Value> {
     let frame = json!({"type": "req", "id": id, "method": method, "params": params});
     ws.send(Message::Text(frame.to_string().into()))
         .await

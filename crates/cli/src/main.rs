@@ -2,6 +2,7 @@
 
 mod act;
 mod bench;
+mod bench_console;
 mod bench_devtools;
 mod bench_gateway;
 mod cron_cmd;
@@ -355,6 +356,16 @@ enum BenchTarget {
         #[arg(long)]
         quick: bool,
     },
+    /// Measure what the web console asks of a gateway with many runs: `runs.list` pages of a
+    /// seeded 100,000-run SQLite file (`smithers serve` in a separate process), and its files.
+    Console {
+        /// How many runs to seed.
+        #[arg(long, default_value_t = 100_000)]
+        runs: usize,
+        /// At most 5,000 runs and fewer repetitions, for a smoke check.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -598,6 +609,10 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             target: Some(BenchTarget::Devtools { quick }),
             ..
         } => bench_devtools::bench_devtools(quick).await,
+        Cmd::Bench {
+            target: Some(BenchTarget::Console { runs, quick }),
+            ..
+        } => bench_console::bench_console(runs, quick).await,
         Cmd::Bench {
             runs,
             quick,

@@ -1389,3 +1389,109 @@ async fn console_first_paint_figures() {
     );
     b.close().await;
 }
+
+/// A reverse proxy of the kind trusted-proxy mode expects: every request head it forwards gets
+/// `inject` (identity headers) after its request line; after a WebSocket upgrade the bytes flow
+/// through untouched. The browser only sends bodiless GETs and upgrades here.
+async fn identity_proxy(target: String, inject: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                });
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match cr.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head: Vec<u8> = buf.drain(..end + 4).collect();
+                    let line = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
+                    let mut out = head[..line].to_vec();
+                    out.extend_from_slice(inject.as_bytes());
+                    out.extend_from_slice(&head[line..]);
+                    if uw.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    let upgrade = String::from_utf8_lossy(&head)
+                        .to_ascii_lowercase()
+                        .contains("upgrade: websocket");
+                    if upgrade {
+                        let _ = uw.write_all(&buf).await;
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Trusted-proxy mode: behind a proxy that asserts who the user is, the console needs no
+/// sign-in, says who is connected, and disables what the asserted scopes do not allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_console_uses_its_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("gated.yaml"), GATED).unwrap();
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"sqlite://x.db\"\n[auth]\nmode = \"trusted-proxy\"\n\
+         default_scopes = []\n[[workflows]]\nkey = \"gated\"\npath = \"gated.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let proxy = identity_proxy(
+        s.addr.clone(),
+        "x-user-id: rita\r\nx-user-scopes: read\r\nx-user-role: viewer\r\n",
+    )
+    .await;
+    let admin = identity_proxy(
+        s.addr.clone(),
+        "x-user-id: ann\r\nx-user-scopes: *\r\nx-user-role: admin\r\n",
+    )
+    .await;
+    let b = Browser::open().await;
+    // ann starts a gated run through the console
+    b.goto(&format!("http://{admin}/#/start")).await;
+    b.wait_text("#conn", "ann", |t| t.contains("as ann")).await;
+    b.wait_for("select#workflow option[value=\"gated\"]").await;
+    b.click("form#start-form button[type=\"submit\"]").await;
+    let run = landed_on_run(&b, "").await;
+    b.wait_text("section#run [data-field=\"status\"]", "waiting", |t| {
+        t == "waiting-approval"
+    })
+    .await;
+    // rita only reads
+    b.goto(&format!("http://{proxy}/#/approvals")).await;
+    b.wait_text("#conn", "rita", |t| t.contains("as rita (viewer)"))
+        .await;
+    let item = format!("ul#approvals li[data-run-id=\"{run}\"]");
+    b.wait_for(&item).await;
+    let approve = b.wait_for(&format!("{item} button.approve")).await;
+    assert!(!approve.is_enabled().await.unwrap(), "rita may not approve");
+    assert!(
+        b.find("form#signin").await.is_none(),
+        "no sign-in behind the proxy"
+    );
+    // straight to the gateway, without the proxy's headers: no scopes, so a clear refusal
+    b.goto(&s.url("/#/runs")).await;
+    b.wait_text("#app .error", "the refusal", |t| t.contains("FORBIDDEN"))
+        .await;
+    b.close().await;
+}

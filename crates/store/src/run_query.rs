@@ -32,8 +32,13 @@ pub(crate) enum Arg {
 }
 
 /// The SQL after `FROM _smithers_runs` (filters, order and limit) and its arguments in
-/// placeholder order. `mark(n)` spells the n-th placeholder (`?n` or `$n`).
-pub(crate) fn run_query_sql(q: &RunQuery, mark: fn(usize) -> String) -> (String, Vec<Arg>) {
+/// placeholder order. `mark(n)` spells the n-th placeholder (`?n` or `$n`). `byte_order` says
+/// that text compares byte-wise (SQLite), so a run-id prefix can also be a key range.
+pub(crate) fn run_query_sql(
+    q: &RunQuery,
+    mark: fn(usize) -> String,
+    byte_order: bool,
+) -> (String, Vec<Arg>) {
     let mut args = Vec::new();
     let mut push = |a: Arg| {
         args.push(a);
@@ -47,8 +52,12 @@ pub(crate) fn run_query_sql(q: &RunQuery, mark: fn(usize) -> String) -> (String,
             s.as_str()
         };
         let a = push(Arg::Text(s.clone()));
-        let b = push(Arg::Text(also.to_string()));
-        conds.push(format!("status IN ({a}, {b})"));
+        if also == s {
+            conds.push(format!("status = {a}"));
+        } else {
+            let b = push(Arg::Text(also.to_string()));
+            conds.push(format!("status IN ({a}, {b})"));
+        }
     }
     if let Some(w) = &q.workflow_name {
         let a = push(Arg::Text(w.clone()));
@@ -56,7 +65,16 @@ pub(crate) fn run_query_sql(q: &RunQuery, mark: fn(usize) -> String) -> (String,
     }
     if let Some(p) = &q.run_id_prefix {
         let a = push(Arg::Text(p.clone()));
-        conds.push(format!("substr(run_id, 1, length({a})) = {a}"));
+        if byte_order {
+            // the primary key's range holds every id with this prefix (U+10FFFF is the
+            // largest character); the exact test stays for anything past it
+            let end = push(Arg::Text(format!("{p}\u{10FFFF}")));
+            conds.push(format!(
+                "run_id >= {a} AND run_id < {end} AND substr(run_id, 1, length({a})) = {a}"
+            ));
+        } else {
+            conds.push(format!("substr(run_id, 1, length({a})) = {a}"));
+        }
     }
     if let Some(c) = &q.before {
         let t = push(Arg::Int(c.created_at_ms));
@@ -98,7 +116,7 @@ mod tests {
             }),
             limit: 10,
         };
-        let (sql, args) = run_query_sql(&q, |n| format!("${n}"));
+        let (sql, args) = run_query_sql(&q, |n| format!("${n}"), false);
         assert_eq!(
             sql,
             " WHERE status IN ($1, $2) AND workflow_name = $3 AND substr(run_id, 1, length($4)) = $4 \
@@ -117,6 +135,7 @@ mod tests {
                 ..Default::default()
             },
             |n| format!("?{n}"),
+            true,
         );
         assert_eq!(sql, " ORDER BY created_at_ms DESC, run_id DESC LIMIT ?1");
         assert_eq!(args, vec![Arg::Int(3)]);

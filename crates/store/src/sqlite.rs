@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_3,
     MIGRATION_4,
     MIGRATION_5,
+    MIGRATION_6,
 ];
 
 /// The schema version this build writes.
@@ -238,6 +239,15 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
 
 /// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).
 /// Schedules carry the input of the runs they start.
+/// Indexes for the run list's pages and filters (newest first, ties by run id); the
+/// `created_at_ms` index they make redundant goes.
+const MIGRATION_6: &str = r#"
+CREATE INDEX IF NOT EXISTS _smithers_runs_list_idx ON _smithers_runs (created_at_ms, run_id);
+CREATE INDEX IF NOT EXISTS _smithers_runs_status_list_idx ON _smithers_runs (status, created_at_ms, run_id);
+CREATE INDEX IF NOT EXISTS _smithers_runs_workflow_list_idx ON _smithers_runs (workflow_name, created_at_ms, run_id);
+DROP INDEX IF EXISTS _smithers_runs_created_idx;
+"#;
+
 const MIGRATION_5: &str = r#"
 ALTER TABLE _smithers_cron ADD COLUMN input_json TEXT;
 "#;
@@ -1947,7 +1957,7 @@ impl Store for SqliteStore {
     }
 
     async fn query_runs(&self, q: &RunQuery) -> Result<Vec<RunRow>> {
-        let (tail, args) = crate::run_query::run_query_sql(q, |n| format!("?{n}"));
+        let (tail, args) = crate::run_query::run_query_sql(q, |n| format!("?{n}"), true);
         let sql = format!(
             concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"),
             tail

@@ -397,7 +397,7 @@ pub(crate) async fn get_run(c: &mut Conn, run_id: &str) -> Result<Option<RunRow>
 
 pub(crate) async fn query_runs(c: &mut Conn, q: &crate::RunQuery) -> Result<Vec<RunRow>, DbErr> {
     use crate::run_query::{Arg, run_query_sql};
-    let (tail, args) = run_query_sql(q, |n| format!("${n}"));
+    let (tail, args) = run_query_sql(q, |n| format!("${n}"), false);
     let sql = format!(
         concat!("SELECT ", run_cols!(), " FROM _smithers_runs{}"),
         tail

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_3,
     MIGRATION_4,
     MIGRATION_5,
+    MIGRATION_6,
 ];
 
 /// The schema version this build writes.
@@ -215,6 +216,14 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
 "#;
 
 /// Schedules carry the input of the runs they start.
+/// Indexes for the run list's pages and filters (as SQLite's migration 6).
+const MIGRATION_6: &str = r#"
+CREATE INDEX IF NOT EXISTS _smithers_runs_list_idx ON _smithers_runs (created_at_ms, run_id);
+CREATE INDEX IF NOT EXISTS _smithers_runs_status_list_idx ON _smithers_runs (status, created_at_ms, run_id);
+CREATE INDEX IF NOT EXISTS _smithers_runs_workflow_list_idx ON _smithers_runs (workflow_name, created_at_ms, run_id);
+DROP INDEX IF EXISTS _smithers_runs_created_idx;
+"#;
+
 const MIGRATION_5: &str = r#"
 ALTER TABLE _smithers_cron ADD COLUMN IF NOT EXISTS input_json TEXT;
 "#;
