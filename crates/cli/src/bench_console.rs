@@ -15,14 +15,18 @@ const BASE_MS: i64 = 1_700_000_000_000;
 
 /// The i-th seeded run: one a millisecond, every 100th failed, every 7th of workflow `other`.
 fn seeded(i: usize) -> RunRow {
-    let key = if i % 7 == 0 { "other" } else { "quick" };
+    let key = if i.is_multiple_of(7) {
+        "other"
+    } else {
+        "quick"
+    };
     RunRow {
         run_id: format!("r-{i:06}"),
         parent_run_id: None,
         workflow_name: key.into(),
         workflow_path: None,
         workflow_hash: None,
-        status: if i % 100 == 0 {
+        status: if i.is_multiple_of(100) {
             status::FAILED
         } else {
             status::FINISHED
@@ -125,7 +129,7 @@ async fn pages(table: &mut Table, dir: &Path, runs: usize, reps: usize) -> R<()>
         let p50 = bg::percentile(&ms, 0.5);
         let p99 = bg::percentile(&ms, 0.99);
         table.add(
-            &format!("runs.list, {what}: p50 / p99 ({rows} rows)"),
+            format!("runs.list, {what}: p50 / p99 ({rows} rows)"),
             format!("{p50:.2} / {p99:.2} ms"),
             "p99 ≤ 50 ms",
             Some(p99 <= 50.0),
@@ -163,7 +167,13 @@ pub async fn bench_console(runs: usize, quick: bool) -> Result<u8, smithers_core
         let mut table = Table::default();
         files(&mut table);
         let runs = if quick { runs.min(5_000) } else { runs };
-        pages(&mut table, &tmp, runs.max(100), if quick { 20 } else { 200 }).await?;
+        pages(
+            &mut table,
+            &tmp,
+            runs.max(100),
+            if quick { 20 } else { 200 },
+        )
+        .await?;
         table.print();
         Ok::<u8, String>(0)
     }

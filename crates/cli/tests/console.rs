@@ -365,11 +365,20 @@ impl Browser {
         }
     }
 
+    /// Clicks the first element matching `css`. Live pages redraw lists, so an element found a
+    /// moment ago may be gone (stale) or covered; it is looked up again until `UI_WAIT`.
     async fn click(&self, css: &str) {
-        let e = self.wait_for(css).await;
-        e.click()
-            .await
-            .unwrap_or_else(|err| panic!("click `{css}`: {err}"));
+        let t0 = Instant::now();
+        loop {
+            let e = self.wait_for(css).await;
+            match e.click().await {
+                Ok(_) => return,
+                Err(_) if t0.elapsed() < UI_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("click `{css}`: {err}\n{}", self.dump().await),
+            }
+        }
     }
 
     async fn type_into(&self, css: &str, text: &str) {
@@ -521,7 +530,12 @@ async fn harness_drives_a_headless_chromium() {
     let found = b.js(AUDIT).await;
     let found: Vec<String> = serde_json::from_value(found).unwrap();
     assert_eq!(found.len(), 5, "{found:?}");
-    assert!(found.iter().any(|f| f.starts_with("placeholder text \"null\"")), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("placeholder text \"null\"")),
+        "{found:?}"
+    );
     assert!(found[0].starts_with("contrast 2.32"), "{found:?}");
     assert!(found.iter().any(|f| f == "no label: input#i"), "{found:?}");
     assert!(
@@ -844,38 +858,49 @@ async fn landed_on_run(b: &Browser, not: &str) -> String {
     }
 }
 
-/// The live tree on a run's page: it arrives from `streamDevTools`, its nodes change state as
-/// the run advances (the page is open before the first task ends), and the frame count grows.
+/// The live tree on a run's page: it arrives from `streamDevTools` with each node's state;
+/// while the page is open the run is approved (outside the page) and the tree advances: the
+/// gate and the step after it finish and the frame count grows, without a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_page_shows_the_tree_advancing() {
-    let (tmp, s) = serve_workflows(&[("steps", STEPS)]);
+    let (tmp, s) = serve_workflows(&[("gated", GATED)]);
+    cli_start(tmp.path(), &s, "gated", "tree-1");
+    wait_status(&s.addr, "tree-1", "waiting-approval").await;
     let b = Browser::open().await;
-    b.goto(&s.url("/")).await;
-    b.wait_for("table#runs").await;
-    cli_start(tmp.path(), &s, "steps", "tree-1");
     b.goto(&s.url("/#/runs/tree-1")).await;
     let node = |id: &str| format!("#tree li[data-node-id=\"{id}\"] > .node .state");
     b.wait_for("#tree li[data-type=\"workflow\"]").await;
-    let first = b
-        .wait_text(&node("one"), "a running state", |t| {
-            t == "in-progress" || t == "finished"
-        })
+    b.wait_text(&node("a"), "a finished", |t| t == "finished")
         .await;
-    let three_then = b.text(&node("three")).await.unwrap_or_default();
-    assert_eq!(
-        three_then.trim(),
-        "pending",
-        "the last node is pending while `one` is {first}"
+    b.wait_text(&node("b"), "b pending", |t| t == "pending")
+        .await;
+    b.wait_text(&node("gate"), "the gate waiting", |t| {
+        t == "waiting-approval"
+    })
+    .await;
+    assert!(
+        !b.find("a#signal-link")
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "no signal link for a run waiting for an approval"
     );
     let frame_then = b
         .wait_text("#frame-view", "a frame", |t| t.starts_with("Live"))
         .await;
-    b.wait_text(&node("two"), "two running or done", |t| {
-        t == "in-progress" || t == "finished"
-    })
-    .await;
+    b.js("window.__noReload = 1; return null").await;
     b.shot("run").await;
-    b.wait_text(&node("three"), "three finished", |t| t == "finished")
+    let r = rpc(
+        &s.addr,
+        "approvals.decide",
+        json!({"runId": "tree-1", "nodeId": "gate", "approved": true}),
+    );
+    assert_eq!(r["ok"], json!(true), "{r}");
+    b.wait_text(&node("b"), "b finished", |t| t == "finished")
+        .await;
+    b.wait_text(&node("gate"), "the gate decided", |t| t == "finished")
         .await;
     b.wait_text("section#run [data-field=\"status\"]", "finished", |t| {
         t == "finished"
@@ -885,10 +910,15 @@ async fn the_run_page_shows_the_tree_advancing() {
         .wait_text("#frame-view", "a later frame", |t| t != frame_then)
         .await;
     assert!(frame_now.starts_with("Live"), "{frame_now}");
+    assert_eq!(
+        b.js("return window.__noReload || 0").await,
+        json!(1),
+        "reloaded"
+    );
     // node details: attempts and the output with its state
-    b.click("#tree li[data-node-id=\"three\"] button.node-pick")
+    b.click("#tree li[data-node-id=\"b\"] button.node-pick")
         .await;
-    b.wait_text("#node-output", "the output", |t| t == "3")
+    b.wait_text("#node-output", "the output", |t| t == "2")
         .await;
     b.wait_for("table#attempts tbody tr").await;
     b.close().await;

@@ -75,7 +75,7 @@ export async function runPage(runId) {
   };
   function drawTree() {
     const shown = viewing ? viewing.root : liveTree;
-    const states = viewing ? latestAttempts(attempts, viewing.createdAtMs) : latestAttempts(attempts);
+    const states = viewing ? latestAttempts(attempts, viewing.createdAtMs) : liveStates();
     treeBox.replaceChildren(renderTree(shown, states, counts(), pickNode, picked));
     const old = viewing && viewing.frameNo !== liveFrame;
     frameView.textContent = viewing ? "Frame " + viewing.frameNo + " of " + liveFrame + (old ? " (as it was; the run goes on)" : "") : "Live (frame " + liveFrame + ")";
@@ -86,6 +86,20 @@ export async function runPage(runId) {
     rewind.disabled = !!why;
     rewind.title = why || "";
     for (const li of frameList.querySelectorAll("button[data-frame-no]")) li.setAttribute("aria-pressed", viewing && Number(li.dataset.frameNo) === viewing.frameNo ? "true" : "false");
+  }
+  /** Each node's newest attempt, with the node's own state (approvals and waits have none). */
+  function liveStates() {
+    const states = latestAttempts(attempts);
+    const newest = new Map();
+    for (const n of (run && run.nodes) || []) {
+      const seen = newest.get(n.nodeId);
+      if (!seen || n.iteration >= seen.iteration) newest.set(n.nodeId, n);
+    }
+    for (const [id, n] of newest) {
+      const a = states.get(id);
+      states.set(id, a ? Object.assign({}, a, { state: n.state }) : { state: n.state, attempt: 0 });
+    }
+    return states;
   }
   function ownerReason() {
     if (!run || session.role && session.role.toLowerCase() === "admin") return null;
@@ -133,6 +147,7 @@ export async function runPage(runId) {
         const r = await actOn("jumpToFrame", { runId, frameNo: target.frameNo, confirm: true });
         note.textContent = "rewound to frame " + r.newFrameNo + ": " + r.deletedFrames + " frames and " + r.deletedAttempts + " attempts deleted";
         viewing = null;
+        approvalsStale = true;
         refresh();
         loadFrames();
       } catch (e) { note.replaceChildren(failure(e)); }
@@ -183,13 +198,19 @@ export async function runPage(runId) {
   }
 
   // ---- facts, attempts and approvals, read again after the run's events
+  // approvals.list covers every run, so it is read again only when an approval changed
+  let approvals = [];
+  let approvalsStale = true;
   async function refresh() {
     try {
-      const [r, a, approvals] = await Promise.all([
+      const readApprovals = approvalsStale;
+      approvalsStale = false;
+      const [r, a, pending] = await Promise.all([
         live.send("runs.get", { runId }),
         live.send("attempts.list", { runId }),
-        live.send("approvals.list", {}),
+        readApprovals ? live.send("approvals.list", {}) : Promise.resolve(null),
       ]);
+      if (pending) approvals = pending.filter((x) => x.runId === runId);
       run = r;
       attempts = a;
       status.textContent = r.status;
@@ -207,7 +228,7 @@ export async function runPage(runId) {
         r.errorJson ? h("dd", { class: "error", text: errorText(r.errorJson) }) : null,
       ].filter(Boolean));
       inputView.textContent = json(r.input === undefined ? {} : r.input);
-      waiting.replaceChildren(...approvals.filter((x) => x.runId === runId).map((x) => h("li", { "data-node-id": x.nodeId },
+      waiting.replaceChildren(...approvals.map((x) => h("li", { "data-node-id": x.nodeId },
         h("strong", { text: x.requestTitle || x.nodeId }), " (", x.nodeId, ") waits for a decision in ",
         h("a", { href: "#/approvals", text: "Approvals" }))));
       document.getElementById("signal-link").hidden = r.status !== "waiting-event";
@@ -242,7 +263,10 @@ export async function runPage(runId) {
   page.listeners.add((event, p) => {
     if (p.runId !== runId) return;
     if (event === "task.output") append(p);
-    else refreshSoon();
+    else {
+      if (event.startsWith("approval.") || event === "run.completed" || event === "run.time_travel_jumped") approvalsStale = true;
+      refreshSoon();
+    }
   });
 
   const dv = new Conn((event, p) => {

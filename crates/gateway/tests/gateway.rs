@@ -217,6 +217,25 @@ async fn runs_over_http() {
     let run = wait_status(s.addr, &id, "finished").await;
     assert_eq!(run["workflowKey"], "hello");
     assert_eq!(run["input"], json!({"x": 1}), "runs.get carries the input");
+    let nodes: Vec<(String, String)> = run["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["nodeId"].as_str().unwrap().to_string(),
+                n["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![
+            ("a".into(), "finished".into()),
+            ("b".into(), "finished".into())
+        ],
+        "runs.get carries each node's state"
+    );
     assert_eq!(run["summary"]["finished"], 2);
     assert_eq!(run["runState"]["state"], "succeeded");
     let list = rpc(s.addr, "runs.list", json!({"limit": "10"}), &[])

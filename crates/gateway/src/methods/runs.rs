@@ -98,6 +98,18 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
     if row.status == status::FINISHED {
         v["output"] = shapes::latest_outputs(&gw.store.list_outputs(id).await?);
     }
+    // each node's own state (approvals and waits have no attempts to read it from)
+    v["nodes"] = Value::Array(
+        gw.store
+            .list_nodes(id)
+            .await?
+            .into_iter()
+            .map(|n| {
+                json!({"nodeId": n.node_id, "iteration": n.iteration, "state": n.state,
+                    "lastAttempt": n.last_attempt, "label": n.label, "updatedAtMs": n.updated_at_ms})
+            })
+            .collect(),
+    );
     // the input the run started with, as a console shows it (`{}` when none was stored)
     v["input"] = gw
         .store
