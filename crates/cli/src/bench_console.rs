@@ -20,32 +20,18 @@ fn seeded(i: usize) -> RunRow {
     } else {
         "quick"
     };
-    RunRow {
-        run_id: format!("r-{i:06}"),
-        parent_run_id: None,
-        workflow_name: key.into(),
-        workflow_path: None,
-        workflow_hash: None,
-        status: if i.is_multiple_of(100) {
-            status::FAILED
-        } else {
-            status::FINISHED
-        }
-        .into(),
-        created_at_ms: BASE_MS + i as i64,
-        started_at_ms: Some(BASE_MS + i as i64),
-        finished_at_ms: Some(BASE_MS + i as i64 + 5),
-        heartbeat_at_ms: None,
-        runtime_owner_id: None,
-        cancel_requested_at_ms: None,
-        hijack_requested_at_ms: None,
-        hijack_target: None,
-        vcs_type: None,
-        vcs_root: None,
-        vcs_revision: None,
-        error_json: None,
-        config_json: Some(json!({"gatewayWorkflowKey": key}).to_string()),
+    let at = BASE_MS + i as i64;
+    let mut r = smithers_store::conformance::run_row(&format!("r-{i:06}"), key, at);
+    r.status = if i.is_multiple_of(100) {
+        status::FAILED
+    } else {
+        status::FINISHED
     }
+    .into();
+    r.started_at_ms = Some(at);
+    r.finished_at_ms = Some(at + 5);
+    r.config_json = Some(json!({"gatewayWorkflowKey": key}).to_string());
+    r
 }
 
 async fn seed(url: &str, runs: usize) -> R<f64> {
@@ -97,10 +83,11 @@ async fn pages(table: &mut Table, dir: &Path, runs: usize, reps: usize) -> R<()>
     let server = bg::spawn_server(&exe, &config).await?;
     let (mut ws, _) = bg::handshake(server.addr).await?;
     let middle = runs / 2;
+    let deep = format!("a page {middle} rows deep (after a row)");
     let cases = [
         ("first page (50 rows)", json!({"limit": 50})),
         (
-            "a page 50,000 rows deep (after a row)",
+            deep.as_str(),
             json!({"limit": 50, "beforeCreatedAtMs": BASE_MS + middle as i64, "beforeRunId": format!("r-{middle:06}")}),
         ),
         (

@@ -450,23 +450,15 @@ impl Browser {
 
     /// Presses Tab until the focused element matches `css` (at most 60 times).
     async fn tab_to(&self, css: &str) {
-        for _ in 0..60 {
-            let here = self
-                .js(&format!(
-                    "return document.activeElement ? document.activeElement.matches({}) : false",
-                    serde_json::to_string(css).unwrap()
-                ))
-                .await;
-            if here == json!(true) {
-                return;
-            }
-            self.keys(TAB).await;
-        }
-        panic!("Tab never reached `{css}`\n{}", self.dump().await);
+        self.press_until(TAB, css).await;
     }
 
     /// Presses Shift+Tab until the focused element matches `css` (at most 60 times).
     async fn tab_to_back(&self, css: &str) {
+        self.press_until(SHIFT_TAB, css).await;
+    }
+
+    async fn press_until(&self, keys: &str, css: &str) {
         for _ in 0..60 {
             let here = self
                 .js(&format!(
@@ -477,9 +469,9 @@ impl Browser {
             if here == json!(true) {
                 return;
             }
-            self.keys(SHIFT_TAB).await;
+            self.keys(keys).await;
         }
-        panic!("Shift+Tab never reached `{css}`\n{}", self.dump().await);
+        panic!("{keys:?} never reached `{css}`\n{}", self.dump().await);
     }
 
     /// The URL fragment without its `#`.
