@@ -149,7 +149,6 @@ async fn reconnect(
 struct Follower<'a> {
     gw: &'a Gateway,
     run_id: String,
-    style: Style,
     printer: Printer,
     /// The last `eventSeq` seen, -1 before the first.
     last_seq: i64,
@@ -165,12 +164,14 @@ struct Follower<'a> {
 
 impl<'a> Follower<'a> {
     fn new(gw: &'a Gateway, run_id: &str) -> Self {
-        let style = Style::detect();
         Follower {
             gw,
             run_id: run_id.to_string(),
-            style,
-            printer: Printer::new(style, progress::quiet(), Some(gw.base().to_string())),
+            printer: Printer::new(
+                Style::detect(),
+                progress::quiet(),
+                Some(gw.base().to_string()),
+            ),
             last_seq: -1,
             done: None,
             completion: None,
@@ -290,7 +291,7 @@ impl<'a> Follower<'a> {
                 "options": keys,
             });
             if let Some(line) = progress::describe(
-                self.style,
+                self.printer.style,
                 "ApprovalRequested",
                 &self.run_id,
                 &p,

@@ -435,16 +435,7 @@ fn approve_hint(run: &str, ev: &Value) -> String {
     {
         hint.push_str(&format!(" --iteration {it}"));
     }
-    let keys: Vec<String> = ev
-        .get("options")
-        .and_then(|o| o.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|k| k.as_str())
-                .map(shell_word)
-                .collect()
-        })
-        .unwrap_or_default();
+    let keys: Vec<String> = option_keys(ev).into_iter().map(shell_word).collect();
     match ev.get("mode").and_then(|m| m.as_str()) {
         Some("select") if !keys.is_empty() => {
             hint.push_str(&format!(" --select {}", keys[0]));
@@ -470,15 +461,19 @@ pub fn shell_word(w: &str) -> String {
 }
 
 /// ` (choices: a, b, c)` after the hint of a select approval.
+/// The option keys of an approval event (`options`: a list of keys).
+fn option_keys(ev: &Value) -> Vec<&str> {
+    ev.get("options")
+        .and_then(|o| o.as_array())
+        .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+        .unwrap_or_default()
+}
+
 fn choices(ev: &Value) -> String {
     if ev.get("mode").and_then(|m| m.as_str()) != Some("select") {
         return String::new();
     }
-    let keys: Vec<&str> = ev
-        .get("options")
-        .and_then(|o| o.as_array())
-        .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
-        .unwrap_or_default();
+    let keys = option_keys(ev);
     if keys.is_empty() {
         String::new()
     } else {
