@@ -95,12 +95,7 @@ pub async fn rerun(
 ) -> Result<u8, SmithersError> {
     let store = open_store(db).await?;
     let wf = run_workflow(store.as_ref(), run_id, "rerun").await?;
-    let input = store
-        .get_input(run_id)
-        .await?
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter(serde_json::Value::is_object)
-        .unwrap_or_else(|| serde_json::json!({}));
+    let input = smithers_store::input_object(store.as_ref(), run_id).await?;
     start_foreground(
         store,
         wf,

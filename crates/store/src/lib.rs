@@ -18,6 +18,17 @@ use async_trait::async_trait;
 use smithers_core::{Code, Result, SmithersError};
 use std::sync::Arc;
 
+/// The input a run started with as a JSON object: `{}` when none was stored or it is not an
+/// object (what a rerun starts with and what clients are shown).
+pub async fn input_object(store: &dyn Store, run_id: &str) -> Result<serde_json::Value> {
+    Ok(store
+        .get_input(run_id)
+        .await?
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({})))
+}
+
 /// One write inside a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {

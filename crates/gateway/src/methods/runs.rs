@@ -111,12 +111,7 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
             .collect(),
     );
     // the input the run started with, as a console shows it (`{}` when none was stored)
-    v["input"] = gw
-        .store
-        .get_input(id)
-        .await?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_else(|| json!({}));
+    v["input"] = smithers_store::input_object(gw.store.as_ref(), id).await?;
     Ok(v)
 }
 
@@ -165,13 +160,7 @@ pub async fn rerun(c: &Call<'_>) -> Result<Value, RpcError> {
     let new_id = opt_run_id(p, "newRunId")?.map(str::to_string);
     let row = ensure_run(gw, id).await?;
     let key = gw.key_of(&row).ok_or_else(|| not_found_run(id))?;
-    let input = gw
-        .store
-        .get_input(id)
-        .await?
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({}));
+    let input = smithers_store::input_object(gw.store.as_ref(), id).await?;
     let run = gw.start_run(&key, input, new_id, c.caller, None).await?;
     Ok(json!({"runId": run, "workflow": key}))
 }
