@@ -380,7 +380,7 @@ async fn snapshot_latency(table: &mut Table, ws: &mut bg::Ws, run_id: &str, call
     }
     ms.sort_by(f64::total_cmp);
     table.add(
-        &format!("getDevToolsSnapshot latency, p50 / p99 ({calls} calls)"),
+        format!("getDevToolsSnapshot latency, p50 / p99 ({calls} calls)"),
         format!(
             "{:.2} / {:.2} ms",
             bg::percentile(&ms, 0.5),

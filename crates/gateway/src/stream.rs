@@ -219,6 +219,19 @@ async fn validate(
     Ok((run_id, from_seq, run.workflow_name))
 }
 
+/// A snapshot event's text (`run_id` already JSON-encoded).
+fn snapshot_event(run_id: &str, n: i64, root: &str, state: &str) -> String {
+    format!(
+        r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"runId":{run_id},"frameNo":{n},"seq":{n},"root":{root},"runState":{state}}}}}"#
+    )
+}
+
+/// The length of [`snapshot_event`]'s text, without building it (the tree may be large).
+fn snapshot_event_len(run_id_len: usize, n: i64, root_len: usize, state_len: usize) -> usize {
+    const FIXED: usize = r#"{"version":1,"kind":"snapshot","snapshot":{"version":1,"runId":,"frameNo":,"seq":,"root":,"runState":}}"#.len();
+    FIXED + run_id_len + 2 * n.to_string().len() + root_len + state_len
+}
+
 /// Why a stream ended early.
 enum End {
     /// The socket closed or went away: nothing to tell anyone.
@@ -470,17 +483,9 @@ impl Producer {
         self.emit_snapshot_with(n, built, &state.to_string())
     }
 
-    /// The snapshot event's text.
-    fn snapshot_event(&self, n: i64, built: &Built, state: &str) -> String {
-        format!(
-            r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"runId":{},"frameNo":{n},"seq":{n},"root":{},"runState":{state}}}}}"#,
-            Value::String(self.ctl.run_id.clone()),
-            built.root_json,
-        )
-    }
-
     fn emit_snapshot_with(&mut self, n: i64, built: Arc<Built>, state: &str) -> Result<(), End> {
-        let event = self.snapshot_event(n, &built, state);
+        let run_id = Value::String(self.ctl.run_id.clone()).to_string();
+        let event = snapshot_event(&run_id, n, &built.root_json, state);
         self.push("snapshot", &event);
         self.ctl.invalidated.store(false, Ordering::Release);
         self.last_seen = n;
@@ -527,7 +532,8 @@ impl Producer {
         // as the whole snapshot event (runId, frameNo, seq and runState included). The snapshot
         // without its runState is a lower bound, so the run's state is only read when the delta
         // is large enough for the answer to depend on it.
-        let without_state = self.snapshot_event(n, &built, "").len();
+        let run_id_len = Value::String(self.ctl.run_id.clone()).to_string().len();
+        let without_state = snapshot_event_len(run_id_len, n, built.root_json.len(), 0);
         if delta.len() >= without_state + MIN_RUN_STATE_LEN {
             let state = devtools::run_state_of(&self.gw, &self.ctl.run_id)
                 .await?
@@ -589,5 +595,28 @@ impl Producer {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_event_length_is_computed_without_building_the_event() {
+        for (id, n, root, state) in [
+            (r#""r""#, 0, "{}", ""),
+            (
+                r#""run-1""#,
+                12_345,
+                r#"{"id":1,"children":[]}"#,
+                r#"{"state":"running"}"#,
+            ),
+        ] {
+            assert_eq!(
+                snapshot_event(id, n, root, state).len(),
+                snapshot_event_len(id.len(), n, root.len(), state.len())
+            );
+        }
     }
 }
