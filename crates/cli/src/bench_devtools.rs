@@ -325,6 +325,12 @@ async fn subscribers(table: &mut Table, tmp: &Path, n: usize, iterations: usize)
         None,
     );
     table.add(
+        "stream throughput (events delivered / s)",
+        format!("{:.0} /s", events as f64 / all_secs),
+        "",
+        None,
+    );
+    table.add(
         "frame commit → event received, p50 / p99",
         format!(
             "{:.0} / {:.0} ms",
@@ -346,7 +352,44 @@ async fn subscribers(table: &mut Table, tmp: &Path, n: usize, iterations: usize)
         "",
         None,
     );
+    snapshot_latency(
+        table,
+        &mut control,
+        &run_id,
+        if n >= 100 { 500 } else { 100 },
+    )
+    .await?;
     server.stop().await
+}
+
+/// `getDevToolsSnapshot` of the finished run's latest frame, one request at a time over one
+/// WebSocket: the round trip a DevTools client waits for when it opens a run.
+async fn snapshot_latency(table: &mut Table, ws: &mut bg::Ws, run_id: &str, calls: usize) -> R<()> {
+    let mut ms = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let t0 = Instant::now();
+        let snap = call(
+            ws,
+            &format!("g{i}"),
+            "getDevToolsSnapshot",
+            json!({"runId": run_id}),
+        )
+        .await?;
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        std::hint::black_box(snap);
+    }
+    ms.sort_by(f64::total_cmp);
+    table.add(
+        format!("getDevToolsSnapshot latency, p50 / p99 ({calls} calls)"),
+        format!(
+            "{:.2} / {:.2} ms",
+            bg::percentile(&ms, 0.5),
+            bg::percentile(&ms, 0.99)
+        ),
+        "",
+        None,
+    );
+    Ok(())
 }
 
 /// Entry point.

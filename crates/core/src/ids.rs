@@ -50,9 +50,87 @@ pub fn is_run_id(id: &str) -> bool {
     is_id(id)
 }
 
+/// Node ids: at most 128 characters, as `id:` in a workflow file.
+pub const MAX_NODE_ID_LEN: usize = 128;
+
+/// Loops a scoped node id may name (far more than any workflow nests).
+const MAX_SCOPED_LOOPS: usize = 64;
+
+fn is_plain_node_id(s: &str) -> bool {
+    (1..=MAX_NODE_ID_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
+}
+
+/// Whether `id` names a node the engine may have stored rows under: a workflow id
+/// (`[A-Za-z0-9_.-]`, 1–128, as `docs/workflows.md` allows; `:` too, which upstream's DevTools
+/// pattern allows), optionally followed by the scope the engine adds inside two or more nested
+/// loops (`work@@outer=1,mid=0`, see [`crate::tree::scoped_loop_id`]). Methods that look a node
+/// up by id use this rule so that every id a frame or a snapshot shows can be asked about.
+pub fn is_node_id(id: &str) -> bool {
+    let (base, scope) = match id.split_once("@@") {
+        Some((b, s)) => (b, Some(s)),
+        None => (id, None),
+    };
+    if !is_plain_node_id(base) {
+        return false;
+    }
+    let Some(scope) = scope else {
+        return true;
+    };
+    let parts: Vec<&str> = scope.split(',').collect();
+    parts.len() <= MAX_SCOPED_LOOPS
+        && parts.iter().all(|p| {
+            p.rsplit_once('=').is_some_and(|(loop_id, it)| {
+                is_plain_node_id(loop_id)
+                    && !it.is_empty()
+                    && it.len() <= 10
+                    && it.bytes().all(|b| b.is_ascii_digit())
+                    && it.parse::<u32>().is_ok()
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ids_of_the_workflow_format_and_loop_scopes() {
+        for ok in [
+            "a",
+            "lint.check",
+            "build.v2",
+            "ship-gate",
+            "x_y",
+            "task-a::0",
+            "123",
+            "work@@outer=1",
+            "work@@outer=1,mid.v2=0",
+            &"a".repeat(MAX_NODE_ID_LEN),
+        ] {
+            assert!(is_node_id(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "é",
+            "a\0",
+            "work@@",
+            "work@@outer",
+            "work@@outer=",
+            "work@@outer=x",
+            "work@@=1",
+            "work@@outer=1,",
+            "work@@outer=99999999999",
+            "@@outer=1",
+            "a@@b=1@@c=2",
+            &"a".repeat(MAX_NODE_ID_LEN + 1),
+        ] {
+            assert!(!is_node_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn run_id_boundaries() {

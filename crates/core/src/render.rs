@@ -81,6 +81,14 @@ pub trait Workflow: Send + Sync {
         None
     }
 
+    /// The JSON Schema a task's output must satisfy, when it is known without rendering (so a
+    /// node that has not run yet can describe its output). `node_id` may carry the loop scope
+    /// the engine adds (`work@@outer=1`). `None` (the default): unknown, or no schema.
+    fn output_schema(&self, node_id: &str) -> Option<Arc<Value>> {
+        let _ = node_id;
+        None
+    }
+
     /// The file the workflow was loaded from, if any (stored as `workflow_path`).
     fn path(&self) -> Option<&Path> {
         None

@@ -2,7 +2,7 @@
 //! `runState` view it shares with `streamDevTools`. The trees themselves are built by
 //! [`crate::devtools_tree`].
 
-use crate::devtools_tree::{empty_root, tree};
+use crate::devtools_tree::{build_frame, empty_root};
 use crate::error::RpcError;
 use crate::gateway::{Caller, Gateway};
 use serde_json::{Value, json};
@@ -38,7 +38,7 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
         },
     };
     check_subscribed(caller, run_id)?;
-    if gw.store.get_run(run_id).await?.is_none() {
+    let Some(run) = gw.store.get_run(run_id).await? else {
         return Err(RpcError::new(
             "RunNotFound",
             format!("Run not found: {run_id}"),
@@ -72,7 +72,7 @@ pub async fn snapshot(gw: &Gateway, caller: &Caller<'_>, p: &Value) -> Result<Va
                 )
             })?;
         let v: Value = serde_json::from_str(&f.xml_json).unwrap_or(Value::Null);
-        (n, tree(&v))
+        (n, build_frame(&v, &run.workflow_name).to_json())
     };
     let state = run_state_of(gw, run_id).await?;
     Ok(

@@ -98,14 +98,13 @@ pub fn ops<'b>(a: &DevNode, b: &'b DevNode) -> Vec<Op<'b>> {
         .iter()
         .map(|(_, id)| Op::RemoveNode { id: *id })
         .collect();
-    let mut adds: Vec<(usize, u32)> = order_b
+    let roots: Vec<u32> = order_b
         .iter()
         .filter(|id| added.contains(id))
         .filter(|id| ib[id].parent.is_none_or(|p| !added.contains(&p)))
-        .map(|id| (ib[id].node.depth, *id))
+        .copied()
         .collect();
-    adds.sort_by_key(|p| p.0);
-    for (_, id) in adds {
+    for id in add_order(&roots, &ia, &ib, &order_a, &added) {
         let y = &ib[&id];
         if let Some(parent_id) = y.parent {
             out.push(Op::AddNode {
@@ -136,6 +135,61 @@ pub fn ops<'b>(a: &DevNode, b: &'b DevNode) -> Vec<Op<'b>> {
         }
     }
     out
+}
+
+/// The order of the `addNode` operations (subtree roots only). As upstream: nodes that moved
+/// first, in the old tree's order, then new nodes, shallowest first in the new tree's order.
+/// Clients insert at `index` as JavaScript's `splice` does (an index past the end appends), so
+/// that order rebuilds the new tree in the usual cases (siblings inserted before or between
+/// moved nodes); where it would not for some parent, every addition goes shallowest first in the
+/// new tree's order, which always does (each parent's children then arrive by rising index).
+fn add_order(
+    roots: &[u32],
+    ia: &HashMap<u32, Info<'_>>,
+    ib: &HashMap<u32, Info<'_>>,
+    order_a: &[u32],
+    added: &HashSet<u32>,
+) -> Vec<u32> {
+    let by_depth = |ids: &mut Vec<u32>| ids.sort_by_key(|id| ib[id].node.depth);
+    let mut fallback = roots.to_vec();
+    by_depth(&mut fallback);
+    if roots.iter().all(|id| !ia.contains_key(id)) {
+        return fallback;
+    }
+    let root_set: HashSet<u32> = roots.iter().copied().collect();
+    let mut candidate: Vec<u32> = order_a
+        .iter()
+        .filter(|id| root_set.contains(id))
+        .copied()
+        .collect();
+    let mut fresh: Vec<u32> = roots
+        .iter()
+        .filter(|id| !ia.contains_key(id))
+        .copied()
+        .collect();
+    by_depth(&mut fresh);
+    candidate.extend(fresh);
+    // replay the insertions per parent, as a client does, and keep the order only if each
+    // parent ends with the new tree's children
+    let mut per_parent: HashMap<u32, Vec<u32>> = HashMap::new();
+    for id in &candidate {
+        if let Some(p) = ib[id].parent {
+            per_parent.entry(p).or_default().push(*id);
+        }
+    }
+    let rebuilds = per_parent.iter().all(|(p, inserts)| {
+        let want: Vec<u32> = ib[p].node.children.iter().map(|c| c.id).collect();
+        let mut kids: Vec<u32> = want
+            .iter()
+            .filter(|c| !added.contains(c))
+            .copied()
+            .collect();
+        for id in inserts {
+            kids.insert(ib[id].index.min(kids.len()), *id);
+        }
+        kids == want
+    });
+    if rebuilds { candidate } else { fallback }
 }
 
 fn id_of(n: &Value) -> u64 {
@@ -172,10 +226,8 @@ pub fn apply(root: &Value, ops: &[Value]) -> Result<Value, String> {
                     .get_mut("children")
                     .and_then(Value::as_array_mut)
                     .ok_or("parent without children")?;
-                if index > kids.len() {
-                    return Err(format!("index {index} past {} children", kids.len()));
-                }
-                kids.insert(index, node);
+                // as JavaScript's `splice`, which upstream's client uses: past the end appends
+                kids.insert(index.min(kids.len()), node);
             }
             Some(k @ ("updateProps" | "updateTask")) => {
                 let id = op.get("id").and_then(Value::as_u64).ok_or("update id")?;
@@ -267,6 +319,69 @@ mod tests {
             kinds,
             vec!["removeNode", "removeNode", "addNode", "addNode"]
         );
+        assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
+    }
+
+    fn adds(d: &[Value]) -> Vec<(u64, u64)> {
+        d.iter()
+            .filter(|o| o["op"] == "addNode")
+            .map(|o| {
+                (
+                    o["node"]["id"].as_u64().unwrap(),
+                    o["index"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn moved_nodes_are_added_before_new_ones_in_the_old_order() {
+        let a = build(&wf(vec![task("a::0", "x"), task("b::0", "x")]));
+        let b = build(&wf(vec![
+            task("n::0", "x"),
+            task("a::0", "x"),
+            task("m::0", "x"),
+            task("b::0", "x"),
+        ]));
+        let d = js(&ops(&a, &b));
+        let id = |i: usize| u64::from(b.children[i].id);
+        // a and b moved (index 0→1, 1→3): they come first, a before b as in the old tree;
+        // then the new n and m
+        assert_eq!(
+            adds(&d),
+            vec![(id(1), 1), (id(3), 3), (id(0), 0), (id(2), 2)]
+        );
+        assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
+    }
+
+    #[test]
+    fn an_order_that_would_not_rebuild_the_tree_falls_back_to_rising_indexes() {
+        // moved-first inserts a at 3, b at 2, c at 1, d at 0 as splice does: [d, a, c, b]
+        let names = ["a::0", "b::0", "c::0", "d::0"];
+        let a = build(&wf(names.iter().map(|n| task(n, "x")).collect()));
+        let b = build(&wf(names.iter().rev().map(|n| task(n, "x")).collect()));
+        let d = js(&ops(&a, &b));
+        let idx: Vec<u64> = adds(&d).iter().map(|p| p.1).collect();
+        assert_eq!(idx, vec![0, 1, 2, 3]);
+        assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
+    }
+
+    #[test]
+    fn a_sibling_that_stays_keeps_moved_first_valid() {
+        // b stays at index 1; a and c swap around it
+        let a = build(&wf(vec![
+            task("a::0", "x"),
+            task("b::0", "x"),
+            task("c::0", "x"),
+        ]));
+        let b = build(&wf(vec![
+            task("c::0", "x"),
+            task("b::0", "x"),
+            task("a::0", "x"),
+        ]));
+        let d = js(&ops(&a, &b));
+        let id = |i: usize| u64::from(b.children[i].id);
+        assert_eq!(adds(&d), vec![(id(2), 2), (id(0), 0)]);
         assert_eq!(apply(&a.to_json(), &d).unwrap(), b.to_json());
     }
 

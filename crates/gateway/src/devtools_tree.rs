@@ -24,6 +24,16 @@ pub fn empty_root() -> Value {
     empty_node().to_json()
 }
 
+/// The tag a node is rendered under. Approvals are stored as `smithers:approval` but shown as
+/// upstream renders `<Approval>`: a `smithers:task` (same type, name and identity), so clients
+/// that collect task nodes find them.
+fn shown_tag(tag: &str) -> &str {
+    match tag {
+        "smithers:approval" => "smithers:task",
+        t => t,
+    }
+}
+
 fn node_type(tag: &str) -> &'static str {
     match tag {
         "smithers:workflow" => "workflow",
@@ -149,7 +159,9 @@ impl Builder {
     }
 
     fn node(&mut self, el: &Value, path: &str, depth: usize) -> DevNode {
-        let tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
+        let stored_tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
+        let approval = stored_tag == "smithers:approval";
+        let tag = shown_tag(stored_tag);
         let ty = node_type(tag);
         let empty = Map::new();
         let raw_props = el.get("props").and_then(Value::as_object).unwrap_or(&empty);
@@ -181,16 +193,20 @@ impl Builder {
                 }
                 _ => (node_id, None),
             };
+            // an approval is a compute task whose label defaults to its title, as upstream's
             let kind = match props.get("kind").and_then(Value::as_str) {
                 Some("agent") => "agent",
                 Some("run") | Some("compute") => "compute",
+                _ if approval => "compute",
                 _ => "static",
             };
+            let label = str_prop(&props, "label")
+                .or_else(|| approval.then(|| str_prop(&props, "title")).flatten());
             TaskInfo {
                 node_id: node_id.to_string(),
                 kind,
                 agent: str_prop(&props, "agent"),
-                label: str_prop(&props, "label"),
+                label,
                 output_table_name: str_prop(&props, "outputTableName")
                     .or_else(|| str_prop(&props, "output")),
                 iteration: props.get("iteration").and_then(Value::as_i64).or(iteration),
@@ -242,7 +258,7 @@ impl Builder {
 }
 
 fn fragment(el: &Value) -> String {
-    let tag = el.get("tag").and_then(Value::as_str).unwrap_or("");
+    let tag = shown_tag(el.get("tag").and_then(Value::as_str).unwrap_or(""));
     let props = el.get("props");
     match props
         .and_then(|p| p.get("id").or_else(|| p.get("nodeId")))
@@ -262,6 +278,25 @@ pub fn build(frame: &Value) -> DevNode {
         used: HashSet::new(),
     };
     b.node(frame, &fragment(frame), 0)
+}
+
+/// The root tag of every frame since frames gained a workflow root, as upstream's.
+pub const WORKFLOW_TAG: &str = "smithers:workflow";
+
+/// [`build`] for a frame of a run of workflow `workflow_name`. Frames stored before frames had a
+/// `smithers:workflow` root hold the steps' element at the top; they are shown under the root
+/// that later frames have, so their ids and shape match the frames after them.
+pub fn build_frame(frame: &Value, workflow_name: &str) -> DevNode {
+    let is_element = frame.get("kind").and_then(Value::as_str) == Some("element");
+    if !is_element || frame.get("tag").and_then(Value::as_str) == Some(WORKFLOW_TAG) {
+        return build(frame);
+    }
+    build(&json!({
+        "kind": "element",
+        "tag": WORKFLOW_TAG,
+        "props": {"name": workflow_name},
+        "children": [frame],
+    }))
 }
 
 /// [`build`], as JSON.
@@ -300,6 +335,41 @@ mod tests {
         );
         assert_eq!(ta["children"][0]["id"], tb["children"][1]["id"]);
         assert_eq!(tb["children"][1]["depth"], 1);
+    }
+
+    #[test]
+    fn approvals_are_task_nodes_labelled_by_their_title() {
+        let gate = json!({"kind": "element", "tag": "smithers:approval",
+            "props": {"id": "ship-gate", "kind": "approval", "title": "Ship it?", "mode": "decision"}, "children": []});
+        let root = json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "w"}, "children": [gate]});
+        let t = tree(&root);
+        let n = &t["children"][0];
+        assert_eq!(
+            (n["type"].as_str(), n["name"].as_str()),
+            (Some("task"), Some("task"))
+        );
+        assert_eq!(
+            n["task"],
+            json!({"nodeId": "ship-gate", "kind": "compute", "label": "Ship it?"})
+        );
+        // the id upstream gives `<Approval id="ship-gate">`, a smithers:task
+        assert_eq!(n["id"], fnv31("smithers:workflow/smithers:task#ship-gate"));
+    }
+
+    #[test]
+    fn frames_without_the_workflow_root_are_shown_under_one() {
+        let task = json!({"kind": "element", "tag": "smithers:task", "props": {"id": "a"}, "children": []});
+        let steps =
+            json!({"kind": "element", "tag": "smithers:sequence", "props": {}, "children": [task]});
+        let old = build_frame(&steps, "hello");
+        let new = build_frame(
+            &json!({"kind": "element", "tag": "smithers:workflow", "props": {"name": "hello"}, "children": [steps]}),
+            "hello",
+        );
+        assert_eq!(old, new);
+        assert_eq!(old.name, "hello");
+        assert_eq!(old.id, 1_753_301_139);
+        assert_eq!(build_frame(&json!(null), "hello"), empty_node());
     }
 
     #[test]

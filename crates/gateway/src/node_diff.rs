@@ -48,7 +48,7 @@ async fn diff(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
     else {
         return Err(RpcError::new(
             "InvalidNodeId",
-            "nodeId must match /^[a-zA-Z0-9:_-]{1,128}$/.",
+            crate::node_output::INVALID_NODE_ID,
         ));
     };
     let Some(it) = iteration(p.get("iteration")) else {

@@ -18,11 +18,15 @@ pub(crate) fn valid_run_id(s: &str) -> bool {
 pub(crate) const INVALID_RUN_ID: &str =
     "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.";
 
+/// The node-id rule of `getNodeOutput` and `getNodeDiff`: every id a frame or a snapshot of
+/// ours can show ([`smithers_core::ids::is_node_id`]), not upstream's narrower
+/// `^[a-zA-Z0-9:_-]{1,128}$`, which refuses dotted and loop-scoped ids.
 pub(crate) fn valid_node_id(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+    smithers_core::ids::is_node_id(s)
 }
+
+/// The `InvalidNodeId` message for an id outside the rule.
+pub(crate) const INVALID_NODE_ID: &str = "nodeId must be 1 to 128 characters of letters, digits, `_`, `.`, `-` and `:`, optionally followed by loop scopes (`id@@loop=1,inner=0`).";
 
 fn iteration(v: Option<&Value>) -> Option<i64> {
     let n = match v? {
@@ -50,10 +54,7 @@ pub async fn get(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
         .and_then(Value::as_str)
         .filter(|n| valid_node_id(n))
     else {
-        return Err(RpcError::new(
-            "InvalidNodeId",
-            "nodeId must match /^[a-zA-Z0-9:_-]{1,128}$/.",
-        ));
+        return Err(RpcError::new("InvalidNodeId", INVALID_NODE_ID));
     };
     let Some(it) = iteration(p.get("iteration")) else {
         return Err(RpcError::new(
@@ -61,7 +62,8 @@ pub async fn get(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
             "iteration must be a non-negative 32-bit integer.",
         ));
     };
-    if gw.store.get_run(run_id).await?.is_none() {
+    let run = gw.store.get_run(run_id).await?;
+    if run.is_none() {
         return Err(RpcError::new(
             "RunNotFound",
             format!("Run not found: {run_id}"),
@@ -88,10 +90,30 @@ pub async fn get(gw: &Gateway, p: &Value) -> Result<Value, RpcError> {
     };
     let attempts = gw.store.list_node_attempts(run_id, node_id, it).await?;
     let latest = attempts.first();
-    let schema_json = latest
+    // the schema the latest attempt ran with; before any attempt, the workflow's
+    let schema_json = match latest
         .and_then(|a| a.meta_json.as_deref())
         .and_then(|m| serde_json::from_str::<Value>(m).ok())
-        .and_then(|m| m.get("outputSchema").cloned());
+        .and_then(|m| m.get("outputSchema").cloned())
+        .filter(|s| !s.is_null())
+    {
+        Some(s) => Some(s),
+        None => run
+            .as_ref()
+            .and_then(|r| gw.workflow_of(r))
+            .and_then(|w| w.output_schema(node_id))
+            .map(|s| (*s).clone()),
+    };
+    // as upstream: a node without an output table (here: a task that declares no output
+    // schema, named or inline) has no output to show
+    if node.output_table.is_empty() && schema_json.is_none() {
+        gw.metrics
+            .inc("smithers_node_output_request_total", &[("status", "error")]);
+        return Err(RpcError::new(
+            "NodeHasNoOutput",
+            format!("Node {node_id} has no output table."),
+        ));
+    }
     let schema = describe(schema_json.as_ref(), gw);
     if let Some(row) = gw.store.get_output(run_id, node_id, it).await? {
         if row.payload_json.len() > MAX_OUTPUT_BYTES {

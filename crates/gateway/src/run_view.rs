@@ -4,7 +4,7 @@
 use crate::error::RpcError;
 use crate::gateway::Gateway;
 use serde_json::Value;
-use smithers_store::{RunRow, status};
+use smithers_store::{NodeRow, RunRow, status};
 
 /// The earliest waiting timer of a run: (node, fires at).
 pub async fn next_timer(gw: &Gateway, run_id: &str) -> Result<Option<(String, i64)>, RpcError> {
@@ -27,6 +27,35 @@ pub async fn next_timer(gw: &Gateway, run_id: &str) -> Result<Option<(String, i6
     Ok(best)
 }
 
+/// The `correlationKey` of a run's first waiting `wait_for_event` node (the one `runState`
+/// reports): its correlation id, or the event name when the wait has none, from the waiting
+/// attempt's metadata.
+pub async fn wait_key(
+    gw: &Gateway,
+    run_id: &str,
+    nodes: &[NodeRow],
+) -> Result<Option<String>, RpcError> {
+    let Some(n) = nodes.iter().find(|n| n.state == "waiting-event") else {
+        return Ok(None);
+    };
+    let attempts = gw
+        .store
+        .list_node_attempts(run_id, &n.node_id, n.iteration)
+        .await?;
+    let meta = attempts
+        .iter()
+        .find_map(|a| a.meta_json.as_deref())
+        .and_then(|m| serde_json::from_str::<Value>(m).ok());
+    let wait = meta.as_ref().and_then(|m| m.get("waitForEvent"));
+    let field = |k: &str| {
+        wait.and_then(|w| w.get(k))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    Ok(field("correlationId").or_else(|| field("signalName")))
+}
+
 /// `(summary, runState)` of a stored run.
 pub async fn summary_and_state(gw: &Gateway, run: &RunRow) -> Result<(Value, Value), RpcError> {
     let nodes = gw.store.list_nodes(&run.run_id).await?;
@@ -36,6 +65,18 @@ pub async fn summary_and_state(gw: &Gateway, run: &RunRow) -> Result<(Value, Val
     } else {
         None
     };
-    let state = crate::shapes::run_state(run, &nodes, &approvals, timer, smithers_engine::now_ms());
+    let wait = if run.status == status::WAITING_EVENT {
+        wait_key(gw, &run.run_id, &nodes).await?
+    } else {
+        None
+    };
+    let state = crate::shapes::run_state(
+        run,
+        &nodes,
+        &approvals,
+        timer,
+        wait,
+        smithers_engine::now_ms(),
+    );
     Ok((crate::shapes::summary(&nodes), state))
 }

@@ -74,6 +74,7 @@ pub fn run_state(
     nodes: &[NodeRow],
     approvals: &[ApprovalRow],
     timer_due: Option<(String, i64)>,
+    wait_key: Option<String>,
     now_ms: i64,
 ) -> Value {
     let mut v = json!({"runId": run.run_id, "computedAt": iso(now_ms)});
@@ -100,8 +101,9 @@ pub fn run_state(
         }
         status::WAITING_EVENT => {
             if let Some(n) = nodes.iter().find(|n| n.state == "waiting-event") {
-                v["blocked"] =
-                    json!({"kind": "event", "nodeId": n.node_id, "correlationKey": Value::Null});
+                // a string, as upstream: the correlation id, else the event name
+                let key = wait_key.unwrap_or_default();
+                v["blocked"] = json!({"kind": "event", "nodeId": n.node_id, "correlationKey": key});
             }
             "waiting-event"
         }

@@ -40,6 +40,8 @@ pub const HIGH_WATER_BYTES: usize = 8 * 1024 * 1024;
 /// At most this many events in a row without a snapshot (the 50th is a snapshot).
 pub const REBASELINE_INTERVAL: u32 = 50;
 const MAX_FROM_SEQ: f64 = 9_007_199_254_740_991.0;
+/// Fewer bytes than any `runState` object takes (`{"runId":…,"computedAt":…,"state":…}`).
+const MIN_RUN_STATE_LEN: usize = 40;
 
 /// Refusals at the server-wide cap logged at most every 10 s.
 static CAP_LOG: LogRate = LogRate::new(10_000);
@@ -148,14 +150,14 @@ pub async fn start(
         };
         // reserved before any work, and given back if the request fails
         let slot = reserve(gw, &conn)?;
-        let (run_id, from_seq) = validate(gw, caller, p).await?;
-        Ok((run_id, from_seq, conn, slot))
+        let (run_id, from_seq, workflow_name) = validate(gw, caller, p).await?;
+        Ok((run_id, from_seq, workflow_name, conn, slot))
     }
     .await;
     let outcome = if r.is_ok() { "ok" } else { "error" };
     gw.metrics
         .inc(names::DEVTOOLS_SUBSCRIBE_TOTAL, &[("result", outcome)]);
-    let (run_id, from_seq, conn, slot) = r?;
+    let (run_id, from_seq, workflow_name, conn, slot) = r?;
     let ctl = Arc::new(StreamCtl::new(&run_id, conn.id));
     gw.streams.add(&gw.metrics, ctl.clone());
     let reply = json!({"streamId": ctl.id, "runId": run_id, "fromSeq": from_seq});
@@ -166,6 +168,7 @@ pub async fn start(
         gw: gw.clone(),
         conn,
         ctl,
+        workflow_name,
         latest,
         _slot: slot,
         queue: VecDeque::new(),
@@ -182,10 +185,11 @@ async fn validate(
     gw: &Arc<Gateway>,
     caller: &Caller<'_>,
     p: &Value,
-) -> Result<(String, Option<i64>), RpcError> {
+) -> Result<(String, Option<i64>, String), RpcError> {
     let run_id = devtools::run_id_param(p)?.to_string();
+    // `null` is a value like any other and refused, as upstream: only absence means "latest"
     let from_seq = match p.get("fromSeq") {
-        None | Some(Value::Null) => None,
+        None => None,
         Some(v) => match v.as_f64() {
             Some(n) if n.fract() == 0.0 && (0.0..=MAX_FROM_SEQ).contains(&n) => Some(n as i64),
             _ => {
@@ -197,12 +201,12 @@ async fn validate(
         },
     };
     devtools::check_subscribed(caller, &run_id)?;
-    if gw.store.get_run(&run_id).await?.is_none() {
+    let Some(run) = gw.store.get_run(&run_id).await? else {
         return Err(RpcError::new(
             "RunNotFound",
             format!("Run not found: {run_id}"),
         ));
-    }
+    };
     if let Some(f) = from_seq {
         let latest = gw.store.last_frame_no(&run_id).await?;
         if f > latest {
@@ -212,7 +216,20 @@ async fn validate(
             ));
         }
     }
-    Ok((run_id, from_seq))
+    Ok((run_id, from_seq, run.workflow_name))
+}
+
+/// A snapshot event's text (`run_id` already JSON-encoded).
+fn snapshot_event(run_id: &str, n: i64, root: &str, state: &str) -> String {
+    format!(
+        r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"runId":{run_id},"frameNo":{n},"seq":{n},"root":{root},"runState":{state}}}}}"#
+    )
+}
+
+/// The length of [`snapshot_event`]'s text, without building it (the tree may be large).
+fn snapshot_event_len(run_id_len: usize, n: i64, root_len: usize, state_len: usize) -> usize {
+    const FIXED: usize = r#"{"version":1,"kind":"snapshot","snapshot":{"version":1,"runId":,"frameNo":,"seq":,"root":,"runState":}}"#.len();
+    FIXED + run_id_len + 2 * n.to_string().len() + root_len + state_len
 }
 
 /// Why a stream ended early.
@@ -242,6 +259,8 @@ struct Producer {
     gw: Arc<Gateway>,
     conn: Arc<ConnShared>,
     ctl: Arc<StreamCtl>,
+    /// Names the root of frames stored without a workflow root.
+    workflow_name: String,
     /// The run's latest frame number, from its poller.
     latest: watch::Receiver<Latest>,
     /// Given back when the stream ends.
@@ -310,15 +329,19 @@ impl Producer {
         };
         let base = (f / i64::from(REBASELINE_INTERVAL)) * i64::from(REBASELINE_INTERVAL);
         let initial = base.min(latest);
-        if initial > 0
-            && self
+        // As upstream: replay only from a 50-frame boundary that exists. Frames start at 1, so
+        // `fromSeq` 0–49 has no such frame, and neither does a missing (rewound) one; a client
+        // already at the latest frame has nothing to replay. Each gets one snapshot of the
+        // latest frame and continues from there.
+        if initial == 0
+            || f == latest
+            || self
                 .gw
                 .store
                 .get_frame(&self.ctl.run_id, initial)
                 .await?
                 .is_none()
         {
-            // the base frame is gone: start from the newest instead of replaying a gap
             return self.snapshot_of(latest).await;
         }
         self.snapshot_of(initial).await?;
@@ -406,13 +429,17 @@ impl Producer {
             serde_json::from_str(&row.xml_json).unwrap_or(Value::Null)
         };
         let t0 = Instant::now();
-        let b = Arc::new(Built::new(&row.xml_hash, Arc::new(doc)));
+        let b = Arc::new(Built::new(
+            &row.xml_hash,
+            Arc::new(doc),
+            &self.workflow_name,
+        ));
         self.gw.metrics.observe(
             names::DEVTOOLS_SNAPSHOT_BUILD_MS,
             &[],
             t0.elapsed().as_secs_f64() * 1000.0,
         );
-        self.gw.streams.share(&row.xml_hash, b.clone());
+        self.gw.streams.share(b.clone());
         self.doc = Some((n, b.doc.clone()));
         Ok(b)
     }
@@ -426,7 +453,7 @@ impl Producer {
     /// Emits a snapshot of frame `n` (0 = the empty tree).
     async fn snapshot_of(&mut self, n: i64) -> Result<(), End> {
         let built = if n == 0 {
-            Arc::new(Built::new("", Arc::new(Value::Null)))
+            Arc::new(Built::new("", Arc::new(Value::Null), ""))
         } else {
             let row = self.gw.store.get_frame(&self.ctl.run_id, n).await?;
             match row {
@@ -435,12 +462,16 @@ impl Producer {
                     Some(b) => b,
                     None => {
                         let doc = self.read_full(n).await?.unwrap_or(Value::Null);
-                        let b = Arc::new(Built::new(&row.xml_hash, Arc::new(doc)));
-                        self.gw.streams.share(&row.xml_hash, b.clone());
+                        let b = Arc::new(Built::new(
+                            &row.xml_hash,
+                            Arc::new(doc),
+                            &self.workflow_name,
+                        ));
+                        self.gw.streams.share(b.clone());
                         b
                     }
                 },
-                None => Arc::new(Built::new("", Arc::new(Value::Null))),
+                None => Arc::new(Built::new("", Arc::new(Value::Null), "")),
             }
         };
         self.doc = (n > 0).then(|| (n, built.doc.clone()));
@@ -449,12 +480,12 @@ impl Producer {
 
     async fn emit_snapshot(&mut self, n: i64, built: Arc<Built>) -> Result<(), End> {
         let state = devtools::run_state_of(&self.gw, &self.ctl.run_id).await?;
-        let event = format!(
-            r#"{{"version":1,"kind":"snapshot","snapshot":{{"version":1,"runId":{},"frameNo":{n},"seq":{n},"root":{},"runState":{}}}}}"#,
-            Value::String(self.ctl.run_id.clone()),
-            built.root_json,
-            state
-        );
+        self.emit_snapshot_with(n, built, &state.to_string())
+    }
+
+    fn emit_snapshot_with(&mut self, n: i64, built: Arc<Built>, state: &str) -> Result<(), End> {
+        let run_id = Value::String(self.ctl.run_id.clone()).to_string();
+        let event = snapshot_event(&run_id, n, &built.root_json, state);
         self.push("snapshot", &event);
         self.ctl.invalidated.store(false, Ordering::Release);
         self.last_seen = n;
@@ -497,9 +528,19 @@ impl Producer {
                 d
             }
         };
-        // a delta is only worth sending when it is smaller than the tree it describes
-        if delta.len() >= built.root_json.len() + 100 {
-            return self.emit_snapshot(n, built).await;
+        // As upstream: the snapshot replaces the delta when the delta event is at least as large
+        // as the whole snapshot event (runId, frameNo, seq and runState included). The snapshot
+        // without its runState is a lower bound, so the run's state is only read when the delta
+        // is large enough for the answer to depend on it.
+        let run_id_len = Value::String(self.ctl.run_id.clone()).to_string().len();
+        let without_state = snapshot_event_len(run_id_len, n, built.root_json.len(), 0);
+        if delta.len() >= without_state + MIN_RUN_STATE_LEN {
+            let state = devtools::run_state_of(&self.gw, &self.ctl.run_id)
+                .await?
+                .to_string();
+            if delta.len() >= without_state + state.len() {
+                return self.emit_snapshot_with(n, built, &state);
+            }
         }
         self.push("delta", &delta);
         self.last_seen = n;
@@ -554,5 +595,28 @@ impl Producer {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_event_length_is_computed_without_building_the_event() {
+        for (id, n, root, state) in [
+            (r#""r""#, 0, "{}", ""),
+            (
+                r#""run-1""#,
+                12_345,
+                r#"{"id":1,"children":[]}"#,
+                r#"{"state":"running"}"#,
+            ),
+        ] {
+            assert_eq!(
+                snapshot_event(id, n, root, state).len(),
+                snapshot_event_len(id.len(), n, root.len(), state.len())
+            );
+        }
     }
 }

@@ -53,16 +53,25 @@ pub struct Built {
 }
 
 impl Built {
-    /// Builds the tree of a frame document (`null` = the empty tree).
-    pub fn new(hash: &str, doc: Arc<Value>) -> Built {
+    /// Builds the tree of a frame document (`null` = the empty tree) of a run of workflow
+    /// `workflow_name`. A frame stored without the workflow root is shown under one named after
+    /// the workflow, so its tree is keyed by hash and name (two workflows' frames may be equal).
+    pub fn new(hash: &str, doc: Arc<Value>, workflow_name: &str) -> Built {
+        let legacy = !doc.is_null()
+            && doc.get("tag").and_then(Value::as_str) != Some(devtools_tree::WORKFLOW_TAG);
         let root = if doc.is_null() {
             devtools_tree::empty_node()
         } else {
-            devtools_tree::build(&doc)
+            devtools_tree::build_frame(&doc, workflow_name)
         };
         let root_json = serde_json::to_string(&root).unwrap_or_else(|_| "null".into());
+        let hash = if legacy && !hash.is_empty() {
+            format!("{hash}\u{0}{workflow_name}")
+        } else {
+            hash.to_string()
+        };
         Built {
-            hash: hash.to_string(),
+            hash,
             doc,
             root,
             root_json,
@@ -114,8 +123,9 @@ impl Registry {
         self.shared.lock().ok()?.trees.get(hash).cloned()
     }
 
-    /// Keeps a built tree for the other streams.
-    pub(crate) fn share(&self, hash: &str, b: Arc<Built>) {
+    /// Keeps a built tree for the other streams, under its key ([`Built::hash`]).
+    pub(crate) fn share(&self, b: Arc<Built>) {
+        let hash = b.hash.clone();
         if let Ok(mut s) = self.shared.lock() {
             // the document, the tree and its text are each about as large as the text
             let size = b.root_json.len() * 3;
@@ -125,7 +135,7 @@ impl Registry {
                 s.bytes = 0;
             }
             s.bytes += size;
-            s.trees.insert(hash.to_string(), b);
+            s.trees.insert(hash, b);
         }
     }
 

@@ -1371,7 +1371,7 @@ async fn reconnecting_clients_replay_missed_events() {
 
 #[tokio::test]
 async fn node_output_produced_pending_failed() {
-    let wf = "name: out\noutputs:\n  review: {type: object, required: [ok], properties: {ok: {type: boolean, description: verdict}, note: {type: [string, 'null']}, level: {enum: [low, high]}}}\nsteps:\n  - task: {id: r, output: review, value: {ok: true, note: null, level: low}}\n  - task: {id: broken, run: \"exit 3\", continue_on_fail: true}\n  - approval: {id: gate, title: go?}\n  - task: {id: later, value: 1}\n";
+    let wf = "name: out\noutputs:\n  review: {type: object, required: [ok], properties: {ok: {type: boolean, description: verdict}, note: {type: [string, 'null']}, level: {enum: [low, high]}}}\nsteps:\n  - task: {id: r, output: review, value: {ok: true, note: null, level: low}}\n  - task: {id: broken, run: \"exit 3\", continue_on_fail: true, output: {type: object}}\n  - approval: {id: gate, title: go?}\n  - task: {id: later, output: review, value: {ok: true}}\n";
     let s = start(Spec {
         workflows: vec![("out", wf.into())],
         ..Default::default()
@@ -1414,6 +1414,8 @@ async fn node_output_produced_pending_failed() {
     assert_eq!(b["payload"]["partial"], Value::Null);
     let later = get("later", json!(0)).await.json();
     assert_eq!(later["payload"]["status"], "pending");
+    // never attempted: the schema is the workflow's
+    assert_eq!(later["payload"]["schema"], r["payload"]["schema"]);
     for (params, code, status) in [
         (
             json!({"runId": "BAD!", "nodeId": "r", "iteration": 0}),

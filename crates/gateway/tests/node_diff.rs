@@ -304,7 +304,7 @@ async fn parameters_are_validated_before_anything_is_read() {
     let id = start_run(&s, "hello", json!({})).await;
     wait_status(s.addr, &id, "finished").await;
     let bad_run = "runId must be 1 to 256 characters of letters, digits, `-`, `_`, `.` and `:`.";
-    let bad_node = "nodeId must match /^[a-zA-Z0-9:_-]{1,128}$/.";
+    let bad_node = "nodeId must be 1 to 128 characters of letters, digits, `_`, `.`, `-` and `:`, optionally followed by loop scopes (`id@@loop=1,inner=0`).";
     let bad_it = "iteration must be an i32 non-negative integer.";
     let long = "n".repeat(129);
     for (params, code, message) in [

@@ -46,14 +46,6 @@ async fn run_id_accepted_at_create_is_not_refused_by_any_method() {
         ),
         ("getDevToolsSnapshot", json!({"runId": id})),
         (
-            "getNodeOutput",
-            json!({"runId": id, "nodeId": "a", "iteration": 0}),
-        ),
-        (
-            "devtools.getNodeOutput",
-            json!({"runId": id, "nodeId": "a", "iteration": 0}),
-        ),
-        (
             "jumpToFrame",
             json!({"runId": id, "frameNo": latest, "confirm": true}),
         ),
@@ -71,8 +63,17 @@ async fn run_id_accepted_at_create_is_not_refused_by_any_method() {
         let r = rpc(s.addr, method, params.clone(), &[]).await;
         assert_eq!(r.status, 200, "{method} {params}: {}", r.body);
     }
-    // methods whose other checks answer first must still not call the id invalid
+    // methods whose other checks answer first must still not call the id invalid (`a` has
+    // no output schema: getNodeOutput answers NodeHasNoOutput once it found run and node)
     for (method, params) in [
+        (
+            "getNodeOutput",
+            json!({"runId": id, "nodeId": "a", "iteration": 0}),
+        ),
+        (
+            "devtools.getNodeOutput",
+            json!({"runId": id, "nodeId": "a", "iteration": 0}),
+        ),
         (
             "getNodeDiff",
             json!({"runId": id, "nodeId": "a", "iteration": 0}),
@@ -90,6 +91,20 @@ async fn run_id_accepted_at_create_is_not_refused_by_any_method() {
                 "InvalidRunId" | "INVALID_INPUT" | "NOT_FOUND"
             ),
             "{method} {params}: {status} {code}"
+        );
+    }
+    // getNodeOutput got past the run and node lookups
+    for method in ["getNodeOutput", "devtools.getNodeOutput"] {
+        let (status, code) = outcome(
+            &s,
+            method,
+            json!({"runId": id, "nodeId": "a", "iteration": 0}),
+        )
+        .await;
+        assert_eq!(
+            (status, code.as_str()),
+            (404, "NodeHasNoOutput"),
+            "{method}"
         );
     }
     // and over WebSocket, where streamDevTools lives

@@ -629,24 +629,25 @@ async fn stream_replays_then_follows_and_rebaselines_after_a_rewind() {
 
     let mut w = ws(s.addr).await;
     connect(&mut w, hello_params()).await;
-    // replay from the start: the empty snapshot, then one event per frame
-    let (r, mut pending) = stream(&mut w, "s1", json!({"runId": "sl-1", "fromSeq": 0})).await;
+    // replay from a 50-frame boundary: its snapshot, then one event per later frame (a
+    // `fromSeq` below 50 has no boundary frame: see devtools_upstream.rs)
+    let (r, mut pending) = stream(&mut w, "s1", json!({"runId": "sl-1", "fromSeq": 50})).await;
     assert_eq!(r["ok"], true, "{r}");
     let sid = r["payload"]["streamId"].as_str().unwrap().to_string();
     assert_eq!(r["payload"]["runId"], "sl-1");
-    assert_eq!(r["payload"]["fromSeq"], 0);
+    assert_eq!(r["payload"]["fromSeq"], 50);
     let mut tree = Value::Null;
     let first = next_devtools(&mut w, &mut pending, &sid).await;
     assert_eq!(first["event"], "devtools.event");
     assert_eq!(first["payload"]["event"]["kind"], "snapshot");
-    assert_eq!(first["payload"]["event"]["snapshot"]["seq"], 0);
+    assert_eq!(first["payload"]["event"]["snapshot"]["seq"], 50);
     assert_eq!(
         first["payload"]["event"]["snapshot"]["root"]["name"],
-        "(empty)"
+        "flipper"
     );
-    assert_eq!(follow(&mut tree, &first), 0);
+    assert_eq!(follow(&mut tree, &first), 50);
     let (mut in_a_row, mut longest, mut deltas, mut saw_ops) = (0, 0, 0, false);
-    for n in 1..=latest {
+    for n in 51..=latest {
         let ev = next_devtools(&mut w, &mut pending, &sid).await;
         assert_eq!(follow(&mut tree, &ev), n, "one event per frame, in order");
         if ev["payload"]["event"]["kind"] == "delta" {
@@ -792,10 +793,11 @@ async fn a_stream_nobody_reads_is_cut_off_alone() {
     let (quiet, mut pending) = stream(&mut w, "q", json!({"runId": "bp-quiet"})).await;
     let quiet_id = quiet["payload"]["streamId"].as_str().unwrap().to_string();
     let _ = next_devtools(&mut w, &mut pending, &quiet_id).await;
-    // ask for the whole replay and stop reading until the server gives up on the stream
+    // ask for a long replay (everything after frame 50: a fromSeq below 50 would start at the
+    // latest frame) and stop reading until the server gives up on the stream
     send(
         &mut w,
-        json!({"type": "req", "id": "big", "method": "streamDevTools", "params": {"runId": "bp-big", "fromSeq": 0}}),
+        json!({"type": "req", "id": "big", "method": "streamDevTools", "params": {"runId": "bp-big", "fromSeq": 50}}),
     )
     .await;
     let mut waited = 0;

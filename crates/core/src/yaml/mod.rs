@@ -103,6 +103,25 @@ impl Workflow for YamlWorkflow {
         Some(out)
     }
 
+    fn output_schema(&self, node_id: &str) -> Option<Arc<Value>> {
+        fn find(defs: &[Def], id: &str) -> Option<Arc<Value>> {
+            defs.iter().find_map(|d| match &d.kind {
+                DefKind::Sequence { steps, .. }
+                | DefKind::Parallel { steps, .. }
+                | DefKind::Loop { steps, .. } => find(steps, id),
+                DefKind::Branch {
+                    then, otherwise, ..
+                } => find(then, id).or_else(|| find(otherwise, id)),
+                DefKind::Task(t) if t.base.id == id => {
+                    t.base.output.as_ref().map(|o| o.schema.clone())
+                }
+                DefKind::Task(_) => None,
+            })
+        }
+        let plain = node_id.split_once("@@").map_or(node_id, |(id, _)| id);
+        find(&self.steps, plain)
+    }
+
     fn render(&self, ctx: &RenderCtx) -> Result<NodeRef> {
         if let Some(root) = &self.root {
             return Ok(root.clone());
