@@ -498,6 +498,7 @@ const HELLO: &str =
 const GATED: &str = "name: gated\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: \"Ship it?\"}\n  - task: {id: b, value: 2}\n";
 const GREET: &str = "name: greet\ninput:\n  type: object\n  required: [who]\n  properties:\n    who: {type: string}\nsteps:\n  - task: {id: say, value: \"hi {{ input.who }}\"}\n";
 const STEPS: &str = "name: steps\nsteps:\n  - task: {id: one, run: \"sleep 1\"}\n  - task: {id: two, run: \"sleep 1\"}\n  - task: {id: three, value: 3}\n";
+const TREE: &str = "name: tree\noutputs:\n  result:\n    type: object\n    required: [n]\n    properties:\n      n: {type: integer}\nsteps:\n  - task: {id: a, value: 1}\n  - approval: {id: gate, title: \"Ship it?\"}\n  - task: {id: b, value: {n: 2}, output: result}\n";
 const WAITER: &str = "name: waiter\ninput:\n  type: object\n  properties:\n    sha: {type: string}\nsteps:\n  - wait_for_event: {id: ci, event: ci.done, correlation_id: \"{{ input.sha }}\"}\n  - task: {id: after, value: \"{{ outputs.ci.ok }}\"}\n";
 const QUICK: &str = "name: quick\nsteps:\n  - task: {id: v, value: 1}\n";
 const XSS_TEXT: &str = "<script>window.pwned=1</script><img src=x onerror=window.pwned=2>";
@@ -855,8 +856,8 @@ async fn landed_on_run(b: &Browser, not: &str) -> String {
 /// gate and the step after it finish and the frame count grows, without a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_page_shows_the_tree_advancing() {
-    let (tmp, s) = serve_workflows(&[("gated", GATED)]);
-    cli_start(tmp.path(), &s, "gated", "tree-1");
+    let (tmp, s) = serve_workflows(&[("tree", TREE)]);
+    cli_start(tmp.path(), &s, "tree", "tree-1");
     wait_status(&s.addr, "tree-1", "waiting-approval").await;
     let b = Browser::open().await;
     b.goto(&s.url("/#/runs/tree-1")).await;
@@ -907,12 +908,23 @@ async fn the_run_page_shows_the_tree_advancing() {
         json!(1),
         "reloaded"
     );
-    // node details: attempts and the output with its state
+    // node details: attempts, the output and its schema; a task without a schema shows what
+    // it produced all the same
     b.click("#tree li[data-node-id=\"b\"] button.node-pick")
         .await;
-    b.wait_text("#node-output", "the output", |t| t == "2")
-        .await;
+    b.wait_text("#node-output", "the output", |t| {
+        t.replace(char::is_whitespace, "") == "{\"n\":2}"
+    })
+    .await;
+    b.wait_text("table#schema tbody tr td", "the schema's field", |t| {
+        t == "n"
+    })
+    .await;
     b.wait_for("table#attempts tbody tr").await;
+    b.click("#tree li[data-node-id=\"a\"] button.node-pick")
+        .await;
+    b.wait_text("#node-output", "a's output", |t| t == "1")
+        .await;
     b.close().await;
 }
 

@@ -193,7 +193,14 @@ export async function runPage(runId) {
             h("td", { text: f.optional ? "no" : "yes" })))))));
       }
     } catch (e) {
-      body.append(h("h3", { text: "Output" }), h("p", { class: "muted", text: (e.code ? "[" + e.code + "] " : "") + e.message }));
+      // a task without an output schema has no output table; a finished run still reports
+      // what each node produced
+      const out = run && run.output && typeof run.output === "object" ? run.output[nodeId] : undefined;
+      if (e.code === "NodeHasNoOutput" && out !== undefined) {
+        body.append(h("h3", { text: "Output (no schema)" }), h("pre", { id: "node-output", class: "small", text: json(out) }));
+      } else {
+        body.append(h("h3", { text: "Output" }), h("p", { class: "muted", text: (e.code ? "[" + e.code + "] " : "") + e.message }));
+      }
     }
   }
 
