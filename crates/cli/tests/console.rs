@@ -474,6 +474,12 @@ impl Browser {
         panic!("{keys:?} never reached `{css}`\n{}", self.dump().await);
     }
 
+    /// Waits until the run page shows the run in status `want`.
+    async fn wait_run_status(&self, want: &str) {
+        self.wait_text("section#run [data-field=\"status\"]", want, |t| t == want)
+            .await;
+    }
+
     /// The URL fragment without its `#`.
     async fn hash(&self) -> String {
         self.client
@@ -655,10 +661,7 @@ async fn approving_from_the_inbox_lets_the_run_finish() {
 
     wait_status(&s.addr, "gate-1", "finished").await;
     b.goto(&s.url("/#/runs/gate-1")).await;
-    b.wait_text("section#run [data-field=\"status\"]", "finished", |t| {
-        t == "finished"
-    })
-    .await;
+    b.wait_run_status("finished").await;
     for node in ["a", "gate", "b"] {
         b.wait_for(&format!("#tree li[data-node-id=\"{node}\"] .state"))
             .await;
@@ -715,10 +718,7 @@ async fn starting_a_run_from_the_form_validates_and_lands_on_the_run() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    b.wait_text("section#run [data-field=\"status\"]", "finished", |t| {
-        t == "finished"
-    })
-    .await;
+    b.wait_run_status("finished").await;
     let got = wait_status(&s.addr, &run, "finished").await;
     assert_eq!(got["payload"]["output"], json!({"say": "hi web"}), "{got}");
     b.close().await;
@@ -895,10 +895,7 @@ async fn the_run_page_shows_the_tree_advancing() {
         .await;
     b.wait_text(&node("gate"), "the gate decided", |t| t == "finished")
         .await;
-    b.wait_text("section#run [data-field=\"status\"]", "finished", |t| {
-        t == "finished"
-    })
-    .await;
+    b.wait_run_status("finished").await;
     let frame_now = b
         .wait_text("#frame-view", "a later frame", |t| t != frame_then)
         .await;
@@ -956,10 +953,7 @@ async fn an_older_frame_can_be_forked_and_rewound_to() {
     let forked = landed_on_run(&b, "old-1").await;
     let got = wait_status(&s.addr, &forked, "finished").await;
     assert_eq!(got["payload"]["parentRunId"], "old-1", "{got}");
-    b.wait_text("section#run [data-field=\"status\"]", "finished", |t| {
-        t == "finished"
-    })
-    .await;
+    b.wait_run_status("finished").await;
 
     // rewind the original to frame 2, through the confirmation
     b.goto(&s.url("/#/runs/old-1")).await;
@@ -1060,10 +1054,7 @@ async fn a_read_only_token_cannot_approve_or_start() {
     assert!(!submit.is_enabled().await.unwrap(), "start is enabled");
 
     b.goto(&s.url("/#/runs/ro-1")).await;
-    b.wait_text("section#run [data-field=\"status\"]", "waiting", |t| {
-        t == "waiting-approval"
-    })
-    .await;
+    b.wait_run_status("waiting-approval").await;
     for btn in ["button#cancel", "button#resume", "button#rerun"] {
         let e = b.wait_for(btn).await;
         assert!(!e.is_enabled().await.unwrap(), "{btn} is enabled");
@@ -1079,12 +1070,7 @@ async fn a_read_only_token_cannot_approve_or_start() {
     assert!(!send.is_enabled().await.unwrap(), "send is enabled");
     // the run still waits: nothing was decided or cancelled
     b.goto(&s.url("/#/runs/ro-1")).await;
-    b.wait_text(
-        "section#run [data-field=\"status\"]",
-        "still waiting",
-        |t| t == "waiting-approval",
-    )
-    .await;
+    b.wait_run_status("waiting-approval").await;
     b.close().await;
 }
 
@@ -1507,10 +1493,7 @@ async fn behind_a_trusted_proxy_the_console_uses_its_identity() {
     b.wait_for("select#workflow option[value=\"gated\"]").await;
     b.click("form#start-form button[type=\"submit\"]").await;
     let run = landed_on_run(&b, "").await;
-    b.wait_text("section#run [data-field=\"status\"]", "waiting", |t| {
-        t == "waiting-approval"
-    })
-    .await;
+    b.wait_run_status("waiting-approval").await;
     // rita only reads
     b.goto(&format!("http://{proxy}/#/approvals")).await;
     b.wait_text("#conn", "rita", |t| t.contains("as rita (viewer)"))

@@ -307,27 +307,11 @@ async fn from_seq_null_is_refused_as_upstream() {
 
 /// A run row written straight to the store, so the test decides every frame.
 fn run_row(run_id: &str, workflow: &str) -> RunRow {
-    RunRow {
-        run_id: run_id.into(),
-        parent_run_id: None,
-        workflow_name: workflow.into(),
-        workflow_path: None,
-        workflow_hash: None,
-        status: status::FINISHED.into(),
-        created_at_ms: 1,
-        started_at_ms: Some(1),
-        finished_at_ms: Some(2),
-        heartbeat_at_ms: None,
-        runtime_owner_id: None,
-        cancel_requested_at_ms: None,
-        hijack_requested_at_ms: None,
-        hijack_target: None,
-        vcs_type: None,
-        vcs_root: None,
-        vcs_revision: None,
-        error_json: None,
-        config_json: None,
-    }
+    let mut r = smithers_store::conformance::run_row(run_id, workflow, 1);
+    r.status = status::FINISHED.into();
+    r.started_at_ms = Some(1);
+    r.finished_at_ms = Some(2);
+    r
 }
 
 async fn write(s: &TestServer, writes: Vec<Write>) {
