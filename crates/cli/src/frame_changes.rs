@@ -77,12 +77,7 @@ mod tests {
     use super::*;
 
     fn c(id: &str, it: i64, from: Option<&str>, to: Option<&str>) -> NodeChange {
-        NodeChange {
-            node_id: id.into(),
-            iteration: it,
-            from: from.map(str::to_string),
-            to: to.map(str::to_string),
-        }
+        NodeChange::new(id, it, from, to)
     }
 
     #[test]

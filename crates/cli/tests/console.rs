@@ -279,21 +279,33 @@ impl Browser {
         format!("url: {url}\npage: {cut}")
     }
 
-    /// The first element matching `css`, polling up to 15 s.
-    async fn wait_for(&self, css: &str) -> Element {
+    /// Asks `probe` every 100 ms until it has an answer, for up to `UI_WAIT`; then fails with
+    /// `what` (given the last answer) and the page.
+    async fn poll<T, L: std::fmt::Debug>(
+        &self,
+        what: impl Fn(&L) -> String,
+        mut probe: impl AsyncFnMut() -> Result<T, L>,
+    ) -> T {
         let t0 = Instant::now();
         loop {
-            if let Some(e) = self.find(css).await {
-                return e;
-            }
+            let last = match probe().await {
+                Ok(v) => return v,
+                Err(last) => last,
+            };
             if t0.elapsed() > UI_WAIT {
-                panic!(
-                    "no element `{css}` within {UI_WAIT:?}\n{}",
-                    self.dump().await
-                );
+                panic!("{} within {UI_WAIT:?}\n{}", what(&last), self.dump().await);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The first element matching `css`, polling up to 15 s.
+    async fn wait_for(&self, css: &str) -> Element {
+        self.poll(
+            |_: &()| format!("no element `{css}`"),
+            async || self.find(css).await.ok_or(()),
+        )
+        .await
     }
 
     /// The visible text of the first element matching `css`, if there is one.
@@ -307,62 +319,52 @@ impl Browser {
     /// Polls (up to 15 s) until the element `css` exists and its trimmed text satisfies `ok`;
     /// returns that text. `what` says what was expected, for the failure message.
     async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            let got = self.text(css).await;
-            if let Some(t) = &got
-                && ok(t.trim())
-            {
-                return t.trim().to_string();
-            }
-            if t0.elapsed() > UI_WAIT {
-                panic!(
-                    "`{css}` never held {what} within {UI_WAIT:?} (last: {got:?})\n{}",
-                    self.dump().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        self.poll(
+            |got: &Option<String>| format!("`{css}` never held {what} (last: {got:?})"),
+            async || match self.text(css).await {
+                Some(t) if ok(t.trim()) => Ok(t.trim().to_string()),
+                got => Err(got),
+            },
+        )
+        .await
+    }
+
+    /// Whether an element matching `css` is displayed (false when there is none).
+    async fn shown(&self, css: &str) -> bool {
+        match self.find(css).await {
+            Some(e) => e.is_displayed().await.unwrap_or(false),
+            None => false,
         }
     }
 
     /// Polls until no element matching `css` is displayed (absent or hidden).
     async fn wait_hidden(&self, css: &str) {
-        let t0 = Instant::now();
-        loop {
-            let shown = match self.find(css).await {
-                Some(e) => e.is_displayed().await.unwrap_or(false),
-                None => false,
-            };
-            if !shown {
-                return;
-            }
-            if t0.elapsed() > UI_WAIT {
-                panic!(
-                    "`{css}` still shown after {UI_WAIT:?}\n{}",
-                    self.dump().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.poll(
+            |_: &()| format!("`{css}` still shown"),
+            async || {
+                if self.shown(css).await {
+                    Err(())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
     }
 
     /// Polls until an element matching `css` is displayed.
     async fn wait_shown(&self, css: &str) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(e) = self.find(css).await
-                && e.is_displayed().await.unwrap_or(false)
-            {
-                return;
-            }
-            if t0.elapsed() > UI_WAIT {
-                panic!(
-                    "`{css}` not shown within {UI_WAIT:?}\n{}",
-                    self.dump().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.poll(
+            |_: &()| format!("`{css}` not shown"),
+            async || {
+                if self.shown(css).await {
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            },
+        )
+        .await
     }
 
     /// Clicks the first element matching `css`. Live pages redraw lists, so an element found a

@@ -304,7 +304,7 @@ export async function runPage(runId) {
   } catch (e) { note.replaceChildren(failure(e)); }
 }
 
-export function errorText(text) {
+function errorText(text) {
   const e = parseJson(text, null);
   if (!e || typeof e !== "object") return String(text);
   return (e.code ? "[" + e.code + "] " : "") + (e.message || text);

@@ -99,5 +99,6 @@ pub async fn run_state_of(gw: &Gateway, run_id: &str) -> Result<Value, RpcError>
             format!("Run not found: {run_id}"),
         ));
     };
-    Ok(crate::run_view::summary_and_state(gw, &run).await?.1)
+    let nodes = gw.store.list_nodes(&run.run_id).await?;
+    crate::run_view::run_state(gw, &run, &nodes).await
 }

@@ -56,9 +56,9 @@ pub async fn wait_key(
     Ok(field("correlationId").or_else(|| field("signalName")))
 }
 
-/// `(summary, runState)` of a stored run.
-pub async fn summary_and_state(gw: &Gateway, run: &RunRow) -> Result<(Value, Value), RpcError> {
-    let nodes = gw.store.list_nodes(&run.run_id).await?;
+/// The `runState` of a stored run whose nodes the caller has already read (`runs.get` shows
+/// them too, so they are read once).
+pub async fn run_state(gw: &Gateway, run: &RunRow, nodes: &[NodeRow]) -> Result<Value, RpcError> {
     let approvals = gw.store.list_approvals(&run.run_id).await?;
     let timer = if run.status == status::WAITING_TIMER {
         next_timer(gw, &run.run_id).await?
@@ -66,17 +66,16 @@ pub async fn summary_and_state(gw: &Gateway, run: &RunRow) -> Result<(Value, Val
         None
     };
     let wait = if run.status == status::WAITING_EVENT {
-        wait_key(gw, &run.run_id, &nodes).await?
+        wait_key(gw, &run.run_id, nodes).await?
     } else {
         None
     };
-    let state = crate::shapes::run_state(
+    Ok(crate::shapes::run_state(
         run,
-        &nodes,
+        nodes,
         &approvals,
         timer,
         wait,
         smithers_engine::now_ms(),
-    );
-    Ok((crate::shapes::summary(&nodes), state))
+    ))
 }

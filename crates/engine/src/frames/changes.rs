@@ -21,6 +21,18 @@ pub struct NodeChange {
     pub to: Option<String>,
 }
 
+impl NodeChange {
+    /// A change of `node_id` at `iteration` from one state to another (`None`: absent).
+    pub fn new(node_id: &str, iteration: i64, from: Option<&str>, to: Option<&str>) -> Self {
+        NodeChange {
+            node_id: node_id.to_string(),
+            iteration,
+            from: from.map(str::to_string),
+            to: to.map(str::to_string),
+        }
+    }
+}
+
 fn state_of(node: &Value) -> Option<String> {
     node.get("state")
         .and_then(Value::as_str)
@@ -138,15 +150,6 @@ mod tests {
         }
     }
 
-    fn change(id: &str, it: i64, from: Option<&str>, to: Option<&str>) -> NodeChange {
-        NodeChange {
-            node_id: id.into(),
-            iteration: it,
-            from: from.map(str::to_string),
-            to: to.map(str::to_string),
-        }
-    }
-
     #[test]
     fn between_lists_new_changed_and_removed_nodes_only() {
         let a = nodes(json!({
@@ -163,9 +166,9 @@ mod tests {
         assert_eq!(
             between(&a, &b),
             vec![
-                change("build", 0, Some("in-progress"), Some("finished")),
-                change("gone", 0, Some("pending"), None),
-                change("step", 3, None, Some("in-progress")),
+                NodeChange::new("build", 0, Some("in-progress"), Some("finished")),
+                NodeChange::new("gone", 0, Some("pending"), None),
+                NodeChange::new("step", 3, None, Some("in-progress")),
             ]
         );
         assert!(between(&b, &b).is_empty());
@@ -173,7 +176,7 @@ mod tests {
         let c = nodes(json!({"odd::2": {"state": "failed"}}));
         assert_eq!(
             between(&Map::new(), &c),
-            vec![change("odd", 2, None, Some("failed"))]
+            vec![NodeChange::new("odd", 2, None, Some("failed"))]
         );
     }
 

@@ -91,7 +91,9 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
     let gw = c.gw;
     let id = run_id(&c.params, "runId", "runId is required")?;
     let row = ensure_run(gw, id).await?;
-    let (summary, state) = crate::run_view::summary_and_state(gw, &row).await?;
+    let nodes = gw.store.list_nodes(id).await?;
+    let state = crate::run_view::run_state(gw, &row, &nodes).await?;
+    let summary = shapes::summary(&nodes);
     let mut v = shapes::run_json(&row, gw.key_of(&row));
     v["summary"] = summary;
     v["runState"] = state;
@@ -100,9 +102,7 @@ pub async fn get(c: &Call<'_>) -> Result<Value, RpcError> {
     }
     // each node's own state (approvals and waits have no attempts to read it from)
     v["nodes"] = Value::Array(
-        gw.store
-            .list_nodes(id)
-            .await?
+        nodes
             .into_iter()
             .map(|n| {
                 json!({"nodeId": n.node_id, "iteration": n.iteration, "state": n.state,
