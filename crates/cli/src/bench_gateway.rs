@@ -484,7 +484,7 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-async fn next_text(ws: &mut Ws) -> R<String> {
+pub(crate) async fn next_text(ws: &mut Ws) -> R<String> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
@@ -721,68 +721,6 @@ async fn fanout_latencies(
 
 // ---------------------------------------------------------------------------------------------
 // runs.create → run.completed throughput
-
-/// `runs.create` (workflow `workflow`) over `conns` WebSocket connections, `per_conn`
-/// requests in flight on each, `total` in all: the time from sending a request to reading its
-/// response, ms, sorted.
-pub async fn create_latency(
-    addr: SocketAddr,
-    workflow: &str,
-    conns: usize,
-    per_conn: usize,
-    total: usize,
-) -> R<Vec<f64>> {
-    let mut tasks = Vec::new();
-    for c in 0..conns {
-        let (mut ws, _) = handshake(addr).await?;
-        let workflow = workflow.to_string();
-        let mine = total / conns;
-        tasks.push(tokio::spawn(async move {
-            let mut sent_at: HashMap<String, Instant> = HashMap::new();
-            let mut out = Vec::with_capacity(mine);
-            let mut sent = 0usize;
-            let frame = |n: usize| {
-                let id = format!("l{c}-{n}");
-                let f = json!({"type": "req", "id": id, "method": "runs.create",
-                    "params": {"workflow": workflow}});
-                (id, Message::Text(f.to_string().into()))
-            };
-            while sent < per_conn.min(mine) {
-                let (id, m) = frame(sent);
-                sent_at.insert(id, Instant::now());
-                ws.send(m).await.map_err(err)?;
-                sent += 1;
-            }
-            while out.len() < mine {
-                let text = next_text(&mut ws).await?;
-                if !text.contains("\"type\":\"res\"") {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(&text).map_err(err)?;
-                let Some(t0) = v["id"].as_str().and_then(|id| sent_at.remove(id)) else {
-                    continue;
-                };
-                out.push(t0.elapsed().as_secs_f64() * 1000.0);
-                if v["ok"] != true {
-                    return Err(format!("runs.create failed: {text}"));
-                }
-                if sent < mine {
-                    let (id, m) = frame(sent);
-                    sent_at.insert(id, Instant::now());
-                    ws.send(m).await.map_err(err)?;
-                    sent += 1;
-                }
-            }
-            Ok::<Vec<f64>, String>(out)
-        }));
-    }
-    let mut all = Vec::with_capacity(total);
-    for t in tasks {
-        all.extend(t.await.map_err(err)??);
-    }
-    all.sort_by(f64::total_cmp);
-    Ok(all)
-}
 
 pub struct ThroughputResult {
     pub completed: usize,
@@ -1159,21 +1097,7 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
     }
 
     if want(Part::Latency) {
-        let n = z.runs_total.min(2000);
-        for (conns, per) in [(1, 1), (4, 4)] {
-            let lat = create_latency(server.addr, "one", conns, per, n).await?;
-            let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
-            table.add(
-                format!(
-                    "runs.create response over WebSocket, {} in flight over {conns} connection{}: p50 / p99",
-                    conns * per,
-                    if conns == 1 { "" } else { "s" }
-                ),
-                format!("{p50:.2} / {p99:.2} ms"),
-                "≤ 1 / ≤ 5 ms",
-                Some(p50 <= 1.0 && p99 <= 5.0),
-            );
-        }
+        crate::bench_latency::measure(server.addr, z.runs_total.min(4000), &mut table).await?;
         wait_ws_closed(server.addr).await?;
     }
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_console;
 mod bench_devtools;
 mod bench_gateway;
+mod bench_latency;
 mod cron_cmd;
 mod diff_cmd;
 mod env_defaults;

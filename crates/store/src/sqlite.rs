@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::{Semaphore, oneshot};
 
+mod checkpoint;
 mod deliveries;
 
 /// Read connections kept per store; WAL readers are cheap and run in parallel.
@@ -438,12 +439,8 @@ fn with_retry<T>(
     }
 }
 
-/// How often the background checkpointer copies the WAL back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-
-/// Starts a thread that checkpoints the WAL with its own connection, so the writer never pays
-/// for checkpoints on the commit path. If it cannot start, the writer's automatic checkpoint
-/// (kept as a backstop) still bounds the WAL.
+/// Starts the background checkpointer ([`checkpoint`]) with its own connection. If it cannot
+/// start, the writer's automatic checkpoint (kept on) still bounds the WAL.
 fn spawn_checkpointer(
     target: &Target,
 ) -> (
@@ -454,16 +451,8 @@ fn spawn_checkpointer(
         return (None, None);
     };
     let (stop, wake) = mpsc::channel::<()>();
-    let handle = std::thread::Builder::new()
-        .name("smithers-sqlite-checkpoint".into())
-        .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(CHECKPOINT_EVERY) {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-            }
-            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        });
-    match handle {
-        Ok(h) => (Some(stop), Some(h)),
+    match checkpoint::spawn(conn, wake, checkpoint::Policy::DEFAULT) {
+        Ok((h, _)) => (Some(stop), Some(h)),
         Err(_) => (None, None),
     }
 }
@@ -639,6 +628,15 @@ impl SqliteStore {
             .map_err(|e| open_error(&target, e.into()))?;
         configure_writer(&conn).map_err(|e| open_error(&target, e))?;
         migrate(&conn).map_err(|e| open_error(&target, e))?;
+        let (checkpoint_stop, checkpointer) = match &target {
+            Target::File(..) => spawn_checkpointer(&target),
+            Target::Memory(_) => (None, None),
+        };
+        if checkpointer.is_some() {
+            // checkpoints happen on their own thread, never on the commit path
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
+                .map_err(|e| open_error(&target, e.into()))?;
+        }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let writer_stats = stats.clone();
@@ -651,10 +649,6 @@ impl SqliteStore {
                     format!("cannot start the SQLite writer thread: {e}"),
                 )
             })?;
-        let (checkpoint_stop, checkpointer) = match &target {
-            Target::File(..) => spawn_checkpointer(&target),
-            Target::Memory(_) => (None, None),
-        };
         let readers = Arc::new(ReaderPool {
             target,
             idle: Mutex::new(Vec::new()),

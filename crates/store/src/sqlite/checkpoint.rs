@@ -1,0 +1,254 @@
+//! WAL checkpoints off the commit path.
+//!
+//! SQLite's automatic checkpoint runs on the connection that commits, once the WAL holds
+//! `wal_autocheckpoint` frames. While readers or a steady stream of commits keep the log from
+//! being reset, the WAL stays over that size, so the checkpoint runs again after *every* later
+//! commit, each time with an fsync of the WAL and one of the database: under load that put
+//! 20–50 ms stalls on the commit path (issue 13). Here a thread with its own connection copies
+//! the WAL back instead, and the writer's automatic checkpoint is off while it runs.
+//!
+//! The thread's `PASSIVE` checkpoint never waits for the writer or readers. A log that is
+//! fully copied back is reset by the next commit (one small fsync of the WAL header). If
+//! commits never pause long enough for that, the log would grow without end: past
+//! [`RESTART_FRAMES`] the thread runs a `RESTART` checkpoint, which waits (at most
+//! [`RESTART_WAIT`]) for the writer and readers to finish so that the next commit starts
+//! the log from the beginning.
+
+use rusqlite::Connection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How often the WAL is copied back into the database file. Often enough that each copy is
+/// small (a busy server writes about 50,000 WAL frames a second) and that the log gets reset
+/// whenever commits pause; a reset costs the next commit one fsync of the WAL header.
+pub const EVERY: Duration = Duration::from_millis(200);
+
+/// WAL frames (pages; 4 KiB each by default, so 256 MiB) past which the log is reset by
+/// force. Under sustained load the log was seen reaching 45,000 frames between natural resets.
+pub const RESTART_FRAMES: i64 = 65_536;
+
+/// How long a forced reset waits for the writer and readers before trying again next time.
+pub const RESTART_WAIT: Duration = Duration::from_millis(500);
+
+/// When the thread checkpoints, and when it resets the log by force.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub every: Duration,
+    pub restart_frames: i64,
+    pub restart_wait: Duration,
+}
+
+impl Policy {
+    pub const DEFAULT: Policy = Policy {
+        every: EVERY,
+        restart_frames: RESTART_FRAMES,
+        restart_wait: RESTART_WAIT,
+    };
+}
+
+/// What the thread has done, for tests and diagnostics.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub rounds: AtomicU64,
+    pub forced_resets: AtomicU64,
+}
+
+/// What a `PRAGMA wal_checkpoint` reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The checkpoint could not finish: the writer or a reader was in the way.
+    pub busy: bool,
+    /// Frames in the WAL.
+    pub log_frames: i64,
+    /// Frames already copied back into the database file.
+    pub copied_frames: i64,
+}
+
+/// Runs one checkpoint in `mode` (`PASSIVE`, `RESTART`, …).
+pub fn run(conn: &Connection, mode: &str) -> rusqlite::Result<Outcome> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok(Outcome {
+            busy: r.get::<_, i64>(0)? != 0,
+            log_frames: r.get(1)?,
+            copied_frames: r.get(2)?,
+        })
+    })
+}
+
+/// One round: copy back what the WAL holds, and reset a log that has grown too long.
+fn round(conn: &Connection, policy: &Policy, counts: &Counts, forcing: &mut bool) {
+    counts.rounds.fetch_add(1, Ordering::Relaxed);
+    let passive = match run(conn, "PASSIVE") {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying in the next round");
+            return;
+        }
+    };
+    if passive.log_frames < policy.restart_frames {
+        if *forcing {
+            tracing::info!(
+                wal_frames = passive.log_frames,
+                "SQLite WAL reset; back to background checkpoints"
+            );
+            *forcing = false;
+        }
+        return;
+    }
+    match run(conn, "RESTART") {
+        Ok(o) if !o.busy => {
+            counts.forced_resets.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                wal_frames = passive.log_frames,
+                "SQLite WAL reset by force: commits had not paused long enough for a reset"
+            );
+            *forcing = false;
+        }
+        Ok(_) | Err(_) if !*forcing => {
+            tracing::warn!(
+                wal_frames = passive.log_frames,
+                limit = policy.restart_frames,
+                "SQLite WAL has grown past its limit and readers or the writer kept it from being reset; retrying every round"
+            );
+            *forcing = true;
+        }
+        Ok(_) | Err(_) => {}
+    }
+}
+
+/// Starts the checkpoint thread on `conn`; it stops when `stop`'s sender is dropped, after
+/// one last round.
+pub fn spawn(
+    conn: Connection,
+    stop: mpsc::Receiver<()>,
+    policy: Policy,
+) -> std::io::Result<(std::thread::JoinHandle<()>, Arc<Counts>)> {
+    let counts = Arc::new(Counts::default());
+    let mine = counts.clone();
+    let handle = std::thread::Builder::new()
+        .name("smithers-sqlite-checkpoint".into())
+        .spawn(move || {
+            let _ = conn.busy_timeout(policy.restart_wait);
+            let mut forcing = false;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(policy.every) {
+                round(&conn, &policy, &mine, &mut forcing);
+            }
+            round(&conn, &policy, &mine, &mut forcing);
+        })?;
+    Ok((handle, counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn open(path: &std::path::Path) -> Connection {
+        let c = Connection::open(path).expect("open");
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0",
+        )
+        .expect("configure");
+        c
+    }
+
+    fn write_pages(c: &Connection, txns: usize) {
+        for _ in 0..txns {
+            c.execute("INSERT INTO t (v) VALUES (randomblob(3000))", [])
+                .expect("insert");
+        }
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    const FAST: Policy = Policy {
+        every: Duration::from_millis(10),
+        restart_frames: 50,
+        restart_wait: Duration::from_millis(20),
+    };
+
+    #[test]
+    fn the_thread_copies_the_wal_back_while_the_writer_never_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("c.db");
+        let writer = open(&db);
+        writer
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .expect("table");
+        write_pages(&writer, 200);
+        // with automatic checkpoints off, the rows live only in the WAL so far
+        let before = std::fs::metadata(&db).expect("db").len();
+        assert!(
+            before < 100_000,
+            "database file already holds the rows: {before} bytes"
+        );
+        let (stop, wake) = mpsc::channel();
+        let (handle, counts) = spawn(
+            open(&db),
+            wake,
+            Policy {
+                restart_frames: i64::MAX,
+                ..FAST
+            },
+        )
+        .expect("spawn");
+        wait_for("the rows to reach the database file", || {
+            std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) > 600_000
+        });
+        assert!(counts.rounds.load(Ordering::Relaxed) >= 1);
+        assert_eq!(counts.forced_resets.load(Ordering::Relaxed), 0);
+        drop(stop);
+        handle.join().expect("join");
+    }
+
+    #[test]
+    fn a_log_held_long_by_a_reader_is_reset_by_force_once_the_reader_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("r.db");
+        let writer = open(&db);
+        writer
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .expect("table");
+        write_pages(&writer, 10);
+        // a reader pins an old snapshot: nothing written after it can be copied back
+        let reader = open(&db);
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM t;")
+            .expect("read txn");
+        let (stop, wake) = mpsc::channel();
+        let (handle, counts) = spawn(open(&db), wake, FAST).expect("spawn");
+        write_pages(&writer, 200);
+        let r0 = counts.rounds.load(Ordering::Relaxed);
+        wait_for("a few rounds", || {
+            counts.rounds.load(Ordering::Relaxed) >= r0 + 3
+        });
+        assert_eq!(
+            counts.forced_resets.load(Ordering::Relaxed),
+            0,
+            "reset while a reader held the log"
+        );
+        reader.execute_batch("COMMIT").expect("end read");
+        wait_for("a forced reset", || {
+            counts.forced_resets.load(Ordering::Relaxed) >= 1
+        });
+        // the next commit starts the log from the beginning: the WAL stops growing
+        let wal = dir.path().join("r.db-wal");
+        let size = std::fs::metadata(&wal).expect("wal").len();
+        write_pages(&writer, 20);
+        assert_eq!(
+            std::fs::metadata(&wal).expect("wal").len(),
+            size,
+            "the WAL grew after a reset"
+        );
+        drop(stop);
+        handle.join().expect("join");
+    }
+}
