@@ -48,6 +48,39 @@ async fn engine_in(dir: &std::path::Path) -> Result<Engine, SmithersError> {
     ))
 }
 
+/// Median wall time, ms, of `reps` runs of a chain of `n` value tasks (after one warm-up run),
+/// on a fresh database in `dir`.
+pub async fn chain_median_ms(
+    dir: &std::path::Path,
+    n: usize,
+    reps: usize,
+) -> Result<f64, SmithersError> {
+    let _ = std::fs::create_dir_all(dir);
+    let engine = engine_in(dir).await?;
+    let wf = load(&chain_yaml(n), dir)?;
+    engine
+        .start(wf.clone(), json!({}), StartOptions::default())
+        .await?
+        .wait()
+        .await;
+    let mut per_run = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let o = engine
+            .start(wf.clone(), json!({}), StartOptions::default())
+            .await?
+            .wait()
+            .await;
+        if o.status != "finished" {
+            return Err(o.error.unwrap_or_else(|| {
+                SmithersError::new(smithers_core::Code::Internal, "bench run did not finish")
+            }));
+        }
+        per_run.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(&mut per_run))
+}
+
 /// Runs the benchmarks and prints the figures.
 pub async fn bench(
     runs: usize,
@@ -90,35 +123,19 @@ async fn run_all(
         "{:>7} {:>6} {:>14} {:>14}",
         "steps", "runs", "median ms/run", "median ms/step"
     );
+    let mut medians = Vec::new();
     for &n in &lengths {
-        let dir = tmp.join(format!("chain-{n}"));
-        let _ = std::fs::create_dir_all(&dir);
-        let engine = engine_in(&dir).await?;
-        let wf = load(&chain_yaml(n), &dir)?;
         let reps = if n >= 1000 { runs.clamp(3, 5) } else { runs };
-        // warm-up
-        engine
-            .start(wf.clone(), json!({}), StartOptions::default())
-            .await?
-            .wait()
-            .await;
-        let mut per_run = Vec::new();
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            let o = engine
-                .start(wf.clone(), json!({}), StartOptions::default())
-                .await?
-                .wait()
-                .await;
-            if o.status != "finished" {
-                return Err(o.error.unwrap_or_else(|| {
-                    SmithersError::new(smithers_core::Code::Internal, "bench run did not finish")
-                }));
-            }
-            per_run.push(t0.elapsed().as_secs_f64() * 1000.0);
-        }
-        let m = median(&mut per_run);
+        let m = chain_median_ms(&tmp.join(format!("chain-{n}")), n, reps).await?;
         println!("{n:>7} {reps:>6} {m:>14.2} {:>14.4}", m / n as f64);
+        medians.push((n, m));
+    }
+    for w in medians.windows(2) {
+        let ((a, ma), (b, mb)) = (w[0], w[1]);
+        println!(
+            "marginal cost of a step from {a} to {b} steps: {:.4} ms",
+            (mb - ma) / (b - a) as f64
+        );
     }
 
     if only.is_some() {

@@ -242,10 +242,15 @@ pub(crate) async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
         }
         seen.push(line);
     };
-    // keep draining stderr so the server never blocks on a full pipe
+    // keep draining stderr so the server never blocks on a full pipe; show only what went
+    // wrong (one JSON line per run started and finished would bury the figures)
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            if !line.starts_with("shutting down") {
+            let routine = line.starts_with("shutting down")
+                || line.starts_with("  ")
+                || line.contains(r#""level":"INFO""#)
+                || line.contains(r#""level":"DEBUG""#);
+            if !routine {
                 eprintln!("  [server] {line}");
             }
         }
@@ -410,7 +415,7 @@ async fn ws_active(addr: SocketAddr) -> R<f64> {
         .unwrap_or(0.0))
 }
 
-async fn wait_ws_closed(addr: SocketAddr) -> R<()> {
+pub(crate) async fn wait_ws_closed(addr: SocketAddr) -> R<()> {
     let t0 = Instant::now();
     while ws_active(addr).await? > 0.0 {
         if t0.elapsed() > Duration::from_secs(20) {
@@ -589,16 +594,50 @@ pub struct FanoutResult {
     pub events_per_run: usize,
 }
 
+/// What a fan-out phase saw: the runs started, when each `runs.create` answered (ms since the
+/// epoch, as receipts are), and what each client received.
+pub struct Fanout {
+    pub run_ids: Vec<String>,
+    pub answered_ms: Vec<f64>,
+    pub per_client: Vec<Vec<Receipt>>,
+}
+
+impl Fanout {
+    /// For every client and run: the `runs.create` response → that client's `run.completed`,
+    /// ms, sorted.
+    pub fn completion_delays(&self) -> R<Vec<f64>> {
+        let answered: HashMap<&str, f64> = self
+            .run_ids
+            .iter()
+            .map(String::as_str)
+            .zip(self.answered_ms.iter().copied())
+            .collect();
+        let mut out = Vec::new();
+        for c in &self.per_client {
+            for r in c.iter().filter(|r| r.text.contains("\"run.completed\"")) {
+                let v: Value = serde_json::from_str(&r.text).map_err(err)?;
+                if let Some(t) = v["payload"]["runId"]
+                    .as_str()
+                    .and_then(|id| answered.get(id))
+                {
+                    out.push(r.at_ms - t);
+                }
+            }
+        }
+        Ok(sorted(out))
+    }
+}
+
 /// Connects `clients` WebSocket clients (no subscription filter: every run), starts `runs` runs
 /// of `workflow` one after another over HTTP, each once every client has the previous run's
-/// `run.completed`. Returns the run ids and what each client received.
+/// `run.completed`.
 pub async fn fanout(
     addr: SocketAddr,
     clients: usize,
     runs: usize,
     workflow: &str,
     concurrency: usize,
-) -> R<(Vec<String>, Vec<Vec<Receipt>>)> {
+) -> R<Fanout> {
     let idle = open_idle(addr, clients, concurrency).await?;
     let completed = Arc::new(AtomicU64::new(0));
     let notify = Arc::new(tokio::sync::Notify::new());
@@ -630,6 +669,7 @@ pub async fn fanout(
         });
     }
     let mut run_ids = Vec::new();
+    let mut answered_ms = Vec::new();
     let mut s = TcpStream::connect(addr).await.map_err(err)?;
     s.set_nodelay(true).map_err(err)?;
     let mut buf = Vec::new();
@@ -640,12 +680,14 @@ pub async fn fanout(
             &rpc_request("runs.create", &json!({"workflow": workflow})),
         )
         .await?;
+        let at_ms = now_ms_f64();
         let v: Value = serde_json::from_slice(&body).map_err(err)?;
         if status != 200 {
             return Err(format!("runs.create: HTTP {status}: {v}"));
         }
         if let Some(id) = v["payload"]["runId"].as_str() {
             run_ids.push(id.to_string());
+            answered_ms.push(at_ms);
         }
         let want = ((i + 1) * clients) as u64;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -663,21 +705,26 @@ pub async fn fanout(
     while let Some(r) = readers.join_next().await {
         per_client.push(r.map_err(err)??);
     }
-    Ok((run_ids, per_client))
+    Ok(Fanout {
+        run_ids,
+        answered_ms,
+        per_client,
+    })
 }
 
 /// Matches each received event to the stored event it was mapped from (by `runId` and
 /// `eventSeq`) and returns receipt time minus the stored event's timestamp.
-async fn fanout_latencies(
-    store_url: &str,
-    run_ids: &[String],
-    per_client: Vec<Vec<Receipt>>,
-) -> R<FanoutResult> {
+async fn fanout_latencies(store_url: &str, fan: Fanout) -> R<FanoutResult> {
+    let Fanout {
+        run_ids,
+        per_client,
+        ..
+    } = fan;
     let store = smithers_store::open(store_url)
         .await
         .map_err(|e| e.message)?;
     let mut commit: HashMap<(String, i64), i64> = HashMap::new();
-    for run in run_ids {
+    for run in &run_ids {
         let rows = store
             .list_events(run, None, 100_000)
             .await
@@ -852,7 +899,7 @@ const ONE_TASK: &str = "name: one\nsteps:\n  - task: {id: t, value: {n: 1}}\n";
 const THREE_TASKS: &str = "name: three\nsteps:\n  - task: {id: a, value: {n: 1}}\n  - task: {id: b, value: {n: 2}}\n  - task: {id: c, value: {n: 3}}\n";
 
 /// Writes `smithers.toml` and the workflows into `dir`; returns the config path and store URL.
-fn write_config(dir: &Path) -> R<(PathBuf, String)> {
+pub(crate) fn write_config(dir: &Path) -> R<(PathBuf, String)> {
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::write(dir.join("one.yaml"), ONE_TASK).map_err(err)?;
     std::fs::write(dir.join("three.yaml"), THREE_TASKS).map_err(err)?;
@@ -1075,6 +1122,35 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
 
     let mut fan = None;
     if want(Part::Fanout) {
+        // issue 13 item 3: runs.create response → run.completed at every client
+        for (clients, target) in [(z.fanout_clients / 5, 10.0), (z.fanout_clients, 30.0)] {
+            let f = fanout(
+                server.addr,
+                clients,
+                z.fanout_runs,
+                "one",
+                z.handshake_concurrency,
+            )
+            .await?;
+            wait_ws_closed(server.addr).await?;
+            let d = f.completion_delays()?;
+            let p99 = percentile(&d, 0.99);
+            table.add(
+                format!(
+                    "runs.create response → run.completed, {} clients: p99",
+                    thousands(clients as f64)
+                ),
+                format!("{p99:.1} ms"),
+                &format!("≤ {target} ms"),
+                Some(p99 <= target && d.len() == clients * z.fanout_runs),
+            );
+            table.add(
+                "  p50 / max",
+                format!("{:.1} / {:.1} ms", percentile(&d, 0.5), percentile(&d, 1.0)),
+                "",
+                None,
+            );
+        }
         let cpu = Cpu::start(server.pid);
         fan = Some(
             fanout(
@@ -1102,35 +1178,35 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
     }
 
     if want(Part::Runs) {
-        let cpu = Cpu::start(server.pid);
-        let t = throughput(server.addr, "one", z.runs_total, z.runs_in_flight).await?;
-        let rate = t.completed as f64 / t.secs;
-        table.add(
-            format!(
-                "runs.create → run.completed, 1 task ({} in flight)",
-                z.runs_in_flight
-            ),
-            format!("{} runs/s", thousands(rate)),
-            "≥ 1,000",
-            Some(rate >= 1000.0),
-        );
-        table.add(
-            "  create → completed latency p50 / p99",
-            format!(
-                "{:.1} / {:.1} ms",
-                percentile(&t.latencies_ms, 0.5),
-                percentile(&t.latencies_ms, 0.99)
-            ),
-            "",
-            None,
-        );
-        cpu.row(&mut table, "run", t.completed);
+        // 64 in flight: issue 3's figure; 256: issue 13's (≥ 10,000 runs/s)
+        for (in_flight, min_rate) in [(z.runs_in_flight, 1000.0), (256, 10_000.0)] {
+            let cpu = Cpu::start(server.pid);
+            let t = throughput(server.addr, "one", z.runs_total, in_flight).await?;
+            let rate = t.completed as f64 / t.secs;
+            table.add(
+                format!("runs.create → run.completed, 1 task ({in_flight} in flight)"),
+                format!("{} runs/s", thousands(rate)),
+                &format!("≥ {}", thousands(min_rate)),
+                Some(rate >= min_rate),
+            );
+            table.add(
+                "  create → completed latency p50 / p99",
+                format!(
+                    "{:.1} / {:.1} ms",
+                    percentile(&t.latencies_ms, 0.5),
+                    percentile(&t.latencies_ms, 0.99)
+                ),
+                "",
+                None,
+            );
+            cpu.row(&mut table, "run", t.completed);
+        }
     }
     server.stop().await?;
 
     // events are read from the store once the server has stopped
-    if let Some((run_ids, receipts)) = fan {
-        let f = fanout_latencies(&url, &run_ids, receipts).await?;
+    if let Some(fan) = fan {
+        let f = fanout_latencies(&url, fan).await?;
         let p99 = percentile(&f.latencies_ms, 0.99);
         table.add(
             format!(
@@ -1355,11 +1431,14 @@ mod tests {
         assert_eq!((idle.conns.len(), idle.max_snapshot_runs), (5, 0));
         drop(idle);
         wait_ws_closed(addr).await?;
-        let (run_ids, receipts) = fanout(addr, 3, 2, "three", 3).await?;
+        let fan = fanout(addr, 3, 2, "three", 3).await?;
+        let d = fan.completion_delays()?;
+        assert_eq!(d.len(), 6);
+        assert!(d.iter().all(|ms| *ms >= 0.0 && *ms < 10_000.0), "{d:?}");
         let t = throughput(addr, "one", 10, 4).await?;
         assert_eq!(t.completed, 10);
         let _ = server.shutdown().await;
-        let f = fanout_latencies(&url, &run_ids, receipts).await?;
+        let f = fanout_latencies(&url, fan).await?;
         // 3 clients × 2 runs × (3 node.started + 3 node.finished + run.completed)
         assert_eq!((f.deliveries, f.unmatched, f.events_per_run), (42, 0, 7));
         assert!(rss_kib(std::process::id())? > 0 && cpu_ms(std::process::id())? >= 0.0);

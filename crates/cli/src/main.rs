@@ -5,6 +5,7 @@ mod bench;
 mod bench_console;
 mod bench_devtools;
 mod bench_gateway;
+mod bench_guard;
 mod bench_latency;
 mod cron_cmd;
 mod diff_cmd;
@@ -367,6 +368,22 @@ enum BenchTarget {
         #[arg(long)]
         quick: bool,
     },
+    /// Regression guard: measure the latency, throughput and per-step figures again and report
+    /// each one more than 10 % worse than the baseline in docs/benchmarks.md (exit code 1).
+    Check {
+        /// The document holding the baseline block.
+        #[arg(long, default_value = "docs/benchmarks.md", value_name = "FILE")]
+        baseline: std::path::PathBuf,
+        /// Passes; each figure is the best of them.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+        /// Small workloads, for a smoke check (not comparable to the baseline).
+        #[arg(long)]
+        quick: bool,
+        /// Write the measured figures as the new baseline instead of comparing.
+        #[arg(long)]
+        record: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -614,6 +631,16 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             target: Some(BenchTarget::Console { runs, quick }),
             ..
         } => bench_console::bench_console(runs, quick).await,
+        Cmd::Bench {
+            target:
+                Some(BenchTarget::Check {
+                    baseline,
+                    passes,
+                    quick,
+                    record,
+                }),
+            ..
+        } => bench_guard::bench_check(&baseline, passes, quick, record).await,
         Cmd::Bench {
             runs,
             quick,
