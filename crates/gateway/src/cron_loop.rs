@@ -34,6 +34,7 @@ pub async fn tick_once(gw: &Arc<Gateway>) {
                 let caller = Caller {
                     grant: &system,
                     conn: None,
+                    answering: None,
                 };
                 gw.start_run(&key, input, None, &caller, Some("cron:gateway"))
                     .await

@@ -101,6 +101,40 @@ impl ConnShared {
             .unwrap_or(true)
     }
 
+    /// Holds the events of `run_id` on this connection until [`ConnShared::answered`]: the
+    /// request starting the run is still being answered. A run being replayed keeps its gate.
+    pub fn hold_until_answered(&self, run_id: &str) {
+        if let Ok(mut v) = self.view.write() {
+            v.gates
+                .entry(run_id.to_string())
+                .or_insert_with(|| crate::replay_gate::Gate::Unanswered(Default::default()));
+        }
+    }
+
+    /// The response to the request that started `runs` is queued: their held events follow
+    /// it, in order, before any later one (the view lock is held for writing meanwhile).
+    pub fn answered(&self, runs: &[String]) {
+        if runs.is_empty() {
+            return;
+        }
+        let Ok(mut view) = self.view.write() else {
+            return;
+        };
+        for run in runs {
+            if !matches!(
+                view.gates.get(run),
+                Some(crate::replay_gate::Gate::Unanswered(_))
+            ) {
+                continue;
+            }
+            if let Some(crate::replay_gate::Gate::Unanswered(held)) = view.gates.remove(run) {
+                for out in held.into_inner().unwrap_or_default() {
+                    let _ = self.out.send_reserved(out);
+                }
+            }
+        }
+    }
+
     /// Adds a run to the subscription set, creating it (the upstream auto-subscribe rule).
     pub fn subscribe(&self, run_id: &str) {
         if let Ok(mut v) = self.view.write() {
@@ -146,6 +180,9 @@ pub struct Gateway {
 pub struct Caller<'a> {
     pub grant: &'a Grant,
     pub conn: Option<&'a Arc<ConnShared>>,
+    /// Over WebSocket: the runs this request started, whose events wait on `conn` until the
+    /// response is queued ([`ConnShared::answered`]).
+    pub answering: Option<&'a std::sync::Mutex<Vec<String>>>,
 }
 
 impl Gateway {
@@ -218,5 +255,76 @@ impl Gateway {
                 c.out.close(code, reason);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> (ConnShared, crate::outbound::Receiver) {
+        let (out, rx) = crate::outbound::queue(100, 1 << 20);
+        let c = ConnShared {
+            id: 1,
+            peer: None,
+            authed: AtomicBool::new(true),
+            grant: RwLock::new(None),
+            view: RwLock::new(View::default()),
+            out,
+            streams: AtomicUsize::new(0),
+        };
+        (c, rx)
+    }
+
+    fn event(run: &str) -> Outbound {
+        Outbound::Event {
+            event: "run.started",
+            payload_json: format!(r#"{{"runId":"{run}"}}"#).into(),
+            state_version: 0,
+        }
+    }
+
+    fn kinds(rx: &mut crate::outbound::Receiver) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|o| match o {
+                Outbound::Response(s) => s,
+                Outbound::Event { payload_json, .. } => payload_json.to_string(),
+                Outbound::Close(..) => "close".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_of_a_run_wait_for_the_response_that_started_it() {
+        let (c, mut rx) = conn();
+        c.subscribe("a");
+        c.subscribe("b");
+        c.hold_until_answered("a");
+        assert!(!c.deliver(Some("a"), Some(0), || event("a")));
+        assert!(
+            c.deliver(Some("b"), Some(0), || event("b")),
+            "other runs pass"
+        );
+        assert_eq!(
+            c.out.queued().0,
+            2,
+            "a held event still counts against the bound"
+        );
+        let _ = c.out.push(Outbound::Response("res-a".into()));
+        c.answered(&["a".to_string()]);
+        assert!(c.deliver(Some("a"), Some(1), || event("a")));
+        assert_eq!(
+            kinds(&mut rx),
+            [
+                r#"{"runId":"b"}"#,
+                "res-a",
+                r#"{"runId":"a"}"#,
+                r#"{"runId":"a"}"#
+            ]
+        );
+        // answering a run that has no hold changes nothing
+        c.answered(&["b".to_string()]);
+        assert!(c.deliver(Some("b"), Some(2), || event("b")));
+        assert_eq!(kinds(&mut rx).len(), 1);
     }
 }

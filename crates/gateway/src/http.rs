@@ -266,6 +266,7 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
     let caller = Caller {
         grant: &grant,
         conn: None,
+        answering: None,
     };
     let result = match method.as_str() {
         "connect" => Err(RpcError::new("METHOD_NOT_FOUND", "Unknown method: connect")),

@@ -19,6 +19,10 @@ pub enum Gate {
     Done(i64),
     /// The replay stopped early (`replay.truncated`): no live events of the run.
     Stopped,
+    /// The request that started the run on this connection has not been answered yet: its
+    /// events wait, so that the client reads the response (and the run id) first, as from
+    /// upstream. Opened by [`crate::gateway::ConnShared::answered`].
+    Unanswered(Mutex<Vec<Outbound>>),
 }
 
 impl Gate {
@@ -42,6 +46,16 @@ impl Gate {
                 _ => Some(out),
             },
             Gate::Stopped => None,
+            Gate::Unanswered(held) => {
+                let cost = out.cost();
+                if queue.reserve(cost) {
+                    match held.lock() {
+                        Ok(mut held) => held.push(out),
+                        Err(_) => queue.unreserve(cost),
+                    }
+                }
+                None
+            }
         }
     }
 }

@@ -63,6 +63,12 @@ impl Gateway {
         let run_id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if let Some(c) = caller.conn {
             c.subscribe(&run_id);
+            if let Some(a) = caller.answering
+                && let Ok(mut runs) = a.lock()
+            {
+                c.hold_until_answered(&run_id);
+                runs.push(run_id.clone());
+            }
         }
         self.remember_key(&run_id, key);
         let handle = self

@@ -428,6 +428,8 @@ async fn handle_frame(
             return None;
         }
     };
+    // runs this request starts: their events follow its response (ConnShared::answered)
+    let answering = std::sync::Mutex::new(Vec::new());
     let result = if !auth::has_scope(&grant.scopes, &method) {
         Err(RpcError::new(
             "FORBIDDEN",
@@ -437,10 +439,12 @@ async fn handle_frame(
         let caller = Caller {
             grant: &grant,
             conn: Some(conn),
+            answering: Some(&answering),
         };
         methods::call(gw, &caller, Transport::Ws, &method, &params).await
     };
     finish(gw, conn, &id, &method, t0, result);
+    conn.answered(&answering.into_inner().unwrap_or_default());
     None
 }
 

@@ -1768,3 +1768,54 @@ async fn runs_list_filters_and_pages_after_a_row() {
     let bad = rpc(s.addr, "runs.list", json!({"beforeCreatedAtMs": -1}), &[]).await;
     assert_eq!(bad.json()["error"]["code"], "INVALID_INPUT", "{}", bad.body);
 }
+
+/// A client reads the `runs.create` response (its run id) before any event of that run, as
+/// from upstream, even when the run starts and finishes faster than the response is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_create_is_answered_before_any_event_of_its_run() {
+    let spec = Spec {
+        workflows: vec![(
+            "one",
+            "name: one\nsteps:\n  - task: {id: t, value: 1}\n".into(),
+        )],
+        ..Spec::default()
+    };
+    let srv = start(spec).await;
+    let mut ws = ws(srv.addr).await;
+    assert_eq!(connect(&mut ws, hello_params()).await["ok"], true);
+    let total = 1000;
+    let mut answered = std::collections::HashSet::new();
+    let mut completed = 0;
+    let mut sent = 0;
+    let create = |i: usize| {
+        json!({"type": "req", "id": format!("r{i}"), "method": "runs.create",
+            "params": {"workflow": "one", "runId": format!("r{i}")}})
+    };
+    while sent < 8 {
+        send(&mut ws, create(sent)).await;
+        sent += 1;
+    }
+    while completed < total {
+        let f = next(&mut ws).await;
+        if f["type"] == "res" {
+            assert_eq!(f["ok"], true, "{f}");
+            answered.insert(f["id"].as_str().unwrap_or_default().to_string());
+            continue;
+        }
+        let Some(run) = f["payload"]["runId"].as_str() else {
+            continue;
+        };
+        assert!(
+            answered.contains(run),
+            "event {} of run {run} arrived before the runs.create response",
+            f["event"]
+        );
+        if f["event"] == "run.completed" {
+            completed += 1;
+            if sent < total {
+                send(&mut ws, create(sent)).await;
+                sent += 1;
+            }
+        }
+    }
+}

@@ -30,6 +30,7 @@ pub(super) async fn deliver(
     let caller = Caller {
         grant: &system,
         conn: None,
+        answering: None,
     };
     let mut delivered = Vec::new();
     let mut matched = Vec::new();
