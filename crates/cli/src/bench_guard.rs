@@ -331,6 +331,14 @@ mod tests {
         assert!(again.ends_with("## Later section\n"), "{again}");
     }
 
+    /// How much worse each figure of `now` is than `base`, by name.
+    fn worse_by(base: &Figures, now: &Figures) -> BTreeMap<String, f64> {
+        compare(base, now)
+            .into_iter()
+            .map(|v| (v.name, v.worse_by))
+            .collect()
+    }
+
     #[test]
     fn a_figure_more_than_ten_percent_worse_is_reported_either_way() {
         let mut base = Figures::new();
@@ -340,24 +348,12 @@ mod tests {
         now.insert("lat".into(), (1.11, Better::Lower));
         now.insert("rate".into(), (905.0, Better::Higher));
         now.insert("new".into(), (5.0, Better::Lower));
-        let v = compare(&base, &now);
-        let by = |n: &str| {
-            v.iter()
-                .find(|v| v.name == n)
-                .map(|v| v.worse_by)
-                .unwrap_or(f64::NAN)
-        };
-        assert!(by("lat") > TOLERANCE && by("rate") < TOLERANCE && by("new") == 0.0);
+        let by = worse_by(&base, &now);
+        assert!(by["lat"] > TOLERANCE && by["rate"] < TOLERANCE && by["new"] == 0.0);
         now.insert("rate".into(), (899.0, Better::Higher));
         now.insert("lat".into(), (0.5, Better::Lower));
-        let v = compare(&base, &now);
-        let by = |n: &str| {
-            v.iter()
-                .find(|v| v.name == n)
-                .map(|v| v.worse_by)
-                .unwrap_or(f64::NAN)
-        };
-        assert!(by("rate") > TOLERANCE && by("lat") < 0.0);
+        let by = worse_by(&base, &now);
+        assert!(by["rate"] > TOLERANCE && by["lat"] < 0.0);
     }
 
     #[test]

@@ -154,6 +154,14 @@ mod tests {
         c
     }
 
+    /// The writer's connection, with the table the tests fill.
+    fn open_with_table(path: &std::path::Path) -> Connection {
+        let c = open(path);
+        c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+            .expect("table");
+        c
+    }
+
     fn write_pages(c: &Connection, txns: usize) {
         for _ in 0..txns {
             c.execute("INSERT INTO t (v) VALUES (randomblob(3000))", [])
@@ -179,10 +187,7 @@ mod tests {
     fn the_thread_copies_the_wal_back_while_the_writer_never_checkpoints() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("c.db");
-        let writer = open(&db);
-        writer
-            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-            .expect("table");
+        let writer = open_with_table(&db);
         write_pages(&writer, 200);
         // with automatic checkpoints off, the rows live only in the WAL so far
         let before = std::fs::metadata(&db).expect("db").len();
@@ -213,10 +218,7 @@ mod tests {
     fn a_log_held_long_by_a_reader_is_reset_by_force_once_the_reader_lets_go() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("r.db");
-        let writer = open(&db);
-        writer
-            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-            .expect("table");
+        let writer = open_with_table(&db);
         write_pages(&writer, 10);
         // a reader pins an old snapshot: nothing written after it can be copied back
         let reader = open(&db);
