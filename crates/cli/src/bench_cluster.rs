@@ -202,7 +202,7 @@ fn redact(url: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // what the database did per run
 
-/// A connection that reads `pg_stat_statements` and `pg_stat_database` for the bench database.
+/// A connection that reads `pg_stat_statements` for the bench database.
 struct Stats {
     client: tokio_postgres::Client,
 }
@@ -230,16 +230,14 @@ impl Stats {
             .map_err(err)
     }
 
-    /// Statements run in the bench database since the reset, most frequent first, and the
-    /// committed transactions so far.
-    async fn read(&self) -> R<(Top, i64)> {
+    /// Statements run in the bench database since the reset, most frequent first.
+    async fn read(&self) -> R<Top> {
         let rows = self
             .client
             .query(
                 "SELECT query, calls, total_exec_time FROM pg_stat_statements s
                  JOIN pg_database d ON d.oid = s.dbid
-                 WHERE d.datname = current_database()
-                   AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_stat_database%'
+                 WHERE d.datname = current_database() AND query NOT LIKE '%pg_stat_statements%'
                  ORDER BY calls DESC",
                 &[],
             )
@@ -253,19 +251,7 @@ impl Stats {
                 r.try_get::<_, f64>(2).map_err(err)?,
             ));
         }
-        Ok((top, self.commits().await?))
-    }
-
-    async fn commits(&self) -> R<i64> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-                &[],
-            )
-            .await
-            .map_err(err)?;
-        row.try_get(0).map_err(err)
+        Ok(top)
     }
 }
 
@@ -273,7 +259,7 @@ impl Stats {
 struct Probe<'a> {
     servers: Vec<(u32, f64)>,
     postgres: Option<(u32, f64)>,
-    stats: Option<(&'a Stats, i64)>,
+    stats: Option<&'a Stats>,
 }
 
 impl<'a> Probe<'a> {
@@ -282,12 +268,11 @@ impl<'a> Probe<'a> {
         cluster: Option<&TempCluster>,
         stats: Option<&'a Stats>,
     ) -> Probe<'a> {
-        let mut with_commits = None;
+        let mut reset = None;
         if let Some(s) = stats
             && s.reset().await.is_ok()
-            && let Ok(c) = s.commits().await
         {
-            with_commits = Some((s, c));
+            reset = Some(s);
         }
         Probe {
             servers: servers
@@ -295,7 +280,7 @@ impl<'a> Probe<'a> {
                 .map(|s| (s.pid, cpu_ms(s.pid).unwrap_or(0.0)))
                 .collect(),
             postgres: cluster.map(|c| (c.pid(), tree_cpu_ms(c.pid()))),
-            stats: with_commits,
+            stats: reset,
         }
     }
 
@@ -327,20 +312,22 @@ impl<'a> Probe<'a> {
             "",
             None,
         );
-        let Some((stats, commits0)) = self.stats else {
+        let Some(stats) = self.stats else {
             return Vec::new();
         };
-        let Ok((top, commits)) = stats.read().await else {
+        let Ok(top) = stats.read().await else {
             return Vec::new();
         };
         let calls: i64 = top.iter().map(|(_, c, _)| c).sum();
+        // each transaction ends with one COMMIT (or ROLLBACK) statement
+        let commits: i64 = top
+            .iter()
+            .filter(|(q, _, _)| q.trim().eq_ignore_ascii_case("COMMIT"))
+            .map(|(_, c, _)| c)
+            .sum();
         table.add(
             "  PostgreSQL statements / transactions per run",
-            format!(
-                "{:.1} / {:.1}",
-                calls as f64 / n,
-                (commits - commits0) as f64 / n
-            ),
+            format!("{:.1} / {:.1}", calls as f64 / n, commits as f64 / n),
             "",
             None,
         );

@@ -285,8 +285,10 @@ fn spawn_on_own_thread(mut cmd: Command) -> R<i32> {
             let spawned = cmd.spawn();
             let keep = spawned.is_ok();
             let _ = tx.send(spawned.map(|c| c.id()));
-            while keep {
-                std::thread::park();
+            if keep {
+                loop {
+                    std::thread::park();
+                }
             }
         })
         .map_err(err)?;
