@@ -11,8 +11,8 @@ use smithers_core::{Code, SmithersError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -129,7 +129,7 @@ impl Table {
         println!("\n{} of {checked} targets met", checked - failed);
     }
 
-    fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.rows.iter().any(|f| f.pass == Some(false))
     }
 }
@@ -151,12 +151,12 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+pub(crate) fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     v
 }
 
-fn thousands(n: f64) -> String {
+pub(crate) fn thousands(n: f64) -> String {
     let s = format!("{:.0}", n);
     let (sign, digits) = match s.strip_prefix('-') {
         Some(d) => ("-", d),
@@ -317,7 +317,7 @@ pub fn cpu_ms(pid: u32) -> R<f64> {
 }
 
 /// Raises this process's soft open-file limit to the hard limit; returns the new soft limit.
-fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
@@ -370,7 +370,7 @@ pub fn parse_response(buf: &[u8]) -> R<Option<(u16, usize, usize)>> {
 
 /// Sends one request and reads its response on a keep-alive connection. `buf` is scratch space
 /// reused between calls. Returns the status and the body.
-async fn request(s: &mut TcpStream, buf: &mut Vec<u8>, req: &[u8]) -> R<(u16, Vec<u8>)> {
+pub(crate) async fn request(s: &mut TcpStream, buf: &mut Vec<u8>, req: &[u8]) -> R<(u16, Vec<u8>)> {
     s.write_all(req).await.map_err(err)?;
     buf.clear();
     let mut chunk = [0u8; 4096];
@@ -386,7 +386,7 @@ async fn request(s: &mut TcpStream, buf: &mut Vec<u8>, req: &[u8]) -> R<(u16, Ve
     }
 }
 
-fn rpc_request(method: &str, params: &Value) -> Vec<u8> {
+pub(crate) fn rpc_request(method: &str, params: &Value) -> Vec<u8> {
     let body = json!({"id": "b", "method": method, "params": params}).to_string();
     let mut r = format!(
         "POST /rpc HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -776,11 +776,6 @@ pub struct ThroughputResult {
     pub latencies_ms: Vec<f64>,
 }
 
-enum Slot {
-    Waiting(tokio::sync::oneshot::Sender<String>),
-    Done(String),
-}
-
 /// `total` runs of `workflow`, `in_flight` at a time: each of `in_flight` keep-alive HTTP
 /// connections sends `runs.create` with its own run id and waits until a listening WebSocket
 /// client (no filter) receives that run's `run.completed`, then starts the next.
@@ -790,106 +785,7 @@ pub async fn throughput(
     total: usize,
     in_flight: usize,
 ) -> R<ThroughputResult> {
-    let slots: Arc<Mutex<HashMap<String, Slot>>> = Arc::new(Mutex::new(HashMap::new()));
-    let (mut listener, _) = handshake(addr).await?;
-    let listen = {
-        let slots = slots.clone();
-        tokio::spawn(async move {
-            let mut n = 0usize;
-            while n < total {
-                let text = next_text(&mut listener).await?;
-                if !text.contains("\"run.completed\"") {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(&text).map_err(err)?;
-                let (Some(id), Some(st)) = (
-                    v["payload"]["runId"].as_str(),
-                    v["payload"]["status"].as_str(),
-                ) else {
-                    continue;
-                };
-                n += 1;
-                let mut m = slots.lock().map_err(err)?;
-                match m.remove(id) {
-                    Some(Slot::Waiting(tx)) => {
-                        let _ = tx.send(st.to_string());
-                    }
-                    _ => {
-                        m.insert(id.to_string(), Slot::Done(st.to_string()));
-                    }
-                }
-            }
-            Ok::<_, String>(())
-        })
-    };
-    let next = Arc::new(AtomicU64::new(0));
-    let prefix = uuid::Uuid::new_v4().simple().to_string();
-    let t0 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..in_flight {
-        let (slots, next, prefix, workflow) = (
-            slots.clone(),
-            next.clone(),
-            prefix.clone(),
-            workflow.to_string(),
-        );
-        tasks.spawn(async move {
-            let mut s = TcpStream::connect(addr).await.map_err(err)?;
-            s.set_nodelay(true).map_err(err)?;
-            let mut buf = Vec::new();
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::AcqRel) as usize;
-                if i >= total {
-                    break;
-                }
-                let id = format!("bench-{prefix}-{i}");
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let t = Instant::now();
-                let req = rpc_request("runs.create", &json!({"workflow": workflow, "runId": id}));
-                let (status, body) = request(&mut s, &mut buf, &req).await?;
-                if status != 200 {
-                    return Err(format!(
-                        "runs.create: HTTP {status}: {}",
-                        String::from_utf8_lossy(&body)
-                    ));
-                }
-                let done = {
-                    let mut m = slots.lock().map_err(err)?;
-                    match m.remove(&id) {
-                        Some(Slot::Done(st)) => Some(st),
-                        _ => {
-                            m.insert(id.clone(), Slot::Waiting(tx));
-                            None
-                        }
-                    }
-                };
-                let st = match done {
-                    Some(st) => st,
-                    None => tokio::time::timeout(Duration::from_secs(30), rx)
-                        .await
-                        .map_err(|_| format!("run {id} did not complete within 30 s"))?
-                        .map_err(err)?,
-                };
-                if st != "finished" {
-                    return Err(format!("run {id} ended {st}"));
-                }
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-            Ok::<_, String>(lat)
-        });
-    }
-    let mut lat = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        lat.extend(r.map_err(err)??);
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    listen.abort();
-    Ok(ThroughputResult {
-        completed: lat.len(),
-        secs,
-        latencies_ms: sorted(lat),
-    })
+    crate::bench_cluster::throughput_across(&[addr], addr, workflow, total, in_flight).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -900,20 +796,26 @@ const THREE_TASKS: &str = "name: three\nsteps:\n  - task: {id: a, value: {n: 1}}
 
 /// Writes `smithers.toml` and the workflows into `dir`; returns the config path and store URL.
 pub(crate) fn write_config(dir: &Path) -> R<(PathBuf, String)> {
+    let url = format!("sqlite://{}", dir.join("smithers.db").display());
+    Ok((write_config_for(dir, &url)?, url))
+}
+
+/// Writes `smithers.toml` with store `url` and the workflows into `dir`; returns the config
+/// path.
+pub(crate) fn write_config_for(dir: &Path, url: &str) -> R<PathBuf> {
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::write(dir.join("one.yaml"), ONE_TASK).map_err(err)?;
     std::fs::write(dir.join("three.yaml"), THREE_TASKS).map_err(err)?;
-    let url = format!("sqlite://{}", dir.join("smithers.db").display());
     // a JSON string literal is a valid TOML basic string
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 50000\n\n[storage]\nurl = {}\n\n\
          [[workflows]]\nkey = \"one\"\npath = \"one.yaml\"\n\n\
          [[workflows]]\nkey = \"three\"\npath = \"three.yaml\"\n",
-        Value::String(url.clone())
+        Value::String(url.to_string())
     );
     let path = dir.join("smithers.toml");
     std::fs::write(&path, toml).map_err(err)?;
-    Ok((path, url))
+    Ok(path)
 }
 
 /// Stores `n` finished runs directly through the store API.

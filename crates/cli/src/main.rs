@@ -2,11 +2,13 @@
 
 mod act;
 mod bench;
+mod bench_cluster;
 mod bench_console;
 mod bench_devtools;
 mod bench_gateway;
 mod bench_guard;
 mod bench_latency;
+mod bench_pg;
 mod cron_cmd;
 mod diff_cmd;
 mod env_defaults;
@@ -350,6 +352,15 @@ enum BenchTarget {
         /// Only these parts (comma-separated); startup time and idle memory are always measured.
         #[arg(long, value_delimiter = ',')]
         only: Vec<bench_gateway::Part>,
+        /// Measure `runs.create → run.completed` on PostgreSQL instead of the SQLite figures:
+        /// `postgres` starts a throwaway local cluster (durable commits), a `postgres://…` URL
+        /// uses that database.
+        #[arg(long, value_name = "postgres|URL")]
+        db: Option<String>,
+        /// With `--db`: also measure this many `smithers serve` nodes sharing the database
+        /// (after one node), the load spread over them.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+        nodes: u8,
     },
     /// Measure DevTools: snapshot and delta of a 1,000-node tree, and 100 live stream
     /// subscribers on one busy run (`smithers serve` in a separate process).
@@ -620,9 +631,43 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
             json,
         } => workflows_cmd::run(paths, url, token, json).await,
         Cmd::Bench {
-            target: Some(BenchTarget::Gateway { quick, only }),
+            target:
+                Some(BenchTarget::Gateway {
+                    quick,
+                    only,
+                    db: None,
+                    nodes,
+                }),
             ..
-        } => bench_gateway::bench_gateway(quick, &only).await,
+        } => {
+            if nodes > 1 {
+                Err(SmithersError::new(
+                    Code::InvalidInput,
+                    "bench gateway: --nodes needs --db (nodes share a PostgreSQL database)",
+                ))
+            } else {
+                bench_gateway::bench_gateway(quick, &only).await
+            }
+        }
+        Cmd::Bench {
+            target:
+                Some(BenchTarget::Gateway {
+                    quick,
+                    only,
+                    db: Some(db),
+                    nodes,
+                }),
+            ..
+        } => {
+            if only.iter().any(|p| *p != bench_gateway::Part::Runs) {
+                Err(SmithersError::new(
+                    Code::InvalidInput,
+                    "bench gateway: with --db only `runs` is measured (--only runs)",
+                ))
+            } else {
+                bench_cluster::bench_cluster(quick, &db, usize::from(nodes)).await
+            }
+        }
         Cmd::Bench {
             target: Some(BenchTarget::Devtools { quick }),
             ..

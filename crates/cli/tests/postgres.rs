@@ -541,3 +541,43 @@ async fn client_on_one_node_sees_a_run_executed_on_another() {
     assert_eq!(finished.map(|e| e.seq), completed.first().map(|e| e.2));
     drop((a, b));
 }
+
+/// `smithers bench gateway --db postgres --nodes 2 --quick`: its own throwaway cluster, two
+/// `serve` processes on one database, a listener on the first node seeing every run finish.
+/// Only that it runs end to end is checked (a quick run's figures are not the targets').
+#[test]
+fn the_postgres_bench_runs_end_to_end_on_two_nodes() {
+    let dir = tempdir();
+    let out = smithers(
+        dir.path(),
+        &[
+            "bench", "gateway", "--db", "postgres", "--nodes", "2", "--quick",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    for row in [
+        "runs.create → run.completed, 1 task (1 node, 16 in flight)",
+        "runs.create → run.completed, 1 task (2 nodes, 64 in flight)",
+        "CPU per run: servers / PostgreSQL",
+        "PostgreSQL statements / transactions per run",
+    ] {
+        assert!(stdout.contains(row), "no `{row}` in:\n{stdout}");
+    }
+}
+
+#[test]
+fn the_bench_refuses_nodes_without_a_database_and_bad_db_values() {
+    let dir = tempdir();
+    let out = smithers(dir.path(), &["bench", "gateway", "--nodes", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nodes needs --db"));
+    let out = smithers(dir.path(), &["bench", "gateway", "--db", "mysql://x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postgres:// URL"));
+}

@@ -82,16 +82,18 @@ pub(crate) fn lock_key(class: &str, id: &str) -> i64 {
     i64::from_ne_bytes(h.to_ne_bytes())
 }
 
+/// Takes a transaction-level advisory lock (`$1`: the key).
+pub(crate) const XACT_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
+
 /// Holds `key` until the transaction ends.
 pub(crate) async fn xact_lock(conn: &mut Conn, key: i64) -> Result<(), DbErr> {
-    conn.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
-        .await?;
+    conn.execute(XACT_LOCK_SQL, &[&key]).await?;
     Ok(())
 }
 
 pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> {
     match op {
-        Op::Apply(batch, instance) => writes::exec_batch(conn, batch, instance)
+        Op::Apply(batch, instance) => writes::exec_batch(conn, batch, instance, true)
             .await
             .map(Out::Applied),
         Op::Claim {

@@ -15,8 +15,12 @@ use tokio_postgres::{AsyncMessage, Config, Connection, NoTls, Socket};
 
 /// The channel notices travel on.
 const CHANNEL: &str = "smithers_events";
-/// Sends one notice (delivered when the transaction commits).
-pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify('smithers_events', $1)";
+/// Sends the notice of the events a batch appended to one run (delivered when the
+/// transaction commits): `$1` the instance, `$2` the run id, `$3` how many events. The batch
+/// holds the run's event lock, so its events are the run's last `$3`.
+pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify('smithers_events',
+     $1::TEXT || ' ' || (MAX(seq) - $3::BIGINT + 1) || ' ' || MAX(seq) || ' ' || $2::TEXT)
+     FROM _smithers_events WHERE run_id = $2::TEXT";
 /// PostgreSQL refuses payloads of 8000 bytes or more.
 const MAX_NOTICE: usize = 7900;
 /// Notices buffered per receiver before a slow one lags.
@@ -33,6 +37,11 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 pub(crate) fn notice(instance: &str, run_id: &str, first: i64, last: i64) -> Option<String> {
     let s = format!("{instance} {first} {last} {run_id}");
     (s.len() <= MAX_NOTICE).then_some(s)
+}
+
+/// Whether notices of `run_id` are short enough to send, whatever their seqs.
+pub(crate) fn fits(instance: &str, run_id: &str) -> bool {
+    notice(instance, run_id, i64::MIN, i64::MIN).is_some()
 }
 
 /// The sender's instance and what it committed; None for a malformed notice.

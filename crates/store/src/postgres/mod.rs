@@ -16,6 +16,7 @@
 mod claims;
 mod deliveries;
 mod feed;
+mod pipeline;
 mod reads;
 pub mod schema;
 mod writes;
@@ -511,7 +512,12 @@ async fn run_in_tx(
     conn: &mut Conn,
     op: &claims::Op<'_>,
 ) -> std::result::Result<claims::Out, (DbErr, bool)> {
-    conn.begin().await.map_err(|e| (e, false))?;
+    if let claims::Op::Apply(..) = op {
+        // a batch sends its BEGIN together with its statements
+        conn.in_tx = true;
+    } else {
+        conn.begin().await.map_err(|e| (e, false))?;
+    }
     match claims::exec_op(conn, op).await {
         Ok(out) => {
             conn.commit().await.map_err(|e| (e, true))?;

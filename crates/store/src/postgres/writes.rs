@@ -1,11 +1,12 @@
-//! `Write` variants as SQL, applied inside one transaction per batch.
+//! `Write` variants as SQL, applied inside one transaction per batch and sent in one round
+//! trip.
 
-use super::claims::{LOCK_EVENTS, lock_key, xact_lock};
-use super::{Conn, DbErr, Param};
+use super::claims::{LOCK_EVENTS, XACT_LOCK_SQL, lock_key};
+use super::{Conn, DbErr, Param, pipeline};
 use crate::{Applied, Batch, OwnerGuard, RunPatch, Write, status};
 use smithers_core::{Code, SmithersError};
-use std::collections::HashMap;
-use tokio_postgres::types::ToSql;
+use std::borrow::Cow;
+use tokio_postgres::Row;
 
 fn validate_run_status(run_id: &str, s: &str) -> Result<(), DbErr> {
     if status::ALL.contains(&s) {
@@ -24,20 +25,50 @@ fn validate_run_status(run_id: &str, s: &str) -> Result<(), DbErr> {
     }
 }
 
-/// Locks the run row until commit and checks its owner: a concurrent `claim_run` by another
-/// node waits for this batch (and then sees the state it wrote), and a claim that committed
-/// first makes this batch fail with `RUN_LEASE_LOST`.
-async fn check_guard(conn: &mut Conn, g: &OwnerGuard) -> Result<(), DbErr> {
-    let row = conn
-        .query_opt(
-            "SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = $1 FOR UPDATE",
-            &[&g.run_id],
-        )
-        .await?;
-    let owner: Option<Option<String>> = match row {
-        Some(r) => Some(r.try_get(0)?),
-        None => None,
-    };
+/// A statement of a batch and what its answer must satisfy.
+struct Stmt<'a> {
+    sql: Cow<'a, str>,
+    params: Vec<Param<'a>>,
+    check: Check<'a>,
+}
+
+/// How a statement's rows (or error) are judged once the whole batch has been answered.
+enum Check<'a> {
+    /// Any rows; errors pass through.
+    Nothing,
+    /// The run row locked for the batch: its owner must be the guard's.
+    Guard(&'a OwnerGuard),
+    /// `INSERT … ON CONFLICT DO NOTHING RETURNING 1` of a run: no row means it exists.
+    RunInserted(&'a str),
+    /// `UPDATE … RETURNING 1` (or a `SELECT 1`) of a run: no row means there is no such run.
+    RunUpdated(&'a str),
+    /// An event appended: its row holds the seq it got.
+    EventSeq,
+    /// An insert whose unique violation means the row exists already.
+    Unique(&'static str, &'a str, i64),
+}
+
+impl<'a> Stmt<'a> {
+    fn new(sql: &'static str, params: Vec<Param<'a>>) -> Self {
+        Stmt {
+            sql: Cow::Borrowed(sql),
+            params,
+            check: Check::Nothing,
+        }
+    }
+
+    fn checked(sql: &'static str, params: Vec<Param<'a>>, check: Check<'a>) -> Self {
+        Stmt {
+            sql: Cow::Borrowed(sql),
+            params,
+            check,
+        }
+    }
+}
+
+/// The verdict on a locked run row of the guard's run (`None` when there is no such run):
+/// a claim that committed first makes the batch fail with `RUN_LEASE_LOST`.
+fn check_guard(g: &OwnerGuard, owner: Option<Option<String>>) -> Result<(), DbErr> {
     let msg = match owner {
         Some(Some(o)) if o == g.owner => return Ok(()),
         Some(Some(o)) => format!(
@@ -58,76 +89,115 @@ async fn check_guard(conn: &mut Conn, g: &OwnerGuard) -> Result<(), DbErr> {
     ))
 }
 
-/// Applies a batch; the events it appends are announced to other nodes with a notice sent
-/// on commit (see [`super::feed`]), signed with `instance`.
+impl Check<'_> {
+    /// Judges one statement's answer; records event seqs in `applied`.
+    fn judge(&self, answer: Result<Vec<Row>, DbErr>, applied: &mut Applied) -> Result<(), DbErr> {
+        let rows = match (self, answer) {
+            (Check::Unique(what, run_id, frame_no), Err(e)) => {
+                return Err(duplicate(e, || {
+                    format!("{what} {frame_no} of run `{run_id}` already exists")
+                }));
+            }
+            (_, Err(e)) => return Err(e),
+            (_, Ok(rows)) => rows,
+        };
+        match self {
+            Check::Nothing | Check::Unique(..) => Ok(()),
+            Check::Guard(g) => {
+                let owner = match rows.first() {
+                    Some(r) => Some(r.try_get(0)?),
+                    None => None,
+                };
+                check_guard(g, owner)
+            }
+            Check::RunInserted(run_id) if rows.is_empty() => Err(DbErr::App(
+                SmithersError::new(Code::RunExists, format!("run `{run_id}` already exists"))
+                    .terminal(),
+            )),
+            Check::RunUpdated(run_id) if rows.is_empty() => Err(DbErr::App(
+                SmithersError::new(
+                    Code::RunNotFound,
+                    format!("run `{run_id}` does not exist, so it cannot be updated"),
+                )
+                .terminal(),
+            )),
+            Check::RunInserted(_) | Check::RunUpdated(_) => Ok(()),
+            Check::EventSeq => {
+                let row = rows.first().ok_or_else(|| {
+                    DbErr::App(SmithersError::new(
+                        Code::Internal,
+                        "appending an event returned no seq",
+                    ))
+                })?;
+                applied.event_seqs.push(row.try_get(0)?);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Applies a batch in the open transaction (opening it first when `begin` is set), all its
+/// statements in one round trip (see [`super::pipeline`]). In order: the per-run event locks,
+/// the guard's run row locked (`SELECT … FOR UPDATE`, so a concurrent `claim_run` by another
+/// node waits for this batch and then sees what it wrote), the writes, and for each run with
+/// new events a notice to other nodes sent on commit (see [`super::feed`]), signed with
+/// `instance`. Each event's seq is computed in its `INSERT` (the run's last seq + 1) under the
+/// run's event lock, so seqs stay gapless and unique across processes.
 pub(crate) async fn exec_batch(
     conn: &mut Conn,
     batch: &Batch,
     instance: &str,
+    begin: bool,
 ) -> Result<Applied, DbErr> {
-    // Per-run event locks first, in a fixed order, so two batches touching the same runs
-    // never wait on each other in opposite orders.
-    let mut event_runs: Vec<&str> = batch
-        .writes
+    // Events appended per run, by run id: locks are taken in a fixed order, so two batches
+    // touching the same runs never wait on each other in opposite orders.
+    let mut appended: Vec<(&str, i64)> = Vec::new();
+    for w in &batch.writes {
+        if let Write::AppendEvent { run_id, .. } = w {
+            match appended.iter_mut().find(|(r, _)| *r == run_id.as_str()) {
+                Some((_, n)) => *n += 1,
+                None => appended.push((run_id.as_str(), 1)),
+            }
+        }
+    }
+    appended.sort_unstable();
+    let mut keys: Vec<i64> = appended
         .iter()
-        .filter_map(|w| match w {
-            Write::AppendEvent { run_id, .. } => Some(run_id.as_str()),
-            _ => None,
-        })
-        .collect();
-    event_runs.sort_unstable();
-    event_runs.dedup();
-    let mut keys: Vec<i64> = event_runs
-        .iter()
-        .map(|r| lock_key(LOCK_EVENTS, r))
+        .map(|(r, _)| lock_key(LOCK_EVENTS, r))
         .collect();
     keys.sort_unstable();
     keys.dedup();
-    for key in keys {
-        xact_lock(conn, key).await?;
+    let mut plan: Vec<Stmt<'_>> = Vec::with_capacity(batch.writes.len() + keys.len() + 2);
+    for key in &keys {
+        plan.push(Stmt::new(XACT_LOCK_SQL, vec![key]));
     }
     if let Some(g) = &batch.guard {
-        check_guard(conn, g).await?;
+        plan.push(Stmt::checked(
+            "SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = $1 FOR UPDATE",
+            vec![&g.run_id],
+            Check::Guard(g),
+        ));
     }
-    let mut first_seq: HashMap<&str, i64> = HashMap::new();
-    let mut next_seq: HashMap<&str, i64> = HashMap::new();
-    let mut applied = Applied::default();
     for w in &batch.writes {
-        if let Write::AppendEvent {
-            run_id,
-            timestamp_ms,
-            event_type,
-            payload_json,
-        } = w
-        {
-            let seq = match next_seq.get(run_id.as_str()) {
-                Some(s) => *s,
-                None => {
-                    conn.query_i64(
-                        "SELECT COALESCE(MAX(seq) + 1, 0)::BIGINT FROM _smithers_events WHERE run_id = $1",
-                        &[run_id],
-                    )
-                    .await?
-                }
-            };
-            conn.execute(
-                "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[run_id, &seq, timestamp_ms, event_type, payload_json],
-            )
-            .await?;
-            first_seq.entry(run_id.as_str()).or_insert(seq);
-            next_seq.insert(run_id.as_str(), seq + 1);
-            applied.event_seqs.push(seq);
-        } else {
-            exec_write(conn, w).await?;
+        plan_write(w, &mut plan)?;
+    }
+    let instance = instance.to_string();
+    for (run_id, n) in &appended {
+        if super::feed::fits(&instance, run_id) {
+            plan.push(Stmt::new(
+                super::feed::NOTIFY_SQL,
+                vec![&instance, run_id, n],
+            ));
         }
     }
-    for (run_id, first) in first_seq {
-        let last = next_seq.get(run_id).map_or(first, |n| n - 1);
-        if let Some(notice) = super::feed::notice(instance, run_id, first, last) {
-            conn.execute(super::feed::NOTIFY_SQL, &[&notice]).await?;
-        }
+    let sent: Vec<(&str, &[Param<'_>])> = plan
+        .iter()
+        .map(|s| (s.sql.as_ref(), s.params.as_slice()))
+        .collect();
+    let answers = pipeline::send_all(conn, begin, &sent).await?;
+    let mut applied = Applied::default();
+    for (stmt, answer) in plan.iter().zip(answers) {
+        stmt.check.judge(answer, &mut applied)?;
     }
     Ok(applied)
 }
@@ -140,20 +210,19 @@ fn duplicate(e: DbErr, msg: impl FnOnce() -> String) -> DbErr {
     }
 }
 
-/// Executes one write other than `AppendEvent`.
-async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
+/// Adds the statements of one write to `plan`.
+fn plan_write<'a>(w: &'a Write, plan: &mut Vec<Stmt<'a>>) -> Result<(), DbErr> {
     match w {
         Write::InsertRun(r) => {
             validate_run_status(&r.run_id, &r.status)?;
-            let n = conn
-                .execute(
-                    "INSERT INTO _smithers_runs (run_id, parent_run_id, workflow_name, workflow_path, workflow_hash,
+            plan.push(Stmt::checked(
+                "INSERT INTO _smithers_runs (run_id, parent_run_id, workflow_name, workflow_path, workflow_hash,
                         status, created_at_ms, started_at_ms, finished_at_ms, heartbeat_at_ms, runtime_owner_id,
                         cancel_requested_at_ms, hijack_requested_at_ms, hijack_target, vcs_type, vcs_root,
                         vcs_revision, error_json, config_json)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-                     ON CONFLICT (run_id) DO NOTHING",
-                    &[
+                     ON CONFLICT (run_id) DO NOTHING RETURNING 1",
+                vec![
                         &r.run_id,
                         &r.parent_run_id,
                         &r.workflow_name,
@@ -174,38 +243,23 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                         &r.error_json,
                         &r.config_json,
                     ],
-                )
-                .await?;
-            if n == 0 {
-                return Err(DbErr::App(
-                    SmithersError::new(
-                        Code::RunExists,
-                        format!("run `{}` already exists", r.run_id),
-                    )
-                    .terminal(),
-                ));
-            }
+                Check::RunInserted(&r.run_id),
+            ));
         }
-        Write::UpdateRun { run_id, patch } => update_run(conn, run_id, patch).await?,
+        Write::UpdateRun { run_id, patch } => plan.push(update_run(run_id, patch)?),
         Write::InsertInput {
             run_id,
             payload_json,
         } => {
-            conn.execute(
-                "INSERT INTO input (run_id, payload) VALUES ($1, $2) ON CONFLICT (run_id) DO NOTHING",
-                &[run_id, payload_json],
-            )
-            .await?;
+            plan.push(Stmt::new("INSERT INTO input (run_id, payload) VALUES ($1, $2) ON CONFLICT (run_id) DO NOTHING", vec![run_id, payload_json]));
         }
         Write::UpsertNode(n) => {
-            conn.execute(
-                "INSERT INTO _smithers_nodes (run_id, node_id, iteration, state, last_attempt, updated_at_ms, output_table, label)
+            plan.push(Stmt::new("INSERT INTO _smithers_nodes (run_id, node_id, iteration, state, last_attempt, updated_at_ms, output_table, label)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (run_id, node_id, iteration) DO UPDATE SET
                     state = excluded.state, last_attempt = excluded.last_attempt,
                     updated_at_ms = excluded.updated_at_ms, output_table = excluded.output_table,
-                    label = excluded.label",
-                &[
+                    label = excluded.label", vec![
                     &n.run_id,
                     &n.node_id,
                     &n.iteration,
@@ -214,23 +268,20 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &n.updated_at_ms,
                     &n.output_table,
                     &n.label,
-                ],
-            )
-            .await?;
+                ]));
         }
         Write::UpsertAttempt(a) => {
-            conn.execute(
-                "INSERT INTO _smithers_attempts (run_id, node_id, iteration, attempt, state, started_at_ms,
+            plan.push(Stmt::new("INSERT INTO _smithers_attempts (run_id, node_id, iteration, attempt, state, started_at_ms,
                     finished_at_ms, heartbeat_at_ms, heartbeat_data_json, error_json, jj_pointer, response_text,
                     jj_cwd, cached, meta_json)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                    CASE WHEN $14::BOOLEAN THEN 1 ELSE 0 END, $15)
                  ON CONFLICT (run_id, node_id, iteration, attempt) DO UPDATE SET
                     state = excluded.state, started_at_ms = excluded.started_at_ms,
                     finished_at_ms = excluded.finished_at_ms, heartbeat_at_ms = excluded.heartbeat_at_ms,
                     heartbeat_data_json = excluded.heartbeat_data_json, error_json = excluded.error_json,
                     jj_pointer = excluded.jj_pointer, response_text = excluded.response_text,
-                    jj_cwd = excluded.jj_cwd, cached = excluded.cached, meta_json = excluded.meta_json",
-                &[
+                    jj_cwd = excluded.jj_cwd, cached = excluded.cached, meta_json = excluded.meta_json", vec![
                     &a.run_id,
                     &a.node_id,
                     &a.iteration,
@@ -244,40 +295,30 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &a.jj_pointer,
                     &a.response_text,
                     &a.jj_cwd,
-                    &i64::from(a.cached),
+                    &a.cached,
                     &a.meta_json,
-                ],
-            )
-            .await?;
+                ]));
         }
         Write::UpsertOutput(o) => {
-            conn.execute(
-                "INSERT INTO _smithers_outputs (run_id, node_id, iteration, output_table, payload_json, created_at_ms)
+            plan.push(Stmt::new("INSERT INTO _smithers_outputs (run_id, node_id, iteration, output_table, payload_json, created_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (run_id, node_id, iteration) DO UPDATE SET
                     output_table = excluded.output_table, payload_json = excluded.payload_json,
-                    created_at_ms = excluded.created_at_ms",
-                &[
+                    created_at_ms = excluded.created_at_ms", vec![
                     &o.run_id,
                     &o.node_id,
                     &o.iteration,
                     &o.output_table,
                     &o.payload_json,
                     &o.created_at_ms,
-                ],
-            )
-            .await?;
+                ]));
         }
         Write::DeleteOutput {
             run_id,
             node_id,
             iteration,
         } => {
-            conn.execute(
-                "DELETE FROM _smithers_outputs WHERE run_id = $1 AND node_id = $2 AND iteration = $3",
-                &[run_id, node_id, iteration],
-            )
-            .await?;
+            plan.push(Stmt::new("DELETE FROM _smithers_outputs WHERE run_id = $1 AND node_id = $2 AND iteration = $3", vec![run_id, node_id, iteration]));
         }
         Write::ClearRunState { run_id } => {
             for sql in [
@@ -285,7 +326,7 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                 "DELETE FROM _smithers_outputs WHERE run_id = $1",
                 "DELETE FROM _smithers_ralph WHERE run_id = $1",
             ] {
-                conn.execute(sql, &[run_id]).await?;
+                plan.push(Stmt::new(sql, vec![run_id]));
             }
         }
         Write::DeleteFramesAfter { run_id, frame_no } => {
@@ -293,30 +334,25 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                 "DELETE FROM _smithers_frames WHERE run_id = $1 AND frame_no > $2",
                 "DELETE FROM _smithers_snapshots WHERE run_id = $1 AND frame_no > $2",
             ] {
-                conn.execute(sql, &[run_id, frame_no]).await?;
+                plan.push(Stmt::new(sql, vec![run_id, frame_no]));
             }
         }
         Write::DeleteAttemptsAfter {
             run_id,
             started_after_ms,
         } => {
-            conn.execute(
+            plan.push(Stmt::new(
                 "DELETE FROM _smithers_attempts WHERE run_id = $1 AND started_at_ms > $2",
-                &[run_id, started_after_ms],
-            )
-            .await?;
-            conn.execute(
-                "DELETE FROM _smithers_approvals WHERE run_id = $1 AND COALESCE(decided_at_ms, requested_at_ms, 0) > $2",
-                &[run_id, started_after_ms],
-            )
-            .await?;
+                vec![run_id, started_after_ms],
+            ));
+            plan.push(Stmt::new("DELETE FROM _smithers_approvals WHERE run_id = $1 AND COALESCE(decided_at_ms, requested_at_ms, 0) > $2", vec![run_id, started_after_ms]));
         }
         Write::InsertFrame(f) => {
-            conn.execute(
+            plan.push(Stmt::checked(
                 "INSERT INTO _smithers_frames (run_id, frame_no, created_at_ms, xml_json, xml_hash, encoding,
                     mounted_task_ids_json, task_index_json, note)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                &[
+                vec![
                     &f.run_id,
                     &f.frame_no,
                     &f.created_at_ms,
@@ -327,23 +363,15 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &f.task_index_json,
                     &f.note,
                 ],
-            )
-            .await
-            .map_err(|e| {
-                duplicate(e, || {
-                    format!(
-                        "frame {} of run `{}` already exists",
-                        f.frame_no, f.run_id
-                    )
-                })
-            })?;
+                Check::Unique("frame", &f.run_id, f.frame_no),
+            ));
         }
         Write::InsertSnapshot(s) => {
-            conn.execute(
+            plan.push(Stmt::checked(
                 "INSERT INTO _smithers_snapshots (run_id, frame_no, encoding, nodes_json, outputs_json, ralph_json,
                     input_json, vcs_pointer, workflow_hash, content_hash, created_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[
+                vec![
                     &s.run_id,
                     &s.frame_no,
                     &s.encoding,
@@ -356,33 +384,33 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &s.content_hash,
                     &s.created_at_ms,
                 ],
-            )
-            .await
-            .map_err(|e| {
-                duplicate(e, || {
-                    format!(
-                        "snapshot of frame {} of run `{}` already exists",
-                        s.frame_no, s.run_id
-                    )
-                })
-            })?;
+                Check::Unique("snapshot of frame", &s.run_id, s.frame_no),
+            ));
         }
-        Write::AppendEvent { .. } => {
-            // Handled by `exec_batch`, which assigns the seq.
-            return Err(DbErr::App(SmithersError::new(
-                Code::Internal,
-                "AppendEvent reached exec_write",
-            )));
+        Write::AppendEvent {
+            run_id,
+            timestamp_ms,
+            event_type,
+            payload_json,
+        } => {
+            plan.push(Stmt::checked(
+                "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
+                 SELECT $1::TEXT, COALESCE(MAX(seq) + 1, 0), $2::BIGINT, $3::TEXT, $4::TEXT
+                 FROM _smithers_events WHERE run_id = $1::TEXT
+                 RETURNING seq",
+                vec![run_id, timestamp_ms, event_type, payload_json],
+                Check::EventSeq,
+            ));
         }
         Write::UpsertAudit(a) => {
-            conn.execute(
+            plan.push(Stmt::new(
                 "INSERT INTO _smithers_time_travel_audit (id, run_id, from_frame_no, to_frame_no, caller,
                     timestamp_ms, result, duration_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (id) DO UPDATE SET
                     from_frame_no = excluded.from_frame_no, to_frame_no = excluded.to_frame_no,
                     result = excluded.result, duration_ms = excluded.duration_ms",
-                &[
+                vec![
                     &a.id,
                     &a.run_id,
                     &a.from_frame_no,
@@ -392,18 +420,17 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &a.result,
                     &a.duration_ms,
                 ],
-            )
-            .await?;
+            ));
         }
         Write::UpsertNodeDiff(d) => {
-            conn.execute(
+            plan.push(Stmt::new(
                 "INSERT INTO _smithers_node_diffs (run_id, node_id, iteration, base_ref, attempt,
                     attempt_started_at_ms, bundle_json, created_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (run_id, node_id, iteration, attempt, base_ref) DO UPDATE SET
                     attempt_started_at_ms = excluded.attempt_started_at_ms,
                     bundle_json = excluded.bundle_json, created_at_ms = excluded.created_at_ms",
-                &[
+                vec![
                     &d.run_id,
                     &d.node_id,
                     &d.iteration,
@@ -413,8 +440,7 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &d.bundle_json,
                     &d.created_at_ms,
                 ],
-            )
-            .await?;
+            ));
         }
         Write::DeleteAttempt {
             run_id,
@@ -426,47 +452,40 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                 "DELETE FROM _smithers_attempts WHERE run_id = $1 AND node_id = $2 AND iteration = $3 AND attempt = $4",
                 "DELETE FROM _smithers_node_diffs WHERE run_id = $1 AND node_id = $2 AND iteration = $3 AND attempt = $4",
             ] {
-                conn.execute(sql, &[run_id, node_id, iteration, attempt])
-                    .await?;
+                plan.push(Stmt::new(sql, vec![run_id, node_id, iteration, attempt]));
             }
         }
         Write::DeleteNodeDiffsAfter {
             run_id,
             started_after_ms,
         } => {
-            conn.execute(
+            plan.push(Stmt::new(
                 "DELETE FROM _smithers_node_diffs WHERE run_id = $1 AND attempt_started_at_ms > $2",
-                &[run_id, started_after_ms],
-            )
-            .await?;
+                vec![run_id, started_after_ms],
+            ));
         }
         Write::UpsertLoop(l) => {
-            conn.execute(
-                "INSERT INTO _smithers_ralph (run_id, ralph_id, iteration, done, updated_at_ms)
-                 VALUES ($1, $2, $3, $4, $5)
+            plan.push(Stmt::new("INSERT INTO _smithers_ralph (run_id, ralph_id, iteration, done, updated_at_ms)
+                 VALUES ($1, $2, $3, CASE WHEN $4::BOOLEAN THEN 1 ELSE 0 END, $5)
                  ON CONFLICT (run_id, ralph_id) DO UPDATE SET
-                    iteration = excluded.iteration, done = excluded.done, updated_at_ms = excluded.updated_at_ms",
-                &[
+                    iteration = excluded.iteration, done = excluded.done, updated_at_ms = excluded.updated_at_ms", vec![
                     &l.run_id,
                     &l.ralph_id,
                     &l.iteration,
-                    &i64::from(l.done),
+                    &l.done,
                     &l.updated_at_ms,
-                ],
-            )
-            .await?;
+                ]));
         }
         Write::UpsertApproval(a) => {
-            conn.execute(
-                "INSERT INTO _smithers_approvals (run_id, node_id, iteration, status, requested_at_ms, decided_at_ms,
+            plan.push(Stmt::new("INSERT INTO _smithers_approvals (run_id, node_id, iteration, status, requested_at_ms, decided_at_ms,
                     note, decided_by, request_json, decision_json, auto_approved)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                    CASE WHEN $11::BOOLEAN THEN 1 ELSE 0 END)
                  ON CONFLICT (run_id, node_id, iteration) DO UPDATE SET
                     status = excluded.status, requested_at_ms = excluded.requested_at_ms,
                     decided_at_ms = excluded.decided_at_ms, note = excluded.note, decided_by = excluded.decided_by,
                     request_json = excluded.request_json, decision_json = excluded.decision_json,
-                    auto_approved = excluded.auto_approved",
-                &[
+                    auto_approved = excluded.auto_approved", vec![
                     &a.run_id,
                     &a.node_id,
                     &a.iteration,
@@ -477,84 +496,67 @@ async fn exec_write(conn: &mut Conn, w: &Write) -> Result<(), DbErr> {
                     &a.decided_by,
                     &a.request_json,
                     &a.decision_json,
-                    &i64::from(a.auto_approved),
-                ],
-            )
-            .await?;
+                    &a.auto_approved,
+                ]));
         }
     }
     Ok(())
 }
 
-/// One column value of a run patch.
-enum Val {
-    Int(Option<i64>),
-    Text(Option<String>),
-}
-
-async fn update_run(conn: &mut Conn, run_id: &str, p: &RunPatch) -> Result<(), DbErr> {
-    let mut sets: Vec<(&str, Val)> = Vec::new();
+/// The `UPDATE` of a run patch (a `SELECT 1` for an empty patch): either must find the run.
+fn update_run<'a>(run_id: &'a String, p: &'a RunPatch) -> Result<Stmt<'a>, DbErr> {
+    let mut sets: Vec<(&str, Param<'a>)> = Vec::new();
     if let Some(s) = &p.status {
         validate_run_status(run_id, s)?;
-        sets.push(("status", Val::Text(Some(s.clone()))));
+        sets.push(("status", s));
     }
     if let Some(v) = &p.workflow_name {
-        sets.push(("workflow_name", Val::Text(Some(v.clone()))));
+        sets.push(("workflow_name", v));
     }
-    if let Some(v) = p.started_at_ms {
-        sets.push(("started_at_ms", Val::Int(v)));
+    if let Some(v) = &p.started_at_ms {
+        sets.push(("started_at_ms", v));
     }
-    if let Some(v) = p.finished_at_ms {
-        sets.push(("finished_at_ms", Val::Int(v)));
+    if let Some(v) = &p.finished_at_ms {
+        sets.push(("finished_at_ms", v));
     }
-    if let Some(v) = p.heartbeat_at_ms {
-        sets.push(("heartbeat_at_ms", Val::Int(v)));
+    if let Some(v) = &p.heartbeat_at_ms {
+        sets.push(("heartbeat_at_ms", v));
     }
     if let Some(v) = &p.runtime_owner_id {
-        sets.push(("runtime_owner_id", Val::Text(v.clone())));
+        sets.push(("runtime_owner_id", v));
     }
-    if let Some(v) = p.cancel_requested_at_ms {
-        sets.push(("cancel_requested_at_ms", Val::Int(v)));
+    if let Some(v) = &p.cancel_requested_at_ms {
+        sets.push(("cancel_requested_at_ms", v));
     }
     if let Some(v) = &p.error_json {
-        sets.push(("error_json", Val::Text(v.clone())));
+        sets.push(("error_json", v));
     }
     if let Some(v) = &p.config_json {
-        sets.push(("config_json", Val::Text(v.clone())));
+        sets.push(("config_json", v));
     }
-    let n = if sets.is_empty() {
-        let found = conn
-            .query_opt("SELECT 1 FROM _smithers_runs WHERE run_id = $1", &[&run_id])
-            .await?;
-        u64::from(found.is_some())
-    } else {
-        let assignments: Vec<String> = sets
-            .iter()
-            .enumerate()
-            .map(|(i, (col, _))| format!("{col} = ${}", i + 2))
-            .collect();
-        let sql = format!(
-            "UPDATE _smithers_runs SET {} WHERE run_id = $1",
-            assignments.join(", ")
-        );
-        let mut params: Vec<Param<'_>> = Vec::with_capacity(sets.len() + 1);
-        params.push(&run_id);
-        for (_, v) in &sets {
-            params.push(match v {
-                Val::Int(i) => i as &(dyn ToSql + Sync),
-                Val::Text(t) => t as &(dyn ToSql + Sync),
-            });
-        }
-        conn.execute(&sql, &params).await?
-    };
-    if n == 0 {
-        return Err(DbErr::App(
-            SmithersError::new(
-                Code::RunNotFound,
-                format!("run `{run_id}` does not exist, so it cannot be updated"),
-            )
-            .terminal(),
+    let check = Check::RunUpdated(run_id);
+    if sets.is_empty() {
+        return Ok(Stmt::checked(
+            "SELECT 1 FROM _smithers_runs WHERE run_id = $1",
+            vec![run_id],
+            check,
         ));
     }
-    Ok(())
+    let assignments: Vec<String> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, (col, _))| format!("{col} = ${}", i + 2))
+        .collect();
+    let sql = format!(
+        "UPDATE _smithers_runs SET {} WHERE run_id = $1 RETURNING 1",
+        assignments.join(", ")
+    );
+    let mut params: Vec<Param<'a>> = Vec::with_capacity(sets.len() + 1);
+    params.push(run_id);
+    params.extend(sets.into_iter().map(|(_, v)| v));
+    Ok(Stmt {
+        sql: Cow::Owned(sql),
+        params,
+        check,
+    })
 }
