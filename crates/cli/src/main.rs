@@ -386,7 +386,7 @@ enum BenchTarget {
         #[arg(long, default_value = "docs/benchmarks.md", value_name = "FILE")]
         baseline: std::path::PathBuf,
         /// Passes; each figure is the best of them.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         passes: usize,
         /// Small workloads, for a smoke check (not comparable to the baseline).
         #[arg(long)]
