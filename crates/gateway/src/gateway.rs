@@ -185,6 +185,22 @@ pub struct Caller<'a> {
     pub answering: Option<&'a std::sync::Mutex<Vec<String>>>,
 }
 
+impl Caller<'_> {
+    /// Subscribes the caller's connection to a run it starts or resumes (the upstream
+    /// auto-subscribe rule); over WebSocket the run's events then wait until the response to
+    /// this request is queued.
+    pub fn follow(&self, run_id: &str) {
+        let Some(c) = self.conn else { return };
+        c.subscribe(run_id);
+        if let Some(a) = self.answering
+            && let Ok(mut runs) = a.lock()
+        {
+            c.hold_until_answered(run_id);
+            runs.push(run_id.to_string());
+        }
+    }
+}
+
 impl Gateway {
     pub fn new(
         engine: Engine,

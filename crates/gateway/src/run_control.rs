@@ -61,15 +61,7 @@ impl Gateway {
         });
         // subscribe before the run starts, so its first events reach this connection too
         let run_id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if let Some(c) = caller.conn {
-            c.subscribe(&run_id);
-            if let Some(a) = caller.answering
-                && let Ok(mut runs) = a.lock()
-            {
-                c.hold_until_answered(&run_id);
-                runs.push(run_id.clone());
-            }
-        }
+        caller.follow(&run_id);
         self.remember_key(&run_id, key);
         let handle = self
             .engine
@@ -115,8 +107,8 @@ impl Gateway {
         run_id: &str,
         caller: Option<&Caller<'_>>,
     ) -> Result<(), RpcError> {
-        if let Some(c) = caller.and_then(|c| c.conn) {
-            c.subscribe(run_id);
+        if let Some(c) = caller {
+            c.follow(run_id);
         }
         for _ in 0..20 {
             if self.engine.wake(run_id) {

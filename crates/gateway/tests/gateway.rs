@@ -1819,3 +1819,48 @@ async fn runs_create_is_answered_before_any_event_of_its_run() {
         }
     }
 }
+
+/// A run resumed by a WebSocket request (here `approvals.decide`) sends that connection no
+/// event of its own before the response; `approval.decided` is broadcast by the decision
+/// itself and may come first, as from upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_resumed_over_websocket_is_answered_before_its_events() {
+    let s = start(Spec {
+        workflows: vec![("gated", GATED.into())],
+        ..Default::default()
+    })
+    .await;
+    for round in 0..20 {
+        let r = rpc(s.addr, "runs.create", json!({"workflow": "gated"}), &[])
+            .await
+            .json();
+        let id = r["payload"]["runId"].as_str().unwrap().to_string();
+        wait_status(s.addr, &id, "waiting-approval").await;
+        let mut ws = ws(s.addr).await;
+        assert_eq!(connect(&mut ws, hello_params()).await["ok"], true);
+        let mut before = Vec::new();
+        let res = call(
+            &mut ws,
+            "d",
+            "approvals.decide",
+            json!({"runId": id, "nodeId": "gate", "approved": true}),
+            &mut before,
+        )
+        .await;
+        assert_eq!(res["ok"], true, "{res}");
+        let early: Vec<&Value> = before
+            .iter()
+            .filter(|f| f["payload"]["runId"] == id.as_str() && f["event"] != "approval.decided")
+            .collect();
+        assert!(
+            early.is_empty(),
+            "round {round}: before the response: {early:?}"
+        );
+        loop {
+            let f = next(&mut ws).await;
+            if f["event"] == "run.completed" && f["payload"]["runId"] == id.as_str() {
+                break;
+            }
+        }
+    }
+}

@@ -179,9 +179,7 @@ pub async fn resume(c: &Call<'_>) -> Result<Value, RpcError> {
             return Err(RpcError::new("INVALID_REQUEST", "force must be a boolean"));
         }
     };
-    if let Some(conn) = c.caller.conn {
-        conn.subscribe(id);
-    }
+    c.caller.follow(id);
     if gw.engine.is_active(id) {
         return Ok(json!({"runId": id, "status": "running", "resumed": false}));
     }
@@ -219,9 +217,7 @@ pub async fn fork(c: &Call<'_>) -> Result<Value, RpcError> {
     };
     let h = gw.engine.fork(wf, id, frame, input, new_id).await?;
     let run = h.run_id.clone();
-    if let Some(conn) = c.caller.conn {
-        conn.subscribe(&run);
-    }
+    c.caller.follow(&run);
     drop(h);
     Ok(json!({"runId": run, "workflow": key, "parentRunId": id, "frameNo": frame}))
 }
