@@ -8,7 +8,7 @@
 //! `LISTEN/NOTIFY` feed, which is the contract a client of any node relies on.
 
 use crate::bench_gateway::{
-    R, ServerProc, Table, ThroughputResult, cpu_ms, err, handshake, loadavg, next_text, percentile,
+    R, ServerProc, Table, ThroughputResult, cpu_ms, err, handshake, loadavg, next_text,
     raise_nofile, request, rpc_request, sorted, spawn_server, thousands, write_config_for,
 };
 use crate::bench_pg::{TempCluster, tree_cpu_ms};
@@ -124,16 +124,7 @@ async fn run(tmp: &Path, quick: bool, db: &str, nodes: usize) -> R<u8> {
                 &target,
                 pass,
             );
-            table.add(
-                "  create → completed latency p50 / p99",
-                format!(
-                    "{:.1} / {:.1} ms",
-                    percentile(&t.latencies_ms, 0.5),
-                    percentile(&t.latencies_ms, 0.99)
-                ),
-                "",
-                None,
-            );
+            table.p50_p99("  create → completed latency p50 / p99", &t.latencies_ms);
             let top = probe.finish(&mut table, t.completed).await;
             if n == nodes && in_flight == 64 {
                 print_top(&top, t.completed);

@@ -110,6 +110,12 @@ impl Table {
         self.rows.push(f);
     }
 
+    /// A row without a target: the p50 and p99 of `sorted` latencies (ms).
+    pub(crate) fn p50_p99(&mut self, name: impl Into<String>, sorted: &[f64]) {
+        let (p50, p99) = (percentile(sorted, 0.5), percentile(sorted, 0.99));
+        self.add(name, format!("{p50:.2} / {p99:.2} ms"), "", None);
+    }
+
     pub(crate) fn print(&self) {
         println!(
             "\n{:<66} {:>16}  {:<10} result",
@@ -1091,16 +1097,7 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
                 &format!("≥ {}", thousands(min_rate)),
                 Some(rate >= min_rate),
             );
-            table.add(
-                "  create → completed latency p50 / p99",
-                format!(
-                    "{:.1} / {:.1} ms",
-                    percentile(&t.latencies_ms, 0.5),
-                    percentile(&t.latencies_ms, 0.99)
-                ),
-                "",
-                None,
-            );
+            table.p50_p99("  create → completed latency p50 / p99", &t.latencies_ms);
             cpu.row(&mut table, "run", t.completed);
         }
     }

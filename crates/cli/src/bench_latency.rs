@@ -242,15 +242,9 @@ pub async fn measure(addr: SocketAddr, total: usize, table: &mut Table) -> R<()>
         }
     }
     let lat = create_latency(addr, "one", 4, 4, total).await?;
-    table.add(
+    table.p50_p99(
         "  runs.create response, 16 creates in flight (runs pile up): p50 / p99",
-        format!(
-            "{:.2} / {:.2} ms",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
-        ),
-        "",
-        None,
+        &lat,
     );
     Ok(())
 }

@@ -101,14 +101,11 @@ impl ConnShared {
             .unwrap_or(true)
     }
 
-    /// Holds the events of `run_id` on this connection until [`ConnShared::answered`]: the
-    /// request starting the run is still being answered. A run being replayed keeps its gate.
+    /// Subscribes to `run_id` and holds its events on this connection until
+    /// [`ConnShared::answered`]: the request starting the run is still being answered. A run
+    /// being replayed keeps its gate.
     pub fn hold_until_answered(&self, run_id: &str) {
-        if let Ok(mut v) = self.view.write() {
-            v.gates
-                .entry(run_id.to_string())
-                .or_insert_with(|| crate::replay_gate::Gate::Unanswered(Default::default()));
-        }
+        self.subscribe_and(run_id, true);
     }
 
     /// The response to the request that started `runs` is queued: their held events follow
@@ -137,10 +134,19 @@ impl ConnShared {
 
     /// Adds a run to the subscription set, creating it (the upstream auto-subscribe rule).
     pub fn subscribe(&self, run_id: &str) {
-        if let Ok(mut v) = self.view.write() {
-            v.runs
-                .get_or_insert_with(HashSet::new)
-                .insert(run_id.to_string());
+        self.subscribe_and(run_id, false);
+    }
+
+    /// Subscribes to `run_id` and, with `hold`, holds its events (one view lock for both).
+    fn subscribe_and(&self, run_id: &str, hold: bool) {
+        let Ok(mut v) = self.view.write() else { return };
+        v.runs
+            .get_or_insert_with(HashSet::new)
+            .insert(run_id.to_string());
+        if hold {
+            v.gates
+                .entry(run_id.to_string())
+                .or_insert_with(|| crate::replay_gate::Gate::Unanswered(Default::default()));
         }
     }
 }
@@ -191,12 +197,12 @@ impl Caller<'_> {
     /// this request is queued.
     pub fn follow(&self, run_id: &str) {
         let Some(c) = self.conn else { return };
-        c.subscribe(run_id);
-        if let Some(a) = self.answering
-            && let Ok(mut runs) = a.lock()
-        {
-            c.hold_until_answered(run_id);
-            runs.push(run_id.to_string());
+        match self.answering.map(|a| a.lock()) {
+            Some(Ok(mut runs)) => {
+                c.hold_until_answered(run_id);
+                runs.push(run_id.to_string());
+            }
+            _ => c.subscribe(run_id),
         }
     }
 }
