@@ -1,6 +1,7 @@
 //! Events of runs executed by other nodes sharing the database (PostgreSQL): the store says
-//! which events another process committed, this loop reads them from the run's log and
-//! broadcasts them like the local engine's, each once.
+//! which events another process committed, usually with the events themselves; this loop
+//! broadcasts them like the local engine's, each once, reading from the run's log only what a
+//! notice did not carry or what lost notices left out.
 
 use crate::gateway::Gateway;
 use smithers_store::EventRef;
@@ -30,6 +31,14 @@ async fn forward(gw: &Gateway, r: &EventRef) {
         Some(last) => last,
         None => r.first_seq - 1,
     };
+    // what the notice carried follows on from what was broadcast: no read
+    if !r.events.is_empty() && after >= r.first_seq - 1 {
+        for ev in r.events.iter().filter(|e| e.seq > after) {
+            let payload = serde_json::from_str(&ev.payload_json).unwrap_or_default();
+            gw.on_stored_event(&ev.run_id, ev.seq, &ev.event_type, &payload);
+        }
+        return;
+    }
     loop {
         let Ok(page) = gw.store.list_events(&r.run_id, Some(after), PAGE).await else {
             // The log is unreadable now; the run's next notice retries from the same point.

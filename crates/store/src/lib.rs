@@ -175,12 +175,14 @@ pub struct DeliveryClaim {
 }
 
 /// Events another process committed to a run's log: seqs `first_seq..=last_seq` (one batch).
-/// Read them with [`Store::list_events`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventRef {
     pub run_id: String,
     pub first_seq: i64,
     pub last_seq: i64,
+    /// The events themselves, in seq order, when the notice could carry them (most batches);
+    /// empty when they must be read with [`Store::list_events`].
+    pub events: Vec<EventRow>,
 }
 
 /// Durable storage of runs. All methods are safe to call concurrently from many tasks and

@@ -511,16 +511,40 @@ async fn events_committed_by_one_store_reach_the_other() {
     dup.push(event("n1", 9));
     assert!(a.apply(dup).await.is_err());
     apply(&a, vec![event("n1", 2)]).await;
-    let want = |first_seq, last_seq| EventRef {
+    // each notice carries its batch's events, as stored
+    let stored = match a.list_events("n1", None, 10).await {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    };
+    let want = |first_seq: i64, last_seq: i64, stored: &[smithers_store::EventRow]| EventRef {
         run_id: "n1".into(),
         first_seq,
         last_seq,
+        events: stored[first_seq as usize..=last_seq as usize].to_vec(),
     };
-    assert_eq!(next_ref(&mut from_a).await, want(0, 1));
-    assert_eq!(next_ref(&mut from_a).await, want(2, 2));
+    assert_eq!(next_ref(&mut from_a).await, want(0, 1, &stored));
+    assert_eq!(next_ref(&mut from_a).await, want(2, 2, &stored));
 
     apply(&b, vec![event("n1", 3)]).await;
-    assert_eq!(next_ref(&mut from_b).await, want(3, 3));
+    let stored = match a.list_events("n1", None, 10).await {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(next_ref(&mut from_b).await, want(3, 3, &stored));
+    // a batch whose events do not fit in a notice announces their seqs only
+    let big = Write::AppendEvent {
+        run_id: "n1".into(),
+        timestamp_ms: 7,
+        event_type: "E".into(),
+        payload_json: format!("{{\"pad\":\"{}\"}}", "x".repeat(8000)),
+    };
+    apply(&a, vec![big]).await;
+    let r = next_ref(&mut from_a).await;
+    assert_eq!(
+        (r.first_seq, r.last_seq, r.events.len()),
+        (4, 4, 0),
+        "{r:?}"
+    );
     // a heard nothing of its own batches, b nothing of its own
     assert!(from_b.try_recv().is_err());
     assert!(from_a.try_recv().is_err());

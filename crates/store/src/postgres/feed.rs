@@ -1,12 +1,15 @@
 //! Events across nodes. A batch that appends events also sends, on commit, a notice on the
 //! `smithers_events` channel (`pg_notify` inside the transaction, so a rolled-back batch
-//! announces nothing): `<store instance> <first seq> <last seq> <run id>`. Each store that
-//! was asked for [`crate::Store::foreign_events`] keeps one extra connection that `LISTEN`s on
-//! the channel and forwards the notices of other instances. The connection is opened again
-//! when it is lost; notices sent meanwhile are lost (the events stay in the log).
+//! announces nothing): `<store instance> <first seq> <last seq> <run id>`, followed by a
+//! newline and the events as a JSON array of `[seq, timestamp_ms, type, payload_json]` when
+//! they fit in a notice. Other nodes then broadcast them without reading the log, which under
+//! load had cost a query per notice and fallen seconds behind (issue 13). Each store that was
+//! asked for [`crate::Store::foreign_events`] keeps one extra connection that `LISTEN`s on the
+//! channel and forwards the notices of other instances. The connection is opened again when
+//! it is lost; notices sent meanwhile are lost (the events stay in the log).
 
 use super::now_ms;
-use crate::EventRef;
+use crate::{EventRef, EventRow};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{OnceCell, broadcast, oneshot};
@@ -16,12 +19,19 @@ use tokio_postgres::{AsyncMessage, Config, Connection, NoTls, Socket};
 /// The channel notices travel on.
 const CHANNEL: &str = "smithers_events";
 /// Sends the notice of the events a batch appended to one run (delivered when the
-/// transaction commits): `$1` the instance, `$2` the run id, `$3` how many events. The batch
-/// holds the run's event lock, so its events are the run's last `$3`.
+/// transaction commits): `$1` the instance, `$2` the run id, `$3` how many events, `$4`
+/// whether the events may ride along. The batch holds the run's event lock, so its events are
+/// the run's last `$3`. The events are left out when the notice would pass [`MAX_NOTICE`]
+/// bytes; the payload stays a JSON string, so a stored payload that is not JSON cannot fail
+/// the batch.
 pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify('smithers_events',
-     $1::TEXT || ' ' || (MAX(seq) - $3::BIGINT + 1) || ' ' || MAX(seq) || ' ' || $2::TEXT)
-     FROM _smithers_events WHERE run_id = $2::TEXT";
-/// PostgreSQL refuses payloads of 8000 bytes or more.
+     CASE WHEN $4::BOOLEAN AND octet_length(h) + 1 + octet_length(e) <= 7900 THEN h || E'\\n' || e
+          ELSE h END)
+     FROM (SELECT $1::TEXT || ' ' || MIN(seq) || ' ' || MAX(seq) || ' ' || $2::TEXT AS h,
+                  json_agg(json_build_array(seq, timestamp_ms, type, payload_json) ORDER BY seq)::TEXT AS e
+           FROM (SELECT seq, timestamp_ms, type, payload_json FROM _smithers_events
+                 WHERE run_id = $2::TEXT ORDER BY seq DESC LIMIT $3::BIGINT) AS last) AS n";
+/// PostgreSQL refuses payloads of 8000 bytes or more (the literal in [`NOTIFY_SQL`]).
 const MAX_NOTICE: usize = 7900;
 /// Notices buffered per receiver before a slow one lags.
 const CAPACITY: usize = 4096;
@@ -44,21 +54,59 @@ pub(crate) fn fits(instance: &str, run_id: &str) -> bool {
     notice(instance, run_id, i64::MIN, i64::MIN).is_some()
 }
 
-/// The sender's instance and what it committed; None for a malformed notice.
+/// Whether a notice of `run_id` may carry its events: the newline before them must be the
+/// first one in the notice.
+pub(crate) fn may_carry(run_id: &str) -> bool {
+    !run_id.contains('\n')
+}
+
+/// The sender's instance and what it committed; None for a malformed notice. Events that do
+/// not parse or do not match the seqs are dropped (the receiver reads them from the log).
 fn parse(payload: &str) -> Option<(&str, EventRef)> {
-    let mut parts = payload.splitn(4, ' ');
+    let (head, body) = match payload.split_once('\n') {
+        Some((h, b)) => (h, Some(b)),
+        None => (payload, None),
+    };
+    let mut parts = head.splitn(4, ' ');
     let instance = parts.next()?;
     let first_seq = parts.next()?.parse().ok()?;
     let last_seq = parts.next()?.parse().ok()?;
     let run_id = parts.next()?.to_string();
+    let events = body
+        .and_then(|b| carried(&run_id, first_seq, last_seq, b))
+        .unwrap_or_default();
     Some((
         instance,
         EventRef {
             run_id,
             first_seq,
             last_seq,
+            events,
         },
     ))
+}
+
+/// The events a notice carried, if they are exactly `first..=last` in order.
+fn carried(run_id: &str, first: i64, last: i64, body: &str) -> Option<Vec<EventRow>> {
+    let rows: Vec<(i64, i64, String, String)> = serde_json::from_str(body).ok()?;
+    let in_order = rows
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.0 == first + i as i64);
+    if !in_order || rows.last().map(|r| r.0) != Some(last) {
+        return None;
+    }
+    Some(
+        rows.into_iter()
+            .map(|(seq, timestamp_ms, event_type, payload_json)| EventRow {
+                run_id: run_id.to_string(),
+                seq,
+                timestamp_ms,
+                event_type,
+                payload_json,
+            })
+            .collect(),
+    )
 }
 
 /// One store's side of the channel.
@@ -203,12 +251,58 @@ mod tests {
                 EventRef {
                     run_id: "run with spaces".into(),
                     first_seq: 3,
-                    last_seq: 5
+                    last_seq: 5,
+                    events: vec![],
                 }
             ))
         );
         assert_eq!(parse("me x 5 run"), None);
         assert_eq!(parse("me 1 2"), None);
         assert_eq!(notice("me", &"r".repeat(8000), 0, 0), None);
+    }
+
+    #[test]
+    fn carried_events_are_kept_only_when_they_match_the_seqs() {
+        let body = r#"[[3,10,"NodeStarted","{\"a\":1}"],[4,11,"NodeFinished","x"]]"#;
+        let Some((_, r)) = parse(&format!("me 3 4 run-1\n{body}")) else {
+            panic!("notice with events did not parse");
+        };
+        let got: Vec<(i64, i64, &str, &str)> = r
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.seq,
+                    e.timestamp_ms,
+                    e.event_type.as_str(),
+                    e.payload_json.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, 10, "NodeStarted", r#"{"a":1}"#),
+                (4, 11, "NodeFinished", "x")
+            ]
+        );
+        assert!(r.events.iter().all(|e| e.run_id == "run-1"));
+        // a gap, a wrong range or a body that is not the array: the seqs only
+        for bad in [
+            format!("me 3 5 run-1\n{body}"),
+            format!("me 2 4 run-1\n{body}"),
+            r#"me 3 4 run-1
+[[4,11,"a","b"],[3,10,"a","b"]]"#
+                .to_string(),
+            "me 3 4 run-1\nnot json".to_string(),
+        ] {
+            let parsed = parse(&bad);
+            assert!(
+                matches!(&parsed, Some((_, r)) if r.events.is_empty() && r.run_id == "run-1"),
+                "{bad}: {parsed:?}"
+            );
+        }
+        assert!(NOTIFY_SQL.contains(&MAX_NOTICE.to_string()));
+        assert!(!may_carry("a\nb") && may_carry("a b"));
     }
 }

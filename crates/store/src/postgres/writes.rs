@@ -184,9 +184,14 @@ pub(crate) async fn exec_batch(
     let instance = instance.to_string();
     for (run_id, n) in &appended {
         if super::feed::fits(&instance, run_id) {
+            let carry: &'static bool = if super::feed::may_carry(run_id) {
+                &true
+            } else {
+                &false
+            };
             plan.push(Stmt::new(
                 super::feed::NOTIFY_SQL,
-                vec![&instance, run_id, n],
+                vec![&instance, run_id, n, carry],
             ));
         }
     }
