@@ -926,7 +926,15 @@ fn try_group_whole(
             Ok(out) => results.push(Ok(out)),
             Err(e) => {
                 rollback(conn);
-                return if e.is_transient() { Err(e) } else { Ok(None) };
+                if e.is_transient() {
+                    return Err(e);
+                }
+                tracing::debug!(
+                    requests = group.len(),
+                    failed = req.op.name(),
+                    "a request of a write group failed; running the group again with savepoints"
+                );
+                return Ok(None);
             }
         }
     }
