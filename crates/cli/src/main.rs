@@ -1,5 +1,30 @@
 //! `smithers`: run durable workflows from the command line.
 
+/// mimalloc instead of glibc's malloc for Rust's allocations: allocation and free were about a
+/// tenth of the server's CPU under load, much of it glibc consolidating and unlinking chunks
+/// (docs/benchmarks.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_arena_eager_commit` in mimalloc.h's `mi_option_e`.
+#[cfg(target_os = "linux")]
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Commit mimalloc's arena as it is used, not all at once: committed eagerly (and so backed by
+/// transparent huge pages) it put 12 MiB more into an idle server's resident memory. This
+/// runs from `.init_array`, after mimalloc's own start-up and before Rust's first allocation
+/// creates the arena; in `main` it would be too late.
+#[cfg(target_os = "linux")]
+extern "C" fn allocator_lazy_commit() {
+    // SAFETY: sets a plain integer option; mimalloc reads it when it creates an arena.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static ALLOCATOR_LAZY_COMMIT: extern "C" fn() = allocator_lazy_commit;
+
 mod act;
 mod bench;
 mod bench_cluster;

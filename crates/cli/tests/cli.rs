@@ -1379,3 +1379,25 @@ fn a_terminal_gets_symbols_and_an_elapsed_time_line() {
         "{o:#?}"
     );
 }
+
+/// mimalloc commits its arena as it is used (an idle server stays small): the option is set
+/// from `.init_array`, before Rust's first allocation creates the arena. mimalloc reports its
+/// options when asked to be verbose.
+#[cfg(target_os = "linux")]
+#[test]
+fn allocator_commits_its_arena_lazily() {
+    let out = match std::process::Command::new(BIN)
+        .arg("--version")
+        .env("MIMALLOC_VERBOSE", "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!("{BIN}: {e}"),
+    };
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("option 'arena_eager_commit': 0"),
+        "mimalloc's options: {err}"
+    );
+}
