@@ -1,7 +1,7 @@
-//! The accept loop: each socket is entered in the connection table ([`ConnTable`]), gets
-//! `TCP_NODELAY`, and is served by hyper's HTTP/1 connection (with upgrades) running the
-//! gateway's router. Running out of descriptors never makes the loop spin: it evicts an idle
-//! connection, backs off and logs.
+//! The listening socket and the accept loop: each socket is entered in the connection table
+//! ([`ConnTable`]), gets `TCP_NODELAY`, and is served by hyper's HTTP/1 connection (with
+//! upgrades) running the gateway's router. Running out of descriptors never makes the loop
+//! spin: it evicts an idle connection, backs off and logs.
 
 use crate::conn_io::ConnIo;
 use crate::conn_limit::{ConnState, ConnTable, Slot};
@@ -12,12 +12,49 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+
+/// Connections the kernel keeps waiting for the accept loop. The 128 that `TcpListener::bind`
+/// asks for overflowed when a few hundred clients connected at once: the kernel dropped the
+/// surplus handshakes and each of those clients waited a second for its retry, which capped a
+/// 256-connection load at 4,900 runs/s (issue 13). Linux caps it at `net.core.somaxconn`.
+pub const BACKLOG: u32 = 1024;
+
+/// Listens on `listen` (`HOST:PORT`; of the addresses a name resolves to, the first that
+/// binds) with room for [`BACKLOG`] connections not yet accepted.
+pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        match bind_addr(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
+fn bind_addr(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // as TcpListener::bind: a restarted server can listen again at once
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// What a refused socket is told before it is closed (the table was full of busy
 /// connections and authenticated WebSockets).
@@ -201,5 +238,47 @@ impl Future for Served {
         let out = ready!(this.inner.poll(cx));
         this.state.end_request();
         Poll::Ready(out)
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+
+    /// A burst of connections the server has not accepted yet all complete their handshake
+    /// (with the old backlog of 128, the ones past 129 waited for retries and timed out here).
+    #[tokio::test]
+    async fn a_burst_of_300_connections_waits_in_the_backlog() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let n = 300.min(somaxconn);
+        let listener = match bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("bind: {e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("local_addr: {e}"),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            tasks.spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
+            });
+        }
+        let mut connected = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Ok(Ok(s))) = r {
+                connected.push(s);
+            }
+        }
+        assert_eq!(
+            connected.len(),
+            n,
+            "connections that completed without an accept"
+        );
+        drop(listener);
     }
 }

@@ -246,7 +246,7 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
     // before the server starts taking over runs, so their spans are exported too
     let _telemetry = telemetry.map(|(t, uri)| crate::telemetry::start(gw.clone(), t, uri));
     let listen = &config.server.listen;
-    let listener = TcpListener::bind(listen)
+    let listener = crate::listener::bind(listen)
         .await
         .map_err(|e| listen_error(listen, &e))?;
     let server = start(gw, listener)
