@@ -460,16 +460,30 @@ async fn ws_client(addr: &str) -> Ws {
     }
 }
 
+/// Parallel tasks whose events, committed in one batch, are far too many for one notice.
+const WIDE: usize = 60;
+
+fn wide_node(i: usize) -> String {
+    format!("a-parallel-task-with-a-long-enough-name-{i:02}")
+}
+
 /// Two `smithers serve` nodes on one database: a WebSocket client of node A sees, once each and
-/// with their log seqs, the events of a run created on and executed by node B.
+/// with their log seqs, the events of a run created on and executed by node B: those that
+/// arrive inside PostgreSQL notices (tasks `a`, `b`) and those of batches too large for a
+/// notice, which node A reads from the log (the parallel tasks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_on_one_node_sees_a_run_executed_on_another() {
     let db = pg_cluster::fresh_database_url().await;
     let tmp = tempdir();
     let dir = tmp.path().to_path_buf();
+    let wide: String = (0..WIDE)
+        .map(|i| format!("        - task: {{id: {}, value: {i}}}\n", wide_node(i)))
+        .collect();
     write(
         &dir.join("two.yaml"),
-        "name: two\nsteps:\n  - task: {id: a, value: 1}\n  - task: {id: b, value: 2}\n",
+        &format!(
+            "name: two\nsteps:\n  - task: {{id: a, value: 1}}\n  - task: {{id: b, value: 2}}\n  - parallel:\n      steps:\n{wide}"
+        ),
     );
     write(
         &dir.join("smithers.toml"),
@@ -522,7 +536,10 @@ async fn client_on_one_node_sees_a_run_executed_on_another() {
     let completed: Vec<&(String, String, i64)> =
         seen.iter().filter(|e| e.0 == "run.completed").collect();
     assert_eq!(completed.len(), 1, "run.completed once: {seen:?}");
-    for node in ["a", "b"] {
+    let nodes = ["a".to_string(), "b".to_string()]
+        .into_iter()
+        .chain((0..WIDE).map(wide_node));
+    for node in nodes {
         for event in ["node.started", "node.finished"] {
             let n = seen.iter().filter(|e| e.0 == event && e.1 == node).count();
             assert_eq!(n, 1, "{event} {node} once: {seen:?}");
@@ -539,6 +556,13 @@ async fn client_on_one_node_sees_a_run_executed_on_another() {
     let events = s.list_events(&run, None, 1000).await.unwrap_or_default();
     let finished = events.iter().find(|e| e.event_type == "RunFinished");
     assert_eq!(finished.map(|e| e.seq), completed.first().map(|e| e.2));
+    // the parallel tasks' events really were too many for one notice (7,900 bytes)
+    let wide_bytes: usize = events
+        .iter()
+        .filter(|e| e.payload_json.contains("a-parallel-task-with"))
+        .map(|e| e.payload_json.len())
+        .sum();
+    assert!(wide_bytes > 4 * 7_900, "{wide_bytes} bytes");
     drop((a, b));
 }
 
