@@ -4,7 +4,7 @@
 //! notice did not carry or what lost notices left out.
 
 use crate::gateway::Gateway;
-use smithers_store::EventRef;
+use smithers_store::{EventRef, EventRow};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
@@ -33,10 +33,10 @@ async fn forward(gw: &Gateway, r: &EventRef) {
     };
     // what the notice carried follows on from what was broadcast: no read
     if !r.events.is_empty() && after >= r.first_seq - 1 {
-        for ev in r.events.iter().filter(|e| e.seq > after) {
-            let payload = serde_json::from_str(&ev.payload_json).unwrap_or_default();
-            gw.on_stored_event(&ev.run_id, ev.seq, &ev.event_type, &payload);
-        }
+        r.events
+            .iter()
+            .filter(|e| e.seq > after)
+            .for_each(|ev| broadcast(gw, ev));
         return;
     }
     loop {
@@ -45,12 +45,17 @@ async fn forward(gw: &Gateway, r: &EventRef) {
             return;
         };
         for ev in &page {
-            let payload = serde_json::from_str(&ev.payload_json).unwrap_or_default();
-            gw.on_stored_event(&ev.run_id, ev.seq, &ev.event_type, &payload);
+            broadcast(gw, ev);
             after = ev.seq;
         }
         if page.len() < PAGE {
             return;
         }
     }
+}
+
+/// Broadcasts one stored event like the local engine's.
+fn broadcast(gw: &Gateway, ev: &EventRow) {
+    let payload = serde_json::from_str(&ev.payload_json).unwrap_or_default();
+    gw.on_stored_event(&ev.run_id, ev.seq, &ev.event_type, &payload);
 }

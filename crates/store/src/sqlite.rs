@@ -855,29 +855,6 @@ fn exec_sql(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, DbErr> {
-    if let [req] = group {
-        // a lone request needs no savepoint: its failure rolls back the whole transaction
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        return match exec_op(conn, &req.op) {
-            Ok(out) => match conn.execute_batch("COMMIT") {
-                Ok(()) => Ok(vec![Ok(out)]),
-                Err(e) => {
-                    rollback(conn);
-                    Err(e.into())
-                }
-            },
-            Err(e) => {
-                rollback(conn);
-                if e.is_transient() {
-                    Err(e)
-                } else {
-                    Ok(vec![Err(
-                        e.into_smithers(Code::DbWriteFailed, req.op.name())
-                    )])
-                }
-            }
-        };
-    }
     if let Some(results) = try_group_whole(conn, group)? {
         return Ok(results);
     }
@@ -911,10 +888,11 @@ fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, D
     }
 }
 
-/// The common case of a group, without a savepoint per request: a savepoint makes SQLite copy
-/// every page a request touches first into a statement journal, about 7 % of the writer
-/// thread's time with 256 runs in flight. `None` when a request failed: the whole transaction was rolled back and
-/// the caller runs the group again with savepoints, so only that request fails.
+/// A group without a savepoint per request: a savepoint makes SQLite copy every page a
+/// request touches first into a statement journal, about 7 % of the writer thread's time with
+/// 256 runs in flight. When a request fails, the whole transaction is rolled back: a lone
+/// request gets its error; for a larger group `None` tells the caller to run it again with
+/// savepoints, so only the failing request fails.
 fn try_group_whole(
     conn: &Connection,
     group: &[Request],
@@ -928,6 +906,11 @@ fn try_group_whole(
                 rollback(conn);
                 if e.is_transient() {
                     return Err(e);
+                }
+                if group.len() == 1 {
+                    return Ok(Some(vec![Err(
+                        e.into_smithers(Code::DbWriteFailed, req.op.name())
+                    )]));
                 }
                 tracing::debug!(
                     requests = group.len(),
