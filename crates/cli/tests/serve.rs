@@ -331,6 +331,57 @@ fn port_in_use_is_a_clear_error_that_names_the_flags() {
     assert_eq!(out.status.code(), Some(2), "clap refuses both");
 }
 
+/// Resident KiB of the code mapping of process `pid`'s executable.
+fn code_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_string_lossy().into_owned();
+    let mut in_code = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        if f.len() >= 6 && f[0].contains('-') {
+            in_code = f[1] == "r-xp" && f[5] == exe;
+        } else if in_code && f.first() == Some(&"Rss:") {
+            kib += f[1].parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+/// Once settled, the server unmaps the code only start-up ran (startup_pages.rs): what stays
+/// resident is what it has run since, and it still answers.
+#[test]
+fn a_settled_server_hands_its_start_up_code_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    let s = serve_env(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "x.db"],
+        &[("SMITHERS_LOG", "info,smithers_gateway::serve=debug")],
+    );
+    let before = code_rss_kib(s.child.id());
+    let line = s.line(|l| l.contains("released start-up code pages"));
+    let after = code_rss_kib(s.child.id());
+    let released: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        released["kib"].as_u64().unwrap() >= before,
+        "all read-only segments are released: {line}, {before} KiB resident"
+    );
+    assert!(
+        after < before,
+        "resident code {after} KiB after the release, {before} KiB before"
+    );
+    let ok = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "hello", "runId": "r1"}),
+    );
+    assert_eq!(ok["ok"], true, "{ok}");
+    wait_status(&s.addr, "r1", "finished");
+}
+
 #[test]
 fn serve_logs_its_start_and_each_run_as_json_lines() {
     let tmp = tempfile::tempdir().unwrap();

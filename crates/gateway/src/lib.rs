@@ -41,6 +41,7 @@ pub mod serve;
 pub mod server_config;
 pub mod shapes;
 pub mod shared_snapshot;
+pub mod startup_pages;
 pub mod stream;
 pub mod stream_registry;
 pub mod telemetry;

@@ -287,6 +287,14 @@ pub async fn run(config: crate::config::ServeConfig) -> Result<(), SmithersError
             config.server.console
         )
     );
+    // start-up code need not stay mapped once the server has settled (startup_pages.rs)
+    tokio::spawn(async {
+        tokio::time::sleep(crate::startup_pages::AFTER_LISTEN).await;
+        match crate::startup_pages::release() {
+            Ok(bytes) => tracing::debug!(kib = bytes / 1024, "released start-up code pages"),
+            Err(e) => tracing::debug!(error = %e, "cannot release start-up code pages"),
+        }
+    });
     let why = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
