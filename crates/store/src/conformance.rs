@@ -999,6 +999,32 @@ pub async fn events_seq_from_zero_per_run(store: &dyn Store) {
     )
     .await;
     assert!(a.event_seqs.is_empty());
+    // runs interleaved in one batch: each event's seq in batch order, each run's log in order
+    let a = apply(
+        store,
+        vec![
+            event("r1", "E"),
+            event("r2", "B"),
+            Write::UpsertNode(node("r3", "n", 0, node_state::PENDING)),
+            event("r1", "F"),
+            event("r3", "A"),
+            event("r2", "C"),
+        ],
+    )
+    .await;
+    assert_eq!(a.event_seqs, vec![4, 1, 5, 0, 2], "interleaved runs");
+    for (run, want) in [("r1", "ABCDEF"), ("r2", "ABC"), ("r3", "A")] {
+        let got: Vec<(i64, String, String)> = ok(store.list_events(run, None, 100).await, run)
+            .into_iter()
+            .map(|e| (e.seq, e.event_type, e.payload_json))
+            .collect();
+        let want: Vec<(i64, String, String)> = want
+            .chars()
+            .enumerate()
+            .map(|(i, c)| (i as i64, c.to_string(), format!("{{\"type\":\"{c}\"}}")))
+            .collect();
+        assert_eq!(got, want, "{run}");
+    }
 }
 
 /// Concurrent appends to one run get unique, gap-free seqs.
