@@ -8,6 +8,7 @@
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use smithers_core::{Code, SmithersError};
+use smithers_store::Synchronous;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -809,8 +810,14 @@ const ONE_TASK: &str = "name: one\nsteps:\n  - task: {id: t, value: {n: 1}}\n";
 const THREE_TASKS: &str = "name: three\nsteps:\n  - task: {id: a, value: {n: 1}}\n  - task: {id: b, value: {n: 2}}\n  - task: {id: c, value: {n: 3}}\n";
 
 /// Writes `smithers.toml` and the workflows into `dir`; returns the config path and store URL.
-pub(crate) fn write_config(dir: &Path) -> R<(PathBuf, String)> {
-    let url = format!("sqlite://{}", dir.join("smithers.db").display());
+/// The SQLite file commits with `synchronous` (the figures are for `Full`: every
+/// commit synced to disk, as PostgreSQL's defaults do).
+pub(crate) fn write_config(dir: &Path, synchronous: Synchronous) -> R<(PathBuf, String)> {
+    let url = format!(
+        "sqlite://{}?synchronous={}",
+        dir.join("smithers.db").display(),
+        synchronous.pragma().to_ascii_lowercase()
+    );
     Ok((write_config_for(dir, &url)?, url))
 }
 
@@ -874,13 +881,17 @@ async fn seed_finished_runs(url: &str, n: usize) -> R<()> {
 // the whole benchmark
 
 /// Runs the gateway benchmark and prints the figures; exit code 1 when a target is missed.
-pub async fn bench_gateway(quick: bool, only: &[Part]) -> Result<u8, SmithersError> {
+pub async fn bench_gateway(
+    quick: bool,
+    only: &[Part],
+    synchronous: Synchronous,
+) -> Result<u8, SmithersError> {
     let tmp = std::env::temp_dir().join(format!(
         "smithers-bench-gw-{}",
         uuid::Uuid::new_v4().simple()
     ));
     let sizes = if quick { Sizes::quick() } else { Sizes::full() };
-    let result = run_all(&tmp, sizes, only).await;
+    let result = run_all(&tmp, sizes, only, synchronous).await;
     let _ = std::fs::remove_dir_all(&tmp);
     match result {
         Ok(code) => Ok(code),
@@ -956,7 +967,7 @@ pub(crate) fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
+async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part], synchronous: Synchronous) -> R<u8> {
     let want = |p: Part| only.is_empty() || only.contains(&p);
     let t_all = Instant::now();
     let exe = std::env::current_exe().map_err(err)?;
@@ -975,14 +986,15 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!(
-        "smithers bench gateway — server: `{} serve` (separate process); load generator in this process; {cores} cores; load average {}",
+        "smithers bench gateway — server: `{} serve` (separate process), SQLite synchronous={}; load generator in this process; {cores} cores; load average {}",
         exe.display(),
+        synchronous.pragma(),
         loadavg()
     );
     let mut table = Table::default();
 
     // ---- empty store
-    let (config, url) = write_config(&tmp.join("empty"))?;
+    let (config, url) = write_config(&tmp.join("empty"), synchronous)?;
     let server = spawn_server(&exe, &config).await?;
     println!(
         "\n[empty store] server pid {} on {}",
@@ -1151,7 +1163,7 @@ async fn run_all(tmp: &Path, mut z: Sizes, only: &[Part]) -> R<u8> {
 
     // ---- many finished runs stored
     if want(Part::Seeded) {
-        let (config, url) = write_config(&tmp.join("seeded"))?;
+        let (config, url) = write_config(&tmp.join("seeded"), synchronous)?;
         let t0 = Instant::now();
         seed_finished_runs(&url, z.seeded_runs).await?;
         println!(

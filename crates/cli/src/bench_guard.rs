@@ -207,7 +207,11 @@ async fn pass(tmp: &Path, i: usize, quick: bool, f: &mut Figures) -> R<()> {
     );
 
     let exe = std::env::current_exe().map_err(err)?;
-    let (config, _) = write_config(&tmp.join(format!("gateway-{i}")))?;
+    // durable commits, as the figures are defined
+    let (config, _) = write_config(
+        &tmp.join(format!("gateway-{i}")),
+        smithers_store::Synchronous::Full,
+    )?;
     let server = spawn_server(&exe, &config).await?;
     let addr = server.addr;
     for (conns, per) in [(1, 1), (4, 4)] {

@@ -72,6 +72,22 @@ struct Cli {
     quiet: bool,
 }
 
+/// `--synchronous` of `bench gateway`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SyncArg {
+    Full,
+    Normal,
+}
+
+impl From<SyncArg> for smithers_store::Synchronous {
+    fn from(a: SyncArg) -> Self {
+        match a {
+            SyncArg::Full => smithers_store::Synchronous::Full,
+            SyncArg::Normal => smithers_store::Synchronous::Normal,
+        }
+    }
+}
+
 /// How operator logs are written.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -386,6 +402,10 @@ enum BenchTarget {
         /// (after one node), the load spread over them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
         nodes: u8,
+        /// SQLite commits: `full` syncs each commit to disk (durable across a power loss; what
+        /// the targets are for), `normal` (the server's default) syncs at checkpoints.
+        #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+        synchronous: SyncArg,
     },
     /// Measure DevTools: snapshot and delta of a 1,000-node tree, and 100 live stream
     /// subscribers on one busy run (`smithers serve` in a separate process).
@@ -662,6 +682,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
                     only,
                     db: None,
                     nodes,
+                    synchronous,
                 }),
             ..
         } => {
@@ -671,7 +692,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
                     "bench gateway: --nodes needs --db (nodes share a PostgreSQL database)",
                 ))
             } else {
-                bench_gateway::bench_gateway(quick, &only).await
+                bench_gateway::bench_gateway(quick, &only, synchronous.into()).await
             }
         }
         Cmd::Bench {
@@ -681,6 +702,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
                     only,
                     db: Some(db),
                     nodes,
+                    ..
                 }),
             ..
         } => {

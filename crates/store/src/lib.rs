@@ -418,8 +418,8 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     let url = &storage_url(url);
     if let Some(rest) = url.strip_prefix("sqlite://") {
-        let (path, busy) = sqlite_url(rest)?;
-        let store = sqlite::SqliteStore::open_with_busy_timeout(std::path::Path::new(path), busy)?;
+        let (path, options) = sqlite_url(rest)?;
+        let store = sqlite::SqliteStore::open_with(std::path::Path::new(path), options)?;
         return Ok(Arc::new(store));
     }
     if url == "sqlite::memory:" {
@@ -473,33 +473,81 @@ pub fn redact_url(url: &str) -> String {
 /// Default of `busy_timeout_ms` in `sqlite://PATH?busy_timeout_ms=N`.
 pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
 
-/// Splits `PATH[?busy_timeout_ms=N]` (the part of a sqlite URL after `sqlite://`).
-fn sqlite_url(rest: &str) -> Result<(&str, std::time::Duration)> {
+/// When a SQLite commit reaches the disk (`sqlite://PATH?synchronous=normal|full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// The WAL is synced at checkpoints, not at each commit: a commit survives the process
+    /// being killed, and a power loss or kernel crash can lose the last few (the default, as
+    /// upstream).
+    #[default]
+    Normal,
+    /// Each commit syncs the WAL before it returns: commits also survive a power loss. Costs
+    /// about one disk flush per group of concurrent commits.
+    Full,
+}
+
+impl Synchronous {
+    /// The `PRAGMA synchronous` value.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+/// Settings of a SQLite file store, from its URL's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// How long one statement waits for a lock held by another connection.
+    pub busy_timeout: std::time::Duration,
+    pub synchronous: Synchronous,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout: std::time::Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
+            synchronous: Synchronous::Normal,
+        }
+    }
+}
+
+/// Splits `PATH[?busy_timeout_ms=N][&synchronous=normal|full]` (the part of a sqlite URL after
+/// `sqlite://`).
+fn sqlite_url(rest: &str) -> Result<(&str, SqliteOptions)> {
     let bad = |why: String| {
         SmithersError::new(
             Code::InvalidUrl,
-            format!("storage url `sqlite://{rest}`: {why}; the form is sqlite://PATH or sqlite://PATH?busy_timeout_ms=N"),
+            format!("storage url `sqlite://{rest}`: {why}; the form is sqlite://PATH or sqlite://PATH?busy_timeout_ms=N&synchronous=normal|full"),
         )
         .terminal()
     };
+    let mut options = SqliteOptions::default();
     let Some((path, query)) = rest.rsplit_once('?') else {
-        return Ok((
-            rest,
-            std::time::Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
-        ));
+        return Ok((rest, options));
     };
-    let mut busy = SQLITE_BUSY_TIMEOUT_MS;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("busy_timeout_ms", v)) => {
-                busy = v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                let ms = v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
                     bad(format!("busy_timeout_ms `{v}` is not a positive integer"))
                 })?;
+                options.busy_timeout = std::time::Duration::from_millis(ms);
+            }
+            Some(("synchronous", v)) => {
+                options.synchronous = match v {
+                    "normal" => Synchronous::Normal,
+                    "full" => Synchronous::Full,
+                    _ => {
+                        return Err(bad(format!("synchronous `{v}` is not `normal` or `full`")));
+                    }
+                };
             }
             _ => return Err(bad(format!("unknown parameter `{pair}`"))),
         }
     }
-    Ok((path, std::time::Duration::from_millis(busy)))
+    Ok((path, options))
 }
 
 #[cfg(test)]
@@ -537,15 +585,28 @@ mod url_tests {
     }
 
     #[test]
-    fn sqlite_url_takes_an_optional_busy_timeout() {
-        let (p, b) = sqlite_url("/tmp/x.db").unwrap();
-        assert_eq!((p, b.as_millis()), ("/tmp/x.db", 30_000));
-        let (p, b) = sqlite_url("x.db?busy_timeout_ms=250").unwrap();
-        assert_eq!((p, b.as_millis()), ("x.db", 250));
+    fn sqlite_url_takes_an_optional_busy_timeout_and_synchronous() {
+        let (p, o) = sqlite_url("/tmp/x.db").unwrap();
+        assert_eq!(
+            (p, o.busy_timeout.as_millis(), o.synchronous),
+            ("/tmp/x.db", 30_000, Synchronous::Normal)
+        );
+        let (p, o) = sqlite_url("x.db?busy_timeout_ms=250").unwrap();
+        assert_eq!((p, o.busy_timeout.as_millis()), ("x.db", 250));
+        let (p, o) = sqlite_url("x.db?synchronous=full&busy_timeout_ms=7").unwrap();
+        assert_eq!(
+            (p, o.busy_timeout.as_millis(), o.synchronous),
+            ("x.db", 7, Synchronous::Full)
+        );
+        let (_, o) = sqlite_url("x.db?synchronous=normal").unwrap();
+        assert_eq!(o.synchronous, Synchronous::Normal);
         for bad in [
             "x.db?busy_timeout_ms=0",
             "x.db?busy_timeout_ms=abc",
             "x.db?mode=ro",
+            "x.db?synchronous=FULL",
+            "x.db?synchronous=off",
+            "x.db?synchronous=",
         ] {
             assert_eq!(sqlite_url(bad).unwrap_err().code, Code::InvalidUrl, "{bad}");
         }

@@ -457,11 +457,14 @@ fn spawn_checkpointer(
     }
 }
 
-fn configure_writer(conn: &Connection) -> Result<(), DbErr> {
+fn configure_writer(conn: &Connection, synchronous: crate::Synchronous) -> Result<(), DbErr> {
     with_retry(WRITE_ATTEMPTS, Duration::from_millis(500), || {
         // In-memory databases answer "memory"; that is fine.
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000")?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000",
+            synchronous.pragma()
+        ))?;
         Ok(())
     })
 }
@@ -575,6 +578,8 @@ pub struct SqliteStore {
     checkpointer: Option<std::thread::JoinHandle<()>>,
     readers: Arc<ReaderPool>,
     stats: Arc<Stats>,
+    /// The writer's `PRAGMA synchronous` as SQLite reports it back.
+    synchronous_level: i64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -597,6 +602,17 @@ impl SqliteStore {
     /// another connection before the write is retried (default 30 s; a write fails after 12
     /// such waits). The URL form is `sqlite://PATH?busy_timeout_ms=N`.
     pub fn open_with_busy_timeout(path: &Path, busy: Duration) -> Result<Self> {
+        Self::open_with(
+            path,
+            crate::SqliteOptions {
+                busy_timeout: busy,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Like [`SqliteStore::open`], with the settings a `sqlite://` URL's parameters give.
+    pub fn open_with(path: &Path, options: crate::SqliteOptions) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 SmithersError::new(
@@ -608,7 +624,10 @@ impl SqliteStore {
                 )
             })?;
         }
-        Self::start(Target::File(path.to_path_buf(), busy))
+        Self::start(
+            Target::File(path.to_path_buf(), options.busy_timeout),
+            options.synchronous,
+        )
     }
 
     /// Opens a fresh private in-memory database (gone when the store is dropped).
@@ -619,14 +638,17 @@ impl SqliteStore {
             std::process::id(),
             now_ms()
         );
-        Self::start(Target::Memory(uri))
+        Self::start(Target::Memory(uri), crate::Synchronous::Normal)
     }
 
-    fn start(target: Target) -> Result<Self> {
+    fn start(target: Target, synchronous: crate::Synchronous) -> Result<Self> {
         let conn = target
             .connect(true)
             .map_err(|e| open_error(&target, e.into()))?;
-        configure_writer(&conn).map_err(|e| open_error(&target, e))?;
+        configure_writer(&conn, synchronous).map_err(|e| open_error(&target, e))?;
+        let synchronous_level: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(|e| open_error(&target, e.into()))?;
         migrate(&conn).map_err(|e| open_error(&target, e))?;
         let (checkpoint_stop, checkpointer) = match &target {
             Target::File(..) => spawn_checkpointer(&target),
@@ -661,7 +683,14 @@ impl SqliteStore {
             checkpointer,
             readers,
             stats,
+            synchronous_level,
         })
+    }
+
+    /// The writer connection's `PRAGMA synchronous` as SQLite reports it (1 = `NORMAL`,
+    /// 2 = `FULL`): what the commits actually do, whatever the URL asked for.
+    pub fn synchronous_level(&self) -> i64 {
+        self.synchronous_level
     }
 
     /// Number of write transactions committed so far; with group commit this is usually far

@@ -553,3 +553,28 @@ async fn two_stores_race_claim_due_cron_exactly_one_wins() {
         assert_eq!(next, Some(if ra { 7 } else { 8 }));
     }
 }
+
+/// `synchronous: Full` (`?synchronous=full` in the URL) makes every commit sync the WAL, as
+/// SQLite reports back for the writer; by default commits sync at checkpoints only (upstream).
+#[test]
+fn synchronous_full_is_what_the_writer_runs_with_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let level = |name: &str, synchronous| {
+        let options = smithers_store::SqliteOptions {
+            synchronous,
+            ..Default::default()
+        };
+        SqliteStore::open_with(&dir.path().join(name), options)
+            .unwrap()
+            .synchronous_level()
+    };
+    assert_eq!(level("n.db", smithers_store::Synchronous::Normal), 1);
+    assert_eq!(level("f.db", smithers_store::Synchronous::Full), 2);
+    assert_eq!(
+        SqliteStore::open(&dir.path().join("d.db"))
+            .unwrap()
+            .synchronous_level(),
+        1,
+        "NORMAL by default"
+    );
+}
