@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::{Semaphore, oneshot};
 
-mod checkpoint;
+pub mod checkpoint;
 mod deliveries;
 
 /// Read connections kept per store; WAL readers are cheap and run in parallel.
@@ -443,18 +443,25 @@ fn with_retry<T>(
 /// start, the writer's automatic checkpoint (kept on) still bounds the WAL.
 fn spawn_checkpointer(
     target: &Target,
-) -> (
-    Option<mpsc::Sender<()>>,
-    Option<std::thread::JoinHandle<()>>,
-) {
-    let Ok(conn) = target.connect(true) else {
-        return (None, None);
-    };
+    policy: checkpoint::Policy,
+    gate: Arc<checkpoint::ResetGate>,
+) -> Option<Checkpointer> {
+    let conn = target.connect(true).ok()?;
     let (stop, wake) = mpsc::channel::<()>();
-    match checkpoint::spawn(conn, wake, checkpoint::Policy::DEFAULT) {
-        Ok((h, _)) => (Some(stop), Some(h)),
-        Err(_) => (None, None),
-    }
+    let (thread, counts) = checkpoint::spawn(conn, wake, policy, gate).ok()?;
+    Some(Checkpointer {
+        stop,
+        thread,
+        counts,
+    })
+}
+
+/// The background checkpoint thread of a file store.
+struct Checkpointer {
+    /// Dropping it stops the thread.
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+    counts: Arc<checkpoint::Counts>,
 }
 
 fn configure_writer(conn: &Connection, synchronous: crate::Synchronous) -> Result<(), DbErr> {
@@ -573,9 +580,7 @@ struct Stats {
 pub struct SqliteStore {
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// Dropping the sender stops the checkpointer.
-    checkpoint_stop: Option<mpsc::Sender<()>>,
-    checkpointer: Option<std::thread::JoinHandle<()>>,
+    checkpointer: Option<Checkpointer>,
     readers: Arc<ReaderPool>,
     stats: Arc<Stats>,
     /// The writer's `PRAGMA synchronous` as SQLite reports it back.
@@ -613,6 +618,17 @@ impl SqliteStore {
 
     /// Like [`SqliteStore::open`], with the settings a `sqlite://` URL's parameters give.
     pub fn open_with(path: &Path, options: crate::SqliteOptions) -> Result<Self> {
+        Self::open_with_checkpoints(path, options, checkpoint::Policy::DEFAULT)
+    }
+
+    /// Like [`SqliteStore::open_with`], with the background checkpointer's timings (tests
+    /// use small ones to reach its limits quickly).
+    #[doc(hidden)]
+    pub fn open_with_checkpoints(
+        path: &Path,
+        options: crate::SqliteOptions,
+        policy: checkpoint::Policy,
+    ) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 SmithersError::new(
@@ -627,6 +643,7 @@ impl SqliteStore {
         Self::start(
             Target::File(path.to_path_buf(), options.busy_timeout),
             options.synchronous,
+            policy,
         )
     }
 
@@ -638,10 +655,18 @@ impl SqliteStore {
             std::process::id(),
             now_ms()
         );
-        Self::start(Target::Memory(uri), crate::Synchronous::Normal)
+        Self::start(
+            Target::Memory(uri),
+            crate::Synchronous::Normal,
+            checkpoint::Policy::DEFAULT,
+        )
     }
 
-    fn start(target: Target, synchronous: crate::Synchronous) -> Result<Self> {
+    fn start(
+        target: Target,
+        synchronous: crate::Synchronous,
+        policy: checkpoint::Policy,
+    ) -> Result<Self> {
         let conn = target
             .connect(true)
             .map_err(|e| open_error(&target, e.into()))?;
@@ -650,9 +675,10 @@ impl SqliteStore {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .map_err(|e| open_error(&target, e.into()))?;
         migrate(&conn).map_err(|e| open_error(&target, e))?;
-        let (checkpoint_stop, checkpointer) = match &target {
-            Target::File(..) => spawn_checkpointer(&target),
-            Target::Memory(_) => (None, None),
+        let gate = Arc::new(checkpoint::ResetGate::default());
+        let checkpointer = match &target {
+            Target::File(..) => spawn_checkpointer(&target, policy, gate.clone()),
+            Target::Memory(_) => None,
         };
         if checkpointer.is_some() {
             // checkpoints happen on their own thread, never on the commit path
@@ -664,7 +690,7 @@ impl SqliteStore {
         let writer_stats = stats.clone();
         let writer = std::thread::Builder::new()
             .name("smithers-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, &writer_stats))
+            .spawn(move || writer_loop(conn, rx, &writer_stats, &gate))
             .map_err(|e| {
                 SmithersError::new(
                     Code::StorageError,
@@ -679,7 +705,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             tx: Some(tx),
             writer: Some(writer),
-            checkpoint_stop,
             checkpointer,
             readers,
             stats,
@@ -691,6 +716,14 @@ impl SqliteStore {
     /// 2 = `FULL`): what the commits actually do, whatever the URL asked for.
     pub fn synchronous_level(&self) -> i64 {
         self.synchronous_level
+    }
+
+    /// WAL resets the checkpointer forced so far (the log had grown past its limit under
+    /// sustained commits).
+    pub fn forced_wal_resets(&self) -> u64 {
+        self.checkpointer
+            .as_ref()
+            .map_or(0, |c| c.counts.forced_resets.load(Ordering::Relaxed))
     }
 
     /// Number of write transactions committed so far; with group commit this is usually far
@@ -739,9 +772,9 @@ impl Drop for SqliteStore {
         if let Some(handle) = self.writer.take() {
             let _ = handle.join();
         }
-        self.checkpoint_stop.take();
-        if let Some(handle) = self.checkpointer.take() {
-            let _ = handle.join();
+        if let Some(c) = self.checkpointer.take() {
+            drop(c.stop);
+            let _ = c.thread.join();
         }
     }
 }
@@ -842,8 +875,15 @@ struct Request {
     reply: oneshot::Sender<Result<Out>>,
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Request>, stats: &Stats) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Request>,
+    stats: &Stats,
+    gate: &checkpoint::ResetGate,
+) {
     while let Ok(first) = rx.recv() {
+        // holding no transaction: the moment a forced WAL reset needs (checkpoint.rs)
+        gate.pause_if_wanted(checkpoint::WRITER_PAUSE);
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {

@@ -578,3 +578,66 @@ fn synchronous_full_is_what_the_writer_runs_with_when_asked() {
         "NORMAL by default"
     );
 }
+
+/// Commits that never pause still let the WAL be reset: the writer stands still between two
+/// groups while the checkpointer resets the log, so the `-wal` file stays bounded. (Before,
+/// the reset waited for a writer that never let go, and the log grew without end.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sustained_commits_do_not_keep_the_wal_from_being_reset() {
+    use smithers_store::sqlite::checkpoint::Policy;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let policy = Policy {
+        every: std::time::Duration::from_millis(10),
+        restart_frames: 200,
+        restart_wait: std::time::Duration::from_millis(50),
+    };
+    let store =
+        Arc::new(SqliteStore::open_with_checkpoints(&path, Default::default(), policy).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let run = format!("run-{t}");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut b = Batch::new();
+                for _ in 0..3 {
+                    b.push(Write::AppendEvent {
+                        run_id: run.clone(),
+                        timestamp_ms: 1,
+                        event_type: "E".into(),
+                        payload_json: format!("\"{}\"", "x".repeat(3000)),
+                    });
+                }
+                store.apply(b).await.unwrap();
+                // a reader too, as the gateway's are
+                if n.is_multiple_of(4) {
+                    store.list_events(&run, None, 10).await.unwrap();
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut batches = 0;
+    for t in tasks {
+        batches += t.await.unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("w.db-wal"))
+        .unwrap()
+        .len();
+    assert!(
+        store.forced_wal_resets() >= 1,
+        "no forced reset in {batches} batches"
+    );
+    // 200 frames is 0.8 MiB; what is written between two rounds comes on top
+    assert!(
+        wal < 8 << 20,
+        "the WAL grew to {wal} bytes over {batches} batches"
+    );
+}
