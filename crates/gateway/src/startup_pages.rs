@@ -143,28 +143,10 @@ mod tests {
         assert_eq!(whole_pages(usize::MAX - 10, 100, 0x1000), None);
     }
 
-    /// Resident KiB of this test binary's code mapping.
-    fn code_rss_kib() -> u64 {
-        let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        let exe = exe.to_string_lossy().into_owned();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut in_code = false;
-        let mut kib = 0;
-        for line in smaps.lines() {
-            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-            if fields.len() >= 6 && fields[0].contains('-') {
-                in_code = fields[1] == "r-xp" && fields[5] == exe;
-            } else if in_code && fields.first() == Some(&"Rss:") {
-                kib += fields[1].parse::<u64>().unwrap();
-            }
-        }
-        kib
-    }
-
     #[test]
     fn the_executables_code_and_read_only_data_are_found() {
         let segments = read_only_segments();
-        let here = code_rss_kib as *const () as usize;
+        let here = whole_pages as *const () as usize;
         assert!(
             segments
                 .iter()
@@ -173,19 +155,15 @@ mod tests {
         );
     }
 
+    /// What `release` does to a running server is checked end to end by the CLI's
+    /// `a_settled_server_hands_its_start_up_code_back`; here, that it runs and finds work.
     #[test]
-    fn release_unmaps_the_executables_code() {
-        let before = code_rss_kib();
-        assert!(before > 0, "the test's code is mapped");
+    fn release_covers_the_read_only_segments() {
+        let total: usize = read_only_segments().iter().map(|s| s.1).sum();
         let released = release().unwrap();
-        let after = code_rss_kib();
         assert!(
-            released as u64 >= before * 1024,
-            "{released} bytes released"
-        );
-        assert!(
-            after < before,
-            "resident code {after} KiB after release, {before} KiB before"
+            released > 0 && released <= total,
+            "{released} of {total} bytes"
         );
     }
 }
