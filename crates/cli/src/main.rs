@@ -402,10 +402,11 @@ enum BenchTarget {
         /// (after one node), the load spread over them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
         nodes: u8,
-        /// SQLite commits: `full` syncs each commit to disk (durable across a power loss; what
-        /// the targets are for), `normal` (the server's default) syncs at checkpoints.
-        #[arg(long, value_enum, default_value_t = SyncArg::Full)]
-        synchronous: SyncArg,
+        /// SQLite commits: `full` (when not given) syncs each commit to disk, durable across a
+        /// power loss, as the targets are defined; `normal` (the server's default) syncs at
+        /// checkpoints. Not with `--db` (PostgreSQL follows its own `synchronous_commit`).
+        #[arg(long, value_enum)]
+        synchronous: Option<SyncArg>,
     },
     /// Measure DevTools: snapshot and delta of a 1,000-node tree, and 100 live stream
     /// subscribers on one busy run (`smithers serve` in a separate process).
@@ -692,6 +693,7 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
                     "bench gateway: --nodes needs --db (nodes share a PostgreSQL database)",
                 ))
             } else {
+                let synchronous = synchronous.unwrap_or(SyncArg::Full);
                 bench_gateway::bench_gateway(quick, &only, synchronous.into()).await
             }
         }
@@ -702,11 +704,16 @@ async fn dispatch(cmd: Cmd) -> Result<u8, SmithersError> {
                     only,
                     db: Some(db),
                     nodes,
-                    ..
+                    synchronous,
                 }),
             ..
         } => {
-            if only.iter().any(|p| *p != bench_gateway::Part::Runs) {
+            if synchronous.is_some() {
+                Err(SmithersError::new(
+                    Code::InvalidInput,
+                    "bench gateway: --synchronous is for SQLite; with --db PostgreSQL commits as its server is set (the throwaway cluster: synchronous_commit=on)",
+                ))
+            } else if only.iter().any(|p| *p != bench_gateway::Part::Runs) {
                 Err(SmithersError::new(
                     Code::InvalidInput,
                     "bench gateway: with --db only `runs` is measured (--only runs)",

@@ -604,4 +604,17 @@ fn the_bench_refuses_nodes_without_a_database_and_bad_db_values() {
     let out = smithers(dir.path(), &["bench", "gateway", "--db", "mysql://x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("postgres:// URL"));
+    let out = smithers(
+        dir.path(),
+        &[
+            "bench",
+            "gateway",
+            "--db",
+            "postgres",
+            "--synchronous",
+            "full",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--synchronous is for SQLite"));
 }
