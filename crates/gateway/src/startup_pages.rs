@@ -51,15 +51,15 @@ pub fn release() -> std::io::Result<usize> {
 #[cfg(target_os = "linux")]
 fn read_only_segments() -> Vec<(usize, usize)> {
     /// `DT_TEXTREL`, and `DF_TEXTREL` in `DT_FLAGS`: code patched at load time.
-    const DT_TEXTREL: i64 = 22;
-    const DT_FLAGS: i64 = 30;
-    const DF_TEXTREL: u64 = 0x4;
+    const DT_TEXTREL: isize = 22;
+    const DT_FLAGS: isize = 30;
+    const DF_TEXTREL: usize = 0x4;
 
-    /// `Elf64_Dyn`.
+    /// `Elf64_Dyn` (`Elf32_Dyn` on 32-bit targets: both are two words).
     #[repr(C)]
     struct Dyn {
-        tag: i64,
-        val: u64,
+        tag: isize,
+        val: usize,
     }
 
     unsafe extern "C" fn each_object(
