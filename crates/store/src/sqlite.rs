@@ -32,7 +32,7 @@ const MAX_GROUP: usize = 1024;
 const WRITE_ATTEMPTS: u32 = 12;
 /// Attempts of a read when the database is momentarily locked (shared-cache memory mode).
 const READ_ATTEMPTS: u32 = 60;
-const BUSY_TIMEOUT: Duration = Duration::from_millis(30_000);
+const BUSY_TIMEOUT: Duration = Duration::from_millis(crate::SQLITE_BUSY_TIMEOUT_MS);
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Never edit an
 /// entry that has shipped: append a new one.
@@ -600,23 +600,13 @@ static MEMORY_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl SqliteStore {
     /// Opens (creating if needed, with its parent directories) a database file and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with_busy_timeout(path, BUSY_TIMEOUT)
+        Self::open_with(path, crate::SqliteOptions::default())
     }
 
-    /// Like [`SqliteStore::open`], with how long one statement waits for a lock held by
-    /// another connection before the write is retried (default 30 s; a write fails after 12
-    /// such waits). The URL form is `sqlite://PATH?busy_timeout_ms=N`.
-    pub fn open_with_busy_timeout(path: &Path, busy: Duration) -> Result<Self> {
-        Self::open_with(
-            path,
-            crate::SqliteOptions {
-                busy_timeout: busy,
-                ..Default::default()
-            },
-        )
-    }
-
-    /// Like [`SqliteStore::open`], with the settings a `sqlite://` URL's parameters give.
+    /// Like [`SqliteStore::open`], with the settings a `sqlite://` URL's parameters give:
+    /// how long one statement waits for a lock held by another connection before the write is
+    /// retried (`busy_timeout_ms`, default 30 s; a write fails after 12 such waits) and when
+    /// commits reach the disk (`synchronous`).
     pub fn open_with(path: &Path, options: crate::SqliteOptions) -> Result<Self> {
         Self::open_with_checkpoints(path, options, checkpoint::Policy::DEFAULT)
     }
@@ -675,7 +665,7 @@ impl SqliteStore {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .map_err(|e| open_error(&target, e.into()))?;
         migrate(&conn).map_err(|e| open_error(&target, e))?;
-        let gate = Arc::new(checkpoint::ResetGate::default());
+        let gate = Arc::new(checkpoint::ResetGate::new(&policy));
         let checkpointer = match &target {
             Target::File(..) => spawn_checkpointer(&target, policy, gate.clone()),
             Target::Memory(_) => None,
@@ -883,7 +873,7 @@ fn writer_loop(
 ) {
     while let Ok(first) = rx.recv() {
         // holding no transaction: the moment a forced WAL reset needs (checkpoint.rs)
-        gate.pause_if_wanted(checkpoint::WRITER_PAUSE);
+        gate.pause_if_wanted();
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {

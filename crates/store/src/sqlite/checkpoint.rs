@@ -18,61 +18,66 @@
 //! [`ResetGate`], to wait between two groups until the reset is done.
 
 use rusqlite::Connection;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How the checkpoint thread asks the writer to stand still for a forced reset.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ResetGate {
-    wanted: AtomicBool,
-    /// Resets finished (or given up) so far; the writer waits for it to move.
-    done: Mutex<u64>,
-    moved: Condvar,
+    /// A reset is running and wants the writer still.
+    wanted: Mutex<bool>,
+    ended: Condvar,
+    /// The longest the writer stands still: the reset's two waits (for the writer's lock,
+    /// then for the readers) are each at most the policy's `restart_wait`.
+    max_pause: Duration,
 }
 
 impl ResetGate {
-    /// The writer, between two groups: if a reset is wanted, waits until it is over (at most
-    /// `max`). Returns whether it waited.
-    pub fn pause_if_wanted(&self, max: Duration) -> bool {
-        if !self.wanted.load(Ordering::Acquire) {
-            return false;
+    pub fn new(policy: &Policy) -> Self {
+        ResetGate {
+            wanted: Mutex::new(false),
+            ended: Condvar::new(),
+            max_pause: policy.restart_wait * 2 + Duration::from_millis(100),
         }
-        let deadline = Instant::now() + max;
-        let Ok(mut done) = self.done.lock() else {
+    }
+
+    /// The writer, between two groups: if a reset is running, waits until it ends (at most
+    /// `max_pause`). Returns whether it waited.
+    pub fn pause_if_wanted(&self) -> bool {
+        let Ok(wanted) = self.wanted.lock() else {
             return false;
         };
-        let start = *done;
-        while *done == start && self.wanted.load(Ordering::Acquire) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self.moved.wait_timeout(done, left) {
-                Ok((d, _)) => done = d,
-                Err(_) => return true,
-            }
+        if !*wanted {
+            return false;
         }
+        let _ = self
+            .ended
+            .wait_timeout_while(wanted, self.max_pause, |wanted| *wanted);
         true
     }
 
     /// Asks the writer to stand still until the returned guard is dropped (also by a panic,
     /// so the writer is never left waiting on a reset that is gone).
     fn hold(&self) -> Held<'_> {
-        self.want();
+        self.set(true);
         Held(self)
     }
 
-    fn want(&self) {
-        self.wanted.store(true, Ordering::Release);
-    }
-
-    fn over(&self) {
-        self.wanted.store(false, Ordering::Release);
-        if let Ok(mut done) = self.done.lock() {
-            *done += 1;
+    fn set(&self, wanted: bool) {
+        if let Ok(mut w) = self.wanted.lock() {
+            *w = wanted;
         }
-        self.moved.notify_all();
+        self.ended.notify_all();
+    }
+}
+
+/// A forced reset in progress; lets the writer go when dropped.
+struct Held<'a>(&'a ResetGate);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
     }
 }
 
@@ -81,25 +86,12 @@ impl ResetGate {
 /// whenever commits pause; a reset costs the next commit one fsync of the WAL header.
 pub const EVERY: Duration = Duration::from_millis(200);
 
-/// A forced reset in progress; ends it when dropped.
-struct Held<'a>(&'a ResetGate);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.0.over();
-    }
-}
-
 /// WAL frames (pages; 4 KiB each by default, so 256 MiB) past which the log is reset by
 /// force. Under sustained load the log was seen reaching 45,000 frames between natural resets.
 pub const RESTART_FRAMES: i64 = 65_536;
 
 /// How long a forced reset waits for the writer and readers before trying again next time.
 pub const RESTART_WAIT: Duration = Duration::from_millis(500);
-
-/// The longest a writer waits between two groups for a forced reset: the reset's own waits,
-/// for the writer's lock and for the readers, are each at most [`RESTART_WAIT`].
-pub const WRITER_PAUSE: Duration = Duration::from_millis(1_100);
 
 /// When the thread checkpoints, and when it resets the log by force.
 #[derive(Debug, Clone, Copy)]
@@ -258,30 +250,33 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_waits_only_while_a_reset_is_wanted_and_at_most_its_limit() {
-        let gate = Arc::new(ResetGate::default());
-        assert!(
-            !gate.pause_if_wanted(Duration::from_secs(5)),
-            "nothing wanted"
-        );
-        gate.want();
+    fn the_writer_waits_only_while_a_reset_is_held_and_at_most_its_limit() {
+        let gate = Arc::new(ResetGate::new(&Policy {
+            restart_wait: Duration::from_millis(10),
+            ..Policy::DEFAULT
+        }));
+        assert!(!gate.pause_if_wanted(), "nothing held");
+        let held = gate.hold();
         let t0 = Instant::now();
-        assert!(gate.pause_if_wanted(Duration::from_millis(30)));
+        assert!(gate.pause_if_wanted());
         assert!(
-            t0.elapsed() >= Duration::from_millis(30),
-            "waited its limit"
+            t0.elapsed() >= Duration::from_millis(120),
+            "waited its limit: 2 × 10 + 100 ms"
         );
         // a reset that ends lets the writer go at once
-        let other = gate.clone();
-        let ender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            other.over();
-        });
-        let t0 = Instant::now();
-        assert!(gate.pause_if_wanted(Duration::from_secs(10)));
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        ender.join().expect("join");
-        assert!(!gate.pause_if_wanted(Duration::from_secs(5)), "over");
+        let writer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let waited = gate.pause_if_wanted();
+                (waited, t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        let (waited, took) = writer.join().expect("join");
+        assert!(waited && took < Duration::from_millis(120), "{took:?}");
+        assert!(!gate.pause_if_wanted(), "over");
     }
 
     const FAST: Policy = Policy {
@@ -310,7 +305,7 @@ mod tests {
                 restart_frames: i64::MAX,
                 ..FAST
             },
-            Arc::default(),
+            Arc::new(ResetGate::new(&FAST)),
         )
         .expect("spawn");
         wait_for("the rows to reach the database file", || {
@@ -334,7 +329,8 @@ mod tests {
             .execute_batch("BEGIN; SELECT count(*) FROM t;")
             .expect("read txn");
         let (stop, wake) = mpsc::channel();
-        let (handle, counts) = spawn(open(&db), wake, FAST, Arc::default()).expect("spawn");
+        let (handle, counts) =
+            spawn(open(&db), wake, FAST, Arc::new(ResetGate::new(&FAST))).expect("spawn");
         write_pages(&writer, 200);
         let r0 = counts.rounds.load(Ordering::Relaxed);
         wait_for("a few rounds", || {
