@@ -33,6 +33,10 @@ use tokio::sync::{mpsc, watch};
 /// Task heartbeats are persisted at most this often.
 const HEARTBEAT_EVERY_MS: i64 = 500;
 
+/// A run of steps that only change state commits once its batch holds this many writes, so a
+/// long chain of value tasks never builds one unbounded transaction.
+const DEFERRED_WRITES_CAP: usize = 512;
+
 /// Subflows may nest this deep (guards against a workflow that calls itself).
 pub const MAX_SUBFLOW_DEPTH: u32 = 16;
 
@@ -812,9 +816,21 @@ impl Driver {
                 Started::Spawned | Started::Unchanged => {}
             }
         }
-        self.flush().await?;
+        // What changed without acting outside the engine (values, skips, recorded failures,
+        // approval requests) is committed with the next step's writes: anything that acts
+        // (a process, an agent, a subflow) commits the batch before it starts, and so does every
+        // wait. A one-task run is then two commits (start, end), not four.
         if changed {
+            if self.batch.writes.len() >= DEFERRED_WRITES_CAP {
+                self.flush().await?;
+            }
             return Ok(None);
+        }
+        // a run about to end, or to advance a loop, commits this step with that
+        let commits_next = self.in_flight == 0
+            && (self.fatal.is_some() || !sched.ready_loops.is_empty() || sched.done);
+        if !commits_next {
+            self.flush().await?;
         }
         if self.in_flight > 0 {
             self.wait_for_message(None).await?;

@@ -123,6 +123,60 @@ async fn value_chain_finishes_with_frames_and_ordered_events() {
     }
 }
 
+/// Steps that only record values commit together with the step that ends the run. (A step that
+/// starts a process still commits before the process runs: `leftovers` and the crash tests.)
+#[tokio::test]
+async fn value_steps_share_one_commit_with_the_end_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(smithers_store::sqlite::SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
+    let cfg = EngineConfig {
+        default_cwd: Some(dir.path().to_path_buf()),
+        // no heartbeat write lands inside the measured runs
+        heartbeat_interval_ms: 600_000,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(store.clone(), cfg);
+    let commits_of = |w: Arc<dyn Workflow>| {
+        let (engine, store) = (&engine, store.clone());
+        async move {
+            let before = store.write_requests();
+            let o = engine
+                .start(w, json!({}), StartOptions::default())
+                .await
+                .unwrap()
+                .wait()
+                .await;
+            assert_eq!(o.status, "finished", "{:?}", o.error);
+            (o, store.write_requests() - before)
+        }
+    };
+    let (_, one) = commits_of(wf("one", |_| Ok(seq(vec![value("t", json!(1)).node()])))).await;
+    assert_eq!(one, 2, "a one-task run: the start, then everything else");
+    let (o, chain) = commits_of(wf("chain", |_| {
+        Ok(seq((0..10)
+            .map(|i| value(&format!("t{i}"), json!(i)).node())
+            .collect()))
+    }))
+    .await;
+    assert_eq!(chain, 2, "ten value steps, one commit after the start");
+    // nothing was lost by committing later: every step's frame, row and event is there
+    assert!(store.last_frame_no(&o.run_id).await.unwrap() >= 11);
+    assert_eq!(store.list_outputs(&o.run_id).await.unwrap().len(), 10);
+    // a long chain still commits in bounded transactions, not one per step
+    let (o, long) = commits_of(wf("long", |_| {
+        Ok(seq((0..150)
+            .map(|i| value(&format!("t{i}"), json!(i)).node())
+            .collect()))
+    }))
+    .await;
+    assert!(
+        (3..30).contains(&long),
+        "150 value steps took {long} commits"
+    );
+    assert_eq!(store.list_outputs(&o.run_id).await.unwrap().len(), 150);
+}
+
 #[tokio::test]
 async fn later_steps_see_earlier_outputs() {
     let e = env().await;
