@@ -15,6 +15,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde_json::{Value, json};
 use smithers_store::status;
 use std::collections::HashSet;
@@ -85,9 +86,22 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
         }
     };
     tokio::pin!(evicted);
+    // requests being answered: each runs on this connection's task, and the socket is not read
+    // while `MAX_IN_FLIGHT` are (declared after everything they borrow, so dropped first)
+    let mut in_flight: FuturesUnordered<Handling<'_>> = FuturesUnordered::new();
     loop {
         let next = tokio::select! {
-            m = stream.next() => m,
+            // in this order: a request just taken gets going (its first poll) before the next
+            // frame is read
+            biased;
+            Some(hb) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(hb) = hb
+                    && let Some(old) = heartbeat.replace(hb)
+                {
+                    old.abort();
+                }
+                continue;
+            }
             _ = &mut connect_by, if !slot.authenticated() => {
                 gw.metrics.inc(
                     "smithers_gateway_errors_total",
@@ -112,6 +126,8 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
                 }
                 break;
             }
+            // last: a client that keeps sending cannot hold off the branches above
+            m = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => m,
         };
         let msg = match next {
             Some(Ok(m)) => m,
@@ -142,9 +158,32 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
             "smithers_gateway_messages_received_total",
             &[("frameType", "request"), ("transport", "ws")],
         );
+        let req = match crate::request::parse_ws(&text) {
+            Ok(r) => r,
+            Err(r) => {
+                frame_failed(&gw, &conn, &r.id, r.error);
+                continue;
+            }
+        };
+        // `connect` changes the connection's grant: it is never answered beside other requests
+        let alone = req.method == "connect" || !conn.authed.load(Ordering::Acquire);
         // boxed: the request future is large and only lives while a frame is handled, whereas
         // this task lives as long as the (mostly idle) connection
-        if let Some(hb) = Box::pin(handle_frame(&gw, &conn, &headers, &text)).await
+        let handling: Handling<'_> = Box::pin(handle_request(&gw, &conn, &headers, req));
+        if !alone {
+            in_flight.push(handling);
+            continue;
+        }
+        // `connect`, and anything before it, is answered alone and in order: the requests in
+        // flight finish first, and nothing more is read until it is done
+        while let Some(hb) = in_flight.next().await {
+            if let Some(hb) = hb
+                && let Some(old) = heartbeat.replace(hb)
+            {
+                old.abort();
+            }
+        }
+        if let Some(hb) = handling.await
             && let Some(old) = heartbeat.replace(hb)
         {
             old.abort();
@@ -153,6 +192,14 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
             slot.promote();
         }
     }
+    // requests already taken are finished, as if the socket were still open: one cut short
+    // could leave work half done (a run stored but never driven); their answers go nowhere
+    while let Some(hb) = in_flight.next().await {
+        if let Some(hb) = hb {
+            hb.abort();
+        }
+    }
+    drop(in_flight);
     if let Some(hb) = heartbeat {
         hb.abort();
     }
@@ -377,26 +424,32 @@ fn respond(conn: &ConnShared, gw: &Gateway, text: String, ok: bool) {
 }
 
 /// Handles one inbound frame. Returns a new heartbeat task after a successful `connect`.
-async fn handle_frame(
+/// A request frame being answered; it yields the heartbeat task a successful `connect` starts.
+type Handling<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<tokio::task::JoinHandle<()>>> + Send + 'a>,
+>;
+
+/// Most requests of one connection answered at a time. Responses carry the request's id and
+/// may come in any order; past this many, the connection's next frames wait unread, so a
+/// client that floods requests slows only itself.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// Answers a frame that is not a valid request.
+fn frame_failed(gw: &Gateway, conn: &ConnShared, id: &str, e: RpcError) {
+    gw.metrics.inc(
+        "smithers_gateway_errors_total",
+        &[("code", &e.code), ("kind", "frame"), ("transport", "ws")],
+    );
+    respond(conn, gw, frames::err(id, &e), false);
+}
+
+async fn handle_request(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnShared>,
     headers: &HeaderMap,
-    text: &str,
+    req: crate::request::Request,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let fail = |id: &str, e: RpcError| {
-        gw.metrics.inc(
-            "smithers_gateway_errors_total",
-            &[("code", &e.code), ("kind", "frame"), ("transport", "ws")],
-        );
-        respond(conn, gw, frames::err(id, &e), false);
-    };
-    let (id, method, params) = match crate::request::parse_ws(text) {
-        Ok(r) => (r.id, r.method, r.params),
-        Err(r) => {
-            fail(&r.id, r.error);
-            return None;
-        }
-    };
+    let (id, method, params) = (req.id, req.method, req.params);
     gw.metrics.inc(
         "smithers_gateway_rpc_calls_total",
         &[

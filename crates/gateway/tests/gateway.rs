@@ -1864,3 +1864,59 @@ async fn a_run_resumed_over_websocket_is_answered_before_its_events() {
         }
     }
 }
+
+/// The next response frame, skipping events.
+async fn next_response(ws: &mut Ws) -> Value {
+    loop {
+        let f = next(ws).await;
+        if f["type"] == "res" {
+            return f;
+        }
+    }
+}
+
+/// Requests on one connection are answered side by side: one waiting for the database does
+/// not hold up the next, and past `MAX_IN_FLIGHT` the connection's frames wait unread.
+#[tokio::test]
+async fn requests_on_one_connection_do_not_wait_for_each_other() {
+    let s = start(Spec::default()).await;
+    let mut ws = ws(s.addr).await;
+    connect(&mut ws, hello_params()).await;
+    // another connection holds the database's write lock: a create waits for it
+    let db = rusqlite::Connection::open(s.dir.path().join("db.sqlite")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let create = |id: String| json!({"type": "req", "id": id, "method": "runs.create", "params": {"workflow": "hello"}});
+    send(&mut ws, create("c0".into())).await;
+    send(
+        &mut ws,
+        json!({"type": "req", "id": "h", "method": "health"}),
+    )
+    .await;
+    let first = next_response(&mut ws).await;
+    assert_eq!(
+        first["id"], "h",
+        "health answered while the create waits: {first}"
+    );
+    assert_eq!(first["ok"], true);
+    // fill the connection's places: the frame after them is not read while they wait
+    let max = smithers_gateway::ws::MAX_IN_FLIGHT;
+    for i in 1..max {
+        send(&mut ws, create(format!("c{i}"))).await;
+    }
+    send(
+        &mut ws,
+        json!({"type": "req", "id": "h2", "method": "health"}),
+    )
+    .await;
+    let early = tokio::time::timeout(Duration::from_millis(500), next_response(&mut ws)).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    db.execute_batch("COMMIT").unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..=max {
+        let r = next_response(&mut ws).await;
+        assert_eq!(r["ok"], true, "{r}");
+        ids.insert(r["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), max + 1);
+    assert!(ids.contains("h2") && ids.contains("c0") && ids.contains(&format!("c{}", max - 1)));
+}
