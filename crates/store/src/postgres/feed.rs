@@ -60,6 +60,13 @@ pub(crate) fn may_carry(run_id: &str) -> bool {
     !run_id.contains('\n')
 }
 
+/// Whether a notice was sent by `instance` (its first word).
+fn from_instance(payload: &str, instance: &str) -> bool {
+    payload
+        .strip_prefix(instance)
+        .is_some_and(|rest| rest.starts_with(' '))
+}
+
 /// The sender's instance and what it committed; None for a malformed notice. Events that do
 /// not parse or do not match the seqs are dropped (the receiver reads them from the log).
 fn parse(payload: &str) -> Option<(&str, EventRef)> {
@@ -225,10 +232,11 @@ fn forward(feed: &Weak<Feed>, message: Option<AsyncMessage>) -> Option<Ended> {
     let Some(feed) = feed.upgrade() else {
         return Some(Ended::StoreDropped);
     };
+    // this store's own notices are skipped before their events are parsed
     if let AsyncMessage::Notification(n) = message
         && n.channel() == CHANNEL
-        && let Some((instance, event)) = parse(n.payload())
-        && instance != feed.instance
+        && !from_instance(n.payload(), &feed.instance)
+        && let Some((_, event)) = parse(n.payload())
     {
         // No receiver is not an error: nobody is watching right now.
         let _ = feed.tx.send(event);
@@ -239,6 +247,14 @@ fn forward(feed: &Weak<Feed>, message: Option<AsyncMessage>) -> Option<Ended> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_notices_are_told_by_their_first_word() {
+        assert!(from_instance("me 1 2 run", "me"));
+        assert!(!from_instance("meet 1 2 run", "me"));
+        assert!(!from_instance("you 1 2 me", "me"));
+        assert!(!from_instance("me", "me"));
+    }
 
     #[test]
     fn notices_round_trip_and_run_ids_may_contain_spaces() {
