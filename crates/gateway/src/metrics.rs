@@ -561,6 +561,29 @@ fn render_histogram(
 /// Renders `labels` as `k="v",…` with keys sanitized and sorted (last duplicate wins) and
 /// values escaped and capped. `drop_le` removes a `le` key (reserved on histograms).
 fn label_key(labels: &Labels<'_>, drop_le: bool) -> String {
+    // Every call site passes valid names in order: written out directly, with no map and no
+    // copies (this runs for every counter update, several times per request and per run).
+    let plain = labels.iter().enumerate().all(|(i, (key, _))| {
+        is_label_name(key) && !(drop_le && *key == "le") && (i == 0 || labels[i - 1].0 < *key)
+    });
+    if plain {
+        let mut out = String::new();
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(key);
+            out.push_str("=\"");
+            escape_label_value(&mut out, truncate(value, MAX_LABEL_VALUE_LEN));
+            out.push('"');
+        }
+        return out;
+    }
+    label_key_general(labels, drop_le)
+}
+
+/// [`label_key`] for any labels: names sanitized, sorted, the last duplicate winning.
+fn label_key_general(labels: &Labels<'_>, drop_le: bool) -> String {
     let mut pairs: BTreeMap<String, &str> = BTreeMap::new();
     for (key, value) in labels {
         let key = sanitize_label_name(key);
@@ -580,6 +603,13 @@ fn label_key(labels: &Labels<'_>, drop_le: bool) -> String {
         out.push('"');
     }
     out
+}
+
+/// Whether `sanitize_label_name` would leave `name` as it is.
+fn is_label_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Every char outside `[a-zA-Z0-9_]` becomes `_`; a leading digit (or an empty name) gets a
@@ -642,6 +672,29 @@ fn format_value(value: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_direct_label_key_is_the_general_one() {
+        let cases: [&super::Labels<'_>; 8] = [
+            &[],
+            &[("code", "X"), ("kind", "frame"), ("transport", "ws")],
+            &[("transport", "ws"), ("method", "runs.create")],
+            &[("a", "1"), ("a", "2")],
+            &[("le", "0.5"), ("x", "y")],
+            &[("bad-name", "v"), ("ok", "q\"uote\n")],
+            &[("9lives", "v")],
+            &[("long", &"v".repeat(300))],
+        ];
+        for labels in cases {
+            for drop_le in [false, true] {
+                assert_eq!(
+                    super::label_key(labels, drop_le),
+                    super::label_key_general(labels, drop_le),
+                    "{labels:?} {drop_le}"
+                );
+            }
+        }
+    }
+
     use super::*;
     use std::collections::HashMap;
     use std::sync::Arc;
