@@ -1157,16 +1157,23 @@ fn exec_batch(conn: &Connection, batch: &Batch) -> Result<Applied, DbErr> {
         check_guard(conn, g)?;
     }
     let mut applied = Applied::default();
+    let mut next_seq = None;
     for w in &batch.writes {
-        if let Some(seq) = exec_write(conn, w)? {
+        if let Some(seq) = exec_write(conn, w, &mut next_seq)? {
             applied.event_seqs.push(seq);
         }
     }
     Ok(applied)
 }
 
-/// Executes one write; returns the event seq for `AppendEvent`.
-fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
+/// Executes one write; returns the event seq for `AppendEvent`. `next_seq` carries the next
+/// seq of the run whose event the batch appended last: the transaction is the only writer, so
+/// a run of events for one run reads the log's end once, not once per event.
+fn exec_write<'b>(
+    conn: &Connection,
+    w: &'b Write,
+    next_seq: &mut Option<(&'b str, i64)>,
+) -> Result<Option<i64>, DbErr> {
     match w {
         Write::InsertRun(r) => {
             validate_run_status(&r.run_id, &r.status)?;
@@ -1358,14 +1365,18 @@ fn exec_write(conn: &Connection, w: &Write) -> Result<Option<i64>, DbErr> {
             // Two plain cached statements. `(?1 || '')` is deliberate: with a bare `?1` SQLite
             // re-prepares this statement on every execution (the plan is marked as depending on
             // the bound value), which cost more than the insert itself.
-            let seq: i64 = conn
-                .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_events WHERE run_id = (?1 || '')")?
-                .query_row(params![run_id], |r| r.get(0))?;
+            let seq: i64 = match *next_seq {
+                Some((r, seq)) if r == run_id.as_str() => seq,
+                _ => conn
+                    .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_events WHERE run_id = (?1 || '')")?
+                    .query_row(params![run_id], |r| r.get(0))?,
+            };
             conn.prepare_cached(
                 "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![run_id, seq, timestamp_ms, event_type, payload_json])?;
+            *next_seq = Some((run_id.as_str(), seq + 1));
             return Ok(Some(seq));
         }
         Write::UpsertAudit(a) => {
