@@ -87,14 +87,19 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
     };
     tokio::pin!(evicted);
     // requests being answered: each runs on this connection's task, and the socket is not read
-    // while `MAX_IN_FLIGHT` are (declared after everything they borrow, so dropped first)
+    // while `MAX_IN_FLIGHT` are, or while their frames hold `max_body_bytes` (so one connection
+    // holds at most about two frames' worth, as when it was answered one request at a time).
+    // Declared after everything they borrow, so dropped first.
     let mut in_flight: FuturesUnordered<Handling<'_>> = FuturesUnordered::new();
+    let mut in_flight_bytes = 0usize;
+    let (gw_ref, conn_ref, headers_ref) = (&gw, &conn, &headers);
     loop {
         let next = tokio::select! {
             // in this order: a request just taken gets going (its first poll) before the next
             // frame is read
             biased;
-            Some(hb) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((hb, bytes)) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_bytes -= bytes;
                 if let Some(hb) = hb
                     && let Some(old) = heartbeat.replace(hb)
                 {
@@ -127,7 +132,8 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
                 break;
             }
             // last: a client that keeps sending cannot hold off the branches above
-            m = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => m,
+            m = stream.next(), if in_flight.len() < MAX_IN_FLIGHT
+                && in_flight_bytes < gw.config.max_body_bytes => m,
         };
         let msg = match next {
             Some(Ok(m)) => m,
@@ -169,21 +175,28 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
         let alone = req.method == "connect" || !conn.authed.load(Ordering::Acquire);
         // boxed: the request future is large and only lives while a frame is handled, whereas
         // this task lives as long as the (mostly idle) connection
-        let handling: Handling<'_> = Box::pin(handle_request(&gw, &conn, &headers, req));
+        let bytes = text.len();
+        drop(text);
+        let handling: Handling<'_> = Box::pin(async move {
+            let hb = handle_request(gw_ref, conn_ref, headers_ref, req).await;
+            (hb, bytes)
+        });
         if !alone {
+            in_flight_bytes += bytes;
             in_flight.push(handling);
             continue;
         }
         // `connect`, and anything before it, is answered alone and in order: the requests in
         // flight finish first, and nothing more is read until it is done
-        while let Some(hb) = in_flight.next().await {
+        while let Some((hb, bytes)) = in_flight.next().await {
+            in_flight_bytes -= bytes;
             if let Some(hb) = hb
                 && let Some(old) = heartbeat.replace(hb)
             {
                 old.abort();
             }
         }
-        if let Some(hb) = handling.await
+        if let (Some(hb), _) = handling.await
             && let Some(old) = heartbeat.replace(hb)
         {
             old.abort();
@@ -194,7 +207,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, headers: HeaderMap, mut slot
     }
     // requests already taken are finished, as if the socket were still open: one cut short
     // could leave work half done (a run stored but never driven); their answers go nowhere
-    while let Some(hb) = in_flight.next().await {
+    while let Some((hb, _)) = in_flight.next().await {
         if let Some(hb) = hb {
             hb.abort();
         }
@@ -423,15 +436,15 @@ fn respond(conn: &ConnShared, gw: &Gateway, text: String, ok: bool) {
     let _ = conn.out.push(Outbound::Response(text));
 }
 
-/// Handles one inbound frame. Returns a new heartbeat task after a successful `connect`.
-/// A request frame being answered; it yields the heartbeat task a successful `connect` starts.
+/// A request frame being answered; it yields the heartbeat task a successful `connect` starts,
+/// and the frame's size.
 type Handling<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Option<tokio::task::JoinHandle<()>>> + Send + 'a>,
+    Box<dyn std::future::Future<Output = (Option<tokio::task::JoinHandle<()>>, usize)> + Send + 'a>,
 >;
 
 /// Most requests of one connection answered at a time. Responses carry the request's id and
-/// may come in any order; past this many, the connection's next frames wait unread, so a
-/// client that floods requests slows only itself.
+/// may come in any order; past this many (or past `max_body_bytes` of request frames), the
+/// connection's next frames wait unread, so a client that floods requests slows only itself.
 pub const MAX_IN_FLIGHT: usize = 32;
 
 /// Answers a frame that is not a valid request.
@@ -443,6 +456,7 @@ fn frame_failed(gw: &Gateway, conn: &ConnShared, id: &str, e: RpcError) {
     respond(conn, gw, frames::err(id, &e), false);
 }
 
+/// Answers one request. Returns a new heartbeat task after a successful `connect`.
 async fn handle_request(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnShared>,

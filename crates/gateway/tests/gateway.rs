@@ -1920,3 +1920,41 @@ async fn requests_on_one_connection_do_not_wait_for_each_other() {
     assert_eq!(ids.len(), max + 1);
     assert!(ids.contains("h2") && ids.contains("c0") && ids.contains(&format!("c{}", max - 1)));
 }
+
+/// Besides their number, the size of a connection's unanswered requests is bounded: once their
+/// frames hold `max_body_bytes`, the next frame waits unread.
+#[tokio::test]
+async fn unanswered_requests_hold_at_most_about_two_frames() {
+    let s = start(Spec {
+        config: ServerConfig {
+            max_body_bytes: 10_000,
+            ..ServerConfig::default()
+        },
+        ..Spec::default()
+    })
+    .await;
+    let mut ws = ws(s.addr).await;
+    connect(&mut ws, hello_params()).await;
+    let db = rusqlite::Connection::open(s.dir.path().join("db.sqlite")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let pad = "x".repeat(6_000);
+    for id in ["big1", "big2"] {
+        let f = json!({"type": "req", "id": id, "method": "runs.create", "params": {"workflow": "hello", "input": {"pad": pad}}});
+        send(&mut ws, f).await;
+    }
+    send(
+        &mut ws,
+        json!({"type": "req", "id": "h", "method": "health"}),
+    )
+    .await;
+    let early = tokio::time::timeout(Duration::from_millis(500), next_response(&mut ws)).await;
+    assert!(early.is_err(), "read past the byte budget: {early:?}");
+    db.execute_batch("COMMIT").unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let r = next_response(&mut ws).await;
+        assert_eq!(r["ok"], true, "{r}");
+        ids.insert(r["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 3);
+}
