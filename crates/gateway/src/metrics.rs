@@ -567,17 +567,7 @@ fn label_key(labels: &Labels<'_>, drop_le: bool) -> String {
         is_label_name(key) && !(drop_le && *key == "le") && (i == 0 || labels[i - 1].0 < *key)
     });
     if plain {
-        let mut out = String::new();
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(key);
-            out.push_str("=\"");
-            escape_label_value(&mut out, truncate(value, MAX_LABEL_VALUE_LEN));
-            out.push('"');
-        }
-        return out;
+        return render_label_pairs(labels.iter().copied());
     }
     label_key_general(labels, drop_le)
 }
@@ -592,8 +582,13 @@ fn label_key_general(labels: &Labels<'_>, drop_le: bool) -> String {
         }
         pairs.insert(key, value);
     }
+    render_label_pairs(pairs.iter().map(|(k, v)| (k.as_str(), *v)))
+}
+
+/// `k="v",…` in the given order, values escaped and capped.
+fn render_label_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     let mut out = String::new();
-    for (i, (key, value)) in pairs.iter().enumerate() {
+    for (i, (key, value)) in pairs.enumerate() {
         if i > 0 {
             out.push(',');
         }

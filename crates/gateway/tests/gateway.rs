@@ -1875,6 +1875,17 @@ async fn next_response(ws: &mut Ws) -> Value {
     }
 }
 
+/// The ids of the next `n` responses, each of which must be a success.
+async fn answered(ws: &mut Ws, n: usize) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..n {
+        let r = next_response(ws).await;
+        assert_eq!(r["ok"], true, "{r}");
+        ids.insert(r["id"].as_str().unwrap_or_default().to_string());
+    }
+    ids
+}
+
 /// Requests on one connection are answered side by side: one waiting for the database does
 /// not hold up the next, and past `MAX_IN_FLIGHT` the connection's frames wait unread.
 #[tokio::test]
@@ -1911,12 +1922,7 @@ async fn requests_on_one_connection_do_not_wait_for_each_other() {
     let early = tokio::time::timeout(Duration::from_millis(500), next_response(&mut ws)).await;
     assert!(early.is_err(), "answered past the cap: {early:?}");
     db.execute_batch("COMMIT").unwrap();
-    let mut ids = std::collections::HashSet::new();
-    for _ in 0..=max {
-        let r = next_response(&mut ws).await;
-        assert_eq!(r["ok"], true, "{r}");
-        ids.insert(r["id"].as_str().unwrap().to_string());
-    }
+    let ids = answered(&mut ws, max + 1).await;
     assert_eq!(ids.len(), max + 1);
     assert!(ids.contains("h2") && ids.contains("c0") && ids.contains(&format!("c{}", max - 1)));
 }
@@ -1950,11 +1956,5 @@ async fn unanswered_requests_hold_at_most_about_two_frames() {
     let early = tokio::time::timeout(Duration::from_millis(500), next_response(&mut ws)).await;
     assert!(early.is_err(), "read past the byte budget: {early:?}");
     db.execute_batch("COMMIT").unwrap();
-    let mut ids = std::collections::HashSet::new();
-    for _ in 0..3 {
-        let r = next_response(&mut ws).await;
-        assert_eq!(r["ok"], true, "{r}");
-        ids.insert(r["id"].as_str().unwrap().to_string());
-    }
-    assert_eq!(ids.len(), 3);
+    assert_eq!(answered(&mut ws, 3).await.len(), 3);
 }
