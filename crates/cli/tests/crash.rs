@@ -157,6 +157,64 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
     assert_eq!(sorted, (1..=sorted.len() as i64).collect::<Vec<_>>());
 }
 
+/// Value steps commit with the next step that acts outside the engine: the ones before a
+/// command are durable once the command runs, so a SIGKILL then loses none of them.
+#[test]
+fn value_steps_before_a_command_survive_a_sigkill_while_it_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (started, release) = (dir.join("started"), dir.join("release"));
+    let yaml = format!(
+        "name: mixed\nsteps:\n  - task: {{id: v1, value: {{n: 1}}}}\n  - task: {{id: v2, value: {{n: 2}}}}\n  - task: {{id: s3, run: \"touch {s}; while [ ! -e {r} ]; do sleep 0.05; done; echo '{{\\\"n\\\": 3}}'\", output: {{type: object}}}}\n  - task: {{id: v4, value: {{n: 4}}}}\n",
+        s = started.display(),
+        r = release.display()
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["up", "wf.yaml", "--run-id", "mixed-1", "--db", &db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "s3 never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let doc: Value = serde_json::from_slice(
+        &smithers(dir, &["inspect", "mixed-1", "--json", "--db", &db]).stdout,
+    )
+    .unwrap();
+    let outputs: Vec<&str> = doc["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["nodeId"].as_str())
+        .collect();
+    assert_eq!(
+        outputs.len(),
+        2,
+        "v1 and v2 were committed before s3 ran: {outputs:?}"
+    );
+    assert!(outputs.contains(&"v1") && outputs.contains(&"v2"));
+    std::fs::write(&release, "").unwrap();
+    let out = smithers(dir, &["resume", "mixed-1", "--db", &db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let output: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (id, n) in [("v1", 1), ("v2", 2), ("s3", 3), ("v4", 4)] {
+        assert_eq!(output[id]["n"], n, "{output}");
+    }
+}
+
 #[test]
 fn resume_orphans_takes_over_every_run_of_a_killed_engine() {
     let tmp = tempfile::tempdir().unwrap();
