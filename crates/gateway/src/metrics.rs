@@ -667,9 +667,13 @@ fn format_value(value: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
     #[test]
     fn the_direct_label_key_is_the_general_one() {
-        let cases: [&super::Labels<'_>; 8] = [
+        let cases: [&Labels<'_>; 8] = [
             &[],
             &[("code", "X"), ("kind", "frame"), ("transport", "ws")],
             &[("transport", "ws"), ("method", "runs.create")],
@@ -682,17 +686,13 @@ mod tests {
         for labels in cases {
             for drop_le in [false, true] {
                 assert_eq!(
-                    super::label_key(labels, drop_le),
-                    super::label_key_general(labels, drop_le),
+                    label_key(labels, drop_le),
+                    label_key_general(labels, drop_le),
                     "{labels:?} {drop_le}"
                 );
             }
         }
     }
-
-    use super::*;
-    use std::collections::HashMap;
-    use std::sync::Arc;
 
     /// One line of Prometheus text format 0.0.4.
     #[derive(Debug, Clone, PartialEq)]
