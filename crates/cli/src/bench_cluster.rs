@@ -393,7 +393,6 @@ pub async fn throughput_across(
         })
     };
     let next = Arc::new(AtomicU64::new(0));
-    let prefix = uuid::Uuid::new_v4().simple().to_string();
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..in_flight {
@@ -401,12 +400,7 @@ pub async fn throughput_across(
             .get(c % create_on.len().max(1))
             .copied()
             .unwrap_or(listen_on);
-        let (slots, next, prefix, workflow) = (
-            slots.clone(),
-            next.clone(),
-            prefix.clone(),
-            workflow.to_string(),
-        );
+        let (slots, next, workflow) = (slots.clone(), next.clone(), workflow.to_string());
         tasks.spawn(async move {
             let mut s = TcpStream::connect(addr).await.map_err(err)?;
             s.set_nodelay(true).map_err(err)?;
@@ -417,7 +411,8 @@ pub async fn throughput_across(
                 if i >= total {
                     break;
                 }
-                let id = format!("bench-{prefix}-{i}");
+                // ids of the kind the server gives runs created without one (time-ordered)
+                let id = smithers_engine::new_run_id();
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let t = Instant::now();
                 let req = rpc_request("runs.create", &json!({"workflow": workflow, "runId": id}));

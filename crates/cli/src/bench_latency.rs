@@ -45,16 +45,14 @@ pub async fn runs_in_flight(
     per_conn: usize,
     total: usize,
 ) -> R<RunsInFlight> {
-    let prefix = uuid::Uuid::new_v4().simple().to_string();
     let mut sockets = Vec::with_capacity(conns);
     for _ in 0..conns {
         sockets.push(handshake(addr).await?.0);
     }
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for (c, mut ws) in sockets.into_iter().enumerate() {
+    for mut ws in sockets {
         let workflow = workflow.to_string();
-        let prefix = prefix.clone();
         let mine = total / conns;
         tasks.push(tokio::spawn(async move {
             // run id → (sent at, answered, completed at)
@@ -65,7 +63,7 @@ pub async fn runs_in_flight(
             let mut sent = 0usize;
             while complete_ms.len() < mine {
                 if sent < mine && open.len() < per_conn {
-                    let run = format!("lat-{prefix}-{c}-{sent}");
+                    let run = smithers_engine::new_run_id();
                     open.insert(run.clone(), (Instant::now(), false, None));
                     ws.send(create_frame(&run, &workflow, Some(&run)))
                         .await

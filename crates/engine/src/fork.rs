@@ -37,7 +37,7 @@ impl Engine {
             None => snap.input.clone(),
         };
         bounds::check_run_input(&input)?;
-        let id = new_run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let id = new_run_id.unwrap_or_else(crate::new_run_id);
         bounds::check_run_id(&id)?;
         let reservation = self.sh.reserve(&id).ok_or_else(|| {
             SmithersError::new(

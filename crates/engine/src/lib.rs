@@ -17,11 +17,13 @@ pub mod owner;
 pub mod plan;
 pub mod process;
 mod rewind;
+mod run_id;
 pub mod vcs;
 
 pub use clock::now_ms;
 pub use events::EngineEvent;
 pub use rewind::Rewound;
+pub use run_id::new_run_id;
 
 use serde_json::{Value, json};
 use smithers_core::{Code, Result, SmithersError, Workflow, bounds};
@@ -396,10 +398,7 @@ impl Engine {
         depth: u32,
     ) -> Result<RunHandle> {
         check_input(&*workflow, &input)?;
-        let run_id = opts
-            .run_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let run_id = opts.run_id.clone().unwrap_or_else(crate::new_run_id);
         bounds::check_run_id(&run_id)?;
         let reservation = self.sh.reserve(&run_id).ok_or_else(|| {
             SmithersError::new(

@@ -60,7 +60,7 @@ impl Gateway {
             "gatewayTriggeredBy": triggered,
         });
         // subscribe before the run starts, so its first events reach this connection too
-        let run_id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let run_id = run_id.unwrap_or_else(smithers_engine::new_run_id);
         caller.follow(&run_id);
         self.remember_key(&run_id, key);
         let handle = self
