@@ -14,6 +14,29 @@ fn smithers(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `smithers up wf.yaml` in `dir` as a child process (to be killed), its output discarded.
+fn spawn_up(dir: &Path, run_id: &str, db: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_smithers"))
+        .current_dir(dir)
+        .args(["up", "wf.yaml", "--run-id", run_id, "--db", db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `smithers resume RUN`, which must succeed; its output (the run's outputs).
+fn resume_ok(dir: &Path, run_id: &str, db: &str) -> Value {
+    let out = smithers(dir, &["resume", run_id, "--db", db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn wait_for(path: &Path, needle: &str, limit: Duration) -> String {
     let t0 = Instant::now();
     loop {
@@ -52,13 +75,7 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
     std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
     let db = format!("sqlite://{}", dir.join("db.sqlite").display());
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
-        .current_dir(dir)
-        .args(["up", "wf.yaml", "--run-id", "crash-1", "--db", &db])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_up(dir, "crash-1", &db);
     // kill it while s3 is running (s1 and s2 finished)
     wait_for(&log, "start-3", Duration::from_secs(20));
     // a second engine must not take a run whose owner is alive
@@ -100,14 +117,7 @@ fn sigkill_mid_task_then_resume_finishes_without_rerunning_finished_tasks() {
         "outputs of s1 and s2 survived"
     );
 
-    let out = smithers(dir, &["resume", "crash-1", "--db", &db]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "resume failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let output: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let output = resume_ok(dir, "crash-1", &db);
     for i in 1..=5 {
         assert_eq!(output[format!("s{i}")]["n"], i);
     }
@@ -171,13 +181,7 @@ fn value_steps_before_a_command_survive_a_sigkill_while_it_runs() {
     );
     std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
     let db = format!("sqlite://{}", dir.join("db.sqlite").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
-        .current_dir(dir)
-        .args(["up", "wf.yaml", "--run-id", "mixed-1", "--db", &db])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_up(dir, "mixed-1", &db);
     let t0 = Instant::now();
     while !started.exists() {
         assert!(t0.elapsed() < Duration::from_secs(20), "s3 never started");
@@ -202,14 +206,7 @@ fn value_steps_before_a_command_survive_a_sigkill_while_it_runs() {
     );
     assert!(outputs.contains(&"v1") && outputs.contains(&"v2"));
     std::fs::write(&release, "").unwrap();
-    let out = smithers(dir, &["resume", "mixed-1", "--db", &db]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "resume failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let output: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let output = resume_ok(dir, "mixed-1", &db);
     for (id, n) in [("v1", 1), ("v2", 2), ("s3", 3), ("v4", 4)] {
         assert_eq!(output[id]["n"], n, "{output}");
     }
@@ -226,13 +223,7 @@ fn resume_orphans_takes_over_every_run_of_a_killed_engine() {
     );
     std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
     let db = format!("sqlite://{}", dir.join("db.sqlite").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smithers"))
-        .current_dir(dir)
-        .args(["up", "wf.yaml", "--run-id", "orphan-1", "--db", &db])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_up(dir, "orphan-1", &db);
     wait_for(&log, "slow", Duration::from_secs(20));
     child.kill().unwrap();
     child.wait().unwrap();
