@@ -635,9 +635,12 @@ async fn sustained_commits_do_not_keep_the_wal_from_being_reset() {
         store.forced_wal_resets() >= 1,
         "no forced reset in {batches} batches"
     );
-    // 200 frames is 0.8 MiB; what is written between two rounds comes on top
+    // 200 frames is 0.8 MiB; what is written between two resets comes on top, so the bound
+    // follows how fast this machine wrote: a log that is never reset holds most of what was
+    // written (69-161 MB of it, before the reset gate), one that is reset a small share
+    let written = batches * 3 * 3000;
     assert!(
-        wal < 8 << 20,
-        "the WAL grew to {wal} bytes over {batches} batches"
+        wal < (written / 8).max(8 << 20),
+        "the WAL grew to {wal} bytes over {batches} batches ({written} bytes written)"
     );
 }
