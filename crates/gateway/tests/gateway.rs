@@ -1958,3 +1958,26 @@ async fn unanswered_requests_hold_at_most_about_two_frames() {
     db.execute_batch("COMMIT").unwrap();
     assert_eq!(answered(&mut ws, 3).await.len(), 3);
 }
+
+/// A request taken from a socket is finished even when the client goes away meanwhile: a
+/// create waiting for the database still stores its run, and the run is driven to the end.
+#[tokio::test]
+async fn a_create_taken_before_the_client_left_still_runs() {
+    let s = start(Spec::default()).await;
+    let mut ws = ws(s.addr).await;
+    connect(&mut ws, hello_params()).await;
+    let db = rusqlite::Connection::open(s.dir.path().join("db.sqlite")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    send(&mut ws, json!({"type": "req", "id": "c", "method": "runs.create", "params": {"workflow": "hello", "runId": "left-behind"}})).await;
+    // the frame is read before the socket closes: health on the same socket is answered
+    send(
+        &mut ws,
+        json!({"type": "req", "id": "h", "method": "health"}),
+    )
+    .await;
+    assert_eq!(next_response(&mut ws).await["id"], "h");
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.execute_batch("COMMIT").unwrap();
+    wait_status(s.addr, "left-behind", "finished").await;
+}
