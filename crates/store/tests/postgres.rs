@@ -663,3 +663,154 @@ async fn claim_does_not_wait_behind_a_frozen_owners_transaction() {
     // the thawed session cannot commit anything any more
     assert!(frozen.batch_execute("COMMIT").await.is_err());
 }
+
+/// Sessions of the test's database waiting on a lock.
+async fn lock_waiters(client: &tokio_postgres::Client) -> i64 {
+    match client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) => panic!("pg_stat_activity: {e}"),
+    }
+}
+
+/// A batch that creates run `run` with `events` events.
+fn create_batch(run: &str, events: usize) -> Batch {
+    let mut b = Batch::new();
+    b.push(Write::InsertRun(run_row(run, "wf", 1)));
+    for i in 0..events {
+        b.push(event(run, i));
+    }
+    b
+}
+
+/// Applies `queued` while every writer of `store` is stuck behind a lock on the events table,
+/// so they all wait in the store's queue; then lets them go. Returns each batch's outcome, in
+/// order.
+async fn apply_while_writers_wait(
+    store: &Arc<PgStore>,
+    url: &str,
+    queued: Vec<Batch>,
+) -> Vec<smithers_core::Result<smithers_store::Applied>> {
+    let locker = raw_client(url).await;
+    let watcher = raw_client(url).await;
+    if let Err(e) = locker
+        .batch_execute("BEGIN; LOCK TABLE _smithers_events IN EXCLUSIVE MODE")
+        .await
+    {
+        panic!("lock: {e}");
+    }
+    // one blocked transaction per writer the store may run at once (4)
+    let mut blocked = Vec::new();
+    for i in 0..4 {
+        let s = store.clone();
+        blocked.push(tokio::spawn(async move {
+            s.apply(create_batch(&format!("blocker{i}"), 1)).await
+        }));
+        let t0 = std::time::Instant::now();
+        while lock_waiters(&watcher).await < i + 1 {
+            assert!(
+                t0.elapsed().as_secs() < 20,
+                "writer {i} never reached the lock"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    let mut waiting = Vec::new();
+    for b in queued {
+        let s = store.clone();
+        waiting.push(tokio::spawn(async move { s.apply(b).await }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        lock_waiters(&watcher).await,
+        4,
+        "no writer beyond the four may start while they are busy"
+    );
+    if let Err(e) = locker.batch_execute("COMMIT").await {
+        panic!("unlock: {e}");
+    }
+    for t in blocked {
+        assert!(matches!(t.await, Ok(Ok(_))), "a blocked batch failed");
+    }
+    let mut out = Vec::new();
+    for t in waiting {
+        match t.await {
+            Ok(r) => out.push(r),
+            Err(e) => panic!("apply task: {e}"),
+        }
+    }
+    out
+}
+
+/// Batches that queue while the writers are busy are committed together, in one transaction
+/// (their rows share a transaction id), and each still gets its own event seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_batches_share_one_transaction() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    let batches = (0..10).map(|i| create_batch(&format!("g{i}"), 3)).collect();
+    let results = apply_while_writers_wait(&store, &url, batches).await;
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(a) => assert_eq!(a.event_seqs, vec![0, 1, 2], "batch {i}"),
+            Err(e) => panic!("batch {i}: {e}"),
+        }
+    }
+    let client = raw_client(&url).await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT xmin::TEXT) FROM _smithers_runs WHERE run_id LIKE 'g%'",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    let (runs, transactions): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((runs, transactions), (10, 1));
+    for i in 0..10 {
+        let events = store.list_events(&format!("g{i}"), None, 100).await;
+        let seqs: Vec<i64> = events.unwrap_or_default().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2], "run g{i}");
+    }
+}
+
+/// A batch that fails inside a shared transaction fails alone: the others are applied once
+/// each, and the failing one leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_batch_in_a_group_fails_alone() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    apply(
+        &*store,
+        vec![
+            Write::InsertRun(run_row("taken", "wf", 1)),
+            event("taken", 0),
+        ],
+    )
+    .await;
+    let mut batches: Vec<Batch> = (0..6).map(|i| create_batch(&format!("h{i}"), 2)).collect();
+    batches.insert(3, create_batch("taken", 2));
+    let results = apply_while_writers_wait(&store, &url, batches).await;
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (3, Err(e)) => assert_eq!(e.code, Code::RunExists, "{e}"),
+            (3, Ok(_)) => panic!("creating an existing run succeeded"),
+            (_, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
+            (_, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
+        }
+    }
+    for i in 0..6 {
+        let n = store
+            .list_events(&format!("h{i}"), None, 100)
+            .await
+            .map(|e| e.len());
+        assert_eq!(n.ok(), Some(2), "run h{i}");
+    }
+    let n = store.list_events("taken", None, 100).await.map(|e| e.len());
+    assert_eq!(n.ok(), Some(1), "the failed batch appended nothing");
+}

@@ -6,8 +6,8 @@ use super::{Conn, DbErr, writes};
 use crate::{Applied, Batch, CronRow, Heartbeat, NewSignal};
 
 pub(crate) enum Op<'a> {
-    /// A batch, and the id this store signs its event notices with.
-    Apply(&'a Batch, &'a str),
+    /// Batches applied together, and the id this store signs its event notices with.
+    Apply(&'a [&'a Batch], &'a str),
     Claim {
         run_id: &'a str,
         owner: &'a str,
@@ -59,7 +59,8 @@ impl Op<'_> {
 }
 
 pub(crate) enum Out {
-    Applied(Applied),
+    /// What each batch of an `Apply` produced, in its order.
+    Applied(Vec<Applied>),
     Flag(bool),
     Seq(i64),
     Heartbeat(Heartbeat),
@@ -93,7 +94,7 @@ pub(crate) async fn xact_lock(conn: &mut Conn, key: i64) -> Result<(), DbErr> {
 
 pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> {
     match op {
-        Op::Apply(batch, instance) => writes::exec_batch(conn, batch, instance, true)
+        Op::Apply(batches, instance) => writes::exec_batches(conn, batches, instance, true)
             .await
             .map(Out::Applied),
         Op::Claim {
@@ -125,7 +126,12 @@ pub(crate) async fn exec_op(conn: &mut Conn, op: &Op<'_>) -> Result<Out, DbErr> 
         Op::Heartbeat { owner, now_ms } => {
             let rows = conn
                 .query(
-                    "UPDATE _smithers_runs SET heartbeat_at_ms = $2 WHERE runtime_owner_id = $1
+                    // rows locked in run id order, as a transaction of several batches locks
+                    // its guards' rows: the two never wait on each other in opposite orders
+                    "UPDATE _smithers_runs SET heartbeat_at_ms = $2
+                     WHERE run_id IN (SELECT run_id FROM _smithers_runs WHERE runtime_owner_id = $1
+                                      ORDER BY run_id FOR UPDATE)
+                       AND runtime_owner_id = $1
                      RETURNING run_id, cancel_requested_at_ms",
                     &[owner, now_ms],
                 )

@@ -1,7 +1,8 @@
 //! PostgreSQL backend (`postgres://user:password@host:port/dbname`).
 //!
-//! Same schema as SQLite (see [`schema`]). Every [`Store`] write runs in its own transaction
-//! on a pooled connection; the parts that must hold across processes rely on PostgreSQL locks:
+//! Same schema as SQLite (see [`schema`]). Every [`Store`] write runs in a transaction on a
+//! pooled connection; batches that arrive while others are being written share one (see
+//! [`group`]). The parts that must hold across processes rely on PostgreSQL locks:
 //!
 //! * a guarded batch locks its run row (`SELECT … FOR UPDATE`) before checking the owner, so a
 //!   concurrent `claim_run` by another node waits for the batch to commit (or sees its result);
@@ -16,6 +17,7 @@
 mod claims;
 mod deliveries;
 mod feed;
+mod group;
 mod pipeline;
 mod reads;
 pub mod schema;
@@ -310,7 +312,7 @@ fn describe_target(config: &Config) -> String {
     )
 }
 
-struct Pool {
+pub(crate) struct Pool {
     config: Config,
     target: String,
     idle: Mutex<Vec<Conn>>,
@@ -416,6 +418,7 @@ impl Pool {
 pub struct PgStore {
     pool: Arc<Pool>,
     feed: Arc<feed::Feed>,
+    grouped: group::Grouper,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -469,40 +472,70 @@ impl PgStore {
         if let Ok(mut idle) = pool.idle.lock() {
             idle.push(conn);
         }
-        Ok(PgStore { pool, feed })
+        let grouped = group::Grouper::new(pool.clone(), feed.instance.clone());
+        Ok(PgStore {
+            pool,
+            feed,
+            grouped,
+        })
     }
 
     /// Runs one write operation in its own transaction, retrying serialization failures,
     /// deadlocks and connections lost before the commit.
     async fn write(&self, op: claims::Op<'_>) -> Result<claims::Out> {
-        let what = op.name();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut conn = self.pool.get(what, Code::DbWriteFailed).await?;
-            match run_in_tx(&mut conn, &op).await {
-                Ok(out) => return Ok(out),
-                Err((e, committing)) => {
-                    // A connection lost while committing leaves the outcome unknown: never
-                    // retried (the caller gets a retryable DB_WRITE_FAILED).
-                    let retry = e.is_transient() || (e.is_connection_lost() && !committing);
-                    if e.is_connection_lost() {
-                        self.pool.clear_idle();
-                    }
-                    if !retry || attempt >= WRITE_ATTEMPTS {
-                        return Err(e.into_smithers(Code::DbWriteFailed, what));
-                    }
-                    drop(conn);
-                    let backoff = 5u64 << attempt.min(6);
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                }
-            }
-        }
+        write_tx(&self.pool, &op).await.map_err(|f| f.error)
     }
 
     /// A checked-out connection for reads.
     async fn reader(&self, what: &str) -> Result<Pooled> {
         self.pool.get(what, Code::DbQueryFailed).await
+    }
+}
+
+/// A write that failed, and whether its transaction is known not to have committed.
+pub(crate) struct WriteFailed {
+    pub(crate) error: SmithersError,
+    /// False when the connection was lost while committing: the outcome is unknown.
+    pub(crate) rolled_back: bool,
+}
+
+/// Runs one write operation in its own transaction, retrying serialization failures,
+/// deadlocks and connections lost before the commit.
+pub(crate) async fn write_tx(
+    pool: &Arc<Pool>,
+    op: &claims::Op<'_>,
+) -> std::result::Result<claims::Out, WriteFailed> {
+    let what = op.name();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut conn = pool
+            .get(what, Code::DbWriteFailed)
+            .await
+            .map_err(|error| WriteFailed {
+                error,
+                rolled_back: true,
+            })?;
+        match run_in_tx(&mut conn, op).await {
+            Ok(out) => return Ok(out),
+            Err((e, committing)) => {
+                // A connection lost while committing leaves the outcome unknown: never
+                // retried (the caller gets a retryable DB_WRITE_FAILED).
+                let retry = e.is_transient() || (e.is_connection_lost() && !committing);
+                if e.is_connection_lost() {
+                    pool.clear_idle();
+                }
+                if !retry || attempt >= WRITE_ATTEMPTS {
+                    return Err(WriteFailed {
+                        error: e.into_smithers(Code::DbWriteFailed, what),
+                        rolled_back: !committing,
+                    });
+                }
+                drop(conn);
+                let backoff = 5u64 << attempt.min(6);
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+            }
+        }
     }
 }
 
@@ -530,7 +563,7 @@ async fn run_in_tx(
     }
 }
 
-fn unexpected(what: &str) -> SmithersError {
+pub(crate) fn unexpected(what: &str) -> SmithersError {
     SmithersError::new(
         Code::Internal,
         format!("{what}: the PostgreSQL backend produced an unexpected result"),
@@ -564,10 +597,7 @@ use claims::{Op, Out};
 #[async_trait]
 impl Store for PgStore {
     async fn apply(&self, batch: Batch) -> Result<Applied> {
-        match self.write(Op::Apply(&batch, &self.feed.instance)).await? {
-            Out::Applied(a) => Ok(a),
-            _ => Err(unexpected("apply")),
-        }
+        self.grouped.apply(batch).await
     }
 
     async fn claim_run(

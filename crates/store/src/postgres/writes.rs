@@ -136,23 +136,29 @@ impl Check<'_> {
     }
 }
 
-/// Applies a batch in the open transaction (opening it first when `begin` is set), all its
+/// Applies batches in the open transaction (opening it first when `begin` is set), all their
 /// statements in one round trip (see [`super::pipeline`]). In order: the per-run event locks,
-/// the guard's run row locked (`SELECT … FOR UPDATE`, so a concurrent `claim_run` by another
-/// node waits for this batch and then sees what it wrote), the writes, and for each run with
-/// new events a notice to other nodes sent on commit (see [`super::feed`]), signed with
-/// `instance`. Each event's seq is computed in its `INSERT` (the run's last seq + 1) under the
-/// run's event lock, so seqs stay gapless and unique across processes.
-pub(crate) async fn exec_batch(
+/// the guards' run rows locked (`SELECT … FOR UPDATE`, so a concurrent `claim_run` by another
+/// node waits for this transaction and then sees what it wrote), each batch's writes, and for
+/// each run with new events a notice to other nodes sent on commit (see [`super::feed`]),
+/// signed with `instance`. Each event's seq is computed in its `INSERT` (the run's last seq + 1)
+/// under the run's event lock, so seqs stay gapless and unique across processes.
+///
+/// Locks of several batches are taken in one order (event locks by key, run rows by run id),
+/// the order the heartbeat locks run rows in too, so two transactions never wait on each other
+/// in opposite orders. Returns what each batch produced, in the order given; any error fails
+/// them all (the caller rolls back, and may apply them one by one to find the culprit).
+pub(crate) async fn exec_batches(
     conn: &mut Conn,
-    batch: &Batch,
+    batches: &[&Batch],
     instance: &str,
     begin: bool,
-) -> Result<Applied, DbErr> {
-    // Events appended per run, by run id: locks are taken in a fixed order, so two batches
-    // touching the same runs never wait on each other in opposite orders.
+) -> Result<Vec<Applied>, DbErr> {
+    // Events appended per run, by run id.
     let mut appended: Vec<(&str, i64)> = Vec::new();
-    for w in &batch.writes {
+    let mut writes = 0;
+    for w in batches.iter().flat_map(|b| &b.writes) {
+        writes += 1;
         if let Write::AppendEvent { run_id, .. } = w {
             match appended.iter_mut().find(|(r, _)| *r == run_id.as_str()) {
                 Some((_, n)) => *n += 1,
@@ -167,19 +173,28 @@ pub(crate) async fn exec_batch(
         .collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut plan: Vec<Stmt<'_>> = Vec::with_capacity(batch.writes.len() + keys.len() + 2);
+    let mut guards: Vec<&OwnerGuard> = batches.iter().filter_map(|b| b.guard.as_ref()).collect();
+    guards.sort_unstable_by(|a, b| a.run_id.cmp(&b.run_id));
+    let mut plan: Vec<Stmt<'_>> =
+        Vec::with_capacity(writes + keys.len() + guards.len() + appended.len());
     for key in &keys {
         plan.push(Stmt::new(XACT_LOCK_SQL, vec![key]));
     }
-    if let Some(g) = &batch.guard {
+    for g in guards {
         plan.push(Stmt::checked(
             "SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = $1 FOR UPDATE",
             vec![&g.run_id],
             Check::Guard(g),
         ));
     }
-    for w in &batch.writes {
-        plan_write(w, &mut plan)?;
+    // `owner[i]`: the batch whose writes planned statement i (0 for the others, which record
+    // nothing in `Applied`)
+    let mut owner: Vec<usize> = vec![0; plan.len()];
+    for (i, b) in batches.iter().enumerate() {
+        for w in &b.writes {
+            plan_write(w, &mut plan)?;
+        }
+        owner.resize(plan.len(), i);
     }
     let instance = instance.to_string();
     for (run_id, n) in &appended {
@@ -195,14 +210,18 @@ pub(crate) async fn exec_batch(
             ));
         }
     }
+    owner.resize(plan.len(), 0);
     let sent: Vec<(&str, &[Param<'_>])> = plan
         .iter()
         .map(|s| (s.sql.as_ref(), s.params.as_slice()))
         .collect();
     let answers = pipeline::send_all(conn, begin, &sent).await?;
-    let mut applied = Applied::default();
-    for (stmt, answer) in plan.iter().zip(answers) {
-        stmt.check.judge(answer, &mut applied)?;
+    let mut applied = vec![Applied::default(); batches.len()];
+    for ((stmt, answer), i) in plan.iter().zip(answers).zip(owner) {
+        match applied.get_mut(i) {
+            Some(a) => stmt.check.judge(answer, a)?,
+            None => stmt.check.judge(answer, &mut Applied::default())?,
+        }
     }
     Ok(applied)
 }
