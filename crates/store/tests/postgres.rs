@@ -748,6 +748,20 @@ async fn apply_while_writers_wait(
     out
 }
 
+/// How many runs with ids `LIKE pattern` there are, and how many transactions wrote them
+/// (distinct `xmin`).
+async fn runs_and_transactions(url: &str, pattern: &str) -> (i64, i64) {
+    let client = raw_client(url).await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT xmin::TEXT) FROM _smithers_runs WHERE run_id LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    (row.get(0), row.get(1))
+}
+
 /// Batches that queue while the writers are busy are committed together, in one transaction
 /// (their rows share a transaction id), and each still gets its own event seqs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -762,16 +776,7 @@ async fn queued_batches_share_one_transaction() {
             Err(e) => panic!("batch {i}: {e}"),
         }
     }
-    let client = raw_client(&url).await;
-    let row = client
-        .query_one(
-            "SELECT count(*), count(DISTINCT xmin::TEXT) FROM _smithers_runs WHERE run_id LIKE 'g%'",
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"));
-    let (runs, transactions): (i64, i64) = (row.get(0), row.get(1));
-    assert_eq!((runs, transactions), (10, 1));
+    assert_eq!(runs_and_transactions(&url, "g%").await, (10, 1));
     for i in 0..10 {
         let events = store.list_events(&format!("g{i}"), None, 100).await;
         let seqs: Vec<i64> = events.unwrap_or_default().iter().map(|e| e.seq).collect();
@@ -779,8 +784,8 @@ async fn queued_batches_share_one_transaction() {
     }
 }
 
-/// A batch that fails inside a shared transaction fails alone: the others are applied once
-/// each, and the failing one leaves nothing behind.
+/// A batch that fails inside a shared transaction fails alone: the others are written again
+/// without it, still together, and the failing one leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_batch_in_a_group_fails_alone() {
     let url = fresh_database_url().await;
@@ -793,13 +798,26 @@ async fn a_failing_batch_in_a_group_fails_alone() {
         ],
     )
     .await;
+    let mut owned = run_row("owned", "wf", 1);
+    owned.runtime_owner_id = Some("node-x".into());
+    apply(&*store, vec![Write::InsertRun(owned)]).await;
     let mut batches: Vec<Batch> = (0..6).map(|i| create_batch(&format!("h{i}"), 2)).collect();
     batches.insert(3, create_batch("taken", 2));
+    // a batch of an engine that lost the run's lease
+    let mut fenced = Batch::new();
+    fenced.guard = Some(smithers_store::OwnerGuard {
+        run_id: "owned".into(),
+        owner: "node-y".into(),
+    });
+    fenced.push(event("owned", 0));
+    batches.insert(5, fenced);
     let results = apply_while_writers_wait(&store, &url, batches).await;
     for (i, r) in results.iter().enumerate() {
         match (i, r) {
             (3, Err(e)) => assert_eq!(e.code, Code::RunExists, "{e}"),
             (3, Ok(_)) => panic!("creating an existing run succeeded"),
+            (5, Err(e)) => assert_eq!(e.code, Code::RunLeaseLost, "{e}"),
+            (5, Ok(_)) => panic!("a batch without the lease was written"),
             (_, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
             (_, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
         }
@@ -813,4 +831,11 @@ async fn a_failing_batch_in_a_group_fails_alone() {
     }
     let n = store.list_events("taken", None, 100).await.map(|e| e.len());
     assert_eq!(n.ok(), Some(1), "the failed batch appended nothing");
+    let n = store.list_events("owned", None, 100).await.map(|e| e.len());
+    assert_eq!(n.ok(), Some(0), "the fenced batch appended nothing");
+    assert_eq!(
+        runs_and_transactions(&url, "h%").await,
+        (6, 1),
+        "the others share one transaction"
+    );
 }

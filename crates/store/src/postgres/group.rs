@@ -10,9 +10,11 @@
 //! one batch per waiting caller, and each engine run waits for its batch before making the
 //! next, so its length is bounded by the runs in flight.
 //!
-//! When a transaction of several batches fails and is known to have rolled back (a lost lease,
-//! a run that exists already, a duplicate frame), each batch is applied again alone, so only
-//! the one at fault gets the error.
+//! When a transaction of several batches fails and is known to have rolled back, the batch
+//! whose own write or lease check failed (a lost lease, a run that exists already, a duplicate
+//! frame) gets the error and the others are written again without it, together; a failure no
+//! batch can be blamed for is retried batch by batch. So only the batch at fault fails, and a
+//! client that keeps sending bad batches costs the others one extra transaction each time.
 
 use super::claims::{Op, Out};
 use super::{Pool, unexpected, write_tx};
@@ -147,41 +149,62 @@ fn take(queue: &mut VecDeque<Job>) -> Vec<Job> {
     jobs
 }
 
-async fn write_group(shared: &Shared, jobs: Vec<Job>) {
-    let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
-    let result = write_tx(&shared.pool, &Op::Apply(&batches, &shared.instance)).await;
-    drop(batches);
-    match result {
-        Ok(Out::Applied(applied)) if applied.len() == jobs.len() => {
-            for (job, a) in jobs.into_iter().zip(applied) {
-                let _ = job.reply.send(Ok(a));
+async fn write_group(shared: &Shared, mut jobs: Vec<Job>) {
+    while !jobs.is_empty() {
+        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        let result = write_tx(&shared.pool, &Op::Apply(&batches, &shared.instance)).await;
+        drop(batches);
+        match result {
+            Ok(Out::Applied(applied)) if applied.len() == jobs.len() => {
+                for (job, a) in jobs.into_iter().zip(applied) {
+                    let _ = job.reply.send(Ok(a));
+                }
+                return;
             }
-        }
-        Ok(_) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(unexpected("apply")));
+            Ok(_) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(unexpected("apply")));
+                }
+                return;
             }
-        }
-        Err(f) if f.rolled_back && jobs.len() > 1 => {
-            tracing::debug!(
-                batches = jobs.len(),
-                error = %f.error,
-                "a transaction of several batches failed; applying them one by one"
-            );
-            for job in jobs {
-                let result =
-                    match write_tx(&shared.pool, &Op::Apply(&[&job.batch], &shared.instance)).await
-                    {
-                        Ok(Out::Applied(mut a)) if a.len() == 1 => Ok(a.remove(0)),
-                        Ok(_) => Err(unexpected("apply")),
-                        Err(f) => Err(f.error),
-                    };
-                let _ = job.reply.send(result);
+            // one batch's own write or lease check failed and nothing was committed: it gets
+            // the error, and the others are written again without it
+            Err(f) if f.rolled_back && f.culprit.is_some_and(|i| i < jobs.len()) => {
+                let culprit = jobs.remove(f.culprit.unwrap_or_default());
+                if !jobs.is_empty() {
+                    tracing::debug!(
+                        batches = jobs.len(),
+                        error = %f.error,
+                        "a batch failed in a shared transaction; writing the others without it"
+                    );
+                }
+                let _ = culprit.reply.send(Err(f.error));
             }
-        }
-        Err(f) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(f.error.clone()));
+            // a failure no batch can be blamed for, rolled back: each alone
+            Err(f) if f.rolled_back && jobs.len() > 1 => {
+                tracing::debug!(
+                    batches = jobs.len(),
+                    error = %f.error,
+                    "a transaction of several batches failed; writing them one by one"
+                );
+                for job in jobs {
+                    let result =
+                        match write_tx(&shared.pool, &Op::Apply(&[&job.batch], &shared.instance))
+                            .await
+                        {
+                            Ok(Out::Applied(mut a)) if a.len() == 1 => Ok(a.remove(0)),
+                            Ok(_) => Err(unexpected("apply")),
+                            Err(f) => Err(f.error),
+                        };
+                    let _ = job.reply.send(result);
+                }
+                return;
+            }
+            Err(f) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(f.error.clone()));
+                }
+                return;
             }
         }
     }

@@ -88,6 +88,8 @@ pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 pub(crate) enum DbErr {
     Pg(tokio_postgres::Error),
     App(SmithersError),
+    /// The error of one batch (by index) of a transaction that applied several.
+    InBatch(usize, Box<DbErr>),
 }
 
 impl From<tokio_postgres::Error> for DbErr {
@@ -107,6 +109,23 @@ impl DbErr {
         match self {
             DbErr::Pg(e) => e.code(),
             DbErr::App(_) => None,
+            DbErr::InBatch(_, e) => e.sql_state(),
+        }
+    }
+
+    /// Marks the error as caused by batch `index` of a transaction.
+    pub(crate) fn in_batch(self, index: usize) -> DbErr {
+        match self {
+            DbErr::InBatch(..) => self,
+            e => DbErr::InBatch(index, Box::new(e)),
+        }
+    }
+
+    /// The batch that caused the error, when one did.
+    fn culprit(&self) -> Option<usize> {
+        match self {
+            DbErr::InBatch(i, _) => Some(*i),
+            _ => None,
         }
     }
 
@@ -135,6 +154,7 @@ impl DbErr {
                     )
             }
             DbErr::App(_) => false,
+            DbErr::InBatch(_, e) => e.is_connection_lost(),
         }
     }
 
@@ -145,6 +165,7 @@ impl DbErr {
     pub(crate) fn into_smithers(self, code: Code, ctx: &str) -> SmithersError {
         match self {
             DbErr::App(e) => e,
+            DbErr::InBatch(_, e) => e.into_smithers(code, ctx),
             DbErr::Pg(e) => {
                 let detail = describe(&e);
                 match e.code() {
@@ -461,6 +482,7 @@ impl PgStore {
         });
         let open_err = |e: DbErr| match e {
             DbErr::App(e) => e,
+            DbErr::InBatch(_, e) => e.into_smithers(Code::StorageError, &target),
             DbErr::Pg(e) => SmithersError::new(
                 Code::StorageError,
                 format!("cannot open {target}: {}", describe(&e)),
@@ -497,6 +519,8 @@ pub(crate) struct WriteFailed {
     pub(crate) error: SmithersError,
     /// False when the connection was lost while committing: the outcome is unknown.
     pub(crate) rolled_back: bool,
+    /// For a transaction of several batches: the one whose write or lease check failed.
+    pub(crate) culprit: Option<usize>,
 }
 
 /// Runs one write operation in its own transaction, retrying serialization failures,
@@ -515,6 +539,7 @@ pub(crate) async fn write_tx(
             .map_err(|error| WriteFailed {
                 error,
                 rolled_back: true,
+                culprit: None,
             })?;
         match run_in_tx(&mut conn, op).await {
             Ok(out) => return Ok(out),
@@ -527,6 +552,7 @@ pub(crate) async fn write_tx(
                 }
                 if !retry || attempt >= WRITE_ATTEMPTS {
                     return Err(WriteFailed {
+                        culprit: e.culprit(),
                         error: e.into_smithers(Code::DbWriteFailed, what),
                         rolled_back: !committing,
                     });

@@ -146,8 +146,9 @@ impl Check<'_> {
 ///
 /// Locks of several batches are taken in one order (event locks by key, run rows by run id),
 /// the order the heartbeat locks run rows in too, so two transactions never wait on each other
-/// in opposite orders. Returns what each batch produced, in the order given; any error fails
-/// them all (the caller rolls back, and may apply them one by one to find the culprit).
+/// in opposite orders. Returns what each batch produced, in the order given. Any error fails
+/// them all (the caller rolls back); one that a batch's own write or lease check raised names
+/// that batch ([`DbErr::InBatch`]), so the caller can fail it alone and apply the others again.
 pub(crate) async fn exec_batches(
     conn: &mut Conn,
     batches: &[&Batch],
@@ -173,28 +174,35 @@ pub(crate) async fn exec_batches(
         .collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut guards: Vec<&OwnerGuard> = batches.iter().filter_map(|b| b.guard.as_ref()).collect();
-    guards.sort_unstable_by(|a, b| a.run_id.cmp(&b.run_id));
+    // each guard with its batch, in run id order
+    let mut guards: Vec<(&OwnerGuard, usize)> = batches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.guard.as_ref().map(|g| (g, i)))
+        .collect();
+    guards.sort_unstable_by(|a, b| a.0.run_id.cmp(&b.0.run_id));
     let mut plan: Vec<Stmt<'_>> =
         Vec::with_capacity(writes + keys.len() + guards.len() + appended.len());
+    // `owner[i]`: the batch statement i checks or writes for (None for the shared locks and
+    // notices), so that an error can be pinned on its batch
+    let mut owner: Vec<Option<usize>> = Vec::with_capacity(plan.capacity());
     for key in &keys {
         plan.push(Stmt::new(XACT_LOCK_SQL, vec![key]));
+        owner.push(None);
     }
-    for g in guards {
+    for (g, i) in guards {
         plan.push(Stmt::checked(
             "SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = $1 FOR UPDATE",
             vec![&g.run_id],
             Check::Guard(g),
         ));
+        owner.push(Some(i));
     }
-    // `owner[i]`: the batch whose writes planned statement i (0 for the others, which record
-    // nothing in `Applied`)
-    let mut owner: Vec<usize> = vec![0; plan.len()];
     for (i, b) in batches.iter().enumerate() {
         for w in &b.writes {
-            plan_write(w, &mut plan)?;
+            plan_write(w, &mut plan).map_err(|e| e.in_batch(i))?;
         }
-        owner.resize(plan.len(), i);
+        owner.resize(plan.len(), Some(i));
     }
     let instance = instance.to_string();
     for (run_id, n) in &appended {
@@ -210,18 +218,23 @@ pub(crate) async fn exec_batches(
             ));
         }
     }
-    owner.resize(plan.len(), 0);
+    owner.resize(plan.len(), None);
     let sent: Vec<(&str, &[Param<'_>])> = plan
         .iter()
         .map(|s| (s.sql.as_ref(), s.params.as_slice()))
         .collect();
     let answers = pipeline::send_all(conn, begin, &sent).await?;
     let mut applied = vec![Applied::default(); batches.len()];
+    let mut scratch = Applied::default();
     for ((stmt, answer), i) in plan.iter().zip(answers).zip(owner) {
-        match applied.get_mut(i) {
-            Some(a) => stmt.check.judge(answer, a)?,
-            None => stmt.check.judge(answer, &mut Applied::default())?,
-        }
+        let into = match i.and_then(|i| applied.get_mut(i)) {
+            Some(a) => a,
+            None => &mut scratch,
+        };
+        stmt.check.judge(answer, into).map_err(|e| match i {
+            Some(i) => e.in_batch(i),
+            None => e,
+        })?;
     }
     Ok(applied)
 }
