@@ -166,7 +166,7 @@ async fn database(db: &str) -> R<(Option<TempCluster>, String)> {
     ))
 }
 
-async fn connect(url: &str) -> R<tokio_postgres::Client> {
+pub(crate) async fn connect(url: &str) -> R<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("connect to {}: {e}", redact(url)))?;

@@ -3,13 +3,20 @@
 //! every figure more than 10 % worse (exit code 1). `--record` writes the measured figures as
 //! the new baseline instead.
 //!
+//! When PostgreSQL's binaries are found (as for `bench gateway --db postgres`), one throwaway
+//! cluster serves every pass and `pg_runs_64.per_s` (one node, 64 runs in flight) is measured
+//! too; without them that figure is left out, and said so.
+//!
 //! Each figure is the best of several passes (lowest latency, highest rate): on a shared
 //! 2-core machine the noise is all on the slow side, so the best pass is the stable one.
 
+use crate::bench_cluster::{connect, throughput_across};
 use crate::bench_gateway::{
     Cpu, R, err, fanout, percentile, spawn_server, throughput, wait_ws_closed, write_config,
+    write_config_for,
 };
 use crate::bench_latency::runs_in_flight;
+use crate::bench_pg::TempCluster;
 use smithers_core::{Code, SmithersError};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -189,7 +196,13 @@ pub fn summarize(passes: &[Figures], best: bool) -> Figures {
 }
 
 /// One pass over every figure, into `f`.
-async fn pass(tmp: &Path, i: usize, quick: bool, f: &mut Figures) -> R<()> {
+async fn pass(
+    tmp: &Path,
+    i: usize,
+    quick: bool,
+    pg: Option<&TempCluster>,
+    f: &mut Figures,
+) -> R<()> {
     let (short, long, runs) = if quick { (3, 20, 300) } else { (10, 100, 3000) };
     let dir = tmp.join(format!("engine-{i}"));
     let reps = if quick { 3 } else { 20 };
@@ -267,6 +280,28 @@ async fn pass(tmp: &Path, i: usize, quick: bool, f: &mut Figures) -> R<()> {
         Better::Lower,
     );
     server.stop().await?;
+    if let Some(cluster) = pg {
+        // a fresh database per pass, so each starts from the same empty tables
+        let db = format!("smithers_check_{i}");
+        let admin = connect(&cluster.url("postgres")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .map_err(|e| format!("create database {db}: {e}"))?;
+        let config = write_config_for(&tmp.join(format!("pg-{i}")), &cluster.url(&db))?;
+        let server = spawn_server(&exe, &config).await?;
+        let addr = [server.addr];
+        // fills the node's connection pool and statement caches
+        throughput_across(&addr, addr[0], "one", runs / 10, 16).await?;
+        let t = throughput_across(&addr, addr[0], "one", runs, 64).await?;
+        put(
+            f,
+            "pg_runs_64.per_s",
+            t.completed as f64 / t.secs,
+            Better::Higher,
+        );
+        server.stop().await?;
+    }
     Ok(())
 }
 
@@ -287,17 +322,29 @@ pub async fn bench_check(
     };
     let tmp =
         std::env::temp_dir().join(format!("smithers-check-{}", uuid::Uuid::new_v4().simple()));
+    let pg = match tokio::task::spawn_blocking(TempCluster::start).await {
+        Ok(Ok(c)) => {
+            println!("PostgreSQL: {}", c.describe());
+            Some(c)
+        }
+        Ok(Err(e)) => {
+            println!("note: no PostgreSQL figure this time ({e})");
+            None
+        }
+        Err(e) => return Err(fail(format!("starting PostgreSQL: {e}"))),
+    };
     let mut runs = Vec::new();
     let mut result = Ok(());
     for i in 0..passes.max(1) {
         println!("pass {} of {} …", i + 1, passes.max(1));
         let mut f = Figures::new();
-        result = pass(&tmp, i, quick, &mut f).await;
+        result = pass(&tmp, i, quick, pg.as_ref(), &mut f).await;
         if result.is_err() {
             break;
         }
         runs.push(f);
     }
+    drop(pg);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map_err(fail)?;
     let now = summarize(&runs, !record);
@@ -331,6 +378,9 @@ pub async fn bench_check(
             v.now,
             v.worse_by * 100.0
         );
+    }
+    for name in base.keys().filter(|n| !now.contains_key(*n)) {
+        println!("{name:<32} not measured this time");
     }
     println!(
         "\n{worse} figure(s) more than {:.0} % worse than the baseline (best of {} passes)",
