@@ -768,11 +768,24 @@ async fn runs_and_transactions(url: &str, pattern: &str) -> (i64, i64) {
 async fn queued_batches_share_one_transaction() {
     let url = fresh_database_url().await;
     let store = Arc::new(open(&url).await);
-    let batches = (0..10).map(|i| create_batch(&format!("g{i}"), 3)).collect();
+    let mut batches: Vec<Batch> = (0..10).map(|i| create_batch(&format!("g{i}"), 3)).collect();
+    // two more batches appending to a run created earlier in the same transaction: their seqs
+    // follow its events, in batch order
+    for _ in 0..2 {
+        let mut b = Batch::new();
+        b.push(event("g0", 7));
+        b.push(event("g0", 8));
+        batches.push(b);
+    }
     let results = apply_while_writers_wait(&store, &url, batches).await;
     for (i, r) in results.iter().enumerate() {
+        let want = match i {
+            10 => vec![3, 4],
+            11 => vec![5, 6],
+            _ => vec![0, 1, 2],
+        };
         match r {
-            Ok(a) => assert_eq!(a.event_seqs, vec![0, 1, 2], "batch {i}"),
+            Ok(a) => assert_eq!(a.event_seqs, want, "batch {i}"),
             Err(e) => panic!("batch {i}: {e}"),
         }
     }
@@ -780,7 +793,12 @@ async fn queued_batches_share_one_transaction() {
     for i in 0..10 {
         let events = store.list_events(&format!("g{i}"), None, 100).await;
         let seqs: Vec<i64> = events.unwrap_or_default().iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, vec![0, 1, 2], "run g{i}");
+        let want: Vec<i64> = if i == 0 {
+            (0..7).collect()
+        } else {
+            vec![0, 1, 2]
+        };
+        assert_eq!(seqs, want, "run g{i}");
     }
 }
 

@@ -42,8 +42,8 @@ enum Check<'a> {
     RunInserted(&'a str),
     /// `UPDATE … RETURNING 1` (or a `SELECT 1`) of a run: no row means there is no such run.
     RunUpdated(&'a str),
-    /// An event appended: its row holds the seq it got.
-    EventSeq,
+    /// The transaction's events appended: rows of run ids and the seqs they got.
+    Events(&'a EventCols<'a>),
     /// An insert whose unique violation means the row exists already.
     Unique(&'static str, &'a str, i64),
 }
@@ -90,8 +90,8 @@ fn check_guard(g: &OwnerGuard, owner: Option<Option<String>>) -> Result<(), DbEr
 }
 
 impl Check<'_> {
-    /// Judges one statement's answer; records event seqs in `applied`.
-    fn judge(&self, answer: Result<Vec<Row>, DbErr>, applied: &mut Applied) -> Result<(), DbErr> {
+    /// Judges one statement's answer (the events' seqs are read by [`EventCols::seqs`]).
+    fn judge(&self, answer: Result<Vec<Row>, DbErr>) -> Result<(), DbErr> {
         let rows = match (self, answer) {
             (Check::Unique(what, run_id, frame_no), Err(e)) => {
                 return Err(duplicate(e, || {
@@ -102,7 +102,7 @@ impl Check<'_> {
             (_, Ok(rows)) => rows,
         };
         match self {
-            Check::Nothing | Check::Unique(..) => Ok(()),
+            Check::Nothing | Check::Unique(..) | Check::Events(_) => Ok(()),
             Check::Guard(g) => {
                 let owner = match rows.first() {
                     Some(r) => Some(r.try_get(0)?),
@@ -122,27 +122,114 @@ impl Check<'_> {
                 .terminal(),
             )),
             Check::RunInserted(_) | Check::RunUpdated(_) => Ok(()),
-            Check::EventSeq => {
-                let row = rows.first().ok_or_else(|| {
-                    DbErr::App(SmithersError::new(
-                        Code::Internal,
-                        "appending an event returned no seq",
-                    ))
-                })?;
-                applied.event_seqs.push(row.try_get(0)?);
-                Ok(())
+        }
+    }
+}
+
+/// Appends events in one statement: `$1`–`$4` are their run ids, timestamps, types and
+/// payloads, `$5` each event's place among the events of its run in this statement (0, 1, …).
+/// An event's seq is its run's last seq + 1 + its place; the statement reads a run's last seq
+/// before any of its own rows (a statement does not see what it inserts). The transaction
+/// holds the runs' event locks, so the seqs stay gapless and unique.
+const APPEND_EVENTS_SQL: &str =
+    "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
+     SELECT e.run_id, last.next + e.place, e.ts, e.ty, e.payload
+     FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[])
+          AS e(run_id, ts, ty, payload, place)
+     CROSS JOIN LATERAL (SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM _smithers_events
+                         WHERE run_id = e.run_id) AS last
+     RETURNING run_id, seq";
+
+/// The `AppendEvent` writes of a transaction's batches as columns, batch after batch, for
+/// [`APPEND_EVENTS_SQL`].
+struct EventCols<'a> {
+    run_ids: Vec<&'a str>,
+    timestamps: Vec<i64>,
+    types: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    places: Vec<i64>,
+    /// The batch of each event.
+    batch: Vec<usize>,
+}
+
+impl<'a> EventCols<'a> {
+    fn of(batches: &[&'a Batch]) -> Self {
+        let mut cols = EventCols {
+            run_ids: Vec::new(),
+            timestamps: Vec::new(),
+            types: Vec::new(),
+            payloads: Vec::new(),
+            places: Vec::new(),
+            batch: Vec::new(),
+        };
+        let mut counts: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for (b, batch) in batches.iter().enumerate() {
+            for w in &batch.writes {
+                if let Write::AppendEvent {
+                    run_id,
+                    timestamp_ms,
+                    event_type,
+                    payload_json,
+                } = w
+                {
+                    let n = counts.entry(run_id.as_str()).or_insert(0);
+                    cols.places.push(*n);
+                    *n += 1;
+                    cols.run_ids.push(run_id);
+                    cols.timestamps.push(*timestamp_ms);
+                    cols.types.push(event_type);
+                    cols.payloads.push(payload_json);
+                    cols.batch.push(b);
+                }
             }
         }
+        cols
+    }
+
+    /// Each event's seq, in order, from the rows the statement returned: a run's first seq is
+    /// the smallest it got, and its other events follow by their places.
+    fn seqs(&self, rows: &[Row]) -> Result<Vec<i64>, DbErr> {
+        if rows.len() != self.run_ids.len() {
+            return Err(DbErr::App(SmithersError::new(
+                Code::Internal,
+                format!(
+                    "appending {} events stored {} rows",
+                    self.run_ids.len(),
+                    rows.len()
+                ),
+            )));
+        }
+        let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for row in rows {
+            let run_id: &str = row.try_get(0)?;
+            let seq: i64 = row.try_get(1)?;
+            let s = first.entry(run_id).or_insert(seq);
+            *s = (*s).min(seq);
+        }
+        self.run_ids
+            .iter()
+            .zip(&self.places)
+            .map(|(run_id, place)| {
+                first.get(run_id).map(|s| s + place).ok_or_else(|| {
+                    DbErr::App(SmithersError::new(
+                        Code::Internal,
+                        format!("appending events of run `{run_id}` returned no seq for it"),
+                    ))
+                })
+            })
+            .collect()
     }
 }
 
 /// Applies batches in the open transaction (opening it first when `begin` is set), all their
 /// statements in one round trip (see [`super::pipeline`]). In order: the per-run event locks,
 /// the guards' run rows locked (`SELECT … FOR UPDATE`, so a concurrent `claim_run` by another
-/// node waits for this transaction and then sees what it wrote), each batch's writes, and for
-/// each run with new events a notice to other nodes sent on commit (see [`super::feed`]),
-/// signed with `instance`. Each event's seq is computed in its `INSERT` (the run's last seq + 1)
-/// under the run's event lock, so seqs stay gapless and unique across processes.
+/// node waits for this transaction and then sees what it wrote), each batch's writes other
+/// than events, all the events in one statement ([`APPEND_EVENTS_SQL`]: with many batches per
+/// transaction, statements cost more than rows), and for each run with new events a notice to
+/// other nodes sent on commit (see [`super::feed`]), signed with `instance`. Seqs are computed
+/// in the `INSERT` (the run's last seq + 1 + the event's place) under the runs' event locks, so
+/// they stay gapless and unique across processes.
 ///
 /// Locks of several batches are taken in one order (event locks by key, run rows by run id),
 /// the order the heartbeat locks run rows in too, so two transactions never wait on each other
@@ -204,6 +291,21 @@ pub(crate) async fn exec_batches(
         }
         owner.resize(plan.len(), Some(i));
     }
+    let events = EventCols::of(batches);
+    if !events.run_ids.is_empty() {
+        plan.push(Stmt::checked(
+            APPEND_EVENTS_SQL,
+            vec![
+                &events.run_ids,
+                &events.timestamps,
+                &events.types,
+                &events.payloads,
+                &events.places,
+            ],
+            Check::Events(&events),
+        ));
+        owner.push(None);
+    }
     let instance = instance.to_string();
     for (run_id, n) in &appended {
         if super::feed::fits(&instance, run_id) {
@@ -225,13 +327,17 @@ pub(crate) async fn exec_batches(
         .collect();
     let answers = pipeline::send_all(conn, begin, &sent).await?;
     let mut applied = vec![Applied::default(); batches.len()];
-    let mut scratch = Applied::default();
     for ((stmt, answer), i) in plan.iter().zip(answers).zip(owner) {
-        let into = match i.and_then(|i| applied.get_mut(i)) {
-            Some(a) => a,
-            None => &mut scratch,
-        };
-        stmt.check.judge(answer, into).map_err(|e| match i {
+        if let Check::Events(events) = stmt.check {
+            let rows = answer?;
+            for (seq, b) in events.seqs(&rows)?.into_iter().zip(&events.batch) {
+                if let Some(a) = applied.get_mut(*b) {
+                    a.event_seqs.push(seq);
+                }
+            }
+            continue;
+        }
+        stmt.check.judge(answer).map_err(|e| match i {
             Some(i) => e.in_batch(i),
             None => e,
         })?;
@@ -424,21 +530,8 @@ fn plan_write<'a>(w: &'a Write, plan: &mut Vec<Stmt<'a>>) -> Result<(), DbErr> {
                 Check::Unique("snapshot of frame", &s.run_id, s.frame_no),
             ));
         }
-        Write::AppendEvent {
-            run_id,
-            timestamp_ms,
-            event_type,
-            payload_json,
-        } => {
-            plan.push(Stmt::checked(
-                "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
-                 SELECT $1::TEXT, COALESCE(MAX(seq) + 1, 0), $2::BIGINT, $3::TEXT, $4::TEXT
-                 FROM _smithers_events WHERE run_id = $1::TEXT
-                 RETURNING seq",
-                vec![run_id, timestamp_ms, event_type, payload_json],
-                Check::EventSeq,
-            ));
-        }
+        // appended together, after all the batches' other writes (see `EventCols`)
+        Write::AppendEvent { .. } => {}
         Write::UpsertAudit(a) => {
             plan.push(Stmt::new(
                 "INSERT INTO _smithers_time_travel_audit (id, run_id, from_frame_no, to_frame_no, caller,
