@@ -18,19 +18,21 @@ use tokio_postgres::{AsyncMessage, Config, Connection, NoTls, Socket};
 
 /// The channel notices travel on.
 const CHANNEL: &str = "smithers_events";
-/// Sends the notice of the events a batch appended to one run (delivered when the
-/// transaction commits): `$1` the instance, `$2` the run id, `$3` how many events, `$4`
-/// whether the events may ride along. The batch holds the run's event lock, so its events are
-/// the run's last `$3`. The events are left out when the notice would pass [`MAX_NOTICE`]
-/// bytes; the payload stays a JSON string, so a stored payload that is not JSON cannot fail
-/// the batch.
+/// Sends, for each run a transaction appended events to, the notice of those events
+/// (delivered when the transaction commits): `$1` the instance, then per run `$2` its id, `$3`
+/// how many events, `$4` whether the events may ride along. The transaction holds the runs'
+/// event locks, so a run's events are its last `$3`. The events are left out when the notice
+/// would pass [`MAX_NOTICE`] bytes; the payload stays a JSON string, so a stored payload that
+/// is not JSON cannot fail the batch.
 pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify('smithers_events',
-     CASE WHEN $4::BOOLEAN AND octet_length(h) + 1 + octet_length(e) <= 7900 THEN h || E'\\n' || e
-          ELSE h END)
-     FROM (SELECT $1::TEXT || ' ' || MIN(seq) || ' ' || MAX(seq) || ' ' || $2::TEXT AS h,
+     CASE WHEN r.carry AND octet_length(n.h) + 1 + octet_length(n.e) <= 7900
+          THEN n.h || E'\\n' || n.e ELSE n.h END)
+     FROM unnest($2::TEXT[], $3::BIGINT[], $4::BOOLEAN[]) AS r(run_id, count, carry)
+     CROSS JOIN LATERAL
+          (SELECT $1::TEXT || ' ' || MIN(seq) || ' ' || MAX(seq) || ' ' || r.run_id AS h,
                   json_agg(json_build_array(seq, timestamp_ms, type, payload_json) ORDER BY seq)::TEXT AS e
            FROM (SELECT seq, timestamp_ms, type, payload_json FROM _smithers_events
-                 WHERE run_id = $2::TEXT ORDER BY seq DESC LIMIT $3::BIGINT) AS last) AS n";
+                 WHERE run_id = r.run_id ORDER BY seq DESC LIMIT r.count) AS last) AS n";
 /// PostgreSQL refuses payloads of 8000 bytes or more (the literal in [`NOTIFY_SQL`]).
 const MAX_NOTICE: usize = 7900;
 /// Notices buffered per receiver before a slow one lags.

@@ -1,7 +1,7 @@
 //! `Write` variants as SQL, applied inside one transaction per batch and sent in one round
 //! trip.
 
-use super::claims::{LOCK_EVENTS, XACT_LOCK_SQL, lock_key};
+use super::claims::{LOCK_EVENTS, lock_key};
 use super::{Conn, DbErr, Param, pipeline};
 use crate::{Applied, Batch, OwnerGuard, RunPatch, Write, status};
 use smithers_core::{Code, SmithersError};
@@ -36,8 +36,8 @@ struct Stmt<'a> {
 enum Check<'a> {
     /// Any rows; errors pass through.
     Nothing,
-    /// The run row locked for the batch: its owner must be the guard's.
-    Guard(&'a OwnerGuard),
+    /// The guards' run rows locked: each owner must be its guard's (with the guard's batch).
+    Guards(&'a [(&'a OwnerGuard, usize)]),
     /// `INSERT … ON CONFLICT DO NOTHING RETURNING 1` of a run: no row means it exists.
     RunInserted(&'a str),
     /// `UPDATE … RETURNING 1` (or a `SELECT 1`) of a run: no row means there is no such run.
@@ -102,14 +102,7 @@ impl Check<'_> {
             (_, Ok(rows)) => rows,
         };
         match self {
-            Check::Nothing | Check::Unique(..) | Check::Events(_) => Ok(()),
-            Check::Guard(g) => {
-                let owner = match rows.first() {
-                    Some(r) => Some(r.try_get(0)?),
-                    None => None,
-                };
-                check_guard(g, owner)
-            }
+            Check::Nothing | Check::Unique(..) | Check::Events(_) | Check::Guards(_) => Ok(()),
             Check::RunInserted(run_id) if rows.is_empty() => Err(DbErr::App(
                 SmithersError::new(Code::RunExists, format!("run `{run_id}` already exists"))
                     .terminal(),
@@ -125,6 +118,15 @@ impl Check<'_> {
         }
     }
 }
+
+/// Takes the per-run event locks of a transaction (`$1`: their keys, sorted), one after the
+/// other in that order.
+const LOCKS_SQL: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::BIGINT[]) AS k";
+
+/// Locks the run rows of a transaction's guards (`$1`: their run ids) in run id order, as the
+/// lease heartbeat does, and reads their owners.
+const GUARDS_SQL: &str = "SELECT run_id, runtime_owner_id FROM _smithers_runs
+     WHERE run_id = ANY($1::TEXT[]) ORDER BY run_id FOR UPDATE";
 
 /// Appends events in one statement: `$1`–`$4` are their run ids, timestamps, types and
 /// payloads, `$5` each event's place among the events of its run in this statement (0, 1, …).
@@ -273,17 +275,18 @@ pub(crate) async fn exec_batches(
     // `owner[i]`: the batch statement i checks or writes for (None for the shared locks and
     // notices), so that an error can be pinned on its batch
     let mut owner: Vec<Option<usize>> = Vec::with_capacity(plan.capacity());
-    for key in &keys {
-        plan.push(Stmt::new(XACT_LOCK_SQL, vec![key]));
+    if !keys.is_empty() {
+        plan.push(Stmt::new(LOCKS_SQL, vec![&keys]));
         owner.push(None);
     }
-    for (g, i) in guards {
+    let guard_ids: Vec<&str> = guards.iter().map(|(g, _)| g.run_id.as_str()).collect();
+    if !guards.is_empty() {
         plan.push(Stmt::checked(
-            "SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = $1 FOR UPDATE",
-            vec![&g.run_id],
-            Check::Guard(g),
+            GUARDS_SQL,
+            vec![&guard_ids],
+            Check::Guards(&guards),
         ));
-        owner.push(Some(i));
+        owner.push(None);
     }
     for (i, b) in batches.iter().enumerate() {
         for w in &b.writes {
@@ -307,18 +310,19 @@ pub(crate) async fn exec_batches(
         owner.push(None);
     }
     let instance = instance.to_string();
+    let mut notices: (Vec<&str>, Vec<i64>, Vec<bool>) = Default::default();
     for (run_id, n) in &appended {
         if super::feed::fits(&instance, run_id) {
-            let carry: &'static bool = if super::feed::may_carry(run_id) {
-                &true
-            } else {
-                &false
-            };
-            plan.push(Stmt::new(
-                super::feed::NOTIFY_SQL,
-                vec![&instance, run_id, n, carry],
-            ));
+            notices.0.push(run_id);
+            notices.1.push(*n);
+            notices.2.push(super::feed::may_carry(run_id));
         }
+    }
+    if !notices.0.is_empty() {
+        plan.push(Stmt::new(
+            super::feed::NOTIFY_SQL,
+            vec![&instance, &notices.0, &notices.1, &notices.2],
+        ));
     }
     owner.resize(plan.len(), None);
     let sent: Vec<(&str, &[Param<'_>])> = plan
@@ -334,6 +338,21 @@ pub(crate) async fn exec_batches(
                 if let Some(a) = applied.get_mut(*b) {
                     a.event_seqs.push(seq);
                 }
+            }
+            continue;
+        }
+        if let Check::Guards(guards) = stmt.check {
+            let rows = answer?;
+            let mut owners: Vec<(&str, Option<String>)> = Vec::with_capacity(rows.len());
+            for row in &rows {
+                owners.push((row.try_get(0)?, row.try_get(1)?));
+            }
+            for (g, b) in guards {
+                let owner = owners
+                    .iter()
+                    .find(|(r, _)| *r == g.run_id)
+                    .map(|(_, o)| o.clone());
+                check_guard(g, owner).map_err(|e| e.in_batch(*b))?;
             }
             continue;
         }
