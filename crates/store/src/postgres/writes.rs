@@ -1,11 +1,12 @@
-//! `Write` variants as SQL, applied inside one transaction per batch and sent in one round
-//! trip.
+//! `Write` variants as SQL, applied inside one transaction per group of batches (see
+//! [`super::group`]) and sent in one round trip.
 
 use super::claims::{LOCK_EVENTS, lock_key};
 use super::{Conn, DbErr, Param, pipeline};
 use crate::{Applied, Batch, OwnerGuard, RunPatch, Write, status};
 use smithers_core::{Code, SmithersError};
 use std::borrow::Cow;
+use std::collections::HashMap;
 use tokio_postgres::Row;
 
 fn validate_run_status(run_id: &str, s: &str) -> Result<(), DbErr> {
@@ -171,7 +172,7 @@ impl<'a> EventCols<'a> {
             places: Vec::new(),
             batch: Vec::new(),
         };
-        let mut counts: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        let mut counts: HashMap<&str, i64> = HashMap::new();
         for (b, batch) in batches.iter().enumerate() {
             for w in &batch.writes {
                 if let Write::AppendEvent {
@@ -208,7 +209,7 @@ impl<'a> EventCols<'a> {
                 ),
             )));
         }
-        let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        let mut first: HashMap<&str, i64> = HashMap::new();
         for row in rows {
             let run_id: &str = row.try_get(0)?;
             let seq: i64 = row.try_get(1)?;
