@@ -857,3 +857,37 @@ async fn a_failing_batch_in_a_group_fails_alone() {
         "the others share one transaction"
     );
 }
+
+/// A failure no batch's own statement can be blamed for (here a NUL byte in one event payload,
+/// which fails the statement that appends every batch's events) is retried batch by batch:
+/// only the batch with the bad payload fails, with `INVALID_INPUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_no_batch_is_blamed_for_is_retried_batch_by_batch() {
+    let url = fresh_database_url().await;
+    let store = Arc::new(open(&url).await);
+    let mut batches: Vec<Batch> = (0..4).map(|i| create_batch(&format!("k{i}"), 2)).collect();
+    let mut bad = Batch::new();
+    bad.push(Write::InsertRun(run_row("knul", "wf", 1)));
+    bad.push(Write::AppendEvent {
+        run_id: "knul".into(),
+        timestamp_ms: 1,
+        event_type: "E".into(),
+        payload_json: "{\"s\":\"a\u{0}b\"}".into(),
+    });
+    batches.insert(2, bad);
+    let results = apply_while_writers_wait(&store, &url, batches).await;
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (2, Err(e)) => assert_eq!(e.code, Code::InvalidInput, "{e}"),
+            (2, Ok(_)) => panic!("a payload with a NUL byte was stored"),
+            (_, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
+            (_, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
+        }
+    }
+    assert!(
+        store.get_run("knul").await.ok().flatten().is_none(),
+        "the failed batch left its run behind"
+    );
+    // written one by one: a transaction each
+    assert_eq!(runs_and_transactions(&url, "k%").await, (4, 4));
+}

@@ -196,6 +196,17 @@ impl<'a> EventCols<'a> {
         cols
     }
 
+    /// How many events each run gets, by run id.
+    fn per_run(&self) -> Vec<(&'a str, i64)> {
+        let mut n: HashMap<&'a str, i64> = HashMap::new();
+        for r in &self.run_ids {
+            *n.entry(r).or_insert(0) += 1;
+        }
+        let mut out: Vec<(&'a str, i64)> = n.into_iter().collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Each event's seq, in order, from the rows the statement returned: a run's first seq is
     /// the smallest it got, and its other events follow by their places.
     fn seqs(&self, rows: &[Row]) -> Result<Vec<i64>, DbErr> {
@@ -252,19 +263,9 @@ pub(crate) async fn exec_batches(
     instance: &str,
     begin: bool,
 ) -> Result<Vec<Applied>, DbErr> {
-    // Events appended per run, by run id.
-    let mut appended: Vec<(&str, i64)> = Vec::new();
-    let mut writes = 0;
-    for w in batches.iter().flat_map(|b| &b.writes) {
-        writes += 1;
-        if let Write::AppendEvent { run_id, .. } = w {
-            match appended.iter_mut().find(|(r, _)| *r == run_id.as_str()) {
-                Some((_, n)) => *n += 1,
-                None => appended.push((run_id.as_str(), 1)),
-            }
-        }
-    }
-    appended.sort_unstable();
+    let writes: usize = batches.iter().map(|b| b.writes.len()).sum();
+    let events = EventCols::of(batches);
+    let appended = events.per_run();
     let mut keys: Vec<i64> = appended
         .iter()
         .map(|(r, _)| lock_key(LOCK_EVENTS, r))
@@ -297,7 +298,6 @@ pub(crate) async fn exec_batches(
         }
         owner.resize(plan.len(), Some(i));
     }
-    let events = EventCols::of(batches);
     if !events.run_ids.is_empty() {
         plan.push(Stmt::checked(
             APPEND_EVENTS_SQL,
