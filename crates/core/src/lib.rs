@@ -7,6 +7,7 @@ pub mod duration;
 pub mod error;
 pub mod expr;
 pub mod ids;
+pub mod json;
 pub mod render;
 pub mod tree;
 pub mod yaml;

@@ -308,7 +308,7 @@ impl Driver {
             run_id: self.run_id.to_string(),
             timestamp_ms: ev.timestamp_ms,
             event_type: event_type.to_string(),
-            payload_json: ev.payload.to_string(),
+            payload_json: smithers_core::json::text(&ev.payload),
         });
         self.events.push(ev);
     }
@@ -321,7 +321,7 @@ impl Driver {
         let fresh = self.guarded_batch();
         let mut batch = std::mem::replace(&mut self.batch, fresh);
         collapse_upserts(&mut batch.writes);
-        let evs = std::mem::take(&mut self.events);
+        let evs = std::mem::replace(&mut self.events, Vec::with_capacity(8));
         let applied = self.sh.store.apply(batch).await?;
         for (ev, seq) in evs.into_iter().zip(applied.event_seqs) {
             self.sh.publish(&self.run_id, seq, ev);
@@ -419,7 +419,7 @@ impl Driver {
             node_id: node_id.clone(),
             iteration: iteration as i64,
             output_table: self.rts[rt].output_table.clone(),
-            payload_json: value.to_string(),
+            payload_json: smithers_core::json::text(&value),
             created_at_ms: now,
         }));
         self.snap
@@ -441,7 +441,7 @@ impl Driver {
     fn record_failure(&mut self, rt: usize, attempt: i64, started: i64, err: SmithersError) {
         let now = now_ms();
         let mut a = self.attempt_row(rt, attempt, node_state::FAILED, started, Some(now));
-        a.error_json = Some(err.to_json().to_string());
+        a.error_json = Some(smithers_core::json::text(&err.to_json()));
         a.meta_json = self.rts[rt].attempt_meta.clone();
         self.batch.push(Write::UpsertAttempt(a));
         let (retries, backoff, continue_on_fail) = match self.task_of(rt) {
@@ -699,7 +699,7 @@ impl Driver {
                     .collect();
                 (
                     Some(serde_json::to_string(&m).unwrap_or_default()),
-                    Some(Value::Array(ix).to_string()),
+                    Some(smithers_core::json::text(&Value::Array(ix))),
                 )
             }
             _ => (None, None),
@@ -947,7 +947,7 @@ impl Driver {
                             started,
                             Some(now),
                         );
-                        a.error_json = Some(e.to_json().to_string());
+                        a.error_json = Some(smithers_core::json::text(&e.to_json()));
                         self.batch.push(Write::UpsertAttempt(a));
                         self.set_node(rt, TState::Cancelled);
                         let f = Self::with(
@@ -1027,7 +1027,7 @@ impl Driver {
             return;
         };
         p.insert("pgid".into(), json!(pgid));
-        let meta = Value::Object(meta).to_string();
+        let meta = smithers_core::json::text(&Value::Object(meta));
         self.rts[rt].attempt_meta = Some(meta.clone());
         let started = self.rts[rt].started_ms;
         let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, started, None);
@@ -1056,7 +1056,7 @@ impl Driver {
             _ => serde_json::Map::new(),
         };
         m.extend(meta);
-        self.rts[rt].attempt_meta = Some(Value::Object(m).to_string());
+        self.rts[rt].attempt_meta = Some(smithers_core::json::text(&Value::Object(m)));
         self.rts[rt].response_text = response_text;
         if let Some(u) = usage {
             let f = Self::with(
@@ -1088,7 +1088,7 @@ impl Driver {
         if let Some(e) = &captured.error {
             m.insert("vcsError".into(), json!(e));
         }
-        self.rts[rt].attempt_meta = Some(Value::Object(m).to_string());
+        self.rts[rt].attempt_meta = Some(smithers_core::json::text(&Value::Object(m)));
         self.rts[rt].vcs = Some(captured);
     }
 
@@ -1165,7 +1165,7 @@ impl Driver {
         r.retry_at_ms = None;
         let attempt = r.attempts;
         let mut a = self.attempt_row(rt, attempt, node_state::IN_PROGRESS, now, None);
-        a.meta_json = Some(meta.to_string());
+        a.meta_json = Some(smithers_core::json::text(&meta));
         self.rts[rt].attempt_meta = a.meta_json.clone();
         self.batch.push(Write::UpsertAttempt(a));
         self.set_node(rt, TState::InProgress);
@@ -1771,7 +1771,7 @@ impl Driver {
                 OnTimeout::Skip => {
                     let mut a =
                         self.attempt_row(rt, attempt, node_state::SKIPPED, started, Some(now));
-                    a.meta_json = Some(meta.to_string());
+                    a.meta_json = Some(smithers_core::json::text(&meta));
                     self.batch.push(Write::UpsertAttempt(a));
                     self.set_node(rt, TState::Skipped);
                     let f = self.node_fields(rt);
@@ -2025,7 +2025,11 @@ impl Driver {
         if ended {
             patch.finished_at_ms = Some(Some(now_ms()));
             patch.cancel_requested_at_ms = Some(None);
-            patch.error_json = Some(error.as_ref().map(|e| e.to_json().to_string()));
+            patch.error_json = Some(
+                error
+                    .as_ref()
+                    .map(|e| smithers_core::json::text(&e.to_json())),
+            );
         }
         self.batch.push(Write::UpdateRun {
             run_id: self.run_id.to_string(),

@@ -431,7 +431,7 @@ impl Engine {
             vcs_root: vcs.as_ref().map(|v| v.root.clone()),
             vcs_revision: vcs.and_then(|v| v.revision),
             error_json: None,
-            config_json: Some(config.to_string()),
+            config_json: Some(smithers_core::json::text(&config)),
         };
         let ev = events::make(
             &run_id,
@@ -444,13 +444,13 @@ impl Engine {
             .push(Write::InsertRun(row))
             .push(Write::InsertInput {
                 run_id: run_id.clone(),
-                payload_json: input.to_string(),
+                payload_json: smithers_core::json::text(&input),
             })
             .push(Write::AppendEvent {
                 run_id: run_id.clone(),
                 timestamp_ms: now,
                 event_type: ev.event_type.to_string(),
-                payload_json: ev.payload.to_string(),
+                payload_json: smithers_core::json::text(&ev.payload),
             });
         let applied = self.sh.store.apply(batch).await?;
         if let Some(seq) = applied.event_seqs.first() {
@@ -500,7 +500,10 @@ impl Engine {
                     depth,
                 };
                 let began = std::time::Instant::now();
-                let mut error = match driver::Driver::new(init).run(resume).await {
+                // boxed: the driver's state machine is large, and inline it would make this
+                // task's future as large, copied whole on every spawn
+                let drive = Box::pin(driver::Driver::new(init).run(resume));
+                let mut error = match drive.await {
                     driver::Drive::Ended(outcome) => {
                         log_outcome(&outcome, workflow.name(), created_at_ms);
                         return outcome;
@@ -758,7 +761,7 @@ impl Engine {
                 run_id: run_id.to_string(),
                 timestamp_ms: now,
                 event_type: ev.event_type.to_string(),
-                payload_json: ev.payload.to_string(),
+                payload_json: smithers_core::json::text(&ev.payload),
             });
         let applied = store.apply(batch).await?;
         if let Some(seq) = applied.event_seqs.first() {

@@ -15,7 +15,7 @@ impl Gateway {
         let run = payload.get("runId").and_then(Value::as_str);
         let event_seq = payload.get("eventSeq").and_then(Value::as_i64);
         // serialized once here rather than once per connection; each writer adds its own seq
-        let payload_json: Arc<str> = payload.to_string().into();
+        let payload_json: Arc<str> = smithers_core::json::text(&payload).into();
         let mut sent: u64 = 0;
         if let Ok(conns) = self.conns.read() {
             for c in conns.values() {

@@ -4,20 +4,38 @@
 use crate::error::RpcError;
 use serde_json::Value;
 
+/// Appends `v` as a JSON string (quoted and escaped).
+fn push_str(out: &mut String, v: &str) {
+    match serde_json::to_string(v) {
+        Ok(quoted) => out.push_str(&quoted),
+        // serializing a `str` cannot fail; this keeps the frame valid JSON regardless
+        Err(_) => out.push_str(r#""""#),
+    }
+}
+
+/// Appends the compact JSON text of `v`.
+fn push_value(out: &mut String, v: &Value) {
+    out.push_str(&smithers_core::json::text(v));
+}
+
 fn s(v: &str) -> String {
-    Value::String(v.to_string()).to_string()
+    let mut out = String::with_capacity(v.len() + 2);
+    push_str(&mut out, v);
+    out
 }
 
 /// `{"type":"res","id":…,"ok":true[,"payload":…]}` (payload omitted when `None`).
 pub fn ok(id: &str, payload: Option<&Value>) -> String {
-    match payload {
-        Some(p) => format!(
-            r#"{{"type":"res","id":{},"ok":true,"payload":{}}}"#,
-            s(id),
-            p
-        ),
-        None => format!(r#"{{"type":"res","id":{},"ok":true}}"#, s(id)),
+    let mut out = String::with_capacity(64);
+    out.push_str(r#"{"type":"res","id":"#);
+    push_str(&mut out, id);
+    out.push_str(r#","ok":true"#);
+    if let Some(p) = payload {
+        out.push_str(r#","payload":"#);
+        push_value(&mut out, p);
     }
+    out.push('}');
+    out
 }
 
 /// `{"type":"res","id":…,"ok":false,"error":{"code":…,"message":…}}`.
@@ -32,23 +50,26 @@ pub fn err(id: &str, e: &RpcError) -> String {
 
 /// [`event`] with the payload already serialized as JSON.
 pub fn event_json(name: &str, payload_json: &str, seq: u64, state_version: u64) -> String {
-    format!(
-        r#"{{"type":"event","event":{},"payload":{},"seq":{},"stateVersion":{}}}"#,
-        s(name),
-        payload_json,
-        seq,
-        state_version
-    )
+    let mut out = String::with_capacity(payload_json.len() + name.len() + 80);
+    out.push_str(r#"{"type":"event","event":"#);
+    push_str(&mut out, name);
+    out.push_str(r#","payload":"#);
+    out.push_str(payload_json);
+    out.push_str(r#","seq":"#);
+    out.push_str(&seq.to_string());
+    out.push_str(r#","stateVersion":"#);
+    out.push_str(&state_version.to_string());
+    out.push('}');
+    out
 }
 
 /// `{"type":"event","event":…,"payload":…,"seq":…,"stateVersion":…}`.
 pub fn event(name: &str, payload: &Value, seq: u64, state_version: u64) -> String {
-    format!(
-        r#"{{"type":"event","event":{},"payload":{},"seq":{},"stateVersion":{}}}"#,
-        s(name),
-        payload,
+    event_json(
+        name,
+        &smithers_core::json::text(payload),
         seq,
-        state_version
+        state_version,
     )
 }
 

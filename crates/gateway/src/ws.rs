@@ -418,7 +418,7 @@ async fn write_loop(mut sink: Sink, mut rx: outbound::Receiver, w: Writer) -> Op
 fn event(name: &'static str, payload: &Value, state_version: u64) -> Outbound {
     Outbound::Event {
         event: name,
-        payload_json: payload.to_string().into(),
+        payload_json: smithers_core::json::text(payload).into(),
         state_version,
     }
 }

@@ -114,13 +114,15 @@ impl Batch {
     pub fn new() -> Self {
         Batch::default()
     }
+    /// A batch that commits only while `owner` holds `run_id`. Room is reserved for a
+    /// typical engine step (a dozen writes), so it is not regrown write by write.
     pub fn guarded(run_id: &str, owner: &str) -> Self {
         Batch {
             guard: Some(OwnerGuard {
                 run_id: run_id.into(),
                 owner: owner.into(),
             }),
-            writes: Vec::new(),
+            writes: Vec::with_capacity(16),
         }
     }
     pub fn push(&mut self, w: Write) -> &mut Self {

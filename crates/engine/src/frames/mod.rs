@@ -77,11 +77,11 @@ impl FrameWriter {
             "props": {"name": self.workflow_name},
             "children": [tree.to_frame_json()],
         });
-        let text = json.to_string();
+        let text = smithers_core::json::text(&json);
         let hash = sha256_hex(&text);
         let out = match (&self.last_json, force_key) {
             (Some(prev), false) => {
-                let d = delta::encode(prev, &json).to_string();
+                let d = smithers_core::json::text(&delta::encode(prev, &json));
                 if d.len() < text.len() {
                     EncodedFrame {
                         xml_json: d,
@@ -116,7 +116,7 @@ impl FrameWriter {
         let t = self
             .last_json
             .as_ref()
-            .map(|j| j.to_string())
+            .map(|j| smithers_core::json::text(&j))
             .unwrap_or_else(|| "null".into());
         self.last_text = Some(t.clone());
         t
@@ -151,7 +151,7 @@ pub async fn read_frame(
         doc = delta::apply(&doc, &d).map_err(|e| corrupt(run_id, r.frame_no, &e))?;
     }
     let mut out = row;
-    out.xml_json = doc.to_string();
+    out.xml_json = smithers_core::json::text(&doc);
     Ok(Some(out))
 }
 

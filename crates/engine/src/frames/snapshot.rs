@@ -68,13 +68,13 @@ impl SnapshotState {
 
     fn set_input(&mut self, input: Value) {
         sub(&mut self.sum, &self.input_digest);
-        self.input_digest = digest("input", "", &input.to_string());
+        self.input_digest = digest("input", "", &smithers_core::json::text(&input));
         add(&mut self.sum, &self.input_digest);
         self.input = input;
     }
 
     fn put(sum: &mut [u64; 4], sec: &mut Section, name: &str, key: String, value: Value) {
-        let text = value.to_string();
+        let text = smithers_core::json::text(&value);
         if let Some((old, d)) = sec.entries.get(&key) {
             if *old == text {
                 return;
@@ -134,7 +134,7 @@ impl SnapshotState {
             if out.len() > 1 {
                 out.push(',');
             }
-            out.push_str(&Value::String(k.to_string()).to_string());
+            out.push_str(&smithers_core::json::text(&Value::String(k.to_string())));
             out.push(':');
             out.push_str(v);
         };
@@ -174,7 +174,7 @@ impl SnapshotState {
             outputs_json: Self::section_json(&self.outputs, !key),
             ralph_json: Self::section_json(&self.ralph, !key),
             input_json: if key {
-                self.input.to_string()
+                smithers_core::json::text(&self.input)
             } else {
                 "null".to_string()
             },
@@ -320,7 +320,7 @@ pub fn restore_writes(
                 node_id,
                 iteration,
                 output_table: table,
-                payload_json: o.to_string(),
+                payload_json: smithers_core::json::text(o),
                 created_at_ms: now_ms,
             }));
         }
