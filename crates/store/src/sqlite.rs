@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_4,
     MIGRATION_5,
     MIGRATION_6,
+    MIGRATION_7,
 ];
 
 /// The schema version this build writes.
@@ -236,6 +237,12 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 ) WITHOUT ROWID;
+"#;
+
+/// No query looks runs up by their parent, so the parent index only cost one more B-tree
+/// write for every run created.
+const MIGRATION_7: &str = r#"
+DROP INDEX IF EXISTS _smithers_runs_parent_idx;
 "#;
 
 /// Webhook delivery ids remembered for the dedupe window (`_smithers_webhook_deliveries`).

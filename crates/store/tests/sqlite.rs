@@ -352,6 +352,36 @@ fn migrations_idempotent_on_reopen() {
     );
 }
 
+/// The run indexes a migrated database keeps: one per list filter and lookup, none unused
+/// (each costs a B-tree write per run created).
+#[test]
+fn runs_keep_only_the_indexes_queries_use() {
+    let (_dir, path) = temp_db();
+    drop(open(&path));
+    let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("open: {e}"));
+    let mut stmt = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = '_smithers_runs'
+             AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap_or_else(|e| panic!("prepare: {e}"));
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("query: {e}"))
+        .map(|r| r.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "_smithers_runs_list_idx",
+            "_smithers_runs_owner_idx",
+            "_smithers_runs_status_heartbeat_idx",
+            "_smithers_runs_status_list_idx",
+            "_smithers_runs_workflow_list_idx",
+        ]
+    );
+}
+
 #[test]
 fn concurrent_first_opens_migrate_once() {
     let (_dir, path) = temp_db();

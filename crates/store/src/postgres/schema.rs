@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_4,
     MIGRATION_5,
     MIGRATION_6,
+    MIGRATION_7,
 ];
 
 /// The schema version this build writes.
@@ -213,6 +214,11 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms BIGINT NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 );
+"#;
+
+/// The unused parent index goes (as SQLite's migration 7).
+const MIGRATION_7: &str = r#"
+DROP INDEX IF EXISTS _smithers_runs_parent_idx;
 "#;
 
 /// Schedules carry the input of the runs they start.
