@@ -398,7 +398,12 @@ impl Engine {
         depth: u32,
     ) -> Result<RunHandle> {
         check_input(&*workflow, &input)?;
-        let run_id = opts.run_id.clone().unwrap_or_else(crate::new_run_id);
+        let StartOptions {
+            run_id,
+            parent_run_id,
+            config: extra_config,
+        } = opts;
+        let run_id = run_id.unwrap_or_else(crate::new_run_id);
         bounds::check_run_id(&run_id)?;
         let reservation = self.sh.reserve(&run_id).ok_or_else(|| {
             SmithersError::new(
@@ -409,12 +414,12 @@ impl Engine {
         let vcs = self.run_vcs(&*workflow).await;
         let now = now_ms();
         let mut config = json!({});
-        if let (Some(Value::Object(extra)), Value::Object(c)) = (opts.config.clone(), &mut config) {
+        if let (Some(Value::Object(extra)), Value::Object(c)) = (extra_config, &mut config) {
             c.extend(extra);
         }
         let row = RunRow {
             run_id: run_id.clone(),
-            parent_run_id: opts.parent_run_id.clone(),
+            parent_run_id,
             workflow_name: workflow.name().to_string(),
             workflow_path: workflow.path().map(|p| p.display().to_string()),
             workflow_hash: workflow.source_hash().map(str::to_string),

@@ -587,7 +587,8 @@ fn label_key_general(labels: &Labels<'_>, drop_le: bool) -> String {
 
 /// `k="v",…` in the given order, values escaped and capped.
 fn render_label_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
-    let mut out = String::new();
+    // room for the usual three or four short labels, so the key is built without regrowing
+    let mut out = String::with_capacity(96);
     for (i, (key, value)) in pairs.enumerate() {
         if i > 0 {
             out.push(',');
@@ -638,6 +639,11 @@ fn truncate(value: &str, max: usize) -> &str {
 }
 
 fn escape_label_value(out: &mut String, value: &str) {
+    // almost every value (a method, a workflow key, a status) has nothing to escape
+    if !value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

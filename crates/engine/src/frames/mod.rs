@@ -116,7 +116,7 @@ impl FrameWriter {
         let t = self
             .last_json
             .as_ref()
-            .map(|j| smithers_core::json::text(&j))
+            .map(smithers_core::json::text)
             .unwrap_or_else(|| "null".into());
         self.last_text = Some(t.clone());
         t
