@@ -19,7 +19,7 @@ fn push_value(out: &mut String, v: &Value) {
 }
 
 fn s(v: &str) -> String {
-    let mut out = String::with_capacity(v.len() + 2);
+    let mut out = String::new();
     push_str(&mut out, v);
     out
 }

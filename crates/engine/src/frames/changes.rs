@@ -185,7 +185,7 @@ mod tests {
             run_id: "r".into(),
             frame_no,
             encoding: encoding.into(),
-            nodes_json: smithers_core::json::text(&nodes),
+            nodes_json: nodes.to_string(),
             outputs_json: "{}".into(),
             ralph_json: "{}".into(),
             input_json: "null".into(),
