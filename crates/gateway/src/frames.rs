@@ -3,6 +3,7 @@
 
 use crate::error::RpcError;
 use serde_json::Value;
+use std::fmt::Write;
 
 /// Appends `v` as a JSON string (quoted and escaped).
 fn push_str(out: &mut String, v: &str) {
@@ -19,9 +20,8 @@ fn push_value(out: &mut String, v: &Value) {
 }
 
 fn s(v: &str) -> String {
-    let mut out = String::new();
-    push_str(&mut out, v);
-    out
+    // serializing a `str` cannot fail; the fallback keeps the frame valid JSON regardless
+    serde_json::to_string(v).unwrap_or_else(|_| r#""""#.to_string())
 }
 
 /// `{"type":"res","id":…,"ok":true[,"payload":…]}` (payload omitted when `None`).
@@ -55,11 +55,8 @@ pub fn event_json(name: &str, payload_json: &str, seq: u64, state_version: u64) 
     push_str(&mut out, name);
     out.push_str(r#","payload":"#);
     out.push_str(payload_json);
-    out.push_str(r#","seq":"#);
-    out.push_str(&seq.to_string());
-    out.push_str(r#","stateVersion":"#);
-    out.push_str(&state_version.to_string());
-    out.push('}');
+    // writing into a `String` cannot fail
+    let _ = write!(out, r#","seq":{seq},"stateVersion":{state_version}}}"#);
     out
 }
 

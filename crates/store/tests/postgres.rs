@@ -270,6 +270,33 @@ async fn concurrent_first_opens_migrate_once() {
     );
 }
 
+/// As on SQLite: the run indexes a migrated database keeps, none that no query uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_keep_only_the_indexes_queries_use() {
+    let url = fresh_database_url().await;
+    drop(open(&url).await);
+    let c = raw_client(&url).await;
+    let rows = c
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = '_smithers_runs'
+             AND indexname <> '_smithers_runs_pkey' ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        names,
+        [
+            "_smithers_runs_list_idx",
+            "_smithers_runs_owner_idx",
+            "_smithers_runs_status_heartbeat_idx",
+            "_smithers_runs_status_list_idx",
+            "_smithers_runs_workflow_list_idx",
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_schema_is_refused() {
     let url = fresh_database_url().await;
@@ -830,16 +857,17 @@ async fn a_failing_batch_in_a_group_fails_alone() {
     fenced.push(event("owned", 0));
     batches.insert(5, fenced);
     let results = apply_while_writers_wait(&store, &url, batches).await;
-    for (i, r) in results.iter().enumerate() {
-        match (i, r) {
-            (3, Err(e)) => assert_eq!(e.code, Code::RunExists, "{e}"),
-            (3, Ok(_)) => panic!("creating an existing run succeeded"),
-            (5, Err(e)) => assert_eq!(e.code, Code::RunLeaseLost, "{e}"),
-            (5, Ok(_)) => panic!("a batch without the lease was written"),
-            (_, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
-            (_, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
-        }
-    }
+    expect_outcomes(
+        &results,
+        &[
+            (3, Code::RunExists, "creating an existing run succeeded"),
+            (
+                5,
+                Code::RunLeaseLost,
+                "a batch without the lease was written",
+            ),
+        ],
+    );
     for i in 0..6 {
         let n = store
             .list_events(&format!("h{i}"), None, 100)
@@ -856,6 +884,22 @@ async fn a_failing_batch_in_a_group_fails_alone() {
         (6, 1),
         "the others share one transaction"
     );
+}
+
+/// Each batch listed in `failing` failed with its code (the message says what succeeding
+/// would mean); every other batch appended its two events at seqs 0 and 1.
+fn expect_outcomes(
+    results: &[smithers_core::Result<smithers_store::Applied>],
+    failing: &[(usize, Code, &str)],
+) {
+    for (i, r) in results.iter().enumerate() {
+        match (failing.iter().find(|f| f.0 == i), r) {
+            (Some((_, code, _)), Err(e)) => assert_eq!(e.code, *code, "{e}"),
+            (Some((_, _, wrong)), Ok(_)) => panic!("{wrong}"),
+            (None, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
+            (None, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
+        }
+    }
 }
 
 /// A failure no batch's own statement can be blamed for (here a NUL byte in one event payload,
@@ -876,14 +920,14 @@ async fn a_failure_no_batch_is_blamed_for_is_retried_batch_by_batch() {
     });
     batches.insert(2, bad);
     let results = apply_while_writers_wait(&store, &url, batches).await;
-    for (i, r) in results.iter().enumerate() {
-        match (i, r) {
-            (2, Err(e)) => assert_eq!(e.code, Code::InvalidInput, "{e}"),
-            (2, Ok(_)) => panic!("a payload with a NUL byte was stored"),
-            (_, Ok(a)) => assert_eq!(a.event_seqs, vec![0, 1], "batch {i}"),
-            (_, Err(e)) => panic!("batch {i} failed with its neighbour: {e}"),
-        }
-    }
+    expect_outcomes(
+        &results,
+        &[(
+            2,
+            Code::InvalidInput,
+            "a payload with a NUL byte was stored",
+        )],
+    );
     assert!(
         store.get_run("knul").await.ok().flatten().is_none(),
         "the failed batch left its run behind"
