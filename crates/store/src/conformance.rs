@@ -10,6 +10,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
+/// The secondary indexes of `_smithers_runs` after every migration, by name, on both
+/// backends: one per run-list filter and lookup, none that no query uses (each costs a B-tree
+/// write per run created).
+pub const RUN_INDEXES: &[&str] = &[
+    "_smithers_runs_list_idx",
+    "_smithers_runs_owner_idx",
+    "_smithers_runs_status_heartbeat_idx",
+    "_smithers_runs_status_list_idx",
+    "_smithers_runs_workflow_list_idx",
+];
+
 /// What a conformance factory yields: the store, optionally with something that must live as
 /// long as the test (for example the temporary directory holding the database file).
 pub trait Fixture {

@@ -285,16 +285,7 @@ async fn runs_keep_only_the_indexes_queries_use() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(
-        names,
-        [
-            "_smithers_runs_list_idx",
-            "_smithers_runs_owner_idx",
-            "_smithers_runs_status_heartbeat_idx",
-            "_smithers_runs_status_list_idx",
-            "_smithers_runs_workflow_list_idx",
-        ]
-    );
+    assert_eq!(names, smithers_store::conformance::RUN_INDEXES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -370,16 +370,7 @@ fn runs_keep_only_the_indexes_queries_use() {
         .unwrap_or_else(|e| panic!("query: {e}"))
         .map(|r| r.unwrap_or_default())
         .collect();
-    assert_eq!(
-        names,
-        [
-            "_smithers_runs_list_idx",
-            "_smithers_runs_owner_idx",
-            "_smithers_runs_status_heartbeat_idx",
-            "_smithers_runs_status_list_idx",
-            "_smithers_runs_workflow_list_idx",
-        ]
-    );
+    assert_eq!(names, smithers_store::conformance::RUN_INDEXES);
 }
 
 #[test]
