@@ -335,8 +335,10 @@ impl Engine {
                 .upgrade()
                 .map(|s| s.config.heartbeat_interval_ms)
                 .unwrap_or(1000);
-            let mut tick =
-                tokio::time::interval(std::time::Duration::from_millis(interval.max(10)));
+            // The first beat is one interval away: a run claimed now has a fresh lease, and an
+            // immediate beat would only race the first runs for the writer.
+            let period = std::time::Duration::from_millis(interval.max(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
