@@ -12,6 +12,7 @@ use crate::{
     WebhookDeliveryRow, Write,
 };
 use async_trait::async_trait;
+use prepared::Prepared;
 use rusqlite::types::{FromSql, Value, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Params, Row, params};
 use smithers_core::{Code, Result, SmithersError};
@@ -23,6 +24,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 pub mod checkpoint;
 mod deliveries;
+mod prepared;
 
 /// Read connections kept per store; WAL readers are cheap and run in parallel.
 const READERS: usize = 4;
@@ -878,6 +880,7 @@ fn writer_loop(
     stats: &Stats,
     gate: &checkpoint::ResetGate,
 ) {
+    let mut db = Prepared::new(&conn);
     while let Ok(first) = rx.recv() {
         // holding no transaction: the moment a forced WAL reset needs (checkpoint.rs)
         gate.pause_if_wanted();
@@ -888,7 +891,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let results = commit_group(&conn, &group, stats);
+        let results = commit_group(&mut db, &group, stats);
         stats
             .requests
             .fetch_add(group.len() as u64, Ordering::Relaxed);
@@ -896,13 +899,14 @@ fn writer_loop(
             // The caller may have given up waiting; nothing to do then.
             let _ = req.reply.send(res);
         }
+        db.release();
     }
 }
 
 /// Commits a group, retrying the whole transaction while the database is locked.
-fn commit_group(conn: &Connection, group: &[Request], stats: &Stats) -> Vec<Result<Out>> {
+fn commit_group(db: &mut Prepared<'_>, group: &[Request], stats: &Stats) -> Vec<Result<Out>> {
     match with_retry(WRITE_ATTEMPTS, Duration::from_millis(500), || {
-        try_group(conn, group)
+        try_group(db, group)
     }) {
         Ok(results) => {
             stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -915,40 +919,41 @@ fn commit_group(conn: &Connection, group: &[Request], stats: &Stats) -> Vec<Resu
     }
 }
 
-fn exec_sql(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([])?;
+fn exec_sql(db: &mut Prepared<'_>, sql: &'static str) -> rusqlite::Result<()> {
+    db.get(sql)?.execute([])?;
     Ok(())
 }
 
-fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, DbErr> {
-    if let Some(results) = try_group_whole(conn, group)? {
+fn try_group(db: &mut Prepared<'_>, group: &[Request]) -> Result<Vec<Result<Out>>, DbErr> {
+    if let Some(results) = try_group_whole(db, group)? {
         return Ok(results);
     }
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let body = || -> Result<Vec<Result<Out>>, DbErr> {
+    exec_sql(db, "BEGIN IMMEDIATE")?;
+    let mut body = || -> Result<Vec<Result<Out>>, DbErr> {
         let mut results = Vec::with_capacity(group.len());
         for req in group {
-            exec_sql(conn, "SAVEPOINT smithers_request")?;
-            match exec_op(conn, &req.op) {
+            exec_sql(db, "SAVEPOINT smithers_request")?;
+            match exec_op(db, &req.op) {
                 Ok(out) => {
-                    exec_sql(conn, "RELEASE smithers_request")?;
+                    exec_sql(db, "RELEASE smithers_request")?;
                     results.push(Ok(out));
                 }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
-                    exec_sql(conn, "ROLLBACK TO smithers_request")?;
-                    exec_sql(conn, "RELEASE smithers_request")?;
+                    exec_sql(db, "ROLLBACK TO smithers_request")?;
+                    exec_sql(db, "RELEASE smithers_request")?;
                     results.push(Err(e.into_smithers(Code::DbWriteFailed, req.op.name())));
                 }
             }
         }
-        conn.execute_batch("COMMIT")?;
+        exec_sql(db, "COMMIT")?;
         Ok(results)
     };
-    match body() {
+    let outcome = body();
+    match outcome {
         Ok(r) => Ok(r),
         Err(e) => {
-            rollback(conn);
+            rollback(db.conn());
             Err(e)
         }
     }
@@ -960,16 +965,16 @@ fn try_group(conn: &Connection, group: &[Request]) -> Result<Vec<Result<Out>>, D
 /// request gets its error; for a larger group `None` tells the caller to run it again with
 /// savepoints, so only the failing request fails.
 fn try_group_whole(
-    conn: &Connection,
+    db: &mut Prepared<'_>,
     group: &[Request],
 ) -> Result<Option<Vec<Result<Out>>>, DbErr> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+    exec_sql(db, "BEGIN IMMEDIATE")?;
     let mut results = Vec::with_capacity(group.len());
     for req in group {
-        match exec_op(conn, &req.op) {
+        match exec_op(db, &req.op) {
             Ok(out) => results.push(Ok(out)),
             Err(e) => {
-                rollback(conn);
+                rollback(db.conn());
                 if e.is_transient() {
                     return Err(e);
                 }
@@ -987,16 +992,16 @@ fn try_group_whole(
             }
         }
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        rollback(conn);
+    if let Err(e) = exec_sql(db, "COMMIT") {
+        rollback(db.conn());
         return Err(e.into());
     }
     Ok(Some(results))
 }
 
-fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
+fn exec_op(db: &mut Prepared<'_>, op: &Op) -> Result<Out, DbErr> {
     match op {
-        Op::Apply(batch) => exec_batch(conn, batch).map(Out::Applied),
+        Op::Apply(batch) => exec_batch(db, batch).map(Out::Applied),
         Op::Claim {
             run_id,
             owner,
@@ -1004,8 +1009,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             stale_before_ms,
             dead_owner,
         } => {
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "UPDATE _smithers_runs SET runtime_owner_id = ?2, heartbeat_at_ms = ?3
                      WHERE run_id = ?1
                        AND (runtime_owner_id IS NULL
@@ -1017,7 +1022,7 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             Ok(Out::Flag(n == 1))
         }
         Op::Heartbeat { owner, now_ms } => {
-            let mut stmt = conn.prepare_cached(
+            let stmt = db.get(
                 "UPDATE _smithers_runs SET heartbeat_at_ms = ?2 WHERE runtime_owner_id = ?1
                  RETURNING run_id, cancel_requested_at_ms",
             )?;
@@ -1038,8 +1043,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
         }
         Op::Cancel { run_id, now_ms } => {
             // The first request wins: repeating a cancel does not move its timestamp.
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "UPDATE _smithers_runs SET cancel_requested_at_ms = COALESCE(cancel_requested_at_ms, ?2)
                      WHERE run_id = ?1",
                 )?
@@ -1047,8 +1052,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             Ok(Out::Flag(n == 1))
         }
         Op::Signal(s) => {
-            let existing: Option<i64> = conn
-                .prepare_cached(
+            let existing: Option<i64> = db
+                .get(
                     "SELECT seq FROM _smithers_signals
                      WHERE run_id = ?1 AND signal_name = ?2 AND correlation_id IS ?3 AND payload_json = ?4
                        AND received_at_ms = ?5 AND received_by IS ?6
@@ -1062,10 +1067,10 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             if let Some(seq) = existing {
                 return Ok(Out::Seq(seq));
             }
-            let seq: i64 = conn
-                .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_signals WHERE run_id = (?1 || '')")?
+            let seq: i64 = db
+                .get("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_signals WHERE run_id = (?1 || '')")?
                 .query_row(params![s.run_id], |r| r.get(0))?;
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_signals
                     (run_id, seq, signal_name, correlation_id, payload_json, received_at_ms, received_by)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1074,7 +1079,7 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             Ok(Out::Seq(seq))
         }
         Op::UpsertCron(r) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_cron (cron_id, pattern, workflow_path, enabled, created_at_ms,
                     last_run_at_ms, next_run_at_ms, error_json, input_json)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -1096,8 +1101,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             Ok(Out::Flag(true))
         }
         Op::DeleteCron(id) => {
-            let n = conn
-                .prepare_cached("DELETE FROM _smithers_cron WHERE cron_id = ?1")?
+            let n = db
+                .get("DELETE FROM _smithers_cron WHERE cron_id = ?1")?
                 .execute(params![id])?;
             Ok(Out::Flag(n == 1))
         }
@@ -1107,8 +1112,8 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             next_run_at_ms,
             error_json,
         } => {
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "UPDATE _smithers_cron SET last_run_at_ms = ?2, next_run_at_ms = ?3, error_json = ?4
                      WHERE cron_id = ?1",
                 )?
@@ -1122,21 +1127,21 @@ fn exec_op(conn: &Connection, op: &Op) -> Result<Out, DbErr> {
             now_ms,
         } => {
             // `IS` compares NULL-safely, so a never-scheduled cron can be claimed once too.
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "UPDATE _smithers_cron SET next_run_at_ms = ?3, last_run_at_ms = ?4
                      WHERE cron_id = ?1 AND enabled = 1 AND next_run_at_ms IS ?2",
                 )?
                 .execute(params![cron_id, expected, new_next, now_ms])?;
             Ok(Out::Flag(n == 1))
         }
-        Op::Delivery(w) => deliveries::exec(conn, w),
+        Op::Delivery(w) => deliveries::exec(db, w),
     }
 }
 
-fn check_guard(conn: &Connection, g: &OwnerGuard) -> Result<(), DbErr> {
-    let owner: Option<Option<String>> = conn
-        .prepare_cached("SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = ?1")?
+fn check_guard(db: &mut Prepared<'_>, g: &OwnerGuard) -> Result<(), DbErr> {
+    let owner: Option<Option<String>> = db
+        .get("SELECT runtime_owner_id FROM _smithers_runs WHERE run_id = ?1")?
         .query_row(params![g.run_id], |r| r.get(0))
         .optional()?;
     let msg = match owner {
@@ -1159,14 +1164,14 @@ fn check_guard(conn: &Connection, g: &OwnerGuard) -> Result<(), DbErr> {
     ))
 }
 
-fn exec_batch(conn: &Connection, batch: &Batch) -> Result<Applied, DbErr> {
+fn exec_batch(db: &mut Prepared<'_>, batch: &Batch) -> Result<Applied, DbErr> {
     if let Some(g) = &batch.guard {
-        check_guard(conn, g)?;
+        check_guard(db, g)?;
     }
     let mut applied = Applied::default();
     let mut next_seq = None;
     for w in &batch.writes {
-        if let Some(seq) = exec_write(conn, w, &mut next_seq)? {
+        if let Some(seq) = exec_write(db, w, &mut next_seq)? {
             applied.event_seqs.push(seq);
         }
     }
@@ -1177,15 +1182,15 @@ fn exec_batch(conn: &Connection, batch: &Batch) -> Result<Applied, DbErr> {
 /// seq of the run whose event the batch appended last: the transaction is the only writer, so
 /// a run of events for one run reads the log's end once, not once per event.
 fn exec_write<'b>(
-    conn: &Connection,
+    db: &mut Prepared<'_>,
     w: &'b Write,
     next_seq: &mut Option<(&'b str, i64)>,
 ) -> Result<Option<i64>, DbErr> {
     match w {
         Write::InsertRun(r) => {
             validate_run_status(&r.run_id, &r.status)?;
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "INSERT INTO _smithers_runs (run_id, parent_run_id, workflow_name, workflow_path, workflow_hash,
                         status, created_at_ms, started_at_ms, finished_at_ms, heartbeat_at_ms, runtime_owner_id,
                         cancel_requested_at_ms, hijack_requested_at_ms, hijack_target, vcs_type, vcs_root,
@@ -1224,16 +1229,16 @@ fn exec_write<'b>(
                 ));
             }
         }
-        Write::UpdateRun { run_id, patch } => update_run(conn, run_id, patch)?,
+        Write::UpdateRun { run_id, patch } => update_run(db, run_id, patch)?,
         Write::InsertInput {
             run_id,
             payload_json,
         } => {
-            conn.prepare_cached("INSERT INTO input (run_id, payload) VALUES (?1, ?2) ON CONFLICT (run_id) DO NOTHING")?
+            db.get("INSERT INTO input (run_id, payload) VALUES (?1, ?2) ON CONFLICT (run_id) DO NOTHING")?
                 .execute(params![run_id, payload_json])?;
         }
         Write::UpsertNode(n) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_nodes (run_id, node_id, iteration, state, last_attempt, updated_at_ms, output_table, label)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (run_id, node_id, iteration) DO UPDATE SET
@@ -1244,7 +1249,7 @@ fn exec_write<'b>(
             .execute(params![n.run_id, n.node_id, n.iteration, n.state, n.last_attempt, n.updated_at_ms, n.output_table, n.label])?;
         }
         Write::UpsertAttempt(a) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_attempts (run_id, node_id, iteration, attempt, state, started_at_ms,
                     finished_at_ms, heartbeat_at_ms, heartbeat_data_json, error_json, jj_pointer, response_text,
                     jj_cwd, cached, meta_json)
@@ -1275,7 +1280,7 @@ fn exec_write<'b>(
             ])?;
         }
         Write::UpsertOutput(o) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_outputs (run_id, node_id, iteration, output_table, payload_json, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (run_id, node_id, iteration) DO UPDATE SET
@@ -1289,7 +1294,7 @@ fn exec_write<'b>(
             node_id,
             iteration,
         } => {
-            conn.prepare_cached("DELETE FROM _smithers_outputs WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3")?
+            db.get("DELETE FROM _smithers_outputs WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3")?
                 .execute(params![run_id, node_id, iteration])?;
         }
         Write::ClearRunState { run_id } => {
@@ -1298,7 +1303,7 @@ fn exec_write<'b>(
                 "DELETE FROM _smithers_outputs WHERE run_id = ?1",
                 "DELETE FROM _smithers_ralph WHERE run_id = ?1",
             ] {
-                conn.prepare_cached(sql)?.execute(params![run_id])?;
+                db.get(sql)?.execute(params![run_id])?;
             }
         }
         Write::DeleteFramesAfter { run_id, frame_no } => {
@@ -1306,25 +1311,22 @@ fn exec_write<'b>(
                 "DELETE FROM _smithers_frames WHERE run_id = ?1 AND frame_no > ?2",
                 "DELETE FROM _smithers_snapshots WHERE run_id = ?1 AND frame_no > ?2",
             ] {
-                conn.prepare_cached(sql)?
-                    .execute(params![run_id, frame_no])?;
+                db.get(sql)?.execute(params![run_id, frame_no])?;
             }
         }
         Write::DeleteAttemptsAfter {
             run_id,
             started_after_ms,
         } => {
-            conn.prepare_cached(
-                "DELETE FROM _smithers_attempts WHERE run_id = ?1 AND started_at_ms > ?2",
-            )?
-            .execute(params![run_id, started_after_ms])?;
-            conn.prepare_cached(
+            db.get("DELETE FROM _smithers_attempts WHERE run_id = ?1 AND started_at_ms > ?2")?
+                .execute(params![run_id, started_after_ms])?;
+            db.get(
                 "DELETE FROM _smithers_approvals WHERE run_id = ?1 AND COALESCE(decided_at_ms, requested_at_ms, 0) > ?2",
             )?
             .execute(params![run_id, started_after_ms])?;
         }
         Write::InsertFrame(f) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_frames (run_id, frame_no, created_at_ms, xml_json, xml_hash, encoding,
                     mounted_task_ids_json, task_index_json, note)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1343,7 +1345,7 @@ fn exec_write<'b>(
             .map_err(|e| duplicate(e, || format!("frame {} of run `{}` already exists", f.frame_no, f.run_id)))?;
         }
         Write::InsertSnapshot(s) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_snapshots (run_id, frame_no, encoding, nodes_json, outputs_json, ralph_json,
                     input_json, vcs_pointer, workflow_hash, content_hash, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -1374,11 +1376,11 @@ fn exec_write<'b>(
             // the bound value), which cost more than the insert itself.
             let seq: i64 = match *next_seq {
                 Some((r, seq)) if r == run_id.as_str() => seq,
-                _ => conn
-                    .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_events WHERE run_id = (?1 || '')")?
+                _ => db
+                    .get("SELECT COALESCE(MAX(seq) + 1, 0) FROM _smithers_events WHERE run_id = (?1 || '')")?
                     .query_row(params![run_id], |r| r.get(0))?,
             };
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_events (run_id, seq, timestamp_ms, type, payload_json)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
@@ -1387,7 +1389,7 @@ fn exec_write<'b>(
             return Ok(Some(seq));
         }
         Write::UpsertAudit(a) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_time_travel_audit (id, run_id, from_frame_no, to_frame_no, caller,
                     timestamp_ms, result, duration_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -1407,7 +1409,7 @@ fn exec_write<'b>(
             ])?;
         }
         Write::UpsertNodeDiff(d) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_node_diffs (run_id, node_id, iteration, base_ref, attempt,
                     attempt_started_at_ms, bundle_json, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -1432,11 +1434,11 @@ fn exec_write<'b>(
             iteration,
             attempt,
         } => {
-            conn.prepare_cached(
+            db.get(
                 "DELETE FROM _smithers_attempts WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3 AND attempt = ?4",
             )?
             .execute(params![run_id, node_id, iteration, attempt])?;
-            conn.prepare_cached(
+            db.get(
                 "DELETE FROM _smithers_node_diffs WHERE run_id = ?1 AND node_id = ?2 AND iteration = ?3 AND attempt = ?4",
             )?
             .execute(params![run_id, node_id, iteration, attempt])?;
@@ -1445,13 +1447,13 @@ fn exec_write<'b>(
             run_id,
             started_after_ms,
         } => {
-            conn.prepare_cached(
+            db.get(
                 "DELETE FROM _smithers_node_diffs WHERE run_id = ?1 AND attempt_started_at_ms > ?2",
             )?
             .execute(params![run_id, started_after_ms])?;
         }
         Write::UpsertLoop(l) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_ralph (run_id, ralph_id, iteration, done, updated_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (run_id, ralph_id) DO UPDATE SET
@@ -1460,7 +1462,7 @@ fn exec_write<'b>(
             .execute(params![l.run_id, l.ralph_id, l.iteration, l.done, l.updated_at_ms])?;
         }
         Write::UpsertApproval(a) => {
-            conn.prepare_cached(
+            db.get(
                 "INSERT INTO _smithers_approvals (run_id, node_id, iteration, status, requested_at_ms, decided_at_ms,
                     note, decided_by, request_json, decision_json, auto_approved)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
@@ -1496,62 +1498,61 @@ fn duplicate(e: rusqlite::Error, msg: impl FnOnce() -> String) -> DbErr {
     }
 }
 
-fn update_run(conn: &Connection, run_id: &str, p: &RunPatch) -> Result<(), DbErr> {
-    fn int(v: Option<i64>) -> Value {
-        v.map_or(Value::Null, Value::Integer)
-    }
-    fn text(v: &Option<String>) -> Value {
-        v.clone().map_or(Value::Null, Value::Text)
-    }
-    let mut sets: Vec<(&str, Value)> = Vec::new();
+fn update_run(db: &mut Prepared<'_>, run_id: &str, p: &RunPatch) -> Result<(), DbErr> {
+    // The columns a patch may set, each with its value bound by reference. A statement is kept
+    // per set of columns, so building its text happens once per shape, not once per update.
+    let cols: [(&str, Option<&dyn rusqlite::ToSql>); 9] = [
+        ("status", p.status.as_ref().map(|v| v as _)),
+        ("workflow_name", p.workflow_name.as_ref().map(|v| v as _)),
+        ("started_at_ms", p.started_at_ms.as_ref().map(|v| v as _)),
+        ("finished_at_ms", p.finished_at_ms.as_ref().map(|v| v as _)),
+        (
+            "heartbeat_at_ms",
+            p.heartbeat_at_ms.as_ref().map(|v| v as _),
+        ),
+        (
+            "runtime_owner_id",
+            p.runtime_owner_id.as_ref().map(|v| v as _),
+        ),
+        (
+            "cancel_requested_at_ms",
+            p.cancel_requested_at_ms.as_ref().map(|v| v as _),
+        ),
+        ("error_json", p.error_json.as_ref().map(|v| v as _)),
+        ("config_json", p.config_json.as_ref().map(|v| v as _)),
+    ];
     if let Some(s) = &p.status {
         validate_run_status(run_id, s)?;
-        sets.push(("status", Value::Text(s.clone())));
     }
-    if let Some(v) = &p.workflow_name {
-        sets.push(("workflow_name", Value::Text(v.clone())));
+    let mut mask = 0u16;
+    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(cols.len() + 1);
+    values.push(&run_id);
+    for (i, (_, v)) in cols.iter().enumerate() {
+        if let Some(v) = v {
+            mask |= 1 << i;
+            values.push(*v);
+        }
     }
-    if let Some(v) = p.started_at_ms {
-        sets.push(("started_at_ms", int(v)));
-    }
-    if let Some(v) = p.finished_at_ms {
-        sets.push(("finished_at_ms", int(v)));
-    }
-    if let Some(v) = p.heartbeat_at_ms {
-        sets.push(("heartbeat_at_ms", int(v)));
-    }
-    if let Some(v) = &p.runtime_owner_id {
-        sets.push(("runtime_owner_id", text(v)));
-    }
-    if let Some(v) = p.cancel_requested_at_ms {
-        sets.push(("cancel_requested_at_ms", int(v)));
-    }
-    if let Some(v) = &p.error_json {
-        sets.push(("error_json", text(v)));
-    }
-    if let Some(v) = &p.config_json {
-        sets.push(("config_json", text(v)));
-    }
-    let n = if sets.is_empty() {
-        conn.prepare_cached("SELECT 1 FROM _smithers_runs WHERE run_id = ?1")?
+    let n = if mask == 0 {
+        db.get("SELECT 1 FROM _smithers_runs WHERE run_id = ?1")?
             .query_row(params![run_id], |_| Ok(()))
             .optional()?
             .map_or(0, |_| 1)
     } else {
-        let assignments: Vec<String> = sets
-            .iter()
-            .enumerate()
-            .map(|(i, (col, _))| format!("{col} = ?{}", i + 2))
-            .collect();
-        let sql = format!(
-            "UPDATE _smithers_runs SET {} WHERE run_id = ?1",
-            assignments.join(", ")
-        );
-        let mut values = Vec::with_capacity(sets.len() + 1);
-        values.push(Value::Text(run_id.to_string()));
-        values.extend(sets.into_iter().map(|(_, v)| v));
-        conn.prepare_cached(&sql)?
-            .execute(rusqlite::params_from_iter(values))?
+        let build = || {
+            let assignments: Vec<String> = cols
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .enumerate()
+                .map(|(i, (col, _))| format!("{col} = ?{}", i + 2))
+                .collect();
+            format!(
+                "UPDATE _smithers_runs SET {} WHERE run_id = ?1",
+                assignments.join(", ")
+            )
+        };
+        db.get_or(prepared::Key::RunPatch(mask), build)?
+            .execute(values.as_slice())?
     };
     if n == 0 {
         return Err(DbErr::App(

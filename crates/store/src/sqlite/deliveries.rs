@@ -1,7 +1,7 @@
 //! Webhook delivery dedupe on SQLite (`_smithers_webhook_deliveries`): the writes run on the
 //! writer thread like every other write, the read on the reader pool.
 
-use super::{Cols, DbErr, Out};
+use super::{Cols, DbErr, Out, Prepared};
 use crate::{DeliveryClaim, WebhookDeliveryRow};
 use rusqlite::{Connection, Row, params};
 
@@ -35,13 +35,13 @@ impl Write {
     }
 }
 
-pub(super) fn exec(conn: &Connection, w: &Write) -> Result<Out, DbErr> {
+pub(super) fn exec(db: &mut Prepared<'_>, w: &Write) -> Result<Out, DbErr> {
     match w {
         Write::Claim(c) => {
             // One statement: the writer thread serializes it against every other write, and
             // the upsert's WHERE decides between "new" (a row written) and "duplicate" (none).
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "INSERT INTO _smithers_webhook_deliveries
                         (workflow, delivery_id, claim_id, received_at_ms, expires_at_ms, outcome_json)
                      VALUES (?1, ?2, ?3, ?4, ?5, NULL)
@@ -68,8 +68,8 @@ pub(super) fn exec(conn: &Connection, w: &Write) -> Result<Out, DbErr> {
             claim_id,
             outcome_json,
         } => {
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "UPDATE _smithers_webhook_deliveries SET outcome_json = ?4
                      WHERE workflow = ?1 AND delivery_id = ?2 AND claim_id = ?3",
                 )?
@@ -81,8 +81,8 @@ pub(super) fn exec(conn: &Connection, w: &Write) -> Result<Out, DbErr> {
             delivery_id,
             claim_id,
         } => {
-            let n = conn
-                .prepare_cached(
+            let n = db
+                .get(
                     "DELETE FROM _smithers_webhook_deliveries
                      WHERE workflow = ?1 AND delivery_id = ?2 AND claim_id = ?3",
                 )?
@@ -90,10 +90,8 @@ pub(super) fn exec(conn: &Connection, w: &Write) -> Result<Out, DbErr> {
             Ok(Out::Flag(n == 1))
         }
         Write::Prune { now_ms } => {
-            let n = conn
-                .prepare_cached(
-                    "DELETE FROM _smithers_webhook_deliveries WHERE expires_at_ms <= ?1",
-                )?
+            let n = db
+                .get("DELETE FROM _smithers_webhook_deliveries WHERE expires_at_ms <= ?1")?
                 .execute(params![now_ms])?;
             Ok(Out::Count(n as u64))
         }
