@@ -205,12 +205,21 @@ pub fn parse_listen_line(line: &str) -> Option<SocketAddr> {
 }
 
 pub(crate) async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
-    let t0 = Instant::now();
     // For profiling: SMITHERS_BENCH_SERVER_PREFIX="heaptrack -o /tmp/h" runs the server under
     // another program (memory and CPU figures then describe that program, not the server).
     let prefix: Vec<String> = std::env::var("SMITHERS_BENCH_SERVER_PREFIX")
         .map(|p| p.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
+    spawn_server_under(&prefix, exe, config).await
+}
+
+/// [`spawn_server`] under the program and arguments in `prefix` (none: the server itself).
+pub(crate) async fn spawn_server_under(
+    prefix: &[String],
+    exe: &Path,
+    config: &Path,
+) -> R<ServerProc> {
+    let t0 = Instant::now();
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
             let mut c = tokio::process::Command::new(program);
@@ -253,7 +262,10 @@ pub(crate) async fn spawn_server(exe: &Path, config: &Path) -> R<ServerProc> {
     // wrong (one JSON line per run started and finished would bury the figures)
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
+            // valgrind's own lines (`bench check` counts instructions under it) are not news
             let routine = line.starts_with("shutting down")
+                || line.starts_with("==")
+                || line.starts_with("--")
                 || line.starts_with("  ")
                 || line.contains(r#""level":"INFO""#)
                 || line.contains(r#""level":"DEBUG""#);

@@ -10,6 +10,13 @@
 //!
 //! Each figure is the best of several passes (lowest latency, highest rate): on a shared
 //! 2-core machine the noise is all on the slow side, so the best pass is the stable one.
+//!
+//! Timed figures only judge code on a machine like the one that recorded them. Each pass also
+//! times a fixed piece of work (`machine.calibration_ms`, never judged itself); when this
+//! machine is more than [`MACHINE_TOLERANCE`] faster or slower than the baseline's, the timed
+//! figures are shown but not judged. The instructions the server runs per run
+//! (`runs_64.server_kinstr`, counted once by callgrind when valgrind is found) do not depend
+//! on the machine and are judged everywhere.
 
 use crate::bench_cluster::{connect, throughput_across};
 use crate::bench_gateway::{
@@ -27,6 +34,51 @@ pub const MARKER: &str = "<!-- smithers bench check: baseline -->";
 
 /// How much worse than its baseline a figure may get before it is reported.
 pub const TOLERANCE: f64 = 0.10;
+
+/// How far this machine's calibration may be from the baseline's before timed figures are
+/// no longer judged: past it, a figure's change says more about the machine than the code.
+pub const MACHINE_TOLERANCE: f64 = 0.25;
+
+/// The calibration figure: ms for a fixed piece of work (`bench_machine`).
+pub const CALIBRATION: &str = "machine.calibration_ms";
+
+/// The instruction figure: thousands of server instructions per run (`bench_instr`).
+pub const SERVER_KINSTR: &str = "runs_64.server_kinstr";
+
+/// What a figure says and so when it is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The machine's speed: context for the timed figures, never a regression.
+    Machine,
+    /// A count that does not depend on the machine: always judged.
+    Count,
+    /// Time or rate: judged only on a machine like the baseline's.
+    Timed,
+}
+
+/// The kind of the figure called `name`.
+pub fn kind(name: &str) -> Kind {
+    if name.starts_with("machine.") {
+        Kind::Machine
+    } else if name.ends_with("_kinstr") {
+        Kind::Count
+    } else {
+        Kind::Timed
+    }
+}
+
+/// This machine's calibration over the baseline's (2.0: twice as slow), when both have one.
+pub fn machine_ratio(base: &Figures, now: &Figures) -> Option<f64> {
+    let (b, _) = base.get(CALIBRATION)?;
+    let (n, _) = now.get(CALIBRATION)?;
+    (*b > 0.0 && *n > 0.0).then(|| n / b)
+}
+
+/// Whether timed figures can be judged against `base`: the machines' speeds are within
+/// [`MACHINE_TOLERANCE`], or the baseline has no calibration to tell.
+pub fn timed_comparable(base: &Figures, now: &Figures) -> bool {
+    machine_ratio(base, now).is_none_or(|r| (r - 1.0).abs() <= MACHINE_TOLERANCE)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -149,18 +201,36 @@ pub struct Verdict {
     pub base: Option<f64>,
     pub now: f64,
     pub worse_by: f64,
+    /// Whether this row counts: it has a baseline, is not the machine's speed, and is not a
+    /// timed figure from a machine unlike the baseline's.
+    pub judged: bool,
+}
+
+impl Verdict {
+    /// Judged and more than [`TOLERANCE`] worse.
+    pub fn fails(&self) -> bool {
+        self.judged && self.worse_by > TOLERANCE
+    }
 }
 
 /// Compares `now` with `base`; a figure without a baseline is listed but never fails.
 pub fn compare(base: &Figures, now: &Figures) -> Vec<Verdict> {
+    let timed = timed_comparable(base, now);
     now.iter()
         .map(|(name, &(v, d))| {
             let b = base.get(name).map(|(b, _)| *b);
+            let judged = b.is_some()
+                && match kind(name) {
+                    Kind::Machine => false,
+                    Kind::Count => true,
+                    Kind::Timed => timed,
+                };
             Verdict {
                 name: name.clone(),
                 base: b,
                 now: v,
                 worse_by: b.map(|b| d.worse_by(b, v)).unwrap_or(0.0),
+                judged,
             }
         })
         .collect()
@@ -172,7 +242,7 @@ fn put(f: &mut Figures, name: &str, v: f64, d: Better) {
 
 /// The passes' figures in one: each figure's best value (`best`), or its median (a recorded
 /// baseline is typical, a check is the best the code did, so noise alone rarely fails it
-/// while a real slowdown shows in every pass).
+/// while a real slowdown shows in every pass). The machine's calibration is always its best.
 pub fn summarize(passes: &[Figures], best: bool) -> Figures {
     let mut all: BTreeMap<&str, (Vec<f64>, Better)> = BTreeMap::new();
     for p in passes {
@@ -183,7 +253,9 @@ pub fn summarize(passes: &[Figures], best: bool) -> Figures {
     all.into_iter()
         .map(|(name, (mut vs, d))| {
             vs.sort_by(f64::total_cmp);
-            let v = if best {
+            // the machine's speed is what it can do: a slow pass is a busy moment, not the
+            // machine, so its best pass counts in a recording too
+            let v = if best || kind(name) == Kind::Machine {
                 vs.iter()
                     .copied()
                     .reduce(|a, b| d.best(a, b))
@@ -199,6 +271,10 @@ pub fn summarize(passes: &[Figures], best: bool) -> Figures {
 /// One pass over every figure, into `f`.
 async fn pass(tmp: &Path, i: usize, quick: bool, f: &mut Figures) -> R<()> {
     let (short, long, runs) = if quick { (3, 20, 300) } else { (10, 100, 3000) };
+    let calibration = tokio::task::spawn_blocking(crate::bench_machine::calibration_ms)
+        .await
+        .map_err(err)?;
+    put(f, CALIBRATION, calibration, Better::Lower);
     let dir = tmp.join(format!("engine-{i}"));
     let reps = if quick { 3 } else { 20 };
     let a = crate::bench::chain_median_ms(&dir.join("a"), short, reps)
@@ -369,9 +445,28 @@ pub async fn bench_check(
         }
     }
     drop(pg);
+    // one count: it does not change from pass to pass
+    let mut kinstr = None;
+    if result.is_ok() {
+        match crate::bench_instr::find_valgrind() {
+            Some(valgrind) => {
+                println!("server instructions per run, under callgrind …");
+                match crate::bench_instr::server_kinstr_per_run(&valgrind, &tmp, quick).await {
+                    Ok(k) => kinstr = Some(k),
+                    Err(e) => result = Err(format!("counting instructions: {e}")),
+                }
+            }
+            None => println!(
+                "note: no instruction count this time (valgrind not found; Debian package `valgrind`)"
+            ),
+        }
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     result.map_err(fail)?;
-    let now = summarize(&runs, !record);
+    let mut now = summarize(&runs, !record);
+    if let Some(k) = kinstr {
+        put(&mut now, SERVER_KINSTR, k, Better::Lower);
+    }
     if record {
         std::fs::write(doc, replace_baseline(&text, &now))
             .map_err(|e| fail(format!("cannot write {}: {e}", doc.display())))?;
@@ -385,9 +480,11 @@ pub async fn bench_check(
     );
     let mut worse = 0;
     for v in compare(&base, &now) {
-        let flag = if v.worse_by > TOLERANCE {
+        let flag = if v.fails() {
             worse += 1;
             "WORSE"
+        } else if v.base.is_some() && !v.judged && kind(&v.name) == Kind::Timed {
+            "(not judged)"
         } else {
             ""
         };
@@ -405,6 +502,25 @@ pub async fn bench_check(
     }
     for name in base.keys().filter(|n| !now.contains_key(*n)) {
         println!("{name:<32} not measured this time");
+    }
+    if let Some(r) = machine_ratio(&base, &now) {
+        let (how, by) = if r >= 1.0 {
+            ("slower", r)
+        } else {
+            ("faster", 1.0 / r)
+        };
+        println!("\nthis machine ran the calibration work {by:.2}× {how} than the baseline's");
+        if !timed_comparable(&base, &now) {
+            println!(
+                "so the timed figures are shown but not judged (more than {:.0} % apart); only \
+                 the instruction count is. To judge them here, record a baseline on this \
+                 machine first: `smithers bench check --record` on the code before the change.",
+                MACHINE_TOLERANCE * 100.0
+            );
+        }
+    }
+    if kinstr.is_none() && base.contains_key(SERVER_KINSTR) {
+        println!("the instruction count was not measured, so it was not judged");
     }
     println!(
         "\n{worse} figure(s) more than {:.0} % worse than the baseline (best of {} passes)",
@@ -470,11 +586,61 @@ mod tests {
             f.insert("rate".into(), (rate, Better::Higher));
             f
         };
-        let passes = [pass(3.0, 100.0), pass(1.0, 300.0), pass(2.0, 200.0)];
+        let mut passes = [pass(3.0, 100.0), pass(1.0, 300.0), pass(2.0, 200.0)];
+        for (p, calib) in passes.iter_mut().zip([7.5, 4.6, 4.7]) {
+            p.insert(CALIBRATION.into(), (calib, Better::Lower));
+        }
         let median = summarize(&passes, false);
         let best = summarize(&passes, true);
         assert_eq!((median["lat"].0, median["rate"].0), (2.0, 200.0));
         assert_eq!((best["lat"].0, best["rate"].0), (1.0, 300.0));
+        assert_eq!((median[CALIBRATION].0, best[CALIBRATION].0), (4.6, 4.6));
+    }
+
+    #[test]
+    fn on_a_machine_unlike_the_baselines_only_counts_are_judged() {
+        let figs = |calib: f64, lat: f64, kinstr: f64| {
+            let mut f = Figures::new();
+            f.insert(CALIBRATION.into(), (calib, Better::Lower));
+            f.insert("create_1.p50_ms".into(), (lat, Better::Lower));
+            f.insert(SERVER_KINSTR.into(), (kinstr, Better::Lower));
+            f
+        };
+        let base = figs(10.0, 1.0, 580.0);
+        let fails = |now: &Figures| -> Vec<String> {
+            compare(&base, now)
+                .into_iter()
+                .filter(|v| v.fails())
+                .map(|v| v.name)
+                .collect()
+        };
+        // same machine (within 25 %): a slower latency and more instructions both fail; a
+        // slower calibration alone never does
+        assert_eq!(
+            fails(&figs(12.4, 1.2, 650.0)),
+            ["create_1.p50_ms", SERVER_KINSTR]
+        );
+        assert!(fails(&figs(12.4, 1.0, 580.0)).is_empty());
+        // a machine 2.7× slower: three times the latency is not judged, the count still is
+        let slow = figs(27.0, 3.0, 580.0);
+        assert!(!timed_comparable(&base, &slow));
+        assert!(fails(&slow).is_empty());
+        assert_eq!(fails(&figs(27.0, 3.0, 700.0)), [SERVER_KINSTR]);
+        // and so on a much faster one
+        assert_eq!(fails(&figs(4.0, 1.5, 580.0)), Vec::<String>::new());
+        // a baseline without a calibration judges every figure, as before
+        let mut old = base.clone();
+        old.remove(CALIBRATION);
+        assert!(timed_comparable(&old, &slow));
+        assert_eq!(
+            compare(&old, &slow)
+                .into_iter()
+                .filter(|v| v.fails())
+                .count(),
+            1
+        );
+        assert_eq!(kind(CALIBRATION), Kind::Machine);
+        assert_eq!(kind("runs_64.per_s"), Kind::Timed);
     }
 
     #[test]

@@ -32,7 +32,9 @@ mod bench_console;
 mod bench_devtools;
 mod bench_gateway;
 mod bench_guard;
+mod bench_instr;
 mod bench_latency;
+mod bench_machine;
 mod bench_pg;
 mod cron_cmd;
 mod diff_cmd;
@@ -425,8 +427,10 @@ enum BenchTarget {
         #[arg(long)]
         quick: bool,
     },
-    /// Regression guard: measure the latency, throughput and per-step figures again and report
-    /// each one more than 10 % worse than the baseline in docs/benchmarks.md (exit code 1).
+    /// Regression guard: measure the latency, throughput and per-step figures again, and the
+    /// server's instructions per run when valgrind is found, and report each one more than
+    /// 10 % worse than the baseline in docs/benchmarks.md (exit code 1). On a machine more than
+    /// 25 % faster or slower than the baseline's, only the instruction count is judged.
     Check {
         /// The document holding the baseline block.
         #[arg(long, default_value = "docs/benchmarks.md", value_name = "FILE")]
