@@ -1279,3 +1279,58 @@ async fn rewind_stops_a_live_run_first() {
         "ready to resume"
     );
 }
+
+/// A loop keeps every iteration's output in the run's state, so its snapshot keyframes grow
+/// apart (they are paced by delta bytes). Every frame must still be rebuilt, also those whose
+/// keyframe is more than 50 frames back, and the last one must hold what the run stored.
+#[tokio::test]
+async fn snapshots_far_from_their_keyframe_are_rebuilt() {
+    use smithers_engine::frames::{changes, snapshot};
+    let e = env().await;
+    let w = wf("grower", |ctx| {
+        let it = ctx.iteration_of("l") as i64;
+        let big = format!("{it}:{}", "x".repeat(4096));
+        Ok(seq(vec![repeat(
+            "l",
+            false,
+            150,
+            vec![value("step", json!(big)).node()],
+        )]))
+    });
+    let o = run(&e, w, json!({})).await;
+    assert_eq!(o.status, "finished", "{:?}", o.error);
+    let last = e.store.last_frame_no(&o.run_id).await.unwrap();
+    let rows = e
+        .store
+        .snapshots_from_keyframe(&o.run_id, last, last)
+        .await
+        .unwrap();
+    assert!(
+        rows.len() > 51,
+        "the last keyframe is {} rows back: the test needs one more than 50 back",
+        rows.len()
+    );
+    let mut prev: Option<snapshot::FullSnapshot> = None;
+    for f in 1..=last {
+        let s = snapshot::at_frame(e.store.as_ref(), &o.run_id, f)
+            .await
+            .unwrap_or_else(|err| panic!("frame {f}: {err}"));
+        assert_eq!(s.frame_no, f);
+        if let Some(p) = &prev {
+            // outputs only accumulate: every earlier one is still there, unchanged
+            for (k, v) in &p.outputs {
+                assert_eq!(s.outputs.get(k), Some(v), "frame {f}: output {k}");
+            }
+        }
+        prev = Some(s);
+    }
+    let stored = e.store.list_outputs(&o.run_id).await.unwrap();
+    let full = prev.unwrap();
+    assert_eq!(full.outputs.len(), stored.len());
+    assert_eq!(stored.len(), 150);
+    let all: Vec<i64> = (1..=last).collect();
+    let changed = changes::for_frames(e.store.as_ref(), &o.run_id, &all)
+        .await
+        .unwrap();
+    assert_eq!(changed.len(), all.len(), "every frame has its changes");
+}

@@ -953,7 +953,7 @@ pub async fn duplicate_frame_rejected(store: &dyn Store) {
     );
 }
 
-/// Snapshot lookups and inclusive ascending ranges.
+/// Snapshot lookups, and ranges that reach back to the keyframe they start from.
 pub async fn snapshots_insert_get_ranges(store: &dyn Store) {
     apply(
         store,
@@ -968,19 +968,48 @@ pub async fn snapshots_insert_get_ranges(store: &dyn Store) {
         Some(snapshot("r1", 2))
     );
     assert_eq!(ok(store.get_snapshot("r1", 7).await, "get_snapshot"), None);
+    let frames = |rows: Vec<SnapshotRow>| rows.iter().map(|s| s.frame_no).collect::<Vec<_>>();
+    // every row is a keyframe: the range starts at `base`
     let got = ok(
-        store.snapshots_between("r1", 2, 3).await,
-        "snapshots_between",
+        store.snapshots_from_keyframe("r1", 2, 3).await,
+        "snapshots_from_keyframe",
     );
     assert_eq!(got, vec![snapshot("r1", 2), snapshot("r1", 3)]);
     let got = ok(
-        store.snapshots_between("r1", 0, 100).await,
-        "snapshots_between",
+        store.snapshots_from_keyframe("r1", 100, 100).await,
+        "snapshots_from_keyframe",
     );
-    assert_eq!(
-        got.iter().map(|s| s.frame_no).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
+    assert_eq!(frames(got), vec![4]);
+
+    // run r3: keyframes at 1 and 60 with deltas between and after; a keyframe far back
+    let delta = |n: i64| SnapshotRow {
+        encoding: "delta".into(),
+        ..snapshot("r3", n)
+    };
+    let rows = (1..=70)
+        .map(|n| {
+            if n == 1 || n == 60 {
+                snapshot("r3", n)
+            } else {
+                delta(n)
+            }
+        })
+        .map(Write::InsertSnapshot)
+        .collect();
+    apply(store, rows).await;
+    let got = ok(store.snapshots_from_keyframe("r3", 59, 59).await, "range");
+    assert_eq!(frames(got), (1..=59).collect::<Vec<_>>());
+    let got = ok(store.snapshots_from_keyframe("r3", 60, 62).await, "range");
+    assert_eq!(frames(got), vec![60, 61, 62]);
+    let got = ok(store.snapshots_from_keyframe("r3", 65, 200).await, "range");
+    assert_eq!(frames(got), (60..=70).collect::<Vec<_>>());
+    let got = ok(store.snapshots_from_keyframe("r3", 30, 61).await, "range");
+    assert_eq!(frames(got), (1..=61).collect::<Vec<_>>());
+    // another run's rows never count, and a run without rows has none
+    let got = ok(store.snapshots_from_keyframe("r2", 5, 5).await, "range");
+    assert_eq!(frames(got), vec![2]);
+    let got = ok(store.snapshots_from_keyframe("none", 5, 5).await, "range");
+    assert!(got.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2050,7 +2079,11 @@ pub async fn rewind_writes_remove_what_came_later(store: &dyn Store) {
     .await;
     assert_eq!(ok(store.last_frame_no("r1").await, "last_frame_no"), 1);
     assert_eq!(
-        ok(store.snapshots_between("r1", 0, 10).await, "snapshots").len(),
+        ok(
+            store.snapshots_from_keyframe("r1", 10, 10).await,
+            "snapshots"
+        )
+        .len(),
         1
     );
     assert!(ok(store.list_nodes("r1").await, "nodes").is_empty());

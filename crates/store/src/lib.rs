@@ -279,9 +279,15 @@ pub trait Store: Send + Sync + 'static {
     /// Stored frame rows with `from <= frame_no <= to`, ascending.
     async fn frames_between(&self, run_id: &str, from: i64, to: i64) -> Result<Vec<FrameRow>>;
     async fn get_snapshot(&self, run_id: &str, frame_no: i64) -> Result<Option<SnapshotRow>>;
-    /// Stored snapshot rows with `from <= frame_no <= to`, ascending.
-    async fn snapshots_between(&self, run_id: &str, from: i64, to: i64)
-    -> Result<Vec<SnapshotRow>>;
+    /// Stored snapshot rows from the latest keyframe at or before `base` through `to`,
+    /// ascending: what rebuilding the snapshots of frames `base..=to` needs, however far back
+    /// that keyframe is. Rows from frame 0 when no keyframe is that early.
+    async fn snapshots_from_keyframe(
+        &self,
+        run_id: &str,
+        base: i64,
+        to: i64,
+    ) -> Result<Vec<SnapshotRow>>;
 
     /// Events with `seq > after_seq` (None = from the start), ascending, at most `limit`.
     async fn list_events(

@@ -2325,22 +2325,26 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn snapshots_between(
+    async fn snapshots_from_keyframe(
         &self,
         run_id: &str,
-        from: i64,
+        base: i64,
         to: i64,
     ) -> Result<Vec<SnapshotRow>> {
         let id = run_id.to_string();
-        self.read("snapshots_between", move |c| {
+        self.read("snapshots_from_keyframe", move |c| {
+            // the inner query walks the primary key backwards from `base` and stops at the
+            // first keyframe; `encoding` sits before the large columns, so it reads no overflow
             query_all(
                 c,
                 concat!(
                     "SELECT ",
                     snapshot_cols!(),
-                    " FROM _smithers_snapshots WHERE run_id = ?1 AND frame_no >= ?2 AND frame_no <= ?3 ORDER BY frame_no ASC"
+                    " FROM _smithers_snapshots WHERE run_id = ?1 AND frame_no <= ?3 AND frame_no >= ",
+                    "COALESCE((SELECT frame_no FROM _smithers_snapshots WHERE run_id = ?1 AND frame_no <= ?2 ",
+                    "AND encoding <> 'delta' ORDER BY frame_no DESC LIMIT 1), 0) ORDER BY frame_no ASC"
                 ),
-                params![id, from, to],
+                params![id, base, to],
                 snapshot_row,
             )
         })

@@ -4,7 +4,6 @@
 //! frames' snapshots (one per frame, with every node's state). `smithers frames` and the
 //! gateway's `frames.list` show them so that a user can pick a frame to fork or rewind from.
 
-use super::KEYFRAME_INTERVAL;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use smithers_store::{SnapshotRow, Store};
@@ -114,7 +113,7 @@ pub async fn for_frames(
     };
     let wanted: BTreeSet<i64> = frame_nos.iter().copied().collect();
     let rows = store
-        .snapshots_between(run_id, (lo - 1 - KEYFRAME_INTERVAL).max(0), hi)
+        .snapshots_from_keyframe(run_id, (lo - 1).max(0), hi)
         .await?;
     // the node map at frame `prev_no`, when it could be rebuilt
     let mut prev: Option<(i64, Map<String, Value>)> = None;

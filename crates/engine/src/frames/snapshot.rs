@@ -1,9 +1,13 @@
 //! Snapshots: the run's durable state (nodes, outputs, loops, input) at each frame.
 //!
 //! The state is kept in memory and updated as the run changes; each frame stores only what
-//! changed since the previous frame (a full keyframe every `KEYFRAME_INTERVAL` frames). The
-//! content hash is a sum of per-entry digests, so it is updated in O(changes) and still depends
-//! only on the content, not on the history that produced it.
+//! changed since the previous frame, and now and then a full keyframe. A keyframe is written
+//! once at least `KEYFRAME_INTERVAL` frames and at least as many delta bytes as the state
+//! itself has been stored since the last one. A state that keeps growing (a loop keeps every
+//! iteration's nodes and outputs) then costs storage in proportion to what changed, not to
+//! frames × state; rebuilding any frame still reads at most the state and about as much again
+//! in deltas. The content hash is a sum of per-entry digests, so it is updated in O(changes) and
+//! still depends only on the content, not on the history that produced it.
 
 use super::KEYFRAME_INTERVAL;
 use serde_json::{Map, Value, json};
@@ -19,6 +23,13 @@ struct Section {
     changed: BTreeSet<String>,
 }
 
+#[derive(Clone, Copy)]
+enum Which {
+    Nodes,
+    Outputs,
+    Ralph,
+}
+
 /// Incrementally maintained snapshot state of one run.
 #[derive(Default)]
 pub struct SnapshotState {
@@ -27,7 +38,13 @@ pub struct SnapshotState {
     ralph: Section,
     input: Value,
     input_digest: [u64; 4],
+    input_len: usize,
     sum: [u64; 4],
+    /// Bytes of a keyframe of the current state (keys and JSON texts).
+    size: usize,
+    /// Delta rows and their bytes stored since the last keyframe.
+    deltas_since_key: i64,
+    delta_bytes_since_key: usize,
 }
 
 fn digest(section: &str, key: &str, text: &str) -> [u64; 4] {
@@ -67,55 +84,76 @@ impl SnapshotState {
     }
 
     fn set_input(&mut self, input: Value) {
+        let text = smithers_core::json::text(&input);
         sub(&mut self.sum, &self.input_digest);
-        self.input_digest = digest("input", "", &smithers_core::json::text(&input));
+        self.input_digest = digest("input", "", &text);
         add(&mut self.sum, &self.input_digest);
+        self.size = self.size - self.input_len + text.len();
+        self.input_len = text.len();
         self.input = input;
     }
 
-    fn put(sum: &mut [u64; 4], sec: &mut Section, name: &str, key: String, value: Value) {
+    fn put(&mut self, which: Which, key: String, value: Value) {
         let text = smithers_core::json::text(&value);
+        let mut sum = self.sum;
+        let (name, sec) = self.section(which);
+        let mut size_change = key.len() + text.len();
+        let mut freed = 0;
         if let Some((old, d)) = sec.entries.get(&key) {
             if *old == text {
                 return;
             }
-            sub(sum, d);
+            sub(&mut sum, d);
+            size_change = text.len();
+            freed = old.len();
         }
         let d = digest(name, &key, &text);
-        add(sum, &d);
+        add(&mut sum, &d);
         sec.changed.insert(key.clone());
         sec.entries.insert(key, (text, d));
+        self.sum = sum;
+        self.size = self.size + size_change - freed;
     }
 
-    fn remove(sum: &mut [u64; 4], sec: &mut Section, key: &str) {
-        if let Some((_, d)) = sec.entries.remove(key) {
-            sub(sum, &d);
+    fn remove(&mut self, which: Which, key: &str) {
+        let (_, sec) = self.section(which);
+        if let Some((old, d)) = sec.entries.remove(key) {
             sec.changed.insert(key.to_string());
+            sub(&mut self.sum, &d);
+            self.size -= key.len() + old.len();
+        }
+    }
+
+    fn section(&mut self, which: Which) -> (&'static str, &mut Section) {
+        match which {
+            Which::Nodes => ("nodes", &mut self.nodes),
+            Which::Outputs => ("outputs", &mut self.outputs),
+            Which::Ralph => ("ralph", &mut self.ralph),
         }
     }
 
     /// Records a node row (`{nodeId, iteration, state, lastAttempt, outputTable, label}`).
     pub fn set_node(&mut self, key: String, row: Value) {
-        Self::put(&mut self.sum, &mut self.nodes, "nodes", key, row);
+        self.put(Which::Nodes, key, row);
     }
 
     pub fn remove_node(&mut self, key: &str) {
-        Self::remove(&mut self.sum, &mut self.nodes, key);
+        self.remove(Which::Nodes, key);
     }
 
     /// Records an output payload for `nodeId::iteration`.
     pub fn set_output(&mut self, key: String, payload: Value) {
-        Self::put(&mut self.sum, &mut self.outputs, "outputs", key, payload);
+        self.put(Which::Outputs, key, payload);
     }
 
     pub fn remove_output(&mut self, key: &str) {
-        Self::remove(&mut self.sum, &mut self.outputs, key);
+        self.remove(Which::Outputs, key);
     }
 
     /// Records a loop's state.
     pub fn set_loop(&mut self, id: String, iteration: i64, done: bool) {
         let v = json!({"ralphId": id, "iteration": iteration, "done": done});
-        Self::put(&mut self.sum, &mut self.ralph, "ralph", id, v);
+        self.put(Which::Ralph, id, v);
     }
 
     /// The content hash of the current state.
@@ -165,7 +203,9 @@ impl SnapshotState {
         workflow_hash: Option<String>,
         now_ms: i64,
     ) -> SnapshotRow {
-        let key = frame_no % KEYFRAME_INTERVAL == 0 || frame_no <= 1;
+        let key = frame_no <= 1
+            || (self.deltas_since_key >= KEYFRAME_INTERVAL
+                && self.delta_bytes_since_key >= self.size);
         let row = SnapshotRow {
             run_id: run_id.to_string(),
             frame_no,
@@ -186,6 +226,14 @@ impl SnapshotState {
         self.nodes.changed.clear();
         self.outputs.changed.clear();
         self.ralph.changed.clear();
+        if key {
+            self.deltas_since_key = 0;
+            self.delta_bytes_since_key = 0;
+        } else {
+            self.deltas_since_key += 1;
+            self.delta_bytes_since_key +=
+                row.nodes_json.len() + row.outputs_json.len() + row.ralph_json.len();
+        }
         row
     }
 }
@@ -249,7 +297,7 @@ pub async fn at_frame(
     frame_no: i64,
 ) -> smithers_core::Result<FullSnapshot> {
     let rows = store
-        .snapshots_between(run_id, (frame_no - KEYFRAME_INTERVAL).max(0), frame_no)
+        .snapshots_from_keyframe(run_id, frame_no, frame_no)
         .await?;
     inflate(&rows).map_err(|why| {
         smithers_core::SmithersError::new(
@@ -419,5 +467,110 @@ mod tests {
         assert_eq!(full.outputs.len(), 4);
         assert!(!full.outputs.contains_key("t1::0"));
         assert_eq!(full.content_hash, s.content_hash());
+    }
+
+    /// What a keyframe of `s` holds, counted from scratch.
+    fn counted_size(s: &SnapshotState) -> usize {
+        [&s.nodes, &s.outputs, &s.ralph]
+            .iter()
+            .flat_map(|sec| sec.entries.iter())
+            .map(|(k, (v, _))| k.len() + v.len())
+            .sum::<usize>()
+            + smithers_core::json::text(&s.input).len()
+    }
+
+    #[test]
+    fn the_state_size_follows_every_change() {
+        let mut s = SnapshotState::new(json!({"who": "world"}));
+        s.set_node("a::0".into(), json!({"state": "pending", "label": "x"}));
+        s.set_node("a::0".into(), json!({"state": "finished", "label": "x"}));
+        s.set_node("a::0".into(), json!({"state": "finished", "label": "x"}));
+        s.set_output("a::0".into(), json!("a longer output"));
+        s.set_loop("l".into(), 3, false);
+        s.set_node("b::1".into(), json!({"state": "pending"}));
+        assert_eq!(s.size, counted_size(&s));
+        s.remove_node("b::1");
+        s.remove_node("never-there::0");
+        s.remove_output("a::0");
+        s.set_input(json!({"who": "someone else entirely"}));
+        assert_eq!(s.size, counted_size(&s));
+    }
+
+    /// A loop keeps every iteration's nodes: keyframes every 50 frames would store frames ×
+    /// state (quadratic). Keyframes paced by delta bytes keep the total in proportion to the
+    /// deltas, and every frame still rebuilds from its keyframe.
+    #[test]
+    fn a_growing_state_is_stored_in_linear_space() {
+        let label = "x".repeat(16 * 1024);
+        let mut s = SnapshotState::new(json!({}));
+        let mut rows = Vec::new();
+        for f in 1..=1600 {
+            s.set_node(
+                format!("n::{f}"),
+                json!({"state": "finished", "label": label}),
+            );
+            s.set_loop("l".into(), f, false);
+            rows.push(s.encode("r", f, None, 0));
+        }
+        let bytes = |enc: &str| -> usize {
+            rows.iter()
+                .filter(|r| r.encoding == enc)
+                .map(|r| r.nodes_json.len() + r.outputs_json.len() + r.ralph_json.len())
+                .sum()
+        };
+        let (key, delta) = (bytes("keyframe"), bytes("delta"));
+        // every 50 frames: 32 keyframes averaging 800 labels, 420 MB
+        assert!(
+            key <= 3 * delta,
+            "keyframes {key} B against deltas {delta} B"
+        );
+        let keys: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.encoding == "keyframe")
+            .map(|r| r.frame_no)
+            .collect();
+        assert_eq!(keys[0], 1);
+        assert!(
+            keys.windows(2).all(|w| w[1] - w[0] > KEYFRAME_INTERVAL),
+            "{keys:?}"
+        );
+        for f in [1, 2, 50, 51, 777, keys[keys.len() - 1], 1600] {
+            let at = (f - 1) as usize;
+            let start = rows[..=at]
+                .iter()
+                .rposition(|r| r.encoding == "keyframe")
+                .unwrap();
+            let full = inflate(&rows[start..=at]).unwrap();
+            assert_eq!(full.frame_no, f);
+            assert_eq!(full.nodes.len(), f as usize);
+            assert_eq!(full.ralph["l"]["iteration"], f);
+        }
+        assert_eq!(inflate(&rows).unwrap().content_hash, s.content_hash());
+    }
+
+    /// A state that does not grow still gets a keyframe soon after every 50 frames, so a
+    /// rebuild reads few rows.
+    #[test]
+    fn a_steady_state_gets_keyframes_about_every_interval() {
+        let mut s = SnapshotState::new(json!({}));
+        for n in 0..20 {
+            s.set_node(format!("n{n}::0"), json!({"state": "pending"}));
+        }
+        let mut keys = Vec::new();
+        for f in 1..=400 {
+            let n = f % 20;
+            let st = if f % 40 < 20 { "running" } else { "pending" };
+            s.set_node(format!("n{n}::0"), json!({"state": st}));
+            if s.encode("r", f, None, 0).encoding == "keyframe" {
+                keys.push(f);
+            }
+        }
+        assert_eq!(keys[0], 1);
+        assert!(keys.len() >= 6, "{keys:?}");
+        assert!(
+            keys.windows(2)
+                .all(|w| w[1] - w[0] <= 2 * KEYFRAME_INTERVAL),
+            "{keys:?}"
+        );
     }
 }

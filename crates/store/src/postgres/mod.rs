@@ -784,15 +784,15 @@ impl Store for PgStore {
         ))
     }
 
-    async fn snapshots_between(
+    async fn snapshots_from_keyframe(
         &self,
         run_id: &str,
-        from: i64,
+        base: i64,
         to: i64,
     ) -> Result<Vec<SnapshotRow>> {
-        read!(self, "snapshots_between", |c| reads::snapshots_between(
-            c, run_id, from, to
-        ))
+        read!(self, "snapshots_from_keyframe", |c| {
+            reads::snapshots_from_keyframe(c, run_id, base, to)
+        })
     }
 
     async fn list_events(

@@ -639,10 +639,10 @@ pub(crate) async fn get_snapshot(
     .await
 }
 
-pub(crate) async fn snapshots_between(
+pub(crate) async fn snapshots_from_keyframe(
     c: &mut Conn,
     run_id: &str,
-    from: i64,
+    base: i64,
     to: i64,
 ) -> Result<Vec<SnapshotRow>, DbErr> {
     all(
@@ -650,9 +650,11 @@ pub(crate) async fn snapshots_between(
         concat!(
             "SELECT ",
             snapshot_cols!(),
-            " FROM _smithers_snapshots WHERE run_id = $1 AND frame_no >= $2 AND frame_no <= $3 ORDER BY frame_no ASC"
+            " FROM _smithers_snapshots WHERE run_id = $1 AND frame_no <= $3 AND frame_no >= ",
+            "COALESCE((SELECT frame_no FROM _smithers_snapshots WHERE run_id = $1 AND frame_no <= $2 ",
+            "AND encoding <> 'delta' ORDER BY frame_no DESC LIMIT 1), 0) ORDER BY frame_no ASC"
         ),
-        &[&run_id, &from, &to],
+        &[&run_id, &base, &to],
         snapshot_row,
     )
     .await
