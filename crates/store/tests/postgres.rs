@@ -739,10 +739,19 @@ async fn apply_while_writers_wait(
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
+    // each batch is polled once here, which puts it in the store's queue, before the next is
+    // made: spawned tasks may first run in any order (tokio runs the newest spawn first)
     let mut waiting = Vec::new();
     for b in queued {
         let s = store.clone();
-        waiting.push(tokio::spawn(async move { s.apply(b).await }));
+        let mut apply = Box::pin(async move { s.apply(b).await });
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let polled = apply.as_mut().poll(&mut cx);
+        assert!(
+            polled.is_pending(),
+            "a queued batch was written while the writers were busy"
+        );
+        waiting.push(tokio::spawn(apply));
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
