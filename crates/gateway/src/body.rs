@@ -140,7 +140,7 @@ impl BodyError {
             BodyError::Busy => RpcError::new(
                 "SERVICE_UNAVAILABLE",
                 format!(
-                    "The server is holding too many request bodies that are not yet verified; retry in {RETRY_AFTER_SECS} s."
+                    "The server is holding too many request bodies from clients nobody has vouched for (unsigned webhooks, or /rpc with auth none); retry in {RETRY_AFTER_SECS} s."
                 ),
             ),
             BodyError::Broken => RpcError::new(

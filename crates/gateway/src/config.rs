@@ -71,6 +71,7 @@ struct ServerSection {
     fd_reserve: Option<usize>,
     max_unauthenticated_ws: Option<usize>,
     max_unverified_webhook_bytes: Option<usize>,
+    max_anonymous_rpc_bytes: Option<usize>,
     webhook_dedupe_secs: Option<u64>,
     max_outbound_frames: Option<usize>,
     max_outbound_bytes: Option<usize>,
@@ -125,6 +126,9 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         max_unverified_webhook_bytes: s
             .max_unverified_webhook_bytes
             .unwrap_or(l.max_unverified_webhook_bytes),
+        max_anonymous_rpc_bytes: s
+            .max_anonymous_rpc_bytes
+            .unwrap_or(l.max_anonymous_rpc_bytes),
         webhook_dedupe_secs: s.webhook_dedupe_secs.unwrap_or(l.webhook_dedupe_secs),
         max_outbound_frames: s.max_outbound_frames.unwrap_or(l.max_outbound_frames),
         max_outbound_bytes: s.max_outbound_bytes.unwrap_or(l.max_outbound_bytes),
@@ -165,6 +169,10 @@ pub fn parse(text: &str, label: &str, base: &Path) -> Result<ServeConfig, String
         (
             "max_unverified_webhook_bytes",
             server.limits.max_unverified_webhook_bytes as u64,
+        ),
+        (
+            "max_anonymous_rpc_bytes",
+            server.limits.max_anonymous_rpc_bytes as u64,
         ),
         (
             "max_outbound_frames",
@@ -303,4 +311,25 @@ pub fn zero_config(paths: &[PathBuf]) -> Result<ServeConfig, String> {
         otlp_endpoint: None,
         service_name: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(text: &str) -> Result<ServerConfig, String> {
+        parse(text, "smithers.toml", Path::new(".")).map(|c| c.server)
+    }
+
+    #[test]
+    fn the_anonymous_rpc_budget_is_read_defaulted_and_never_zero() {
+        let d = server("").unwrap();
+        assert_eq!(d.limits.max_anonymous_rpc_bytes, 32 * 1024 * 1024);
+        let s = server("[server]\nmax_anonymous_rpc_bytes = 2048\n").unwrap();
+        assert_eq!(s.limits.max_anonymous_rpc_bytes, 2048);
+        assert_eq!(
+            server("[server]\nmax_anonymous_rpc_bytes = 0\n").unwrap_err(),
+            "smithers.toml: server.max_anonymous_rpc_bytes must be greater than 0"
+        );
+    }
 }

@@ -180,6 +180,8 @@ pub struct Gateway {
     pub(crate) hello_snapshots: crate::shared_snapshot::SharedSnapshot,
     /// Webhook budgets and log throttles.
     pub webhooks: crate::webhook::Shared,
+    /// Bytes of `POST /rpc` bodies being read when auth is `none` (`max_anonymous_rpc_bytes`).
+    pub anonymous_rpc_bodies: crate::body::ByteBudget,
 }
 
 /// Who asked for something (for run auth context and auto-subscribe).
@@ -217,6 +219,8 @@ impl Gateway {
     ) -> Arc<Gateway> {
         let store = engine.store().clone();
         let webhooks = crate::webhook::Shared::new(&config.limits);
+        let anonymous_rpc_bodies =
+            crate::body::ByteBudget::new(config.limits.max_anonymous_rpc_bytes);
         Arc::new(Gateway {
             engine,
             store,
@@ -236,6 +240,7 @@ impl Gateway {
             streams: Default::default(),
             hello_snapshots: Default::default(),
             webhooks,
+            anonymous_rpc_bodies,
         })
     }
 

@@ -242,10 +242,17 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
             return respond_err(&gw, &request_id, &e);
         }
     };
-    let limits = crate::body::Limits::for_request(&gw.config, t0);
+    let mut limits = crate::body::Limits::for_request(&gw.config, t0);
+    if matches!(gw.auth, auth::AuthConfig::None) {
+        // nobody has vouched for this client: its bytes come out of the anonymous budget
+        limits = limits.with_budget(&gw.anonymous_rpc_bodies);
+    }
     let bytes = match crate::body::read(&headers, body, limits).await {
         Ok(b) => b.bytes,
-        Err(e) => return e.respond(respond_err(&gw, &request_id, &e.to_rpc())),
+        Err(e) => {
+            body_refused(&gw, &e);
+            return e.respond(respond_err(&gw, &request_id, &e.to_rpc()));
+        }
     };
     let crate::request::Request { id, method, params } =
         match crate::request::parse_http(&bytes, &request_id) {
@@ -309,6 +316,34 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
             );
             respond_err(&gw, &id, &e)
         }
+    }
+}
+
+/// Counts and logs a `POST /rpc` body that was not read (a busy budget at most once a
+/// [`crate::conn_limit::WARN_EVERY`] at `warn`; the rest at `debug`: each one only hurts its
+/// own client).
+fn body_refused(gw: &Gateway, e: &crate::body::BodyError) {
+    let rpc = e.to_rpc();
+    gw.metrics.inc(
+        "smithers_gateway_errors_total",
+        &[
+            ("code", &rpc.code),
+            ("kind", e.reason()),
+            ("transport", "http"),
+        ],
+    );
+    static WARNINGS: crate::conn_limit::Throttle =
+        crate::conn_limit::Throttle::new(crate::conn_limit::WARN_EVERY);
+    tracing::debug!(reason = e.reason(), "refused a POST /rpc body");
+    if *e == crate::body::BodyError::Busy
+        && let Some(more) = WARNINGS.hit()
+    {
+        tracing::warn!(
+            available_bytes = gw.anonymous_rpc_bodies.available(),
+            max_anonymous_rpc_bytes = gw.config.limits.max_anonymous_rpc_bytes,
+            events_since_last_warning = more,
+            "anonymous POST /rpc bodies fill their byte budget: answering 503 (server.max_anonymous_rpc_bytes; or turn on auth)"
+        );
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Limits {
     /// Bytes of webhook bodies held before their signature is checked, across all requests
     /// (each request also holds at most `max_body_bytes`).
     pub max_unverified_webhook_bytes: usize,
+    /// Bytes of `POST /rpc` bodies held while they arrive, across all requests, when auth is
+    /// `none`: then nobody has vouched for any client, so their bodies get a budget of their own.
+    pub max_anonymous_rpc_bytes: usize,
     /// How long a webhook delivery id is remembered; a repeat inside it is a duplicate.
     pub webhook_dedupe_secs: u64,
     /// Frames queued for one connection and not yet written; past either bound the client is
@@ -83,6 +86,7 @@ impl Default for Limits {
             fd_reserve: 256,
             max_unauthenticated_ws: 128,
             max_unverified_webhook_bytes: 32 * 1024 * 1024,
+            max_anonymous_rpc_bytes: 32 * 1024 * 1024,
             webhook_dedupe_secs: 24 * 60 * 60,
             max_outbound_frames: 10_000,
             max_outbound_bytes: 16 * 1024 * 1024,

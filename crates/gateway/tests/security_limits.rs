@@ -503,3 +503,123 @@ async fn oversized_websocket_message_is_closed_with_1009() {
         got.extend_from_slice(&b[..n]);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// `/rpc` bodies with auth `none` share a byte budget (`max_anonymous_rpc_bytes`)
+
+/// A `health` request whose body is exactly `len` bytes.
+fn health_body(len: usize) -> Vec<u8> {
+    let head = r#"{"method":"health","params":{"pad":""#;
+    let tail = r#""}}"#;
+    let mut b = head.as_bytes().to_vec();
+    b.extend(std::iter::repeat_n(b'x', len - head.len() - tail.len()));
+    b.extend_from_slice(tail.as_bytes());
+    assert_eq!(b.len(), len);
+    b
+}
+
+#[tokio::test]
+async fn anonymous_rpc_bodies_beyond_their_budget_are_refused_at_once() {
+    let t = start(config(|c| {
+        c.max_body_bytes = 4096;
+        c.limits.max_anonymous_rpc_bytes = 1000;
+    }))
+    .await;
+    let json = [("content-type", "application/json")];
+    // exactly the budget: answered
+    let r = http(t.addr, "POST", "/rpc", &json, &health_body(1000)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // one byte more: 503 at once, with Retry-After, and the connection closes
+    let r = http(t.addr, "POST", "/rpc", &json, &health_body(1001)).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "SERVICE_UNAVAILABLE",
+        "{}",
+        r.body
+    );
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("5"));
+    assert_eq!(
+        r.headers.get("connection").map(String::as_str),
+        Some("close")
+    );
+    let m = http(t.addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        m.contains(
+            r#"smithers_gateway_errors_total{code="SERVICE_UNAVAILABLE",kind="busy",transport="http"} 1"#
+        ),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn held_anonymous_rpc_bodies_make_others_wait_until_they_go() {
+    let budget = 64 * 1024;
+    let t = start(config(|c| {
+        c.max_body_bytes = budget;
+        c.limits.max_anonymous_rpc_bytes = budget;
+    }))
+    .await;
+    // a client declares a whole budget's worth and sends all but one byte
+    let mut holder = TcpStream::connect(t.addr).await.unwrap();
+    let head = format!(
+        "POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {budget}\r\n\r\n"
+    );
+    holder.write_all(head.as_bytes()).await.unwrap();
+    holder.write_all(&vec![b'a'; budget - 1]).await.unwrap();
+    // once the server holds those bytes, another request is refused at once (never waits)
+    let json = [("content-type", "application/json")];
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = http(t.addr, "POST", "/rpc", &json, &health_body(200)).await;
+        if r.status == 503 {
+            assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("5"));
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            t0.elapsed() < GUARD,
+            "the held bytes never filled the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // it hangs up: its bytes go back, and the same request is answered
+    drop(holder);
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = http(t.addr, "POST", "/rpc", &json, &health_body(200)).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(t0.elapsed() < GUARD, "the budget never came back");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn authenticated_rpc_bodies_do_not_use_the_anonymous_budget() {
+    use smithers_gateway::auth::{AuthConfig, Grant};
+    let mut tokens = std::collections::HashMap::new();
+    tokens.insert(
+        "tok".to_string(),
+        Grant {
+            role: "operator".into(),
+            scopes: vec!["*".into()],
+            user_id: Some("ann".into()),
+        },
+    );
+    let mut spec = config(|c| {
+        c.max_body_bytes = 4096;
+        c.limits.max_anonymous_rpc_bytes = 100;
+    });
+    spec.auth = AuthConfig::Token { tokens };
+    let t = start(spec).await;
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer tok"),
+    ];
+    let r = http(t.addr, "POST", "/rpc", &headers, &health_body(3000)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["ok"], true, "{}", r.body);
+}
