@@ -101,6 +101,26 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// Asserts the answer to a body refused for a full byte budget: `503 SERVICE_UNAVAILABLE`,
+    /// `Retry-After: 5`, and the connection closed (the rest of the body is never read).
+    pub fn assert_busy(&self) {
+        assert_eq!(self.status, 503, "{}", self.body);
+        assert_eq!(
+            self.json()["error"]["code"],
+            "SERVICE_UNAVAILABLE",
+            "{}",
+            self.body
+        );
+        assert_eq!(
+            self.headers.get("retry-after").map(String::as_str),
+            Some("5")
+        );
+        assert_eq!(
+            self.headers.get("connection").map(String::as_str),
+            Some("close")
+        );
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
