@@ -250,8 +250,9 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
     let bytes = match crate::body::read(&headers, body, limits).await {
         Ok(b) => b.bytes,
         Err(e) => {
-            body_refused(&gw, &e);
-            return e.respond(respond_err(&gw, &request_id, &e.to_rpc()));
+            let rpc = e.to_rpc();
+            body_refused(&gw, &e, &rpc);
+            return e.respond(respond_err(&gw, &request_id, &rpc));
         }
     };
     let crate::request::Request { id, method, params } =
@@ -322,8 +323,7 @@ async fn rpc_http(gw: Arc<Gateway>, headers: HeaderMap, body: Body) -> Response 
 /// Counts and logs a `POST /rpc` body that was not read (a busy budget at most once a
 /// [`crate::conn_limit::WARN_EVERY`] at `warn`; the rest at `debug`: each one only hurts its
 /// own client).
-fn body_refused(gw: &Gateway, e: &crate::body::BodyError) {
-    let rpc = e.to_rpc();
+fn body_refused(gw: &Gateway, e: &crate::body::BodyError, rpc: &RpcError) {
     gw.metrics.inc(
         "smithers_gateway_errors_total",
         &[
