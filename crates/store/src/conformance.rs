@@ -12,11 +12,11 @@ use std::task::Poll;
 
 /// The secondary indexes of `_smithers_runs` after every migration, by name, on both
 /// backends: one per run-list filter and lookup, none that no query uses (each costs a B-tree
-/// write per run created).
+/// write per run created). The owner and stale-run indexes are partial: only live runs.
 pub const RUN_INDEXES: &[&str] = &[
     "_smithers_runs_list_idx",
-    "_smithers_runs_owner_idx",
-    "_smithers_runs_status_heartbeat_idx",
+    "_smithers_runs_live_owner_idx",
+    "_smithers_runs_stale_idx",
     "_smithers_runs_status_list_idx",
     "_smithers_runs_workflow_list_idx",
 ];

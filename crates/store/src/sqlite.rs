@@ -46,6 +46,7 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_5,
     MIGRATION_6,
     MIGRATION_7,
+    MIGRATION_8,
 ];
 
 /// The schema version this build writes.
@@ -239,6 +240,18 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, node_id, iteration, attempt, base_ref)
 ) WITHOUT ROWID;
+"#;
+
+/// The stale-run and owner indexes keep only the runs they are searched for: running runs, and
+/// runs with a live owner. A finished run then leaves both instead of moving to a new key in
+/// each, and the two indexes stay as small as the work in flight.
+const MIGRATION_8: &str = r#"
+DROP INDEX IF EXISTS _smithers_runs_status_heartbeat_idx;
+DROP INDEX IF EXISTS _smithers_runs_owner_idx;
+CREATE INDEX IF NOT EXISTS _smithers_runs_stale_idx ON _smithers_runs (heartbeat_at_ms, run_id)
+    WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS _smithers_runs_live_owner_idx ON _smithers_runs (runtime_owner_id)
+    WHERE runtime_owner_id IS NOT NULL;
 "#;
 
 /// No query looks runs up by their parent, so the parent index only cost one more B-tree
@@ -2075,7 +2088,8 @@ impl Store for SqliteStore {
                 concat!(
                     "SELECT ",
                     run_cols!(),
-                    " FROM _smithers_runs WHERE status = 'running'
+                    " FROM _smithers_runs INDEXED BY _smithers_runs_stale_idx
+                     WHERE status = 'running'
                        AND (runtime_owner_id IS NULL OR heartbeat_at_ms IS NULL OR heartbeat_at_ms < ?1)
                      ORDER BY heartbeat_at_ms ASC, run_id ASC LIMIT ?2"
                 ),

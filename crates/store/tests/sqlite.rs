@@ -373,6 +373,46 @@ fn runs_keep_only_the_indexes_queries_use() {
     assert_eq!(names, smithers_store::conformance::RUN_INDEXES);
 }
 
+/// The partial owner and stale-run indexes serve the heartbeat and the stale-run scan: their
+/// `WHERE` implies the index's condition, which SQLite must see for a partial index. Without
+/// statistics the planner prefers the status-list index and sorts, so the scan names its index
+/// (`INDEXED BY` fails to prepare if the index is ever missing, rather than scanning).
+#[test]
+fn live_run_lookups_use_the_partial_indexes() {
+    let (_dir, path) = temp_db();
+    drop(open(&path));
+    let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("open: {e}"));
+    let plan = |sql: &str| -> String {
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap_or_else(|e| panic!("prepare {sql}: {e}"));
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap_or_else(|e| panic!("query: {e}"))
+            .map(|r| r.unwrap_or_default())
+            .collect();
+        rows.join("; ")
+    };
+    let heartbeat = plan(
+        "UPDATE _smithers_runs SET heartbeat_at_ms = 1 WHERE runtime_owner_id = 'o'
+         RETURNING run_id, cancel_requested_at_ms",
+    );
+    assert!(
+        heartbeat.contains("_smithers_runs_live_owner_idx"),
+        "{heartbeat}"
+    );
+    let stale = plan(
+        "SELECT run_id FROM _smithers_runs INDEXED BY _smithers_runs_stale_idx
+         WHERE status = 'running' AND (runtime_owner_id IS NULL OR heartbeat_at_ms IS NULL OR heartbeat_at_ms < 5)
+         ORDER BY heartbeat_at_ms ASC, run_id ASC LIMIT 10",
+    );
+    assert!(stale.contains("_smithers_runs_stale_idx"), "{stale}");
+    assert!(
+        !stale.contains("TEMP B-TREE"),
+        "sorted by the index: {stale}"
+    );
+}
+
 #[test]
 fn concurrent_first_opens_migrate_once() {
     let (_dir, path) = temp_db();
