@@ -244,8 +244,9 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
 
 /// The stale-run and owner indexes keep only the runs they are searched for: running runs, and
 /// runs with a live owner. A finished run then leaves both instead of moving to a new key in
-/// each, and the two indexes stay as small as the work in flight.
-const MIGRATION_8: &str = r#"
+/// each, and the two indexes stay as small as the work in flight. PostgreSQL runs the same
+/// statements as its migration 8.
+pub(crate) const MIGRATION_8: &str = r#"
 DROP INDEX IF EXISTS _smithers_runs_status_heartbeat_idx;
 DROP INDEX IF EXISTS _smithers_runs_owner_idx;
 CREATE INDEX IF NOT EXISTS _smithers_runs_stale_idx ON _smithers_runs (heartbeat_at_ms, run_id)

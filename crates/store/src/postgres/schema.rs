@@ -217,17 +217,10 @@ CREATE TABLE IF NOT EXISTS _smithers_node_diffs (
 );
 "#;
 
-/// The unused parent index goes (as SQLite's migration 7).
-/// Partial stale-run and owner indexes (as SQLite's migration 8).
-const MIGRATION_8: &str = r#"
-DROP INDEX IF EXISTS _smithers_runs_status_heartbeat_idx;
-DROP INDEX IF EXISTS _smithers_runs_owner_idx;
-CREATE INDEX IF NOT EXISTS _smithers_runs_stale_idx ON _smithers_runs (heartbeat_at_ms, run_id)
-    WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS _smithers_runs_live_owner_idx ON _smithers_runs (runtime_owner_id)
-    WHERE runtime_owner_id IS NOT NULL;
-"#;
+/// Partial stale-run and owner indexes: the same statements as SQLite's migration 8.
+const MIGRATION_8: &str = crate::sqlite::MIGRATION_8;
 
+/// The unused parent index goes (as SQLite's migration 7).
 const MIGRATION_7: &str = r#"
 DROP INDEX IF EXISTS _smithers_runs_parent_idx;
 "#;
