@@ -413,6 +413,58 @@ fn live_run_lookups_use_the_partial_indexes() {
     );
 }
 
+/// A database written at schema 7 (full indexes) keeps its runs findable after migration 8:
+/// the stale-run scan and the owner index see the running run, not the finished one.
+#[tokio::test]
+async fn migration_8_keeps_live_runs_findable() {
+    let (_dir, path) = temp_db();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("open: {e}"));
+        conn.execute_batch(
+            "CREATE TABLE _smithers_schema_version (
+                version INTEGER PRIMARY KEY NOT NULL, applied_at_ms INTEGER NOT NULL)",
+        )
+        .unwrap_or_else(|e| panic!("version table: {e}"));
+        for (i, sql) in smithers_store::sqlite::MIGRATIONS[..7].iter().enumerate() {
+            conn.execute_batch(sql)
+                .unwrap_or_else(|e| panic!("migration {}: {e}", i + 1));
+            conn.execute(
+                "INSERT INTO _smithers_schema_version VALUES (?1, 0)",
+                [i as i64 + 1],
+            )
+            .unwrap_or_else(|e| panic!("version {}: {e}", i + 1));
+        }
+        conn.execute_batch(
+            "INSERT INTO _smithers_runs (run_id, workflow_name, status, created_at_ms,
+                 heartbeat_at_ms, runtime_owner_id)
+             VALUES ('done', 'wf', 'finished', 1, 5, NULL),
+                    ('live', 'wf', 'running', 2, 10, 'dead-owner')",
+        )
+        .unwrap_or_else(|e| panic!("runs: {e}"));
+    }
+    let store = open(&path);
+    assert_eq!(
+        schema_versions(&path),
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    let stale = store
+        .list_stale_runs(100, 10)
+        .await
+        .unwrap_or_else(|e| panic!("stale runs: {e}"));
+    let ids: Vec<&str> = stale.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["live"]);
+    let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("open: {e}"));
+    let owned: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM _smithers_runs INDEXED BY _smithers_runs_live_owner_idx
+             WHERE runtime_owner_id IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|e| panic!("owner index: {e}"));
+    assert_eq!(owned, 1);
+}
+
 #[test]
 fn concurrent_first_opens_migrate_once() {
     let (_dir, path) = temp_db();
