@@ -1284,3 +1284,67 @@ fn console_is_served_with_a_strict_policy_and_can_be_turned_off() {
     assert!(get(&s.addr, "/").starts_with("HTTP/1.1 404"));
     sigterm(s);
 }
+
+#[test]
+fn a_subflow_names_a_registered_workflow_by_its_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    // the key `notify` is registered for a file with another name in another directory
+    std::fs::write(
+        dir.join("flows/notify-impl.yaml"),
+        "name: notify\nsteps:\n  - task: {id: say, value: \"{{ input.text }}!\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("main.yaml"),
+        "name: main\nsteps:\n  - subflow: {id: note, workflow: notify, input: {text: shipped}}\n  - task: {id: after, value: \"{{ outputs.note.say }}\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("typo.yaml"),
+        "name: typo\nsteps:\n  - subflow: {id: note, workflow: notfy, input: {}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"sqlite://k.db\"\n\
+         [[workflows]]\nkey = \"main\"\npath = \"main.yaml\"\n\
+         [[workflows]]\nkey = \"notify\"\npath = \"flows/notify-impl.yaml\"\n\
+         [[workflows]]\nkey = \"typo\"\npath = \"typo.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    let r = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "main", "runId": "k1"}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    wait_status(&s.addr, "k1", "finished");
+    let run = rpc(&s.addr, "runs.get", json!({"runId": "k1"}));
+    assert_eq!(run["payload"]["output"]["after"], "shipped!", "{run}");
+    // the child run is the registered workflow's
+    let child = rpc(&s.addr, "runs.get", json!({"runId": "k1:child:note:0"}));
+    assert_eq!(child["payload"]["workflowName"], "notify", "{child}");
+    assert_eq!(child["payload"]["parentRunId"], "k1", "{child}");
+
+    // a key nobody registered: the run fails saying which keys there are
+    let r = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "typo", "runId": "k2"}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    wait_status(&s.addr, "k2", "failed");
+    let run = rpc(&s.addr, "runs.get", json!({"runId": "k2"}));
+    let error = run["payload"]["errorJson"].as_str().unwrap_or_default();
+    assert!(error.contains("WORKFLOW_NOT_FOUND"), "{error}");
+    assert!(
+        error.contains(
+            "no workflow is registered under the key `notfy` (registered: main, notify, typo)"
+        ),
+        "{error}"
+    );
+    sigterm(s);
+}

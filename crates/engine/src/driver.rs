@@ -1451,7 +1451,7 @@ impl Driver {
         let depth = self.depth + 1;
         tokio::spawn(async move {
             let result = async {
-                let wf = parent.subflow(&sf.workflow)?;
+                let wf = sh.subflows.resolve(parent.as_ref(), &sf.workflow)?;
                 let handle = match sh.store.get_run(&child_id).await? {
                     Some(row) if row.status == status::FINISHED => {
                         let outs = sh.store.list_outputs(&child_id).await?;

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod process;
 mod rewind;
 mod run_id;
+mod subflows;
 pub mod vcs;
 
 pub use clock::now_ms;
@@ -152,6 +153,8 @@ pub(crate) struct Shared {
     pub(crate) work_trees: vcs::WorkTrees,
     /// Node-diff computations in flight (identical requests share one).
     pub(crate) node_diffs: node_diff::InFlight,
+    /// Workflows a `subflow` step may name by key.
+    pub(crate) subflows: subflows::Registry,
 }
 
 impl Shared {
@@ -328,6 +331,7 @@ impl Engine {
             schemas: outputs::SchemaCache::default(),
             work_trees: vcs::WorkTrees::default(),
             node_diffs: node_diff::InFlight::default(),
+            subflows: subflows::Registry::default(),
         });
         let weak = Arc::downgrade(&sh);
         tokio::spawn(async move {
@@ -364,6 +368,19 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.sh.config
+    }
+
+    /// Registers workflows under the keys clients use, so a `subflow` step can name them by key
+    /// (a gateway's `[[workflows]]`); replaces any registered before.
+    pub fn register_workflows(
+        &self,
+        workflows: impl IntoIterator<Item = (String, Arc<dyn Workflow>)>,
+    ) {
+        self.sh.subflows.set(
+            workflows
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        );
     }
 
     /// Committed events of every run this engine drives.

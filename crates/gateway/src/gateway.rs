@@ -218,6 +218,12 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Arc<Gateway> {
         let store = engine.store().clone();
+        // a subflow step may name any of these by key, as clients do
+        engine.register_workflows(
+            workflows
+                .iter()
+                .map(|w| (w.key.clone(), w.workflow.clone())),
+        );
         let webhooks = crate::webhook::Shared::new(&config.limits);
         let anonymous_rpc_bodies =
             crate::body::ByteBudget::new(config.limits.max_anonymous_rpc_bytes);

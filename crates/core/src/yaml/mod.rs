@@ -157,7 +157,7 @@ impl Workflow for YamlWorkflow {
             return Err(SmithersError::new(
                 Code::WorkflowNotFound,
                 format!(
-                    "workflow `{}` cannot find subflow `{reference}` in {} (tried it as given and with .yaml/.yml)",
+                    "workflow `{}` cannot find subflow `{reference}` in {} (tried it as given and with .yaml/.yml/.json)",
                     self.name,
                     self.base_dir.display()
                 ),
