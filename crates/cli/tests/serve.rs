@@ -1227,6 +1227,95 @@ fn runs_and_attempts_are_exported_as_otlp_spans() {
     sigterm(s);
 }
 
+#[test]
+fn a_resumed_run_exports_its_later_execution_as_a_child_span() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (collector, got) = otlp_receiver();
+    let marker = dir.join("marker");
+    // passes the approval (a resume that continues an execution), fails once, then passes
+    std::fs::write(
+        dir.join("flaky.yaml"),
+        format!(
+            "name: flaky\nsteps:\n  - approval: {{id: gate, title: go?}}\n  - task: {{id: once, run: \"test -f {m} || {{ touch {m}; exit 3; }}\"}}\n",
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    let s = serve_env(
+        dir,
+        &[".", "--port", &free_port().to_string(), "--db", "t.db"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str())],
+    );
+    let r = rpc(
+        &s.addr,
+        "runs.create",
+        json!({"workflow": "flaky", "runId": "fl"}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    wait_status(&s.addr, "fl", "waiting-approval");
+    let r = rpc(
+        &s.addr,
+        "approvals.decide",
+        json!({"runId": "fl", "nodeId": "gate", "approved": true}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    wait_status(&s.addr, "fl", "failed");
+    let r = rpc(&s.addr, "runs.resume", json!({"runId": "fl"}));
+    assert_eq!(r["ok"], true, "{r}");
+    wait_status(&s.addr, "fl", "finished");
+
+    let t0 = Instant::now();
+    let runs = loop {
+        let mut runs = Vec::new();
+        for req in got.lock().unwrap().iter() {
+            for sp in req["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                .as_array()
+                .unwrap()
+            {
+                if sp["name"].as_str().unwrap_or("").starts_with("run flaky") {
+                    runs.push(sp.clone());
+                }
+            }
+        }
+        if runs.len() >= 2 {
+            break runs;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "run spans: {runs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let first = runs.iter().find(|sp| sp["name"] == "run flaky").unwrap();
+    let later = runs
+        .iter()
+        .find(|sp| sp["name"] == "run flaky (resumed)")
+        .unwrap();
+    // the first execution is the run's own span; the one after the resume is its child, with
+    // an id of its own
+    assert!(first.get("parentSpanId").is_none(), "{first}");
+    assert_eq!(first["status"]["code"], 2, "{first}");
+    assert_eq!(later["traceId"], first["traceId"]);
+    assert_eq!(later["parentSpanId"], first["spanId"], "{later}");
+    assert_ne!(later["spanId"], first["spanId"]);
+    assert_eq!(later["status"]["code"], 1, "{later}");
+    let nanos = |sp: &Value, k: &str| -> u128 { sp[k].as_str().unwrap().parse().unwrap() };
+    assert!(
+        nanos(later, "startTimeUnixNano") >= nanos(first, "endTimeUnixNano"),
+        "the later execution starts at its resume: {first} {later}"
+    );
+    assert!(
+        later["attributes"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"key": "smithers.execution", "value": {"intValue": "2"}})),
+        "{later}"
+    );
+    sigterm(s);
+}
+
 fn get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(

@@ -111,7 +111,12 @@ pub fn start(
                                     Ok(Some(row)) => (row.workflow_name, row.created_at_ms),
                                     _ => (String::new(), end.end_ms),
                                 };
-                                batch.push(spans::run_span(&end, &workflow, created));
+                                // only a run resumed here can have ended before
+                                let earlier = match end.resumed_at_ms {
+                                    Some(at) => earlier_ends(gw.store.as_ref(), &end.run_id, ev.seq, at).await,
+                                    None => None,
+                                };
+                                batch.push(spans::run_span(&end, &workflow, created, earlier));
                             }
                         }
                         if batch.len() >= BATCH {
@@ -136,6 +141,55 @@ pub fn start(
             exporter.send(batch);
         }
     })
+}
+
+/// Events read per page while counting a run's earlier ends.
+const EVENTS_PAGE: usize = 1_000;
+
+/// How often the run had ended before its event `seq`, and when its execution that ends at
+/// `seq` was resumed (read from its stored events; `resumed_at_ms`, this process's last resume,
+/// if they do not say). `None` when the events cannot be read: the span is then exported as
+/// the run's own.
+async fn earlier_ends(
+    store: &dyn smithers_store::Store,
+    run_id: &str,
+    seq: i64,
+    resumed_at_ms: i64,
+) -> Option<spans::EarlierEnds> {
+    let mut found = spans::EarlierEnds {
+        count: 0,
+        resumed_at_ms,
+    };
+    let mut resume_pending = false;
+    let mut after = None;
+    loop {
+        let page = match store.list_events(run_id, after, EVENTS_PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(run_id, code = %e.code, error = %e.message, "cannot read the run's events to tell whether it ended before; its span is exported as the run's own");
+                return None;
+            }
+        };
+        for ev in page.iter().take_while(|ev| ev.seq < seq) {
+            match ev.event_type.as_str() {
+                "RunFinished" | "RunFailed" | "RunCancelled" => {
+                    found.count += 1;
+                    resume_pending = true;
+                }
+                // the first resume after an end starts the next execution (later ones only
+                // continue it, after an approval or a wait)
+                "RunResumed" if resume_pending => {
+                    found.resumed_at_ms = ev.timestamp_ms;
+                    resume_pending = false;
+                }
+                _ => {}
+            }
+        }
+        match page.last() {
+            Some(last) if last.seq < seq && page.len() == EVENTS_PAGE => after = Some(last.seq),
+            _ => return Some(found),
+        }
+    }
 }
 
 type HttpClient = Client<

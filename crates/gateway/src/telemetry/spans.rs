@@ -48,6 +48,20 @@ fn attempt_span_id(run_id: &str, node: &str, iteration: i64, attempt: i64) -> [u
     id
 }
 
+/// The span id of the `ordinal`-th (1, 2, …) later execution of a run: one resumed after it
+/// had already ended (failed, cancelled or finished) and been exported once.
+fn resumed_span_id(run_id: &str, ordinal: i64) -> [u8; 8] {
+    let mut h = Sha256::new();
+    for part in [run_id, "resumed", &ordinal.to_string()] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let d = h.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d[..8]);
+    id
+}
+
 /// What a run's span needs from the store when it ends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunEnd {
@@ -55,7 +69,21 @@ pub struct RunEnd {
     pub status: &'static str,
     pub end_ms: i64,
     pub error: Option<String>,
+    /// When this process last resumed the run (`RunResumed`): the run may have ended before,
+    /// and then this end is a later execution's, not the run's first.
+    pub resumed_at_ms: Option<i64>,
 }
+
+/// How many times a run had ended before the end being exported, and when the execution that
+/// ends now began (found in the run's events).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlierEnds {
+    pub count: i64,
+    pub resumed_at_ms: i64,
+}
+
+/// Most runs whose resume time is remembered until they end.
+const MAX_RESUMED: usize = 10_000;
 
 /// Most attempts whose token usage is kept until the attempt ends (usage is reported just
 /// before the end, so this holds only attempts in flight).
@@ -65,6 +93,8 @@ const MAX_PENDING_USAGE: usize = 10_000;
 #[derive(Default)]
 pub struct Tracker {
     usage: HashMap<(String, String, i64, i64), Value>,
+    /// Runs resumed by this process that have not ended since, with the resume time.
+    resumed: HashMap<String, i64>,
 }
 
 /// What one event produced.
@@ -87,7 +117,23 @@ impl Tracker {
                 n("attempt"),
             )
         };
+        let end = |status: &'static str, error: Option<String>, resumed: &mut HashMap<_, _>| {
+            Produced::Run(RunEnd {
+                run_id: run_id.to_string(),
+                status,
+                end_ms: timestamp_ms,
+                error,
+                resumed_at_ms: resumed.remove(run_id),
+            })
+        };
         match kind {
+            "RunResumed" => {
+                if self.resumed.len() >= MAX_RESUMED {
+                    self.resumed.clear();
+                }
+                self.resumed.insert(run_id.to_string(), timestamp_ms);
+                Produced::Nothing
+            }
             "TokenUsageReported" => {
                 if self.usage.len() >= MAX_PENDING_USAGE {
                     self.usage.clear();
@@ -113,29 +159,18 @@ impl Tracker {
                     usage.as_ref(),
                 ))
             }
-            "RunFinished" => Produced::Run(RunEnd {
-                run_id: run_id.to_string(),
-                status: "finished",
-                end_ms: timestamp_ms,
-                error: None,
-            }),
-            "RunFailed" => Produced::Run(RunEnd {
-                run_id: run_id.to_string(),
-                status: "failed",
-                end_ms: timestamp_ms,
-                error: Some(
+            "RunFinished" => end("finished", None, &mut self.resumed),
+            "RunFailed" => end(
+                "failed",
+                Some(
                     p.pointer("/error/message")
                         .and_then(Value::as_str)
                         .unwrap_or("failed")
                         .to_string(),
                 ),
-            }),
-            "RunCancelled" => Produced::Run(RunEnd {
-                run_id: run_id.to_string(),
-                status: "cancelled",
-                end_ms: timestamp_ms,
-                error: None,
-            }),
+                &mut self.resumed,
+            ),
+            "RunCancelled" => end("cancelled", None, &mut self.resumed),
             _ => Produced::Nothing,
         }
     }
@@ -191,21 +226,42 @@ fn attempt_span(
     }
 }
 
-/// The run's span, once its end and its stored row (workflow, creation time) are known.
-pub fn run_span(end: &RunEnd, workflow: &str, created_at_ms: i64) -> Span {
-    let (trace_id, span_id) = run_ids(&end.run_id);
+/// The run's span, once its end and its stored row (workflow, creation time) are known. The
+/// run's first end gives the run's own span, from its creation; an end after the run had
+/// already ended and been resumed (`earlier`) gives a span of that later execution, from its
+/// resume, as a child of the run's span (whose id it would otherwise repeat).
+pub fn run_span(
+    end: &RunEnd,
+    workflow: &str,
+    created_at_ms: i64,
+    earlier: Option<EarlierEnds>,
+) -> Span {
+    let (trace_id, run_span_id) = run_ids(&end.run_id);
+    let mut attributes = vec![
+        ("smithers.run_id", json!(end.run_id)),
+        ("smithers.workflow", json!(workflow)),
+        ("smithers.status", json!(end.status)),
+    ];
+    let (span_id, parent, name, start_ms) = match earlier.filter(|e| e.count > 0) {
+        None => (run_span_id, None, format!("run {workflow}"), created_at_ms),
+        Some(e) => {
+            attributes.push(("smithers.execution", json!(e.count + 1)));
+            (
+                resumed_span_id(&end.run_id, e.count),
+                Some(run_span_id),
+                format!("run {workflow} (resumed)"),
+                e.resumed_at_ms,
+            )
+        }
+    };
     Span {
         trace_id,
         span_id,
-        parent: None,
-        name: format!("run {workflow}"),
-        start_ms: created_at_ms.min(end.end_ms),
+        parent,
+        name,
+        start_ms: start_ms.min(end.end_ms),
         end_ms: end.end_ms,
-        attributes: vec![
-            ("smithers.run_id", json!(end.run_id)),
-            ("smithers.workflow", json!(workflow)),
-            ("smithers.status", json!(end.status)),
-        ],
+        attributes,
         ok: end.error.is_none(),
         error: end.error.clone(),
     }
@@ -304,5 +360,54 @@ mod tests {
                 .unwrap()
                 .contains(&json!({"key": "smithers.attempt", "value": {"intValue": "3"}}))
         );
+    }
+
+    #[test]
+    fn a_run_resumed_here_carries_its_resume_time_to_its_end() {
+        let mut t = Tracker::default();
+        let Produced::Run(end) = t.on_event("RunFinished", "r1", 50, &json!({})) else {
+            panic!("no end");
+        };
+        assert_eq!(end.resumed_at_ms, None, "never resumed here");
+        t.on_event("RunResumed", "r2", 70, &json!({"previousStatus": "failed"}));
+        let Produced::Run(end) = t.on_event("RunFailed", "r2", 90, &json!({})) else {
+            panic!("no end");
+        };
+        assert_eq!(end.resumed_at_ms, Some(70));
+        assert!(t.resumed.is_empty(), "forgotten once the run ends");
+
+        // the first end is the run's own span; a later one is a child with an id of its own
+        let own = run_span(&end, "wf", 10, None);
+        let first_end = Some(EarlierEnds {
+            count: 0,
+            resumed_at_ms: 70,
+        });
+        assert_eq!(run_span(&end, "wf", 10, first_end), own);
+        assert_eq!((own.parent, own.start_ms), (None, 10));
+        let later = run_span(
+            &end,
+            "wf",
+            10,
+            Some(EarlierEnds {
+                count: 1,
+                resumed_at_ms: 70,
+            }),
+        );
+        assert_eq!(later.parent, Some(own.span_id));
+        assert_ne!(later.span_id, own.span_id);
+        assert_eq!(
+            (later.name.as_str(), later.start_ms),
+            ("run wf (resumed)", 70)
+        );
+        let third = run_span(
+            &end,
+            "wf",
+            10,
+            Some(EarlierEnds {
+                count: 2,
+                resumed_at_ms: 80,
+            }),
+        );
+        assert_ne!(third.span_id, later.span_id);
     }
 }
