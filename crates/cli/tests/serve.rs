@@ -1316,6 +1316,64 @@ fn a_resumed_run_exports_its_later_execution_as_a_child_span() {
     sigterm(s);
 }
 
+#[test]
+fn a_full_anonymous_body_budget_is_logged_at_most_once_a_minute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    one_workflow(dir);
+    std::fs::write(
+        dir.join("smithers.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 4096\nmax_anonymous_rpc_bytes = 1000\n\
+         [storage]\nurl = \"b.db\"\n[[workflows]]\nkey = \"hello\"\npath = \"hello.yaml\"\n",
+    )
+    .unwrap();
+    let s = serve(dir, &["--config", "smithers.toml"]);
+    // three bodies, each a byte more than the whole budget: each refused at once
+    let body = format!(
+        r#"{{"method":"health","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(962)
+    );
+    assert_eq!(body.len(), 1001);
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        write!(c, "POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    }
+    let m = get(&s.addr, "/metrics");
+    assert!(
+        m.contains(r#"smithers_gateway_errors_total{code="SERVICE_UNAVAILABLE",kind="busy",transport="http"} 3"#),
+        "{m}"
+    );
+    // the operator is told once, with the limit to raise; the next two are only counted
+    let warned = |tail: &[String]| -> Vec<Value> {
+        tail.iter()
+            .filter(|l| l.contains("fill their byte budget"))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let t0 = Instant::now();
+    while warned(&s.tail.lock().unwrap()).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no warning");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = warned(&s.tail.lock().unwrap());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["level"], "WARN", "{}", lines[0]);
+    assert_eq!(lines[0]["max_anonymous_rpc_bytes"], 1000, "{}", lines[0]);
+    assert!(
+        lines[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_anonymous_rpc_bytes"),
+        "{}",
+        lines[0]
+    );
+    sigterm(s);
+}
+
 fn get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(

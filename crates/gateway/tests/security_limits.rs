@@ -383,6 +383,14 @@ async fn oversized_body_written_before_reading_gets_413_not_reset() {
             "{outcomes:#?}"
         );
     }
+    // each counted under its own reason
+    let m = http(t.addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        m.contains(
+            r#"smithers_gateway_errors_total{code="PAYLOAD_TOO_LARGE",kind="too_large",transport="http"} 10"#
+        ),
+        "{m}"
+    );
 }
 
 /// A WebSocket over a raw socket: handshake done, nothing else.

@@ -467,6 +467,14 @@ async fn slow_rpc_body_is_cut_at_the_body_timeout() {
         (&json!("res"), &json!(false), &json!("REQUEST_TIMEOUT")),
         "{raw}"
     );
+    // counted under its own reason
+    let m = http(s.addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        m.contains(
+            r#"smithers_gateway_errors_total{code="REQUEST_TIMEOUT",kind="body_timeout",transport="http"} 1"#
+        ),
+        "{m}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
