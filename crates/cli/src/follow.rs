@@ -46,9 +46,10 @@ pub enum Start {
 }
 
 impl Start {
-    /// The id of the run that will be followed (chosen here for new runs).
+    /// The id of the run that will be followed (chosen here for new runs: time-ordered, as the
+    /// engine's own, so that runs started together share pages in every table keyed by run id).
     fn target(&self) -> String {
-        let fresh = || uuid::Uuid::new_v4().to_string();
+        let fresh = smithers_engine::new_run_id;
         match self {
             Start::Create { run_id, .. } => run_id.clone().unwrap_or_else(fresh),
             Start::Rerun { new_run_id, .. } => new_run_id.clone().unwrap_or_else(fresh),

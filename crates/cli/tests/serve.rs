@@ -669,6 +669,13 @@ fn run_rerun_and_resume_follow_runs_on_a_gateway() {
         .output()
         .unwrap();
     assert_eq!(sh.status.code(), Some(0), "{example}: {sh:?}");
+    // a run id chosen by the command is time-ordered (a version 7 UUID), as the engine's are
+    let printed = String::from_utf8_lossy(&sh.stderr).to_string();
+    let id = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("run "))
+        .unwrap_or_else(|| panic!("no run line: {printed}"));
+    assert_eq!((id.len(), id.as_bytes()[14]), (36, b'7'), "{id}");
 
     // a run that finishes: progress on stderr (ASCII, not a terminal), output on stdout, exit 0
     let o = smithers_env(dir, &["run", "hello", "--url", &url, "--run-id", "h1"], &[]);
