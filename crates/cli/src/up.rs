@@ -185,7 +185,13 @@ pub(crate) struct StopSignals {
     pub int: tokio::signal::unix::Signal,
 }
 
-/// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result.
+/// How long a cancelled run may take to stop before `up` leaves it as it is and exits.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for the run, cancelling it on Ctrl-C / SIGTERM, and prints the result. A run that has
+/// not stopped [`STOP_GRACE`] after the signal (its cancellation cannot be recorded while
+/// storage fails), or a second signal, ends the command at once; the run is left as storage
+/// last recorded it, for `smithers resume`.
 async fn drive(
     engine: &Engine,
     handle: RunHandle,
@@ -196,20 +202,42 @@ async fn drive(
     eprintln!("run {run_id}");
     let wait = handle.wait();
     tokio::pin!(wait);
+    let mut deadline: Option<tokio::time::Instant> = None;
     let outcome: RunOutcome = loop {
-        tokio::select! {
+        let signal = tokio::select! {
             o = &mut wait => break o,
-            _ = stop.int.recv() => {
-                eprintln!("stopping: cancelling run {run_id} (resume it later with `smithers resume {run_id}`)");
-                let _ = engine.cancel(&run_id).await;
+            _ = stop.int.recv() => "Ctrl-C",
+            _ = stop.term.recv() => "SIGTERM",
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                progress.finish().await;
+                return Ok(left_running(&run_id, "it did not stop within 10 s of the signal"));
             }
-            _ = stop.term.recv() => {
-                let _ = engine.cancel(&run_id).await;
-            }
+        };
+        if deadline.is_some() {
+            progress.finish().await;
+            return Ok(left_running(&run_id, &format!("a second {signal}")));
         }
+        deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+        eprintln!(
+            "stopping ({signal}): cancelling run {run_id} (resume it later with `smithers resume {run_id}`; {signal} again quits without waiting)"
+        );
+        let _ = engine.cancel(&run_id).await;
     };
     progress.finish().await;
     Ok(report(&outcome))
+}
+
+/// Ends the command without the run having stopped: says why and how to continue it.
+fn left_running(run_id: &str, why: &str) -> u8 {
+    tracing::warn!(
+        run_id,
+        reason = why,
+        "leaving the run without recording its cancellation"
+    );
+    eprintln!(
+        "run {run_id} left as storage last recorded it ({why}); `smithers resume {run_id}` continues it"
+    );
+    1
 }
 
 /// Prints the outcome and returns the documented exit code.

@@ -322,3 +322,121 @@ fn rewind_needs_yes_and_resume_continues_from_the_frame() {
     );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nb\n");
 }
+
+/// A run on a disk that fills up stalls (nothing is lost; it is driven again once storage
+/// works). SIGTERM then cannot record the cancellation: `up` must still end, within its grace
+/// period, saying how to continue, and the run must continue elsewhere from what was stored.
+/// The disk is a 600 KiB tmpfs in a mount namespace of its own (`unshare`).
+#[test]
+fn sigterm_ends_up_while_a_full_disk_stalls_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("small")).unwrap();
+    std::fs::write(
+        dir.join("fill.yaml"),
+        "name: fill\nsteps:\n  - loop:\n      id: l\n      max_iterations: 60\n      steps:\n        - task: {id: a, run: \"head -c 3000 /dev/zero | tr '\\\\0' x\"}\n",
+    )
+    .unwrap();
+    // the tmpfs exists only inside the namespace: the database is copied out when `up` ends
+    let script = r#"mount -t tmpfs -o size=600k tmpfs "$1/small" || exit 99
+"$2" up "$1/fill.yaml" --db "$1/small/f.db" --run-id full >/dev/null 2>"$1/err.txt" &
+echo $! > "$1/pid"
+wait $!
+rc=$?
+mkdir -p "$1/kept" && cp "$1"/small/f.db* "$1/kept/"
+exit $rc"#;
+    let root = nix::unistd::Uid::effective().is_root();
+    let mut args = vec![if root { "--mount" } else { "--map-root-user" }];
+    if !root {
+        args.push("--mount");
+    }
+    let sh = Command::new("unshare")
+        .args(&args)
+        .args(["sh", "-c", script, "sh"])
+        .arg(dir)
+        .arg(env!("CARGO_BIN_EXE_smithers"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // a failed assertion must not leave `up` running on its full disk
+    struct Cleanup(std::process::Child, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.1)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = Cleanup(sh, dir.join("pid"));
+    let sh = &mut guard.0;
+    let err = dir.join("err.txt");
+    let t0 = Instant::now();
+    while !dir.join("pid").exists() || !err.exists() {
+        if let Some(st) = sh.try_wait().unwrap() {
+            assert!(
+                root,
+                "unshare could not give this user a mount namespace ({st}); run as root"
+            );
+            panic!("the tmpfs could not be mounted: {st}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "up never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for(
+        &err,
+        "driver stopped on a storage error",
+        Duration::from_secs(30),
+    );
+    let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = sh.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "up did not end after SIGTERM while storage failed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("stopping (SIGTERM): cancelling run full"),
+        "{text}"
+    );
+    assert!(
+        text.contains("run full left as storage last recorded it (it did not stop within 10 s of the signal); `smithers resume full` continues it"),
+        "{text}"
+    );
+    // a checkpoint that fails every round is logged once, not several times a second
+    let checkpoint_warnings = text.matches("checkpoint failed").count();
+    assert!(checkpoint_warnings <= 1, "{text}");
+
+    // with room again, the run continues from what was stored and finishes
+    let out = resume_ok(&dir.join("kept"), "full", "f.db");
+    assert_eq!(out["a"]["exitCode"], 0, "{out}");
+    assert_eq!(
+        out["a"]["stdout"].as_str().map(str::len),
+        Some(3000),
+        "{out}"
+    );
+}

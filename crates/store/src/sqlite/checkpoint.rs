@@ -138,22 +138,66 @@ pub fn run(conn: &Connection, mode: &str) -> rusqlite::Result<Outcome> {
     })
 }
 
+/// A checkpoint that keeps failing (a full disk) is logged at most this often.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the checkpoint thread remembers between rounds.
+#[derive(Default)]
+struct Rounds {
+    /// A forced reset is being retried every round.
+    forcing: bool,
+    /// Rounds in a row whose checkpoint failed.
+    failed: u64,
+    /// When a failure was last logged.
+    failure_logged: Option<std::time::Instant>,
+}
+
+impl Rounds {
+    /// Logs a failed checkpoint: the first of a series, then at most once a
+    /// [`FAILURE_LOG_EVERY`] (it runs every round, several times a second).
+    fn failed(&mut self, e: &rusqlite::Error) {
+        self.failed += 1;
+        if self
+            .failure_logged
+            .is_some_and(|at| at.elapsed() < FAILURE_LOG_EVERY)
+        {
+            return;
+        }
+        self.failure_logged = Some(std::time::Instant::now());
+        tracing::warn!(
+            error = %e,
+            failed_rounds = self.failed,
+            "SQLite WAL checkpoint failed; retrying every round (logged again in a minute if it still fails)"
+        );
+    }
+
+    /// A checkpoint worked: says so once after a series of failures.
+    fn worked(&mut self) {
+        if self.failed > 0 {
+            tracing::info!(
+                failed_rounds = self.failed,
+                "SQLite WAL checkpoints work again"
+            );
+        }
+        self.failed = 0;
+        self.failure_logged = None;
+    }
+}
+
 /// One round: copy back what the WAL holds, and reset a log that has grown too long.
-fn round(
-    conn: &Connection,
-    policy: &Policy,
-    counts: &Counts,
-    gate: &ResetGate,
-    forcing: &mut bool,
-) {
+fn round(conn: &Connection, policy: &Policy, counts: &Counts, gate: &ResetGate, st: &mut Rounds) {
     counts.rounds.fetch_add(1, Ordering::Relaxed);
     let passive = match run(conn, "PASSIVE") {
-        Ok(o) => o,
+        Ok(o) => {
+            st.worked();
+            o
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying in the next round");
+            st.failed(&e);
             return;
         }
     };
+    let forcing = &mut st.forcing;
     if passive.log_frames < policy.restart_frames {
         if *forcing {
             tracing::info!(
@@ -203,11 +247,11 @@ pub fn spawn(
         .name("smithers-sqlite-checkpoint".into())
         .spawn(move || {
             let _ = conn.busy_timeout(policy.restart_wait);
-            let mut forcing = false;
+            let mut st = Rounds::default();
             while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(policy.every) {
-                round(&conn, &policy, &mine, &gate, &mut forcing);
+                round(&conn, &policy, &mine, &gate, &mut st);
             }
-            round(&conn, &policy, &mine, &gate, &mut forcing);
+            round(&conn, &policy, &mine, &gate, &mut st);
         })?;
     Ok((handle, counts))
 }
