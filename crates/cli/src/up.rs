@@ -210,7 +210,8 @@ async fn drive(
             _ = stop.term.recv() => "SIGTERM",
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 progress.finish().await;
-                return Ok(left_running(&run_id, "it did not stop within 10 s of the signal"));
+                let why = format!("it did not stop within {} s of the signal", STOP_GRACE.as_secs());
+                return Ok(left_running(&run_id, &why));
             }
         };
         if deadline.is_some() {

@@ -36,9 +36,10 @@ pub fn run_ids(run_id: &str) -> ([u8; 16], [u8; 8]) {
     (trace, span)
 }
 
-fn attempt_span_id(run_id: &str, node: &str, iteration: i64, attempt: i64) -> [u8; 8] {
+/// A span id from the first 8 bytes of SHA-256 over `parts` (each followed by a NUL byte).
+fn span_id(parts: &[&str]) -> [u8; 8] {
     let mut h = Sha256::new();
-    for part in [run_id, node, &iteration.to_string(), &attempt.to_string()] {
+    for part in parts {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
@@ -48,18 +49,14 @@ fn attempt_span_id(run_id: &str, node: &str, iteration: i64, attempt: i64) -> [u
     id
 }
 
+fn attempt_span_id(run_id: &str, node: &str, iteration: i64, attempt: i64) -> [u8; 8] {
+    span_id(&[run_id, node, &iteration.to_string(), &attempt.to_string()])
+}
+
 /// The span id of the `ordinal`-th (1, 2, …) later execution of a run: one resumed after it
 /// had already ended (failed, cancelled or finished) and been exported once.
 fn resumed_span_id(run_id: &str, ordinal: i64) -> [u8; 8] {
-    let mut h = Sha256::new();
-    for part in [run_id, "resumed", &ordinal.to_string()] {
-        h.update(part.as_bytes());
-        h.update([0u8]);
-    }
-    let d = h.finalize();
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&d[..8]);
-    id
+    span_id(&[run_id, "resumed", &ordinal.to_string()])
 }
 
 /// What a run's span needs from the store when it ends.
